@@ -1,0 +1,270 @@
+//! What can go wrong with a send, typed so a caller can act on it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::token::TokenError;
+use crate::transport::TransportError;
+
+/// An `Error=<code>` answer of the send endpoint (HTTP 200).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Too many messages from this sender: back off globally, then retry.
+    QuotaExceeded,
+    /// Too many messages to this one device: back off for this registration id, then retry.
+    DeviceQuotaExceeded,
+    /// The request had no `registration_id`: a caller bug.
+    MissingRegistration,
+    /// The registration id is malformed: remove it.
+    InvalidRegistration,
+    /// The registration id belongs to another sender: a configuration error.
+    MismatchSenderId,
+    /// The app was uninstalled or turned pushes off: remove the registration id.
+    NotRegistered,
+    /// The payload is over the service's limit.
+    MessageTooBig,
+    /// The request had no `collapse_key`.
+    MissingCollapseKey,
+    /// A code this library does not know, kept as the service wrote it.
+    Unknown(String),
+}
+
+impl ErrorCode {
+    /// Reads a code as the service writes it; unknown codes are kept as [`ErrorCode::Unknown`].
+    ///
+    /// ```
+    /// use c2dm_core::ErrorCode;
+    /// assert_eq!(ErrorCode::parse("NotRegistered"), ErrorCode::NotRegistered);
+    /// assert_eq!(ErrorCode::parse("Whatever"), ErrorCode::Unknown("Whatever".into()));
+    /// ```
+    pub fn parse(code: &str) -> Self {
+        match code {
+            "QuotaExceeded" => Self::QuotaExceeded,
+            "DeviceQuotaExceeded" => Self::DeviceQuotaExceeded,
+            "MissingRegistration" => Self::MissingRegistration,
+            "InvalidRegistration" => Self::InvalidRegistration,
+            "MismatchSenderId" => Self::MismatchSenderId,
+            "NotRegistered" => Self::NotRegistered,
+            "MessageTooBig" => Self::MessageTooBig,
+            "MissingCollapseKey" => Self::MissingCollapseKey,
+            other => Self::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The code as the service writes it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::QuotaExceeded => "QuotaExceeded",
+            Self::DeviceQuotaExceeded => "DeviceQuotaExceeded",
+            Self::MissingRegistration => "MissingRegistration",
+            Self::InvalidRegistration => "InvalidRegistration",
+            Self::MismatchSenderId => "MismatchSenderId",
+            Self::NotRegistered => "NotRegistered",
+            Self::MessageTooBig => "MessageTooBig",
+            Self::MissingCollapseKey => "MissingCollapseKey",
+            Self::Unknown(code) => code,
+        }
+    }
+
+    /// The eight codes the protocol documents.
+    pub const KNOWN: [ErrorCode; 8] = [
+        Self::QuotaExceeded,
+        Self::DeviceQuotaExceeded,
+        Self::MissingRegistration,
+        Self::InvalidRegistration,
+        Self::MismatchSenderId,
+        Self::NotRegistered,
+        Self::MessageTooBig,
+        Self::MissingCollapseKey,
+    ];
+
+    /// Whether sending again later may succeed (only the two quota codes).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::QuotaExceeded | Self::DeviceQuotaExceeded)
+    }
+
+    /// Whether the registration id is gone for good and should be deleted from the app's store.
+    pub fn should_remove_registration(&self) -> bool {
+        matches!(self, Self::NotRegistered | Self::InvalidRegistration)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why one send attempt did not end with an accepted message.
+///
+/// [`Error::is_retryable`] and [`Error::should_remove_registration`] answer the two questions every
+/// caller has, following the protocol's table.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The service answered `Error=<code>`.
+    #[error("C2DM rejected the message: {0}")]
+    Rejected(ErrorCode),
+    /// HTTP 401: the Auth token is invalid or expired; log in again.
+    #[error("the auth token was refused (HTTP 401)")]
+    Unauthorized,
+    /// HTTP 503: the service is temporarily unavailable.
+    #[error("C2DM is unavailable (HTTP 503){}", RetryAfterText(*.retry_after))]
+    Unavailable {
+        /// How long the service asked to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// HTTP 5xx other than 503 (500 and 502 are undocumented): treated like 503.
+    #[error("C2DM server error (HTTP {status}){}", RetryAfterText(*.retry_after))]
+    ServerError {
+        /// The HTTP status code.
+        status: u16,
+        /// How long the service asked to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// A status the protocol does not use (e.g. 404 from a wrong URL): not retried.
+    #[error("unexpected HTTP status {status} from the send endpoint")]
+    UnexpectedStatus {
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// An answer that is neither `id=` nor `Error=`: a protocol error, retried like a 500.
+    #[error("malformed answer from the send endpoint (HTTP {status}): {body:?}")]
+    MalformedResponse {
+        /// The HTTP status code.
+        status: u16,
+        /// The start of the body, for diagnosis.
+        body: String,
+    },
+    /// The HTTP exchange did not complete.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// No Auth token could be had.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+struct RetryAfterText(Option<Duration>);
+
+impl fmt::Display for RetryAfterText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, ", retry after {}s", d.as_secs()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Error {
+    /// Whether sending the same message again may succeed: quota codes, 401 (after a new login),
+    /// 5xx, malformed answers, transport failures and retryable token failures.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Rejected(code) => code.is_retryable(),
+            Self::Unauthorized
+            | Self::Unavailable { .. }
+            | Self::ServerError { .. }
+            | Self::MalformedResponse { .. }
+            | Self::Transport(_) => true,
+            Self::UnexpectedStatus { .. } => false,
+            Self::Token(err) => err.is_retryable(),
+        }
+    }
+
+    /// Whether the registration id is gone (`NotRegistered`, `InvalidRegistration`) and must be
+    /// removed from the app's store.
+    pub fn should_remove_registration(&self) -> bool {
+        match self {
+            Self::Rejected(code) => code.should_remove_registration(),
+            _ => false,
+        }
+    }
+
+    /// The C2DM error code, when the service answered with one.
+    pub fn code(&self) -> Option<&ErrorCode> {
+        match self {
+            Self::Rejected(code) => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The `Retry-After` the service sent with a 5xx, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Unavailable { retry_after } | Self::ServerError { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{RequestSent, TransportErrorKind};
+
+    #[test]
+    fn codes_round_trip_through_text() {
+        for code in ErrorCode::KNOWN {
+            assert_eq!(ErrorCode::parse(code.as_str()), code);
+            assert_eq!(code.to_string(), code.as_str());
+        }
+        assert_eq!(ErrorCode::parse("Nope").as_str(), "Nope");
+    }
+
+    #[test]
+    fn retry_and_removal_follow_the_protocol_table() {
+        use ErrorCode::*;
+        let table = [
+            (QuotaExceeded, true, false),
+            (DeviceQuotaExceeded, true, false),
+            (MissingRegistration, false, false),
+            (InvalidRegistration, false, true),
+            (MismatchSenderId, false, false),
+            (NotRegistered, false, true),
+            (MessageTooBig, false, false),
+            (MissingCollapseKey, false, false),
+            (Unknown("X".into()), false, false),
+        ];
+        for (code, retry, remove) in table {
+            let err = Error::Rejected(code.clone());
+            assert_eq!(err.is_retryable(), retry, "{code}");
+            assert_eq!(err.should_remove_registration(), remove, "{code}");
+        }
+        assert!(Error::Unauthorized.is_retryable());
+        assert!(Error::Unavailable { retry_after: None }.is_retryable());
+        assert!(
+            Error::ServerError {
+                status: 500,
+                retry_after: None
+            }
+            .is_retryable()
+        );
+        assert!(!Error::UnexpectedStatus { status: 404 }.is_retryable());
+        assert!(
+            Error::Transport(TransportError::new(
+                TransportErrorKind::Connect,
+                RequestSent::No
+            ))
+            .is_retryable()
+        );
+        assert!(!Error::Token(TokenError::Refused).is_retryable());
+    }
+
+    #[test]
+    fn display_is_readable() {
+        assert_eq!(
+            Error::Unavailable {
+                retry_after: Some(Duration::from_secs(30))
+            }
+            .to_string(),
+            "C2DM is unavailable (HTTP 503), retry after 30s"
+        );
+        assert_eq!(
+            Error::Rejected(ErrorCode::NotRegistered).to_string(),
+            "C2DM rejected the message: NotRegistered"
+        );
+    }
+}

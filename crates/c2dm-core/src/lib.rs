@@ -1,0 +1,41 @@
+//! The core of c2dm-rs: the vocabulary and the policy of Google's Cloud to Device Messaging
+//! (C2DM) protocol, with no I/O of its own.
+//!
+//! - [`Message`] is validated when built, so nothing invalid can be sent.
+//! - [`codec`] turns a message into an `http::Request` and an answer into a typed result, byte
+//!   for byte as the protocol says, as pure functions.
+//! - [`Error`] and [`ErrorCode`] say what went wrong and whether to retry or remove the device.
+//! - [`Transport`] is the seam to an HTTP stack; [`TokenProvider`] is where the Auth token comes
+//!   from.
+//!
+//! ```
+//! use c2dm_core::{AuthToken, Message, codec};
+//!
+//! let message = Message::builder("APA91b-registration-id")
+//!     .collapse_key("orders")
+//!     .data("message", "shipped")
+//!     .build()?; // invalid input stops here
+//! let token = AuthToken::new("DQAAAGgA")?;
+//! let request = codec::encode_send_request(&message, &token, &codec::default_send_uri());
+//! assert_eq!(request.uri(), "https://android.apis.google.com/c2dm/send");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod codec;
+mod error;
+mod message;
+mod token;
+mod transport;
+
+pub use error::{Error, ErrorCode};
+pub use message::{
+    CollapseKey, DEFAULT_PAYLOAD_LIMIT, Message, MessageBuilder, MessageError, MessageId,
+    RegistrationId, payload_size,
+};
+#[cfg(any(test, feature = "mock"))]
+pub use token::MockTokenProvider;
+pub use token::{AuthToken, InvalidToken, StaticToken, TokenError, TokenProvider};
+#[cfg(any(test, feature = "mock"))]
+pub use transport::MockTransport;
+pub use transport::{RequestSent, Transport, TransportError, TransportErrorKind};
