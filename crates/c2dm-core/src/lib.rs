@@ -25,6 +25,8 @@
 pub mod codec;
 mod error;
 mod message;
+pub mod retry;
+mod sender;
 mod token;
 mod transport;
 
@@ -33,9 +35,13 @@ pub use message::{
     CollapseKey, DEFAULT_PAYLOAD_LIMIT, Message, MessageBuilder, MessageError, MessageId,
     RegistrationId, payload_size,
 };
+pub use retry::{RetryDecision, RetryPolicy};
+pub use sender::{SendError, Sender, SenderBuilder, Sent};
 #[cfg(any(test, feature = "mock"))]
 pub use token::MockTokenProvider;
-pub use token::{AuthToken, InvalidToken, StaticToken, TokenError, TokenProvider};
+pub use token::{
+    AuthToken, InvalidToken, Login, StaticToken, TokenCache, TokenError, TokenProvider,
+};
 #[cfg(any(test, feature = "mock"))]
 pub use transport::MockTransport;
 pub use transport::{RequestSent, Transport, TransportError, TransportErrorKind};

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 /// assert_eq!(token.expose_secret(), "DQAAAGgA-secret");
 /// # Ok::<(), c2dm_core::InvalidToken>(())
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct AuthToken(Arc<str>);
 
 /// The text given as a token cannot be one: empty, or with characters an HTTP header cannot carry.
@@ -213,5 +213,219 @@ mod tests {
         assert_eq!(p.refresh(&a).await.unwrap(), b);
         assert!(matches!(p.refresh(&b).await, Err(TokenError::Refused)));
         assert!(!TokenError::Refused.is_retryable());
+    }
+}
+
+/// Obtains a fresh token, e.g. by ClientLogin. Wrapped by [`TokenCache`], which decides when.
+#[async_trait]
+pub trait Login: Send + Sync {
+    /// Logs in and returns a new token.
+    async fn login(&self) -> Result<AuthToken, TokenError>;
+}
+
+/// A [`TokenProvider`] over a [`Login`]: logs in on first use, caches the token, takes rotated
+/// tokens, and logs in again when the token is refused — once for all concurrent callers that saw
+/// the same refused token (single-flight).
+///
+/// A failed login is shared the same way: callers that waited for it get its error rather than
+/// each logging in again, so a wrong password costs one request, not one per waiting send.
+pub struct TokenCache<L> {
+    login: L,
+    state: RwLock<CacheState>,
+    gate: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    current: Option<AuthToken>,
+    /// Counts finished logins, so a waiter can tell whether one finished while it waited.
+    logins: u64,
+    last_error: Option<TokenError>,
+}
+
+impl<L> fmt::Debug for TokenCache<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("TokenCache")
+            .field("has_token", &state.current.is_some())
+            .field("logins", &state.logins)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: Login> TokenCache<L> {
+    /// Wraps `login`; nothing happens until the first token is asked for.
+    pub fn new(login: L) -> Self {
+        Self {
+            login,
+            state: RwLock::new(CacheState::default()),
+            gate: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Starts with `token` (obtained earlier) and logs in only when it is refused.
+    pub fn with_token(login: L, token: AuthToken) -> Self {
+        let cache = Self::new(login);
+        cache.write().current = Some(token);
+        cache
+    }
+
+    /// The wrapped login.
+    pub fn login(&self) -> &L {
+        &self.login
+    }
+
+    /// How many logins were attempted through this cache.
+    pub fn login_count(&self) -> u64 {
+        self.read().logins
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CacheState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, CacheState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Logs in unless `usable` accepts the token already there, or a login finished while this
+    /// caller waited its turn.
+    async fn login_unless(
+        &self,
+        usable: impl Fn(&AuthToken) -> bool,
+    ) -> Result<AuthToken, TokenError> {
+        let seen = {
+            let state = self.read();
+            if let Some(token) = state.current.as_ref().filter(|t| usable(t)) {
+                return Ok(token.clone());
+            }
+            state.logins
+        };
+        let _turn = self.gate.lock().await;
+        {
+            let state = self.read();
+            if let Some(token) = state.current.as_ref().filter(|t| usable(t)) {
+                return Ok(token.clone());
+            }
+            if state.logins != seen {
+                if let Some(err) = &state.last_error {
+                    return Err(err.clone());
+                }
+            }
+        }
+        let result = self.login.login().await;
+        let mut state = self.write();
+        state.logins += 1;
+        match &result {
+            Ok(token) => {
+                state.current = Some(token.clone());
+                state.last_error = None;
+            }
+            Err(err) => state.last_error = Some(err.clone()),
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl<L: Login> TokenProvider for TokenCache<L> {
+    async fn token(&self) -> Result<AuthToken, TokenError> {
+        self.login_unless(|_| true).await
+    }
+
+    fn rotate(&self, new: AuthToken) {
+        self.write().current = Some(new);
+    }
+
+    async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {
+        self.login_unless(|current| current != refused).await
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Counting {
+        calls: AtomicU32,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl Login for Counting {
+        async fn login(&self) -> Result<AuthToken, TokenError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::task::yield_now().await;
+            if self.fail {
+                Err(TokenError::Refused)
+            } else {
+                Ok(AuthToken::new(format!("t{n}")).unwrap())
+            }
+        }
+    }
+
+    fn counting(fail: bool) -> Arc<TokenCache<Counting>> {
+        Arc::new(TokenCache::new(Counting {
+            calls: AtomicU32::new(0),
+            fail,
+        }))
+    }
+
+    #[tokio::test]
+    async fn logs_in_once_and_caches() {
+        let cache = counting(false);
+        assert_eq!(cache.token().await.unwrap().expose_secret(), "t1");
+        assert_eq!(cache.token().await.unwrap().expose_secret(), "t1");
+        assert_eq!(cache.login_count(), 1);
+    }
+
+    // current_thread: every task is spawned before any runs, so all of them meet the refusal.
+    #[tokio::test]
+    async fn concurrent_refreshes_of_one_token_log_in_once() {
+        let cache = counting(false);
+        let first = cache.token().await.unwrap();
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                let first = first.clone();
+                tokio::spawn(async move { cache.refresh(&first).await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().expose_secret(), "t2");
+        }
+        assert_eq!(cache.login().calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_login_is_shared_by_its_waiters() {
+        let cache = counting(true);
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.token().await })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.unwrap().is_err());
+        }
+        // All 50 waited for the same login and share its failure.
+        assert_eq!(cache.login().calls.load(Ordering::SeqCst), 1);
+        // A later caller (after the failure) tries again.
+        assert!(cache.token().await.is_err());
+        assert_eq!(cache.login().calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn rotation_replaces_the_token_and_a_stale_refusal_keeps_it() {
+        let cache = counting(false);
+        let t1 = cache.token().await.unwrap();
+        let rotated = AuthToken::new("rotated").unwrap();
+        cache.rotate(rotated.clone());
+        assert_eq!(cache.token().await.unwrap(), rotated);
+        // A refusal of the old token does not log in: the rotated one is returned.
+        assert_eq!(cache.refresh(&t1).await.unwrap(), rotated);
+        assert_eq!(cache.login_count(), 1);
     }
 }
