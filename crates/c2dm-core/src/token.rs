@@ -270,6 +270,11 @@ impl<L: Login> TokenCache<L> {
         cache
     }
 
+    /// Gives back the wrapped login (and drops any cached token).
+    pub fn into_login(self) -> L {
+        self.login
+    }
+
     /// The wrapped login.
     pub fn login(&self) -> &L {
         &self.login
