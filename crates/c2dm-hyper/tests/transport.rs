@@ -1,0 +1,338 @@
+//! HyperTransport against a local test server on loopback, plain and TLS.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use c2dm_core::{RequestSent, Transport, TransportErrorKind};
+use c2dm_hyper::{BuildError, HyperTransport};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Answers `id=<n>` and echoes request details in headers.
+    Echo,
+    /// Accepts the connection and never answers.
+    Silent,
+    /// Answers with a body of this many bytes.
+    Big(usize, bool),
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    cert_pem: Option<String>,
+}
+
+impl TestServer {
+    async fn start(tls: bool, behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (acceptor, cert_pem) = if tls {
+            let key = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .unwrap();
+            let cert_der = key.cert.der().clone();
+            let key_der =
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
+            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der], key_der)
+            .unwrap();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            (
+                Some(TlsAcceptor::from(Arc::new(config))),
+                Some(key.cert.pem()),
+            )
+        } else {
+            (None, None)
+        };
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, behaviour));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            cert_pem,
+        }
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.cert_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://localhost:{}/c2dm/send", self.addr.port())
+    }
+
+    fn transport(&self) -> HyperTransport {
+        let mut builder = HyperTransport::builder().only_added_roots();
+        if let Some(pem) = &self.cert_pem {
+            builder = builder.add_root_certificates_pem(pem.as_bytes()).unwrap();
+        } else {
+            builder = builder.webpki_roots(true);
+        }
+        builder.build().unwrap()
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    behaviour: Behaviour,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let version = format!("{:?}", req.version());
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let agent = req
+        .headers()
+        .get("user-agent")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    match behaviour {
+        Behaviour::Echo => Ok(Response::builder()
+            .header(
+                "x-request-body",
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+            .header("x-content-type", content_type)
+            .header("x-user-agent", agent)
+            .header("x-version", version)
+            .body(Full::new(Bytes::from_static(b"id=0:1")))
+            .unwrap()),
+        Behaviour::Silent => std::future::pending().await,
+        Behaviour::Big(n, declared) => {
+            let body = Bytes::from(vec![b'x'; n]);
+            if declared {
+                Ok(Response::new(Full::new(body)))
+            } else {
+                // No Content-Length: stream it, so only the limit on reading catches it.
+                let mut resp = Response::new(Full::new(body));
+                resp.headers_mut()
+                    .insert("transfer-encoding", "chunked".parse().unwrap());
+                Ok(resp)
+            }
+        }
+    }
+}
+
+fn form_post(url: &str) -> Request<Bytes> {
+    Request::post(url)
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded;charset=UTF-8",
+        )
+        .body(Bytes::from_static(
+            b"registration_id=r&collapse_key=k&data.m=%C3%A9",
+        ))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn form_post_round_trip_over_tls() {
+    let server = TestServer::start(true, Behaviour::Echo).await;
+    let transport = server.transport();
+    let resp = transport.execute(form_post(&server.url())).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.body().as_ref(), b"id=0:1");
+    assert_eq!(
+        resp.headers()["x-request-body"],
+        "registration_id=r&collapse_key=k&data.m=%C3%A9"
+    );
+    assert_eq!(
+        resp.headers()["x-content-type"],
+        "application/x-www-form-urlencoded;charset=UTF-8"
+    );
+    assert_eq!(resp.headers()["x-user-agent"], c2dm_hyper::USER_AGENT_VALUE);
+    assert_eq!(resp.headers()["x-version"], "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn plain_http_works() {
+    let server = TestServer::start(false, Behaviour::Echo).await;
+    let resp = server
+        .transport()
+        .execute(form_post(&server.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.body().as_ref(), b"id=0:1");
+}
+
+#[tokio::test]
+async fn http2_by_alpn_when_asked() {
+    let server = TestServer::start(true, Behaviour::Echo).await;
+    let transport = HyperTransport::builder()
+        .only_added_roots()
+        .add_root_certificates_pem(server.cert_pem.as_ref().unwrap().as_bytes())
+        .unwrap()
+        .http2(true)
+        .build()
+        .unwrap();
+    let resp = transport.execute(form_post(&server.url())).await.unwrap();
+    assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
+}
+
+#[tokio::test]
+async fn hundred_sequential_requests_reuse_one_connection() {
+    for tls in [true, false] {
+        let server = TestServer::start(tls, Behaviour::Echo).await;
+        let transport = server.transport();
+        for _ in 0..100 {
+            let resp = transport.execute(form_post(&server.url())).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1, "tls: {tls}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_requests() {
+    let server = TestServer::start(true, Behaviour::Echo).await;
+    let transport = server.transport();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let transport = transport.clone();
+            let url = server.url();
+            tokio::spawn(async move { transport.execute(form_post(&url)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert!(server.accepted.load(Ordering::SeqCst) <= 64);
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_fails_clearly_and_sends_nothing() {
+    let server = TestServer::start(true, Behaviour::Echo).await;
+    // Mozilla's roots only: the test server's self-signed certificate is not among them.
+    let transport = HyperTransport::new().unwrap();
+    let err = transport
+        .execute(form_post(&server.url()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Tls);
+    assert_eq!(err.request_sent(), RequestSent::No);
+    let text = err.to_string();
+    assert!(text.contains("certificate"), "{text}");
+    assert!(
+        text.starts_with("TLS handshake failed (not sent)"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_server_hits_the_request_timeout() {
+    let server = TestServer::start(false, Behaviour::Silent).await;
+    let transport = HyperTransport::builder()
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let err = transport
+        .execute(form_post(&server.url()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Timeout);
+    assert_eq!(err.request_sent(), RequestSent::Maybe);
+    // Bounded: nowhere near the default 30 s (generous margin for a loaded machine).
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_refused_port_is_not_sent() {
+    // Bind then drop a listener so the port is closed.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let transport = HyperTransport::new().unwrap();
+    let err = transport
+        .execute(form_post(&format!("http://127.0.0.1:{port}/c2dm/send")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connect);
+    assert_eq!(err.request_sent(), RequestSent::No);
+    assert!(err.to_string().contains("refused"), "{err}");
+}
+
+#[tokio::test]
+async fn an_oversized_response_is_an_error() {
+    for declared in [true, false] {
+        let server = TestServer::start(false, Behaviour::Big(100_000, declared)).await;
+        let err = server
+            .transport()
+            .execute(form_post(&server.url()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            TransportErrorKind::BodyTooLarge,
+            "declared: {declared}"
+        );
+    }
+    // Under the cap is fine.
+    let server = TestServer::start(false, Behaviour::Big(60_000, true)).await;
+    let resp = server
+        .transport()
+        .execute(form_post(&server.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.body().len(), 60_000);
+}
+
+#[test]
+fn bad_roots_are_build_errors() {
+    assert!(matches!(
+        HyperTransport::builder().add_root_certificates_pem(b"not a pem"),
+        Err(BuildError::NoCertificate)
+    ));
+    assert!(matches!(
+        HyperTransport::builder().only_added_roots().build(),
+        Err(BuildError::NoRoots)
+    ));
+}
