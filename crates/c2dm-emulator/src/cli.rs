@@ -1,0 +1,201 @@
+//! The command line of the emulator, shared by the `c2dm-emulator` binary and `c2dm emulator`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::{Account, Config, DeviceRules, Emulator, FaultRate, InboxMode, Listen, Quota};
+
+/// The token and answer of the CAPTCHA demanded by `--captcha-account`.
+pub const CAPTCHA_TOKEN: &str = "EMULATOR-CAPTCHA";
+/// The answer that unlocks `--captcha-account`.
+pub const CAPTCHA_ANSWER: &str = "c2dm";
+
+/// Flags of the emulator.
+#[derive(Debug, Clone, Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Write the bound port to this file once listening.
+    #[arg(long, value_name = "FILE")]
+    pub port_file: Option<PathBuf>,
+    /// Serve HTTPS with a certificate made at start.
+    #[arg(long)]
+    pub tls: bool,
+    /// Write the certificate (PEM) to this file, for clients to trust.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub cert_out: Option<PathBuf>,
+    /// An account that may log in (repeatable). Default: sender@example.com:emulator-password.
+    #[arg(long = "account", value_name = "EMAIL:PASSWORD", value_parser = parse_account)]
+    pub accounts: Vec<(String, String)>,
+    /// An account whose first login demands a CAPTCHA (token EMULATOR-CAPTCHA, answer c2dm).
+    #[arg(long = "captcha-account", value_name = "EMAIL:PASSWORD", value_parser = parse_account)]
+    pub captcha_accounts: Vec<(String, String)>,
+    /// A token accepted without a login (repeatable).
+    #[arg(long = "token", value_name = "TOKEN")]
+    pub tokens: Vec<String>,
+    /// Registration ids starting with this are NotRegistered (repeatable).
+    #[arg(long = "not-registered-prefix", value_name = "P")]
+    pub not_registered_prefixes: Vec<String>,
+    /// Registration ids starting with this are InvalidRegistration (repeatable).
+    #[arg(long = "invalid-prefix", value_name = "P")]
+    pub invalid_prefixes: Vec<String>,
+    /// Registration ids starting with this are MismatchSenderId (repeatable).
+    #[arg(long = "mismatch-prefix", value_name = "P")]
+    pub mismatch_prefixes: Vec<String>,
+    /// Registration ids starting with this get DeviceQuotaExceeded for their first two sends.
+    #[arg(long = "device-quota-prefix", value_name = "P")]
+    pub device_quota_prefixes: Vec<String>,
+    /// Answer every Nth send with 503 and Retry-After (seconds and HTTP-date, alternating).
+    #[arg(long, value_name = "N", conflicts_with = "unavailable_probability")]
+    pub unavailable_every: Option<u64>,
+    /// Answer each send with 503 with this probability (seeded).
+    #[arg(long, value_name = "P")]
+    pub unavailable_probability: Option<f64>,
+    /// The Retry-After of a 503, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Answer every Nth send with HTTP 500.
+    #[arg(long, value_name = "N")]
+    pub server_error_every: Option<u64>,
+    /// Close the connection without an answer on every Nth send.
+    #[arg(long, value_name = "N")]
+    pub drop_every: Option<u64>,
+    /// Wait this long before answering each send, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Rotate a login's token every N accepted sends (Update-Client-Auth).
+    #[arg(long, value_name = "N")]
+    pub rotate_token_every: Option<u64>,
+    /// How many more sends a rotated-out token stays valid for.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub rotation_grace: u64,
+    /// Expire a login's tokens after N sends.
+    #[arg(long, value_name = "N")]
+    pub token_lifetime_sends: Option<u64>,
+    /// Expire a login's tokens after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub token_lifetime_secs: Option<u64>,
+    /// Per-sender quota: messages per window (QuotaExceeded beyond it).
+    #[arg(long, value_name = "N")]
+    pub sender_quota: Option<u64>,
+    /// Per-device quota: messages per window (DeviceQuotaExceeded beyond it).
+    #[arg(long, value_name = "N")]
+    pub device_quota: Option<u64>,
+    /// The quota window, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 86_400)]
+    pub quota_window_secs: u64,
+    /// The payload limit in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = c2dm_core::DEFAULT_PAYLOAD_LIMIT)]
+    pub payload_limit: usize,
+    /// Keep only message counts per device, not the messages (for long benchmarks).
+    #[arg(long)]
+    pub counts_only: bool,
+    /// The seed of every random choice.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn parse_account(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((email, password)) if !email.is_empty() && !password.is_empty() => {
+            Ok((email.to_owned(), password.to_owned()))
+        }
+        _ => Err("expected EMAIL:PASSWORD".into()),
+    }
+}
+
+fn every(n: Option<u64>) -> FaultRate {
+    n.filter(|n| *n > 0)
+        .map_or(FaultRate::Never, FaultRate::Every)
+}
+
+impl EmulatorArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> Config {
+        let window = Duration::from_secs(self.quota_window_secs.max(1));
+        let accounts = self.accounts.iter().map(|(e, p)| Account::new(e, p));
+        let captcha_accounts = self
+            .captcha_accounts
+            .iter()
+            .map(|(e, p)| Account::new(e, p).with_captcha(CAPTCHA_TOKEN, CAPTCHA_ANSWER));
+        Config {
+            accounts: accounts.chain(captcha_accounts).collect(),
+            static_tokens: self.tokens.clone(),
+            devices: DeviceRules {
+                not_registered_prefixes: self.not_registered_prefixes.clone(),
+                invalid_prefixes: self.invalid_prefixes.clone(),
+                mismatch_prefixes: self.mismatch_prefixes.clone(),
+                device_quota_prefixes: self.device_quota_prefixes.clone(),
+                ..DeviceRules::default()
+            },
+            unavailable: match (self.unavailable_every, self.unavailable_probability) {
+                (Some(n), _) => every(Some(n)),
+                (None, Some(p)) => FaultRate::Probability(p),
+                (None, None) => FaultRate::Never,
+            },
+            retry_after: Duration::from_secs(self.retry_after_secs),
+            server_errors: every(self.server_error_every),
+            drops: every(self.drop_every),
+            latency: Duration::from_millis(self.latency_ms),
+            rotate_token_every: self.rotate_token_every.filter(|n| *n > 0),
+            rotation_grace_sends: self.rotation_grace,
+            token_lifetime_sends: self.token_lifetime_sends,
+            token_lifetime: self.token_lifetime_secs.map(Duration::from_secs),
+            sender_quota: self.sender_quota.map(|limit| Quota { limit, window }),
+            device_quota: self.device_quota.map(|limit| Quota { limit, window }),
+            payload_limit: self.payload_limit,
+            inbox: if self.counts_only {
+                InboxMode::CountsOnly
+            } else {
+                InboxMode::Full
+            },
+            seed: self.seed,
+            ..Config::default()
+        }
+    }
+}
+
+/// Runs the emulator until Ctrl-C: prints its URLs and accounts, writes the port and
+/// certificate files, then serves.
+pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let emulator = Emulator::start_on(
+        args.config(),
+        Listen {
+            addr: args.listen,
+            tls: args.tls,
+        },
+    )
+    .await?;
+    if let (Some(path), Some(pem)) = (&args.cert_out, emulator.cert_pem()) {
+        std::fs::write(path, pem)
+            .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.port_file {
+        std::fs::write(path, emulator.addr().port().to_string())
+            .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+    }
+    println!("C2DM emulator listening on {}", emulator.base_url());
+    println!("  send:   {}", emulator.send_url());
+    println!("  login:  {}", emulator.login_url());
+    println!("  stats:  {}", emulator.stats_url());
+    for account in emulator.accounts() {
+        let captcha = if account.captcha.is_some() {
+            " (demands a CAPTCHA: answer c2dm)"
+        } else {
+            ""
+        };
+        println!("  account: {}:{}{captcha}", account.email, account.password);
+    }
+    if let Some(path) = &args.cert_out {
+        println!("  certificate: {}", path.display());
+    }
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    emulator.shutdown().await;
+    Ok(())
+}

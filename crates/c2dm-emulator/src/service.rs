@@ -1,0 +1,498 @@
+//! The protocol logic of the emulated services, apart from HTTP: a request's fields in, an
+//! answer out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use c2dm_core::ErrorCode;
+use c2dm_core::codec::SendForm;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::config::{Account, Config, FaultRate, Quota};
+use crate::inbox::{Inbox, InboxMessage};
+
+/// What the emulator has seen, as `GET /_emulator/stats` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Send requests received, whatever became of them.
+    pub sends: u64,
+    /// Messages accepted (`id=`).
+    pub accepted: u64,
+    /// `Error=` answers by code.
+    pub errors: BTreeMap<String, u64>,
+    /// HTTP 401 answers.
+    pub unauthorized: u64,
+    /// HTTP 503 answers.
+    pub unavailable: u64,
+    /// HTTP 500 answers.
+    pub server_errors: u64,
+    /// Connections closed without an answer.
+    pub dropped: u64,
+    /// Successful logins.
+    pub logins: u64,
+    /// Refused logins.
+    pub login_failures: u64,
+    /// Tokens rotated with `Update-Client-Auth`.
+    pub rotations: u64,
+    /// Logins whose tokens expired.
+    pub expiries: u64,
+    /// Accepted messages per registration id (omitted when asked for without the inbox, and
+    /// empty in counts-only mode; see `delivered`).
+    #[serde(default)]
+    pub inbox: BTreeMap<String, Vec<InboxMessage>>,
+    /// Accepted message counts per registration id (only when asked for).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub delivered: BTreeMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Counters {
+    sends: AtomicU64,
+    accepted: AtomicU64,
+    errors: [AtomicU64; 8],
+    unauthorized: AtomicU64,
+    unavailable: AtomicU64,
+    server_errors: AtomicU64,
+    dropped: AtomicU64,
+    logins: AtomicU64,
+    login_failures: AtomicU64,
+    rotations: AtomicU64,
+    expiries: AtomicU64,
+}
+
+fn code_index(code: &ErrorCode) -> usize {
+    ErrorCode::KNOWN.iter().position(|c| c == code).unwrap_or(0)
+}
+
+/// One login: its tokens share its life.
+struct Session {
+    account: usize,
+    started: Instant,
+    sends: AtomicU64,
+    accepted: AtomicU64,
+    expired: AtomicBool,
+    /// The token in use; a rotation retires it. Weak: the token map owns the entries.
+    current: Mutex<Weak<TokenEntry>>,
+}
+
+struct TokenEntry {
+    session: Arc<Session>,
+    /// The session's send count when this token was rotated out; `u64::MAX` while current.
+    retired_at: AtomicU64,
+}
+
+/// How a send is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SendAnswer {
+    pub status: u16,
+    pub body: Bytes,
+    pub retry_after: Option<String>,
+    pub rotated_token: Option<String>,
+    /// Close the connection instead of answering.
+    pub drop: bool,
+}
+
+impl SendAnswer {
+    fn text(status: u16, body: impl Into<Bytes>) -> Self {
+        Self {
+            status,
+            body: body.into(),
+            retry_after: None,
+            rotated_token: None,
+            drop: false,
+        }
+    }
+
+    fn error(code: &ErrorCode) -> Self {
+        Self::text(200, format!("Error={code}"))
+    }
+}
+
+/// The emulated services' state.
+pub(crate) struct Service {
+    config: Config,
+    accounts: Vec<Account>,
+    counters: Counters,
+    tokens: RwLock<HashMap<Box<str>, Arc<TokenEntry>>>,
+    captchas_solved: Mutex<HashSet<usize>>,
+    token_counter: AtomicU64,
+    message_counter: AtomicU64,
+    inbox: Inbox,
+    device_counts: Mutex<HashMap<Box<str>, (Instant, u64)>>,
+    sender_counts: Mutex<HashMap<usize, (Instant, u64)>>,
+    /// Added to the real clock: tests move time forward without sleeping.
+    clock_offset_micros: AtomicU64,
+}
+
+/// splitmix64: a well-mixed hash of a counter, for seeded, lock-free, reproducible choices.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Service {
+    pub(crate) fn new(config: Config) -> Self {
+        let accounts = config.effective_accounts();
+        let inbox = Inbox::new(config.inbox, mix(config.seed ^ 0x5eed));
+        let service = Self {
+            accounts,
+            counters: Counters::default(),
+            tokens: RwLock::new(HashMap::new()),
+            captchas_solved: Mutex::new(HashSet::new()),
+            token_counter: AtomicU64::new(0),
+            message_counter: AtomicU64::new(1_326_885_481_081_626),
+            inbox,
+            device_counts: Mutex::new(HashMap::new()),
+            sender_counts: Mutex::new(HashMap::new()),
+            clock_offset_micros: AtomicU64::new(0),
+            config,
+        };
+        for token in service.config.static_tokens.clone() {
+            service.start_session(0, Some(token));
+        }
+        service
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn accounts(&self) -> &[Account] {
+        &self.accounts
+    }
+
+    /// The emulator's clock: real time plus what [`Service::advance_clock`] added.
+    fn now(&self) -> Instant {
+        Instant::now() + Duration::from_micros(self.clock_offset_micros.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn advance_clock(&self, by: Duration) {
+        let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        self.clock_offset_micros
+            .fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn fault(&self, rate: FaultRate, n: u64, salt: u64) -> bool {
+        match rate {
+            FaultRate::Never => false,
+            FaultRate::Every(k) => k > 0 && n % k == 0,
+            FaultRate::Probability(p) => {
+                let draw = mix(self.config.seed ^ mix(n ^ salt)) >> 11;
+                (draw as f64 / (1u64 << 53) as f64) < p
+            }
+        }
+    }
+
+    fn new_token(&self) -> String {
+        let n = self.token_counter.fetch_add(1, Ordering::Relaxed);
+        let a = mix(self.config.seed ^ mix(n));
+        let b = mix(a ^ n);
+        format!("EMU{a:016x}{b:016x}")
+    }
+
+    fn start_session(&self, account: usize, token: Option<String>) -> String {
+        let token = token.unwrap_or_else(|| self.new_token());
+        let session = Arc::new(Session {
+            account,
+            started: self.now(),
+            sends: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            expired: AtomicBool::new(false),
+            current: Mutex::new(Weak::new()),
+        });
+        let entry = Arc::new(TokenEntry {
+            session: Arc::clone(&session),
+            retired_at: AtomicU64::new(u64::MAX),
+        });
+        *session.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&entry);
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.clone().into(), entry);
+        token
+    }
+
+    /// Checks a token; returns its entry when it may send, and counts the send on its session.
+    fn authorize(&self, token: Option<&str>) -> Option<Arc<TokenEntry>> {
+        let entry = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token?)
+            .cloned()?;
+        let session = &entry.session;
+        if session.expired.load(Ordering::Relaxed) {
+            return None;
+        }
+        let n = session.sends.fetch_add(1, Ordering::Relaxed) + 1;
+        let over_sends = self
+            .config
+            .token_lifetime_sends
+            .is_some_and(|limit| n > limit);
+        let over_time = self
+            .config
+            .token_lifetime
+            .is_some_and(|d| self.now().duration_since(session.started) >= d);
+        if over_sends || over_time {
+            if !session.expired.swap(true, Ordering::Relaxed) {
+                self.counters.expiries.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let retired_at = entry.retired_at.load(Ordering::Relaxed);
+        if retired_at != u64::MAX && n > retired_at.saturating_add(self.config.rotation_grace_sends)
+        {
+            return None;
+        }
+        Some(entry)
+    }
+
+    fn count_in_window<K: std::hash::Hash + Eq>(
+        &self,
+        map: &Mutex<HashMap<K, (Instant, u64)>>,
+        key: K,
+        quota: Quota,
+    ) -> bool {
+        let now = self.now();
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(key).or_insert((now, 0));
+        if now.duration_since(entry.0) >= quota.window {
+            *entry = (now, 0);
+        }
+        if entry.1 >= quota.limit {
+            false
+        } else {
+            entry.1 += 1;
+            true
+        }
+    }
+
+    /// Answers one send request: `authorization` is the `Authorization` header, `body` the form.
+    pub(crate) fn send(&self, authorization: Option<&str>, body: &[u8]) -> SendAnswer {
+        let c = &self.counters;
+        let n = c.sends.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.fault(self.config.drops, n, 1) {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            return SendAnswer {
+                drop: true,
+                ..SendAnswer::text(0, Bytes::new())
+            };
+        }
+        if self.fault(self.config.server_errors, n, 2) {
+            c.server_errors.fetch_add(1, Ordering::Relaxed);
+            return SendAnswer::text(500, "Internal Server Error");
+        }
+        if self.fault(self.config.unavailable, n, 3) {
+            let k = c.unavailable.fetch_add(1, Ordering::Relaxed);
+            let secs = self.config.retry_after.as_secs().max(1);
+            let retry_after = if k % 2 == 0 {
+                secs.to_string()
+            } else {
+                // An HTTP-date has whole seconds: one more, so the wait is never shorter.
+                httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs + 1))
+            };
+            return SendAnswer {
+                retry_after: Some(retry_after),
+                ..SendAnswer::text(503, "")
+            };
+        }
+        let token = authorization.and_then(|v| v.strip_prefix("GoogleLogin auth="));
+        let Some(entry) = self.authorize(token) else {
+            c.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return SendAnswer::text(
+                401,
+                "<HTML>\n<HEAD>\n<TITLE>Unauthorized</TITLE>\n</HEAD>\n<BODY>\n<H1>Unauthorized</H1>\n<H2>Error 401</H2>\n</BODY>\n</HTML>\n",
+            );
+        };
+        let form = SendForm::parse(body);
+        let rejected = |code: ErrorCode| {
+            c.errors[code_index(&code)].fetch_add(1, Ordering::Relaxed);
+            SendAnswer::error(&code)
+        };
+        let Some(id) = form.registration_id.as_deref().filter(|id| !id.is_empty()) else {
+            return rejected(ErrorCode::MissingRegistration);
+        };
+        let Some(collapse_key) = form.collapse_key.as_deref().filter(|k| !k.is_empty()) else {
+            return rejected(ErrorCode::MissingCollapseKey);
+        };
+        if form.payload_size() > self.config.payload_limit {
+            return rejected(ErrorCode::MessageTooBig);
+        }
+        if let Some(code) = self.config.devices.permanent_error(id) {
+            return rejected(ErrorCode::parse(code));
+        }
+        if self.config.devices.has_device_quota_prefix(id) {
+            let limited = Quota {
+                limit: u64::from(self.config.device_quota_prefix_sends),
+                window: Duration::MAX,
+            };
+            // Counts the sends this device was refused; once past the limit it goes through.
+            if self.count_in_window(&self.device_counts, format!("!{id}").into(), limited) {
+                return rejected(ErrorCode::DeviceQuotaExceeded);
+            }
+        }
+        if let Some(quota) = self.config.device_quota {
+            if !self.count_in_window(&self.device_counts, id.into(), quota) {
+                return rejected(ErrorCode::DeviceQuotaExceeded);
+            }
+        }
+        let session = &entry.session;
+        if let Some(quota) = self.config.sender_quota {
+            if !self.count_in_window(&self.sender_counts, session.account, quota) {
+                return rejected(ErrorCode::QuotaExceeded);
+            }
+        }
+        let number = self.message_counter.fetch_add(1, Ordering::Relaxed);
+        self.inbox
+            .record(id, number, collapse_key, &form.data, form.delay_while_idle);
+        c.accepted.fetch_add(1, Ordering::Relaxed);
+        let mut answer = SendAnswer::text(
+            200,
+            format!("id={}", crate::inbox::message_id(number, self.inbox_tag())),
+        );
+        let accepted = session.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(every) = self.config.rotate_token_every.filter(|e| *e > 0) {
+            if accepted % every == 0 {
+                answer.rotated_token = Some(self.rotate(session));
+            }
+        }
+        answer
+    }
+
+    fn inbox_tag(&self) -> u64 {
+        mix(self.config.seed ^ 0x5eed)
+    }
+
+    fn rotate(&self, session: &Arc<Session>) -> String {
+        let token = self.new_token();
+        let entry = Arc::new(TokenEntry {
+            session: Arc::clone(session),
+            retired_at: AtomicU64::new(u64::MAX),
+        });
+        let old = std::mem::replace(
+            &mut *session.current.lock().unwrap_or_else(|e| e.into_inner()),
+            Arc::downgrade(&entry),
+        );
+        if let Some(old) = old.upgrade() {
+            old.retired_at
+                .store(session.sends.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.clone().into(), entry);
+        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
+        token
+    }
+
+    /// Answers one ClientLogin request: (status, body).
+    pub(crate) fn login(&self, body: &[u8]) -> (u16, String) {
+        let mut fields: HashMap<String, String> = HashMap::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            fields.insert(k.into_owned(), v.into_owned());
+        }
+        let refuse = |code: &str| {
+            self.counters.login_failures.fetch_add(1, Ordering::Relaxed);
+            (
+                403,
+                format!("Url=https://www.google.com/accounts/ErrorMsg\nError={code}\n"),
+            )
+        };
+        let (Some(email), Some(password), Some(service)) = (
+            fields.get("Email"),
+            fields.get("Passwd"),
+            fields.get("service"),
+        ) else {
+            return refuse("Unknown");
+        };
+        let account_type = fields.get("accountType").map_or("HOSTED_OR_GOOGLE", |s| s);
+        if !matches!(account_type, "HOSTED_OR_GOOGLE" | "GOOGLE" | "HOSTED") {
+            return refuse("Unknown");
+        }
+        let Some(index) = self
+            .accounts
+            .iter()
+            .position(|a| &a.email == email && &a.password == password)
+        else {
+            return refuse("BadAuthentication");
+        };
+        let account = &self.accounts[index];
+        if service != "ac2dm" {
+            return refuse("ServiceDisabled");
+        }
+        if let Some(code) = &account.refuse_with {
+            return refuse(code);
+        }
+        if let Some((token, answer)) = &account.captcha {
+            let mut solved = self
+                .captchas_solved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !solved.contains(&index) {
+                let answered = fields.get("logintoken") == Some(token)
+                    && fields.get("logincaptcha") == Some(answer);
+                if !answered {
+                    self.counters.login_failures.fetch_add(1, Ordering::Relaxed);
+                    return (
+                        403,
+                        format!(
+                            "Url=http://www.google.com/login/captcha\nError=CaptchaRequired\nCaptchaToken={token}\nCaptchaUrl=Captcha?ctoken={token}\n"
+                        ),
+                    );
+                }
+                solved.insert(index);
+            }
+        }
+        let token = self.start_session(index, None);
+        self.counters.logins.fetch_add(1, Ordering::Relaxed);
+        let n = self.counters.logins.load(Ordering::Relaxed);
+        (
+            200,
+            format!("SID=EMUSID{n}\nLSID=EMULSID{n}\nAuth={token}\n"),
+        )
+    }
+
+    pub(crate) fn stats(&self, inbox: bool, delivered: bool) -> Stats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let errors = ErrorCode::KNOWN
+            .iter()
+            .zip(&c.errors)
+            .filter(|(_, n)| load(n) > 0)
+            .map(|(code, n)| (code.to_string(), load(n)))
+            .collect();
+        Stats {
+            sends: load(&c.sends),
+            accepted: load(&c.accepted),
+            errors,
+            unauthorized: load(&c.unauthorized),
+            unavailable: load(&c.unavailable),
+            server_errors: load(&c.server_errors),
+            dropped: load(&c.dropped),
+            logins: load(&c.logins),
+            login_failures: load(&c.login_failures),
+            rotations: load(&c.rotations),
+            expiries: load(&c.expiries),
+            inbox: if inbox {
+                self.inbox.all()
+            } else {
+                BTreeMap::new()
+            },
+            delivered: if delivered {
+                self.inbox.counts()
+            } else {
+                BTreeMap::new()
+            },
+        }
+    }
+
+    pub(crate) fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+}
