@@ -22,19 +22,25 @@
 //! ```
 #![warn(missing_docs)]
 
+mod broadcast;
 pub mod codec;
 mod error;
 mod message;
+mod report;
 pub mod retry;
 mod sender;
 mod token;
 mod transport;
 
+pub use broadcast::{
+    Broadcast, BroadcastError, BroadcastOptions, CancelHandle, Delivery, NotAttempted, Outcome,
+};
 pub use error::{Error, ErrorCode};
 pub use message::{
     CollapseKey, DEFAULT_PAYLOAD_LIMIT, Message, MessageBuilder, MessageError, MessageId,
     RegistrationId, payload_size,
 };
+pub use report::DeliveryReport;
 pub use retry::{RetryDecision, RetryPolicy};
 pub use sender::{SendError, Sender, SenderBuilder, Sent};
 #[cfg(any(test, feature = "mock"))]

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::codec;
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::message::{Message, MessageId, RegistrationId};
 use crate::retry::{PauseScope, RetryDecision, RetryPolicy};
 use crate::token::{AuthToken, TokenProvider};
@@ -121,6 +121,8 @@ struct Inner {
     wall_clock: WallClock,
     global_pause: Mutex<Option<Instant>>,
     device_pauses: Mutex<HashMap<RegistrationId, Instant>>,
+    /// When `QuotaExceeded` started being answered with no acceptance since.
+    quota_exceeded_since: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Sender {
@@ -195,6 +197,7 @@ impl SenderBuilder {
                 wall_clock: self.wall_clock,
                 global_pause: Mutex::new(None),
                 device_pauses: Mutex::new(HashMap::new()),
+                quota_exceeded_since: Mutex::new(None),
             }),
         }
     }
@@ -249,6 +252,11 @@ impl Sender {
         lock(&self.inner.global_pause).filter(|until| *until > Instant::now())
     }
 
+    /// Since when the service has answered `QuotaExceeded` with no message accepted since.
+    pub fn quota_exceeded_since(&self) -> Option<Instant> {
+        *lock(&self.inner.quota_exceeded_since)
+    }
+
     /// Sends `message` and returns its id, or the final error once retrying cannot help.
     pub async fn send(&self, message: Message) -> Result<Sent, SendError> {
         let span = tracing::debug_span!("c2dm.send", registration_id = %message.registration_id());
@@ -268,6 +276,7 @@ impl Sender {
             let error = match self.attempt(message, attempts, refreshed.take()).await {
                 Ok(message_id) => {
                     self.clear_device_pause(message.registration_id());
+                    *lock(&inner.quota_exceeded_since) = None;
                     return Ok(Sent {
                         message_id,
                         attempts,
@@ -298,6 +307,9 @@ impl Sender {
                 Err((error, _)) => error,
             };
             last_was_unauthorized = false;
+            if matches!(error, Error::Rejected(ErrorCode::QuotaExceeded)) {
+                lock(&inner.quota_exceeded_since).get_or_insert_with(Instant::now);
+            }
             let unit: f64 = lock(&inner.rng).random();
             match inner.policy.decide(attempts, &error, unit) {
                 RetryDecision::GiveUp => {

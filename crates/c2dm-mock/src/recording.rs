@@ -226,6 +226,7 @@ struct Script {
     sent: Vec<SentRequest>,
     queued: VecDeque<Reply>,
     rules: HashMap<String, Rule>,
+    default_reply: Option<Reply>,
     rotate_next: Option<AuthToken>,
     valid_tokens: Option<HashSet<AuthToken>>,
     latency: Duration,
@@ -303,6 +304,12 @@ impl RecordingTransport {
         );
     }
 
+    /// Answers every send to a registration id without a rule of its own with `reply`, instead
+    /// of accepting (e.g. `QuotaExceeded` for everyone). `None` goes back to accepting.
+    pub fn set_default_reply(&self, reply: Option<Reply>) {
+        self.lock().default_reply = reply;
+    }
+
     /// Answers the next send request (whatever its registration id) with `reply`. Queued
     /// replies are used in order, one per request.
     pub fn enqueue(&self, reply: impl Into<Reply>) -> &Self {
@@ -322,6 +329,14 @@ impl RecordingTransport {
     pub fn accept_only_tokens<I: IntoIterator<Item = AuthToken>>(self, tokens: I) -> Self {
         self.lock().valid_tokens = Some(tokens.into_iter().collect());
         self
+    }
+
+    /// Makes `token` valid from now on (when tokens are checked), e.g. one a test's own login
+    /// will hand out.
+    pub fn allow_token(&self, token: AuthToken) {
+        if let Some(valid) = self.lock().valid_tokens.as_mut() {
+            valid.insert(token);
+        }
     }
 
     /// Makes `token` invalid from now on (an expired token): sends with it get 401. Turns on
@@ -443,7 +458,7 @@ impl RecordingTransport {
                                 rule.reply.clone()
                             }
                         },
-                        None => Reply::Accept,
+                        None => script.default_reply.clone().unwrap_or(Reply::Accept),
                     };
                     if expired {
                         script.rules.remove(&id);

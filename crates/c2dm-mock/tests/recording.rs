@@ -327,3 +327,19 @@ async fn never_transport_never_answers() {
     .await;
     assert!(result.is_err());
 }
+
+#[tokio::test]
+async fn default_reply_and_allowed_tokens() {
+    let fake = RecordingTransport::new()
+        .reply_to("special", ErrorCode::NotRegistered)
+        .accept_only_tokens([]);
+    fake.allow_token(token("later"));
+    fake.set_default_reply(Some(Reply::Error(ErrorCode::QuotaExceeded)));
+    let err = send(&fake, "anyone", "later").await.result.unwrap_err();
+    assert!(matches!(err, Error::Rejected(ErrorCode::QuotaExceeded)));
+    // A device's own rule wins over the default.
+    let err = send(&fake, "special", "later").await.result.unwrap_err();
+    assert!(matches!(err, Error::Rejected(ErrorCode::NotRegistered)));
+    fake.set_default_reply(None);
+    assert!(send(&fake, "anyone", "later").await.result.is_ok());
+}

@@ -1,0 +1,532 @@
+//! Mass sending: one message per device for many devices, with a final outcome for each.
+
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::error::{Error, ErrorCode};
+use crate::message::{Message, MessageId, RegistrationId};
+use crate::sender::Sender;
+
+/// How a broadcast runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct BroadcastOptions {
+    concurrency: usize,
+    rate: Option<NonZeroU32>,
+    budget: Option<u64>,
+    quota_give_up_after: Duration,
+}
+
+impl Default for BroadcastOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            rate: None,
+            budget: None,
+            quota_give_up_after: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl BroadcastOptions {
+    /// How many sends run at once (default 64; 0 is refused by [`Sender::broadcast`]).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// At most this many sends start per second (default: no limit).
+    pub fn rate_per_second(mut self, rate: NonZeroU32) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// At most this many messages are accepted; the rest are reported as not attempted
+    /// (e.g. the per-sender daily quota, 200,000 on the real service). Default: no budget.
+    pub fn budget(mut self, accepted: u64) -> Self {
+        self.budget = Some(accepted);
+        self
+    }
+
+    /// When the service has answered `QuotaExceeded` for this long with nothing accepted, the
+    /// broadcast stops taking new work and reports the rest as not attempted, to be resumed
+    /// later (default 15 minutes).
+    pub fn quota_give_up_after(mut self, after: Duration) -> Self {
+        self.quota_give_up_after = after;
+        self
+    }
+}
+
+/// A broadcast's options were unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BroadcastError {
+    /// A concurrency of 0 would never send anything.
+    #[error("broadcast concurrency must be at least 1")]
+    ZeroConcurrency,
+}
+
+/// Why a message was not attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotAttempted {
+    /// The broadcast was cancelled first.
+    Cancelled,
+    /// The service kept answering `QuotaExceeded`: resume later.
+    QuotaExhausted,
+    /// The broadcast's budget of accepted messages was used up.
+    BudgetExhausted,
+}
+
+impl NotAttempted {
+    /// A short name: `cancelled`, `quota_exhausted`, `budget_exhausted`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::QuotaExhausted => "quota_exhausted",
+            Self::BudgetExhausted => "budget_exhausted",
+        }
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Accepted by the service.
+    Accepted {
+        /// The message id.
+        message_id: MessageId,
+    },
+    /// Permanently refused with a C2DM error code.
+    Rejected {
+        /// The code.
+        code: ErrorCode,
+        /// Whether the registration id must be removed.
+        remove: bool,
+    },
+    /// Not accepted, and retrying gave up (503s, transport failures, quota, a refused login…).
+    Failed {
+        /// The last error.
+        error: Error,
+    },
+    /// Never sent.
+    NotAttempted(NotAttempted),
+}
+
+impl Outcome {
+    /// `accepted`, `rejected`, `failed` or `not_attempted`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Accepted { .. } => "accepted",
+            Self::Rejected { .. } => "rejected",
+            Self::Failed { .. } => "failed",
+            Self::NotAttempted(_) => "not_attempted",
+        }
+    }
+}
+
+/// The final word on one message of a broadcast.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    registration_id: RegistrationId,
+    outcome: Outcome,
+    attempts: u32,
+    waited: Duration,
+    possible_duplicates: u32,
+}
+
+impl Delivery {
+    /// The device.
+    pub fn registration_id(&self) -> &RegistrationId {
+        &self.registration_id
+    }
+
+    /// What became of the message.
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
+    /// Attempts made (0 when not attempted).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Time spent waiting for this message.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// Resends after failures that may have reached the service: the device may have the message
+    /// more than once (or, when it failed, at all).
+    pub fn possible_duplicates(&self) -> u32 {
+        self.possible_duplicates
+    }
+
+    /// Whether the message was accepted.
+    pub fn is_accepted(&self) -> bool {
+        matches!(self.outcome, Outcome::Accepted { .. })
+    }
+
+    /// The accepted message's id.
+    pub fn message_id(&self) -> Option<&MessageId> {
+        match &self.outcome {
+            Outcome::Accepted { message_id } => Some(message_id),
+            _ => None,
+        }
+    }
+
+    /// Whether the registration id is gone and must be removed from the app's store.
+    pub fn should_remove(&self) -> bool {
+        matches!(self.outcome, Outcome::Rejected { remove: true, .. })
+    }
+
+    /// A short description of the error, if the message was not accepted: the C2DM code, the
+    /// error text, or the reason it was not attempted.
+    pub fn error_text(&self) -> Option<String> {
+        match &self.outcome {
+            Outcome::Accepted { .. } => None,
+            Outcome::Rejected { code, .. } => Some(code.to_string()),
+            Outcome::Failed { error } => Some(match error.code() {
+                Some(code) => code.to_string(),
+                None => error.to_string(),
+            }),
+            Outcome::NotAttempted(why) => Some(why.as_str().to_owned()),
+        }
+    }
+
+    fn not_attempted(registration_id: RegistrationId, why: NotAttempted) -> Self {
+        Self {
+            registration_id,
+            outcome: Outcome::NotAttempted(why),
+            attempts: 0,
+            waited: Duration::ZERO,
+            possible_duplicates: 0,
+        }
+    }
+
+    fn of(registration_id: RegistrationId, result: Result<crate::Sent, crate::SendError>) -> Self {
+        match result {
+            Ok(sent) => Self {
+                registration_id,
+                outcome: Outcome::Accepted {
+                    message_id: sent.message_id,
+                },
+                attempts: sent.attempts,
+                waited: sent.waited,
+                possible_duplicates: sent.possible_duplicates,
+            },
+            Err(failure) => {
+                let possibly = failure.possibly_delivered();
+                let outcome = match failure.error {
+                    Error::Rejected(code) if !code.is_retryable() => Outcome::Rejected {
+                        remove: code.should_remove_registration(),
+                        code,
+                    },
+                    error => Outcome::Failed { error },
+                };
+                Self {
+                    registration_id,
+                    outcome,
+                    attempts: failure.attempts,
+                    waited: failure.waited,
+                    possible_duplicates: failure.possible_duplicates.max(u32::from(possibly)),
+                }
+            }
+        }
+    }
+}
+
+/// Stops a broadcast: no new message is started; sends under way finish (with their own retry
+/// bounds) and are reported; every message not yet started is reported as
+/// [`NotAttempted::Cancelled`].
+#[derive(Debug, Clone)]
+pub struct CancelHandle(Arc<watch::Sender<bool>>);
+
+impl CancelHandle {
+    /// Cancels the broadcast.
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether the broadcast was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// A running broadcast: a stream of [`Delivery`], one per input message, in completion order.
+///
+/// Dropping it stops the broadcast (sends under way still finish in the background).
+#[derive(Debug)]
+pub struct Broadcast {
+    deliveries: mpsc::Receiver<Delivery>,
+    cancel: CancelHandle,
+}
+
+impl Broadcast {
+    /// A handle that cancels this broadcast, usable from anywhere.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+}
+
+impl Stream for Broadcast {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.deliveries.poll_recv(cx)
+    }
+}
+
+/// governor's clock on `tokio::time`, so rate limits follow paused time in tests.
+#[derive(Debug, Clone)]
+struct TokioClock {
+    origin: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// The broadcast's shared bookkeeping.
+struct Budget {
+    /// Messages accepted or under way: what counts against the budget.
+    reserved: AtomicU64,
+    in_flight: AtomicU64,
+    finished: Notify,
+}
+
+impl Sender {
+    /// Sends every message of `messages`, `options.concurrency` at a time, and returns the
+    /// stream of their deliveries: exactly one per input, in completion order.
+    ///
+    /// Inputs are pulled only as capacity frees up and nothing is kept per message after its
+    /// delivery, so memory stays constant however many there are. Everything the sender does
+    /// per message (pauses on 503 and `QuotaExceeded`, per-device pauses, re-login, rotation)
+    /// holds across the broadcast. Must be called within a tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use c2dm_core::{AuthToken, BroadcastOptions, DeliveryReport, ErrorCode, Message, RegistrationId, Sender, StaticToken};
+    /// use c2dm_mock::RecordingTransport;
+    ///
+    /// let fake = RecordingTransport::new().reply_to("old-phone", ErrorCode::NotRegistered);
+    /// let sender = Sender::new(fake, StaticToken::new(AuthToken::new("token")?));
+    /// let template = Message::builder("template").collapse_key("news").data("message", "hello").build()?;
+    /// let mut devices = vec!["phone-1".to_string(), "old-phone".into(), "phone-2".into()];
+    /// let ids: Vec<RegistrationId> = devices.iter().map(RegistrationId::new).collect::<Result<_, _>>()?;
+    ///
+    /// let mut deliveries = sender.broadcast_to(futures::stream::iter(ids), &template, BroadcastOptions::default())?;
+    /// let mut report = DeliveryReport::new();
+    /// while let Some(delivery) = deliveries.next().await {
+    ///     // The "disable invalid devices" story: delete gone devices as their deliveries arrive.
+    ///     if delivery.should_remove() {
+    ///         devices.retain(|d| d != delivery.registration_id().as_str());
+    ///     }
+    ///     report.record(&delivery);
+    /// }
+    /// assert_eq!(devices, ["phone-1", "phone-2"]);
+    /// assert_eq!((report.accepted(), report.rejected()), (2, 1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn broadcast<S>(
+        &self,
+        messages: S,
+        options: BroadcastOptions,
+    ) -> Result<Broadcast, BroadcastError>
+    where
+        S: Stream<Item = Message> + Send + 'static,
+    {
+        if options.concurrency == 0 {
+            return Err(BroadcastError::ZeroConcurrency);
+        }
+        let (tx, rx) = mpsc::channel(options.concurrency);
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let driver = Driver {
+            sender: self.clone(),
+            permits: Arc::new(Semaphore::new(options.concurrency)),
+            limiter: options.rate.map(|rate| {
+                RateLimiter::direct_with_clock(
+                    Quota::per_second(rate),
+                    TokioClock {
+                        origin: Instant::now(),
+                    },
+                )
+            }),
+            budget: Arc::new(Budget {
+                reserved: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
+                finished: Notify::new(),
+            }),
+            options,
+            tx,
+            cancel: cancel_rx,
+        };
+        tokio::spawn(driver.run(messages));
+        Ok(Broadcast {
+            deliveries: rx,
+            cancel: CancelHandle(Arc::new(cancel_tx)),
+        })
+    }
+
+    /// [`Sender::broadcast`] of one `template` message to every registration id of `ids`.
+    pub fn broadcast_to<S>(
+        &self,
+        ids: S,
+        template: &Message,
+        options: BroadcastOptions,
+    ) -> Result<Broadcast, BroadcastError>
+    where
+        S: Stream<Item = RegistrationId> + Send + 'static,
+    {
+        let template = template.clone();
+        self.broadcast(
+            ids.map(move |id| template.with_registration_id(id)),
+            options,
+        )
+    }
+}
+
+struct Driver {
+    sender: Sender,
+    permits: Arc<Semaphore>,
+    limiter: Option<Limiter>,
+    budget: Arc<Budget>,
+    options: BroadcastOptions,
+    tx: mpsc::Sender<Delivery>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Driver {
+    async fn run<S: Stream<Item = Message>>(mut self, messages: S) {
+        let mut messages = std::pin::pin!(messages);
+        let mut stopped: Option<NotAttempted> = None;
+        while let Some(message) = messages.next().await {
+            if stopped.is_none() {
+                stopped = self.wait_for_room().await.err();
+            }
+            if let Some(why) = stopped {
+                let delivery = Delivery::not_attempted(message.registration_id().clone(), why);
+                if self.tx.send(delivery).await.is_err() {
+                    return; // nobody is listening any more
+                }
+                continue;
+            }
+            self.start(message).await;
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Waits until a send may start: a free slot, budget, quota and rate allowing.
+    async fn wait_for_room(&mut self) -> Result<(), NotAttempted> {
+        // A slot.
+        if self.permits.available_permits() == 0 {
+            let permits = Arc::clone(&self.permits);
+            let mut cancel = self.cancel.clone();
+            tokio::select! {
+                permit = permits.acquire() => drop(permit),
+                _ = cancel.wait_for(|c| *c) => {}
+            }
+        }
+        if self.cancelled() {
+            return Err(NotAttempted::Cancelled);
+        }
+        // The budget: wait for sends under way when they could still free some.
+        if let Some(budget) = self.options.budget {
+            loop {
+                let notified = self.budget.finished.notified();
+                if self.budget.reserved.load(Ordering::SeqCst) < budget {
+                    break;
+                }
+                if self.budget.in_flight.load(Ordering::SeqCst) == 0 {
+                    return Err(NotAttempted::BudgetExhausted);
+                }
+                let mut cancel = self.cancel.clone();
+                tokio::select! {
+                    _ = notified => {}
+                    _ = cancel.wait_for(|c| *c) => return Err(NotAttempted::Cancelled),
+                }
+            }
+        }
+        // The quota.
+        if self
+            .sender
+            .quota_exceeded_since()
+            .is_some_and(|since| since.elapsed() >= self.options.quota_give_up_after)
+        {
+            tracing::warn!("QuotaExceeded persists: stopping the broadcast");
+            return Err(NotAttempted::QuotaExhausted);
+        }
+        // The rate.
+        if let Some(limiter) = &self.limiter {
+            loop {
+                match limiter.check() {
+                    Ok(()) => break,
+                    Err(not_until) => {
+                        let wait = not_until.wait_time_from(limiter_now(limiter));
+                        let mut cancel = self.cancel.clone();
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = cancel.wait_for(|c| *c) => return Err(NotAttempted::Cancelled),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&self, message: Message) {
+        let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
+            return;
+        };
+        self.budget.reserved.fetch_add(1, Ordering::SeqCst);
+        self.budget.in_flight.fetch_add(1, Ordering::SeqCst);
+        let sender = self.sender.clone();
+        let tx = self.tx.clone();
+        let budget = Arc::clone(&self.budget);
+        tokio::spawn(async move {
+            let id = message.registration_id().clone();
+            let result = sender.send(message).await;
+            let delivery = Delivery::of(id, result);
+            if !delivery.is_accepted() {
+                budget.reserved.fetch_sub(1, Ordering::SeqCst);
+            }
+            budget.in_flight.fetch_sub(1, Ordering::SeqCst);
+            budget.finished.notify_waiters();
+            // Hold the slot until the delivery is taken: a slow consumer slows the broadcast
+            // instead of piling deliveries up in memory.
+            let _ = tx.send(delivery).await;
+            drop(permit);
+        });
+    }
+}
+
+fn limiter_now(limiter: &Limiter) -> Duration {
+    limiter.clock().now()
+}
