@@ -207,12 +207,13 @@ impl LoginError {
     }
 
     /// Whether logging in again later may succeed: `ServiceUnavailable`, server errors and
-    /// transport failures. Bad credentials and the like are final.
+    /// transient transport failures. Bad credentials, a refused certificate and the like are
+    /// final.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Refused { code, .. } => *code == LoginErrorCode::ServiceUnavailable,
             Self::Malformed { status, .. } => *status >= 500,
-            Self::Transport(_) => true,
+            Self::Transport(err) => err.is_retryable(),
         }
     }
 }
@@ -444,6 +445,21 @@ mod tests {
         }
         let err = decode(403, "Error=Brand_New").unwrap_err();
         assert_eq!(err.code(), Some(&LoginErrorCode::Other("Brand_New".into())));
+    }
+
+    #[test]
+    fn transport_failures_are_retried_only_when_transient() {
+        use c2dm_core::{RequestSent, TransportErrorKind};
+        let tls = LoginError::Transport(TransportError::new(
+            TransportErrorKind::Tls,
+            RequestSent::No,
+        ));
+        assert!(!tls.is_retryable());
+        let refused = LoginError::Transport(TransportError::new(
+            TransportErrorKind::Connect,
+            RequestSent::No,
+        ));
+        assert!(refused.is_retryable());
     }
 
     #[test]

@@ -158,15 +158,16 @@ impl fmt::Display for RetryAfterText {
 
 impl Error {
     /// Whether sending the same message again may succeed: quota codes, 401 (after a new login),
-    /// 5xx, malformed answers, transport failures and retryable token failures.
+    /// 5xx, malformed answers, transient transport failures (not a refused certificate) and
+    /// retryable token failures.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Rejected(code) => code.is_retryable(),
             Self::Unauthorized
             | Self::Unavailable { .. }
             | Self::ServerError { .. }
-            | Self::MalformedResponse { .. }
-            | Self::Transport(_) => true,
+            | Self::MalformedResponse { .. } => true,
+            Self::Transport(err) => err.is_retryable(),
             Self::UnexpectedStatus { .. } => false,
             Self::Token(err) => err.is_retryable(),
         }
@@ -251,6 +252,18 @@ mod tests {
             .is_retryable()
         );
         assert!(!Error::Token(TokenError::Refused).is_retryable());
+        for (kind, retry) in [
+            (TransportErrorKind::Connect, true),
+            (TransportErrorKind::Timeout, true),
+            (TransportErrorKind::ConnectionLost, true),
+            (TransportErrorKind::Other, true),
+            (TransportErrorKind::Tls, false),
+            (TransportErrorKind::InvalidRequest, false),
+            (TransportErrorKind::BodyTooLarge, false),
+        ] {
+            let err = Error::Transport(TransportError::new(kind, RequestSent::No));
+            assert_eq!(err.is_retryable(), retry, "{kind:?}");
+        }
     }
 
     #[test]

@@ -195,6 +195,17 @@ impl TransportError {
         self.sent
     }
 
+    /// Whether trying again may help: connection failures, timeouts and lost connections may
+    /// pass; a refused certificate, an unusable request or an oversized answer will not.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self.kind,
+            TransportErrorKind::Tls
+                | TransportErrorKind::InvalidRequest
+                | TransportErrorKind::BodyTooLarge
+        )
+    }
+
     /// `true` when resending could deliver the message twice.
     pub fn may_have_been_sent(&self) -> bool {
         self.sent == RequestSent::Maybe

@@ -35,7 +35,7 @@ pub struct EmulatorArgs {
     #[arg(long = "captcha-account", value_name = "EMAIL:PASSWORD", value_parser = parse_account)]
     pub captcha_accounts: Vec<(String, String)>,
     /// A token accepted without a login (repeatable).
-    #[arg(long = "token", value_name = "TOKEN")]
+    #[arg(long = "static-token", value_name = "TOKEN")]
     pub tokens: Vec<String>,
     /// Registration ids starting with this are NotRegistered (repeatable).
     #[arg(long = "not-registered-prefix", value_name = "P")]
@@ -198,4 +198,67 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
     println!("stopping");
     emulator.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: EmulatorArgs,
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        Wrapper::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_make_the_config() {
+        let w = Wrapper::parse_from([
+            "x",
+            "--account",
+            "a@b:pw",
+            "--captcha-account",
+            "c@d:pw2",
+            "--not-registered-prefix",
+            "gone-",
+            "--invalid-prefix",
+            "bad-",
+            "--mismatch-prefix",
+            "other-",
+            "--device-quota-prefix",
+            "busy-",
+            "--unavailable-every",
+            "10",
+            "--rotate-token-every",
+            "5",
+            "--token-lifetime-sends",
+            "100",
+            "--seed",
+            "7",
+            "--counts-only",
+            "--static-token",
+            "T",
+        ]);
+        let c = w.args.config();
+        assert_eq!(c.accounts.len(), 2);
+        assert_eq!(c.accounts[1].captcha.as_ref().unwrap().1, CAPTCHA_ANSWER);
+        assert!(c.devices.is_gone("gone-1") && c.devices.is_gone("bad-1"));
+        assert_eq!(
+            c.devices.permanent_error("other-1"),
+            Some("MismatchSenderId")
+        );
+        assert_eq!(c.unavailable, FaultRate::Every(10));
+        assert_eq!(c.rotate_token_every, Some(5));
+        assert_eq!(c.token_lifetime_sends, Some(100));
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.inbox, InboxMode::CountsOnly);
+        assert_eq!(c.static_tokens, ["T"]);
+        assert!(Wrapper::try_parse_from(["x", "--account", "nocolon"]).is_err());
+    }
 }

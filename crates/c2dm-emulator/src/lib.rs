@@ -48,6 +48,11 @@ pub use config::{
 pub use inbox::InboxMessage;
 pub use service::Stats;
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 /// Why the emulator could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

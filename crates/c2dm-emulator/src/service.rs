@@ -290,8 +290,8 @@ impl Service {
         }
         if self.fault(self.config.unavailable, n, 3) {
             let k = c.unavailable.fetch_add(1, Ordering::Relaxed);
-            let secs = self.config.retry_after.as_secs().max(1);
-            let retry_after = if k % 2 == 0 {
+            let secs = self.config.retry_after.as_secs();
+            let retry_after = if k % 2 == 0 || secs == 0 {
                 secs.to_string()
             } else {
                 // An HTTP-date has whole seconds: one more, so the wait is never shorter.

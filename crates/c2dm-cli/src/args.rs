@@ -1,0 +1,144 @@
+//! The command line, exactly as documented: scripts rely on these names.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Send Android push notifications through C2DM, or run a local stand-in for it.
+#[derive(Debug, Parser)]
+#[command(name = "c2dm", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// The C2DM send endpoint.
+    #[arg(long, global = true, env = "C2DM_SEND_URL", default_value = c2dm_core::codec::DEFAULT_SEND_URL)]
+    pub send_url: String,
+    /// The ClientLogin endpoint.
+    #[arg(long, global = true, env = "C2DM_LOGIN_URL", default_value = c2dm_auth::codec::DEFAULT_LOGIN_URL)]
+    pub login_url: String,
+    /// An extra trusted root certificate (PEM), e.g. the emulator's.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Use this Auth token (otherwise log in with --email and the password).
+    #[arg(long, global = true, env = "C2DM_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The sender account for ClientLogin; the password comes from C2DM_PASSWORD or --password-file.
+    #[arg(long, global = true, env = "C2DM_EMAIL")]
+    pub email: Option<String>,
+    /// A file whose first line is the password.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// The `source` sent to ClientLogin (company-app-version).
+    #[arg(long, global = true, env = "C2DM_SOURCE")]
+    pub source: Option<String>,
+    /// Machine-readable output (JSON).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Log in with ClientLogin and print the Auth token.
+    Login(LoginArgs),
+    /// Send one message.
+    Send(SendArgs),
+    /// Send one message to every registration id of a list, with a journal.
+    Broadcast(BroadcastArgs),
+    /// Run the local C2DM and ClientLogin emulator.
+    Emulator(Box<c2dm_emulator::cli::EmulatorArgs>),
+    /// Run everything locally: emulator, login, a send, a broadcast, and verify delivery.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The CAPTCHA token to answer (from an earlier CaptchaRequired).
+    #[arg(long, requires = "captcha_answer")]
+    pub captcha_token: Option<String>,
+    /// The answer to the CAPTCHA.
+    #[arg(long, requires = "captcha_token")]
+    pub captcha_answer: Option<String>,
+}
+
+/// The message fields shared by `send` and `broadcast`.
+#[derive(Debug, Args)]
+pub struct MessageArgs {
+    /// The collapse key.
+    #[arg(long)]
+    pub collapse_key: String,
+    /// A data pair, sent as data.KEY=VALUE (repeatable).
+    #[arg(short = 'd', long = "data", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub data: Vec<(String, String)>,
+    /// Deliver only when the device wakes.
+    #[arg(long)]
+    pub delay_while_idle: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The registration id of the device.
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub message: MessageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BroadcastArgs {
+    /// The registration ids, one per line (blank lines and # comments skipped); - for stdin.
+    #[arg(long, value_name = "FILE|-")]
+    pub ids: String,
+    #[command(flatten)]
+    pub message: MessageArgs,
+    /// Sends at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// At most this many sends per second.
+    #[arg(long, value_name = "PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: Option<u32>,
+    /// Record every final delivery here, as JSON Lines.
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+    /// Skip ids the journal already shows accepted or rejected, and append the rest.
+    #[arg(long, requires = "journal")]
+    pub resume: bool,
+    /// Write the registration ids to delete here, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub remove_list: Option<PathBuf>,
+    /// Stop abruptly after this many journal lines, as a crash would (for tests).
+    #[arg(long, hide = true)]
+    pub abort_after: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many generated devices the broadcast goes to.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub devices: u32,
+    /// The Retry-After of the emulator's injected 503s, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// The first retry delay, in milliseconds (lower it for a quick run in tests).
+    #[arg(long, default_value_t = 1000, hide = true)]
+    pub initial_backoff_ms: u64,
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+        None => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}

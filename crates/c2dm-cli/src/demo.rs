@@ -1,0 +1,267 @@
+//! `c2dm demo`: the whole system on one machine, and a check that nothing was lost.
+
+use std::collections::{HashMap, HashSet};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use c2dm_auth::{ClientLogin, Credentials};
+use c2dm_core::{
+    BroadcastOptions, Delivery, DeliveryReport, Message, RegistrationId, RetryPolicy, Sender,
+};
+use c2dm_emulator::{Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, Emulator, FaultRate};
+use c2dm_hyper::HyperTransport;
+use futures::StreamExt;
+
+use crate::args::{DemoArgs, Global};
+use crate::broadcast::progress_bar;
+use crate::setup::CliError;
+
+fn failure(context: &str) -> impl Fn(String) -> CliError + '_ {
+    move |e| CliError::Failure(format!("{context}: {e}"))
+}
+
+/// The generated devices: about 2% not registered and 1% invalid.
+fn device_ids(n: u32) -> Vec<RegistrationId> {
+    (0..n)
+        .map(|i| {
+            let id = if i % 50 == 1 {
+                format!("gone-{i:07}")
+            } else if i % 100 == 2 {
+                format!("bad-{i:07}")
+            } else {
+                format!("device-{i:07}")
+            };
+            RegistrationId::new(id).expect("generated ids are valid")
+        })
+        .collect()
+}
+
+/// Checks the broadcast against the emulator's record; returns what does not hold.
+fn verify(
+    emulator: &Emulator,
+    ids: &[RegistrationId],
+    deliveries: &HashMap<RegistrationId, Delivery>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if deliveries.len() != ids.len() {
+        problems.push(format!(
+            "{} deliveries for {} devices",
+            deliveries.len(),
+            ids.len()
+        ));
+    }
+    let mut missing = 0;
+    let mut not_in_inbox = 0;
+    let mut duplicated = 0;
+    let mut wrongly_removed = 0;
+    let mut gone_kept = 0;
+    let mut unfinished = 0;
+    for id in ids {
+        let Some(delivery) = deliveries.get(id) else {
+            missing += 1;
+            continue;
+        };
+        let inbox = emulator.inbox(id.as_str());
+        if let Some(message_id) = delivery.message_id() {
+            let matching = inbox
+                .iter()
+                .filter(|m| m.message_id == message_id.as_str())
+                .count();
+            if matching != 1 {
+                not_in_inbox += 1;
+            }
+            if inbox.len() > 1 && delivery.possible_duplicates() == 0 {
+                duplicated += 1;
+            }
+        } else if !inbox.is_empty() && delivery.possible_duplicates() == 0 {
+            // Not accepted, yet delivered: only a reported possible duplicate may explain it.
+            duplicated += 1;
+        }
+        match (delivery.should_remove(), emulator.is_gone(id.as_str())) {
+            (true, false) => wrongly_removed += 1,
+            (false, true) => gone_kept += 1,
+            _ => {}
+        }
+        if !delivery.is_accepted() && !delivery.should_remove() {
+            unfinished += 1;
+        }
+    }
+    for (count, what) in [
+        (missing, "devices without a delivery"),
+        (
+            not_in_inbox,
+            "accepted messages not in their device's inbox exactly once",
+        ),
+        (duplicated, "devices with an unreported duplicate"),
+        (
+            wrongly_removed,
+            "ids marked for removal that the service still knows",
+        ),
+        (gone_kept, "gone ids not marked for removal"),
+        (unfinished, "messages neither accepted nor rejected"),
+    ] {
+        if count > 0 {
+            problems.push(format!("{count} {what}"));
+        }
+    }
+    problems
+}
+
+/// `c2dm demo`.
+pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> {
+    let devices = args.devices;
+    let sends_expected = u64::from(devices);
+    let config = Config {
+        devices: c2dm_emulator::DeviceRules {
+            not_registered_prefixes: vec!["gone-".into()],
+            invalid_prefixes: vec!["bad-".into()],
+            ..Default::default()
+        },
+        // A few 503s with Retry-After, one token rotation or more, and one expiry on the way.
+        unavailable: FaultRate::Every((sends_expected / 4).max(50)),
+        retry_after: Duration::from_secs(args.retry_after_secs),
+        rotate_token_every: Some((sends_expected / 3).max(10)),
+        token_lifetime_sends: Some((sends_expected * 3 / 5).max(20)),
+        seed: 2012,
+        ..Config::default()
+    };
+    let emulator = Emulator::start_tls(config)
+        .await
+        .map_err(|e| failure("starting the emulator")(e.to_string()))?;
+    println!(
+        "emulator: {} (TLS, trusting only its own certificate)",
+        emulator.base_url()
+    );
+
+    let pem = emulator.cert_pem().unwrap_or_default();
+    let transport = HyperTransport::builder()
+        .only_added_roots()
+        .add_root_certificates_pem(pem.as_bytes())
+        .and_then(|b| b.build())
+        .map_err(|e| failure("TLS setup")(e.to_string()))?;
+    let login = Arc::new(
+        ClientLogin::new(
+            Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, c2dm_auth::DEFAULT_SOURCE),
+            transport.clone(),
+        )
+        .with_endpoint(
+            emulator
+                .login_url()
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| failure("login URL")(e.to_string()))?,
+        ),
+    );
+    login
+        .login_now()
+        .await
+        .map_err(|e| failure("ClientLogin")(e.to_string()))?;
+    println!("logged in as {DEFAULT_EMAIL} through ClientLogin");
+
+    let sender = Sender::builder(transport, Arc::clone(&login))
+        .retry_policy(
+            RetryPolicy::default()
+                .with_initial_backoff(Duration::from_millis(args.initial_backoff_ms)),
+        )
+        .endpoint(
+            emulator
+                .send_url()
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| failure("send URL")(e.to_string()))?,
+        )
+        .build();
+    let first = Message::builder("device-demo")
+        .collapse_key("demo")
+        .data("message", "test")
+        .data("sound", "test")
+        .build()
+        .map_err(|e| failure("message")(e.to_string()))?;
+    let sent = sender
+        .send(first.clone())
+        .await
+        .map_err(|e| failure("sending the first message")(e.to_string()))?;
+    println!(
+        "sent message=test sound=test to device-demo: id {}",
+        sent.message_id
+    );
+
+    let ids = device_ids(devices);
+    println!(
+        "broadcasting to {devices} devices (about 2% not registered, 1% invalid) while the emulator injects 503s, a token rotation and an expiry"
+    );
+    let mut stream = sender
+        .broadcast_to(
+            futures::stream::iter(ids.clone()),
+            &first,
+            BroadcastOptions::default(),
+        )
+        .map_err(|e| failure("broadcast")(e.to_string()))?;
+    let bar = progress_bar(u64::from(devices));
+    let mut report = DeliveryReport::new();
+    let mut deliveries = HashMap::with_capacity(ids.len());
+    while let Some(delivery) = stream.next().await {
+        report.record(&delivery);
+        bar.inc(1);
+        deliveries.insert(delivery.registration_id().clone(), delivery);
+    }
+    bar.finish_and_clear();
+    report.finish();
+
+    let mut problems = verify(&emulator, &ids, &deliveries);
+    let demo_inbox = emulator.inbox("device-demo");
+    if !demo_inbox
+        .iter()
+        .any(|m| m.message_id == sent.message_id.as_str())
+    {
+        problems.push("the first message is not in device-demo's inbox".into());
+    }
+    let gone: HashSet<&str> = report.to_remove().iter().map(|id| id.as_str()).collect();
+    let stats = emulator.counters();
+    if global.json {
+        let verdict = serde_json::json!({
+            "devices": devices,
+            "accepted": report.accepted(),
+            "rejected": report.rejected(),
+            "failed": report.failed(),
+            "not_attempted": report.not_attempted(),
+            "to_remove": gone.len(),
+            "by_code": report.by_code(),
+            "elapsed_secs": report.elapsed().as_secs_f64(),
+            "rate": report.rate(),
+            "emulator": {
+                "sends": stats.sends, "accepted": stats.accepted, "unavailable": stats.unavailable,
+                "rotations": stats.rotations, "expiries": stats.expiries, "logins": stats.logins,
+            },
+            "verified": problems.is_empty(),
+            "problems": problems,
+        });
+        println!("{verdict}");
+    } else {
+        println!("{report}");
+        println!(
+            "emulator saw {} sends: {} accepted, {} answered 503, {} token rotations, {} expiries, {} logins",
+            stats.sends,
+            stats.accepted,
+            stats.unavailable,
+            stats.rotations,
+            stats.expiries,
+            stats.logins
+        );
+        if problems.is_empty() {
+            println!(
+                "verified: every accepted message is in its device's inbox exactly once, every removed id is gone, nothing is missing"
+            );
+        } else {
+            println!("NOT verified:");
+            for problem in &problems {
+                println!("  - {problem}");
+            }
+        }
+    }
+    emulator.shutdown().await;
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,75 @@
+//! `c2dm`: send Android push notifications through C2DM, or run a local stand-in for it.
+
+mod args;
+mod broadcast;
+mod demo;
+mod journal;
+mod setup;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+use setup::CliError;
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => {
+            "warn,c2dm_core=debug,c2dm_auth=debug,c2dm_hyper=debug,c2dm_emulator=info,c2dm=debug"
+        }
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("C2DM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose, cli.global.quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: could not start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Login(args) => setup::login(&cli.global, args).await,
+            Command::Send(args) => setup::send(&cli.global, args).await,
+            Command::Broadcast(args) => broadcast::run(&cli.global, args).await,
+            Command::Emulator(args) => c2dm_emulator::cli::run(*args)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| CliError::Failure(e.to_string())),
+            Command::Demo(args) => demo::run(&cli.global, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            err.exit_code()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
