@@ -56,18 +56,34 @@ fn check_file(path: &Path) -> Result<u64, CliError> {
     Ok(count)
 }
 
+/// How many ids travel together from the reading thread: one hand-over (and one wake-up) per
+/// batch instead of per id.
+const BATCH: usize = 512;
+
 /// Streams the ids not in `skip`, read on a blocking thread.
 fn stream_ids(
     ids: Ids,
     skip: HashSet<String>,
 ) -> impl futures::Stream<Item = RegistrationId> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<RegistrationId>(1024);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<RegistrationId>>(4);
     tokio::task::spawn_blocking(move || {
-        let keep = |id: &RegistrationId| !skip.contains(id.as_str());
+        let mut batch = Vec::with_capacity(BATCH);
+        let push = |id: RegistrationId, batch: &mut Vec<RegistrationId>| {
+            if skip.contains(id.as_str()) {
+                return true;
+            }
+            batch.push(id);
+            if batch.len() == BATCH {
+                return tx
+                    .blocking_send(std::mem::replace(batch, Vec::with_capacity(BATCH)))
+                    .is_ok();
+            }
+            true
+        };
         match ids {
             Ids::Memory(ids) => {
-                for id in ids.into_iter().filter(keep) {
-                    if tx.blocking_send(id).is_err() {
+                for id in ids {
+                    if !push(id, &mut batch) {
                         return;
                     }
                 }
@@ -80,12 +96,12 @@ fn stream_ids(
                     let Ok(line) = line else { return };
                     // Checked before: a line that no longer reads is the file changing under us.
                     match id_of_line(&line, n + 1) {
-                        Ok(Some(id)) if keep(&id) => {
-                            if tx.blocking_send(id).is_err() {
+                        Ok(Some(id)) => {
+                            if !push(id, &mut batch) {
                                 return;
                             }
                         }
-                        Ok(_) => {}
+                        Ok(None) => {}
                         Err(err) => {
                             tracing::error!(%err, "the ids file changed during the broadcast");
                             return;
@@ -94,11 +110,14 @@ fn stream_ids(
                 }
             }
         }
+        if !batch.is_empty() {
+            let _ = tx.blocking_send(batch);
+        }
     });
-    futures::stream::unfold(
-        rx,
-        |mut rx| async move { rx.recv().await.map(|id| (id, rx)) },
-    )
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|batch| (batch, rx))
+    })
+    .flat_map(futures::stream::iter)
 }
 
 pub fn progress_bar(total: u64) -> ProgressBar {

@@ -8,6 +8,11 @@ mod setup;
 
 use std::process::ExitCode;
 
+/// glibc's allocator serialises the many small allocations that cross threads in a broadcast
+/// (see docs/PERFORMANCE.md); mimalloc keeps them per thread.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 use args::{Cli, Command};
@@ -44,7 +49,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(async move {
+    // The command runs as a task on the worker threads, not on this one: a broadcast's
+    // consumer then shares the workers with the sends instead of being woken across threads.
+    let task = runtime.spawn(async move {
         match cli.command {
             Command::Login(args) => setup::login(&cli.global, args).await,
             Command::Send(args) => setup::send(&cli.global, args).await,
@@ -56,6 +63,9 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(&cli.global, args).await,
         }
     });
+    let result = runtime
+        .block_on(task)
+        .unwrap_or_else(|e| Err(CliError::Failure(format!("the command failed: {e}"))));
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -1,0 +1,461 @@
+//! `cargo xtask bench`: end-to-end throughput and memory against the emulator, measured in one
+//! run beside `wrk` (when installed), printed as one markdown table. `--write` puts it into
+//! docs/PERFORMANCE.md. Not part of CI: these are numbers, not pass/fail checks.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What one child process cost: CPU (user + system) and peak RSS, and what it printed.
+struct Usage {
+    cpu: Duration,
+    max_rss_kib: u64,
+    stdout: String,
+}
+
+/// Runs a command to completion and measures it with `wait4`.
+fn measure(mut cmd: Command) -> Result<Usage, String> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let mut stdout = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+    }
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: `rusage` is plain data that wait4 fills in; `pid` is our own unreaped child.
+    #[allow(unsafe_code)]
+    let rusage = unsafe {
+        let mut rusage: libc::rusage = std::mem::zeroed();
+        if libc::wait4(pid, &mut status, 0, &mut rusage) < 0 {
+            return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+        }
+        rusage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("{cmd:?} failed (status {status}):\n{stdout}"));
+    }
+    Ok(Usage {
+        cpu: tv(rusage.ru_utime) + tv(rusage.ru_stime),
+        max_rss_kib: rusage.ru_maxrss as u64,
+        stdout,
+    })
+}
+
+fn json_number(text: &str, key: &str) -> Option<f64> {
+    let pattern = format!("\"{key}\":");
+    let start = text.rfind(&pattern)? + pattern.len();
+    let rest = &text[start..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+struct Emulator {
+    child: Child,
+    base: String,
+    cert: Option<PathBuf>,
+}
+
+impl Emulator {
+    fn start(bin: &Path, dir: &Path, tls: bool, counts_only: bool) -> Result<Self, String> {
+        let port_file = dir.join(format!("port-{tls}-{counts_only}"));
+        let cert = dir.join("emulator.pem");
+        let _ = std::fs::remove_file(&port_file);
+        let mut cmd = Command::new(bin.join("c2dm-emulator"));
+        cmd.args(["--static-token", "BENCH", "--port-file"])
+            .arg(&port_file)
+            .stdout(Stdio::null());
+        if counts_only {
+            cmd.arg("--counts-only");
+        }
+        if tls {
+            cmd.arg("--tls").arg("--cert-out").arg(&cert);
+        }
+        let child = cmd.spawn().map_err(|e| format!("c2dm-emulator: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Ok(port) = std::fs::read_to_string(&port_file) {
+                if !port.trim().is_empty() {
+                    break port.trim().to_owned();
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("the emulator did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let scheme = if tls { "https" } else { "http" };
+        Ok(Self {
+            child,
+            base: format!("{scheme}://127.0.0.1:{port}"),
+            cert: tls.then_some(cert),
+        })
+    }
+
+    fn send_url(&self) -> String {
+        format!("{}/c2dm/send", self.base)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_ids(path: &Path, n: u64) -> Result<(), String> {
+    let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let mut out = std::io::BufWriter::new(file);
+    for i in 0..n {
+        writeln!(out, "device-{i:08}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+/// `c2dm broadcast` of `n` ids: (messages/s as the command reports it, CPU µs per message,
+/// peak RSS KiB).
+fn broadcast(
+    bin: &Path,
+    dir: &Path,
+    emulator: &Emulator,
+    n: u64,
+    concurrency: u32,
+) -> Result<(f64, f64, u64), String> {
+    let ids = dir.join(format!("ids-{n}"));
+    if !ids.exists() {
+        write_ids(&ids, n)?;
+    }
+    let mut cmd = Command::new(bin.join("c2dm"));
+    cmd.args([
+        "broadcast",
+        "--json",
+        "--collapse-key",
+        "k",
+        "-d",
+        "message=test",
+        "-d",
+        "sound=t",
+        "--token",
+        "BENCH",
+    ])
+    .arg("--ids")
+    .arg(&ids)
+    .args([
+        "--concurrency",
+        &concurrency.to_string(),
+        "--send-url",
+        &emulator.send_url(),
+    ]);
+    if let Some(cert) = &emulator.cert {
+        cmd.arg("--ca-cert").arg(cert);
+    }
+    let usage = measure(cmd)?;
+    let rate = json_number(&usage.stdout, "rate").ok_or("no rate in the summary")?;
+    let accepted = json_number(&usage.stdout, "accepted").unwrap_or(0.0);
+    if accepted as u64 != n {
+        return Err(format!("only {accepted} of {n} accepted: {}", usage.stdout));
+    }
+    Ok((
+        rate,
+        usage.cpu.as_secs_f64() * 1e6 / n as f64,
+        usage.max_rss_kib,
+    ))
+}
+
+/// HyperTransport alone (the `load` example): (requests/s, CPU µs per request).
+fn transport_load(
+    bin: &Path,
+    emulator: &Emulator,
+    n: u64,
+    concurrency: u32,
+) -> Result<(f64, f64), String> {
+    let mut cmd = Command::new(bin.join("examples/load"));
+    cmd.args([
+        "--url",
+        &emulator.send_url(),
+        "--requests",
+        &n.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+    ]);
+    if let Some(cert) = &emulator.cert {
+        cmd.arg("--ca-cert").arg(cert);
+    }
+    let usage = measure(cmd)?;
+    if json_number(&usage.stdout, "failures") != Some(0.0) {
+        return Err(format!("load had failures: {}", usage.stdout));
+    }
+    Ok((
+        json_number(&usage.stdout, "rate").ok_or("no rate")?,
+        json_number(&usage.stdout, "cpu_us_per_request").ok_or("no cpu")?,
+    ))
+}
+
+const WRK_SCRIPT: &str = r#"wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded;charset=UTF-8"
+wrk.headers["Authorization"] = "GoogleLogin auth=BENCH"
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/c2dm/send", nil, "registration_id=device-" .. counter .. "&collapse_key=k&data.message=test&data.sound=t")
+end
+"#;
+
+/// `wrk -t1` against the same emulator: (requests/s, CPU µs per request).
+fn wrk(
+    dir: &Path,
+    emulator: &Emulator,
+    connections: u32,
+    seconds: u32,
+) -> Result<(f64, f64), String> {
+    let script = dir.join("send.lua");
+    std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "-s",
+    ])
+    .arg(&script)
+    .arg(format!("{}/", emulator.base));
+    let usage = measure(cmd)?;
+    let line = |prefix: &str| {
+        usage
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
+    };
+    let rate: f64 = line("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no rate from wrk:\n{}", usage.stdout))?;
+    let total: f64 = usage
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().split(" requests in").next()?.trim().parse().ok())
+        .unwrap_or(rate * f64::from(seconds));
+    Ok((rate, usage.cpu.as_secs_f64() * 1e6 / total))
+}
+
+/// The original article's sender: one HTTP POST per message, sequentially, a new connection
+/// each time (Python's urllib, as `requests.post` without a session does).
+fn python_baseline(emulator: &Emulator, n: u32) -> Result<f64, String> {
+    let script = format!(
+        r#"
+import time, urllib.request
+url = "{url}"
+start = time.time()
+for i in range({n}):
+    body = ("registration_id=device-%d&collapse_key=k&data.message=test&data.sound=t" % i).encode()
+    req = urllib.request.Request(url, data=body, headers={{"Authorization": "GoogleLogin auth=BENCH", "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8"}})
+    urllib.request.urlopen(req).read()
+print({n} / (time.time() - start))
+"#,
+        url = emulator.send_url()
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let usage = measure(cmd)?;
+    usage
+        .stdout
+        .trim()
+        .parse()
+        .map_err(|_| format!("python: {}", usage.stdout))
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let rustc = Command::new("rustc")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {rustc}, {}",
+        crate::release::today()
+    )
+}
+
+pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
+    let write = args.contains(&"--write");
+    let quick = args.contains(&"--quick");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(
+        "build",
+        &cargo,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "c2dm-cli",
+            "-p",
+            "c2dm-emulator",
+            "-p",
+            "c2dm-hyper",
+            "--bins",
+            "--example",
+            "load",
+        ],
+        &[],
+    )?;
+    let bin = root.join("target/release");
+    let dir = std::env::temp_dir().join(format!("c2dm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let has_wrk = have("wrk");
+    if !has_wrk {
+        eprintln!("note: wrk is not installed (apt-get install -y wrk): its columns stay empty");
+    }
+    let scale = if quick { 10 } else { 1 };
+    let mut rows = Vec::new();
+    rows.push("| path | conc. | c2dm rate (msg/s) | CPU µs/msg | wrk rate (req/s) | wrk CPU µs/req | rate / wrk | CPU / wrk |".to_owned());
+    rows.push("|---|---:|---:|---:|---:|---:|---:|---:|".to_owned());
+    let mut baseline = None;
+    let mut best_rate = 0.0f64;
+    for tls in [false, true] {
+        let emulator = Emulator::start(&bin, &dir, tls, true)?;
+        let scheme = if tls { "HTTPS" } else { "HTTP" };
+        for concurrency in [1u32, 64] {
+            let n = if concurrency == 1 { 20_000 } else { 200_000 } / scale;
+            let wrk_seconds = if quick { 2 } else { 5 };
+            let wrk_result = if has_wrk {
+                Some(wrk(&dir, &emulator, concurrency, wrk_seconds)?)
+            } else {
+                None
+            };
+            let ratio = |a: f64, b: Option<f64>| b.map_or("".into(), |b| format!("{:.2}", a / b));
+            let wrk_cells = |r: Option<(f64, f64)>| {
+                r.map_or(("".into(), "".into()), |(rate, cpu)| {
+                    (format!("{rate:.0}"), format!("{cpu:.1}"))
+                })
+            };
+            let (wrk_rate, wrk_cpu) = wrk_cells(wrk_result);
+            let (load_rate, load_cpu) = transport_load(&bin, &emulator, n, concurrency)?;
+            rows.push(format!(
+                "| HyperTransport, {scheme} | {concurrency} | {load_rate:.0} | {load_cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
+                ratio(load_rate, wrk_result.map(|r| r.0)),
+                ratio(load_cpu, wrk_result.map(|r| r.1)),
+            ));
+            let (rate, cpu, _) = broadcast(&bin, &dir, &emulator, n, concurrency)?;
+            best_rate = best_rate.max(rate);
+            rows.push(format!(
+                "| c2dm broadcast, {scheme} | {concurrency} | {rate:.0} | {cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
+                ratio(rate, wrk_result.map(|r| r.0)),
+                ratio(cpu, wrk_result.map(|r| r.1)),
+            ));
+        }
+        if !tls && have("python3") {
+            baseline = Some(python_baseline(&emulator, 2000 / scale as u32)?);
+        }
+    }
+    // Memory: peak RSS of the sending process, and the emulator's inbox cost per message.
+    let emulator = Emulator::start(&bin, &dir, false, true)?;
+    let (_, _, rss_10k) = broadcast(&bin, &dir, &emulator, 10_000, 64)?;
+    let big = 1_000_000 / scale;
+    let (_, _, rss_big) = broadcast(&bin, &dir, &emulator, big, 64)?;
+    drop(emulator);
+    let full = Emulator::start(&bin, &dir, false, false)?;
+    let before = full.rss_kib();
+    let (_, _, _) = broadcast(&bin, &dir, &full, big, 64)?;
+    let inbox_bytes = (full.rss_kib().saturating_sub(before) * 1024) as f64 / big as f64;
+    drop(full);
+    let emulator_wrk = if has_wrk {
+        let e = Emulator::start(&bin, &dir, false, false)?;
+        Some(wrk(&dir, &e, 64, if quick { 2 } else { 5 })?.0)
+    } else {
+        None
+    };
+
+    let mut table = rows.join("\n");
+    table.push_str("\n\n| memory and baselines | value |\n|---|---:|\n");
+    table.push_str(&format!(
+        "| peak RSS of `c2dm broadcast`, 10,000 ids | {:.1} MiB |\n",
+        rss_10k as f64 / 1024.0
+    ));
+    table.push_str(&format!(
+        "| peak RSS of `c2dm broadcast`, {big} ids | {:.1} MiB ({:.2}× the 10,000 run) |\n",
+        rss_big as f64 / 1024.0,
+        rss_big as f64 / rss_10k.max(1) as f64
+    ));
+    table.push_str(&format!(
+        "| emulator inbox, bytes per recorded message | {inbox_bytes:.0} |\n"
+    ));
+    if let Some(rate) = emulator_wrk {
+        table.push_str(&format!(
+            "| emulator under `wrk -t1 -c64`, inbox on | {rate:.0} sends/s |\n"
+        ));
+    }
+    if let Some(base) = baseline {
+        table.push_str(&format!(
+            "| sequential one-POST-per-message sender (python urllib) | {base:.0} msg/s; best c2dm rate is {:.0}× that |\n",
+            best_rate / base
+        ));
+    }
+    let header = format!(
+        "Measured by `cargo xtask bench{}` on {}.\n\n",
+        if quick { " --quick" } else { "" },
+        machine()
+    );
+    let report = format!("{header}{table}");
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+    if write {
+        let path = root.join("docs/PERFORMANCE.md");
+        let doc = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
+        let (Some(a), Some(b)) = (doc.find(start), doc.find(end)) else {
+            return Err(format!("{}: no {start} … {end} markers", path.display()));
+        };
+        let updated = format!("{}{start}\n{report}\n{}", &doc[..a], &doc[b..]);
+        std::fs::write(&path, updated).map_err(|e| e.to_string())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_number;
+
+    #[test]
+    fn reads_numbers_from_json() {
+        let text = r#"{"accepted":200000,"rate":61234.5,"x":-1}"#;
+        assert_eq!(json_number(text, "accepted"), Some(200000.0));
+        assert_eq!(json_number(text, "rate"), Some(61234.5));
+        assert_eq!(json_number(text, "missing"), None);
+    }
+}

@@ -1,0 +1,107 @@
+//! `cargo xtask`: the project's own tasks, in one small tool with few dependencies.
+//!
+//! - `cargo xtask ci`: everything CI checks, in order, stopping at the first failure.
+//! - `cargo xtask tidy`: the repository's own rules (also run as a test).
+//! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator.
+//! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
+
+mod bench;
+mod release;
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--write] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+
+/// The workspace root (the folder above this crate).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, echoing it; an error names the failed step.
+fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+    eprintln!("== {step}: {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("{step}: could not run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn ci() -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run("format", &cargo, &["fmt", "--all", "--check"], &[])?;
+    run(
+        "lints",
+        &cargo,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    run("tests", &cargo, &["test", "--workspace"], &[])?;
+    run(
+        "docs",
+        &cargo,
+        &["doc", "--workspace", "--no-deps", "--exclude", "xtask"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
+    run(
+        "packaging",
+        &cargo,
+        &[
+            "publish",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--dry-run",
+            "--allow-dirty",
+        ],
+        &[],
+    )?;
+    eprintln!("== ci: all checks passed");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["ci"] => ci(),
+        ["tidy"] => {
+            let problems = tidy::check(&root());
+            if problems.is_empty() {
+                eprintln!("tidy: all rules hold");
+                Ok(())
+            } else {
+                Err(problems.join("\n"))
+            }
+        }
+        ["bench", rest @ ..] => bench::run(&root(), rest),
+        ["release", rest @ ..] => release::run(&root(), rest),
+        _ => Err(USAGE.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

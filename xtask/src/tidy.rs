@@ -1,0 +1,245 @@
+//! The repository's own rules, checked by `cargo xtask tidy` and by an ordinary test.
+
+use std::path::{Path, PathBuf};
+
+/// Fields every publishable crate must have.
+const REQUIRED_FIELDS: [&str; 6] = [
+    "description",
+    "license",
+    "repository",
+    "readme",
+    "keywords",
+    "categories",
+];
+
+fn read_toml(path: &Path) -> Result<toml::Table, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The member crates: every folder under `crates/` with a Cargo.toml.
+pub fn member_manifests(root: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("Cargo.toml"))
+        .filter(|p| p.exists())
+        .collect();
+    out.sort();
+    out
+}
+
+fn is_publishable(package: &toml::Table) -> bool {
+    !matches!(package.get("publish"), Some(toml::Value::Boolean(false)))
+}
+
+/// Internal path dependencies must carry a version (so they survive publishing); the one
+/// exception is a path-only dev-dependency, which `cargo publish` strips (used to break a
+/// dev-dependency cycle).
+fn check_dependencies(root: &Path, problems: &mut Vec<String>) {
+    let Ok(workspace) = read_toml(&root.join("Cargo.toml")) else {
+        problems.push("Cargo.toml: unreadable".into());
+        return;
+    };
+    let deps = workspace
+        .get("workspace")
+        .and_then(|w| w.get("dependencies"))
+        .and_then(|d| d.as_table())
+        .cloned()
+        .unwrap_or_default();
+    for (name, spec) in &deps {
+        if spec.get("path").is_some() && spec.get("version").is_none() {
+            problems.push(format!(
+                "Cargo.toml: [workspace.dependencies] {name} has a path but no version"
+            ));
+        }
+    }
+    for manifest in member_manifests(root) {
+        let Ok(table) = read_toml(&manifest) else {
+            problems.push(format!("{}: unreadable", manifest.display()));
+            continue;
+        };
+        for section in ["dependencies", "build-dependencies"] {
+            let Some(deps) = table.get(section).and_then(|d| d.as_table()) else {
+                continue;
+            };
+            for (name, spec) in deps {
+                if spec.get("path").is_some() && spec.get("version").is_none() {
+                    problems.push(format!(
+                        "{}: [{section}] {name} has a path but no version",
+                        manifest.display()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn check_metadata(root: &Path, problems: &mut Vec<String>) {
+    let workspace_package = read_toml(&root.join("Cargo.toml"))
+        .ok()
+        .and_then(|t| t.get("workspace")?.get("package")?.as_table().cloned())
+        .unwrap_or_default();
+    for manifest in member_manifests(root) {
+        let Ok(table) = read_toml(&manifest) else {
+            continue;
+        };
+        let Some(package) = table.get("package").and_then(|p| p.as_table()) else {
+            continue;
+        };
+        if !is_publishable(package) {
+            continue;
+        }
+        for field in REQUIRED_FIELDS {
+            let present = match package.get(field) {
+                Some(toml::Value::Table(t)) if t.get("workspace").is_some() => {
+                    workspace_package.contains_key(field)
+                }
+                Some(_) => true,
+                None => false,
+            };
+            if !present {
+                problems.push(format!(
+                    "{}: package.{field} is missing",
+                    manifest.display()
+                ));
+            }
+        }
+    }
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// No `hyper_util` type may appear in c2dm-hyper's public API, so hyper-util upgrades never
+/// break its users: no public item's signature and no re-export mentions it.
+fn check_hyper_api(root: &Path, problems: &mut Vec<String>) {
+    for file in rust_files(&root.join("crates/c2dm-hyper/src")) {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("").trim();
+            let public = code.starts_with("pub ") && !code.starts_with("pub(crate)");
+            if public && code.contains("hyper_util") {
+                problems.push(format!(
+                    "{}:{}: hyper_util in the public API: {code}",
+                    file.display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+}
+
+/// No `todo!` or `unimplemented!` outside tests.
+fn check_no_todo(root: &Path, problems: &mut Vec<String>) {
+    let mut files = rust_files(&root.join("crates"));
+    files.extend(rust_files(&root.join("xtask/src")));
+    let needles = [concat!("todo", "!("), concat!("unimplemented", "!(")];
+    for file in files {
+        if file.components().any(|c| c.as_os_str() == "tests") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        // Everything after `#[cfg(test)]` in a file is its test module.
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (n, line) in code.lines().enumerate() {
+            if needles.iter().any(|needle| line.contains(needle)) {
+                problems.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+}
+
+/// Every rule; an empty list means all hold.
+pub fn check(root: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    check_dependencies(root, &mut problems);
+    check_metadata(root, &mut problems);
+    check_hyper_api(root, &mut problems);
+    check_no_todo(root, &mut problems);
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repository_is_tidy() {
+        let problems = check(&crate::root());
+        assert!(
+            problems.is_empty(),
+            "tidy rules broken:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_rules_catch_what_they_are_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(
+            root.join("Cargo.toml"),
+            "[workspace]\n[workspace.package]\nlicense = \"MIT\"\n[workspace.dependencies]\na = { path = \"crates/a\" }\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("crates/c2dm-hyper/src")).unwrap();
+        std::fs::write(
+            root.join("crates/c2dm-hyper/Cargo.toml"),
+            "[package]\nname = \"c2dm-hyper\"\nlicense.workspace = true\n[dependencies]\nb = { path = \"../b\" }\n[dev-dependencies]\nc = { path = \"../c\" }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("crates/c2dm-hyper/src/lib.rs"),
+            format!(
+                "pub fn f() -> hyper_util::X {{}}\nfn g() -> hyper_util::Y {{}}\nfn h() {{ {}) }}\n#[cfg(test)]\nfn t() {{ {}) }}\n",
+                concat!("todo", "!("),
+                concat!("todo", "!(")
+            ),
+        )
+        .unwrap();
+        let problems = check(root);
+        let text = problems.join("\n");
+        assert!(
+            text.contains("[workspace.dependencies] a has a path but no version"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[dependencies] b has a path but no version"),
+            "{text}"
+        );
+        assert!(
+            !text.contains(" c has a path"),
+            "path-only dev-dependencies are allowed: {text}"
+        );
+        assert!(text.contains("package.description is missing"), "{text}");
+        assert!(!text.contains("package.license is missing"), "{text}");
+        assert!(text.contains("hyper_util in the public API"), "{text}");
+        assert_eq!(
+            text.matches("hyper_util in the public API").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(text.matches(concat!("todo", "!(")).count(), 1, "{text}");
+    }
+}
