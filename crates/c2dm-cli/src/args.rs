@@ -38,6 +38,12 @@ pub struct Global {
     /// The `source` sent to ClientLogin (company-app-version).
     #[arg(long, global = true, env = "C2DM_SOURCE")]
     pub source: Option<String>,
+    /// The longest wait for one answer, in seconds.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub timeout: f64,
+    /// The most attempts one message gets (retries on 503, timeouts and the like).
+    #[arg(long, global = true, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
     /// Machine-readable output (JSON).
     #[arg(long, global = true)]
     pub json: bool,
@@ -134,6 +140,15 @@ pub struct DemoArgs {
     /// The first retry delay, in milliseconds (lower it for a quick run in tests).
     #[arg(long, default_value_t = 1000, hide = true)]
     pub initial_backoff_ms: u64,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() && secs <= 86_400.0 => Ok(secs),
+        _ => Err(format!(
+            "expected a number of seconds above 0, got {text:?}"
+        )),
+    }
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {

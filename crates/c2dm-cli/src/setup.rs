@@ -4,9 +4,10 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use c2dm_auth::{CaptchaAnswer, ClientLogin, Credentials, LoginError};
-use c2dm_core::{AuthToken, Message, Sender, StaticToken, TokenProvider};
+use c2dm_core::{AuthToken, Message, RetryPolicy, Sender, StaticToken, TokenProvider};
 use c2dm_hyper::HyperTransport;
 
 use crate::args::{Global, LoginArgs, MessageArgs, SendArgs};
@@ -53,7 +54,8 @@ pub fn parse_url(flag: &str, url: &str) -> Result<http::Uri, CliError> {
 
 /// The production transport, trusting `--ca-cert` besides the usual roots.
 pub fn transport(global: &Global) -> Result<HyperTransport, CliError> {
-    let mut builder = HyperTransport::builder();
+    let mut builder =
+        HyperTransport::builder().request_timeout(Duration::from_secs_f64(global.timeout));
     if let Some(path) = &global.ca_cert {
         let pem = std::fs::read(path).map_err(|e| {
             CliError::Usage(format!("--ca-cert: cannot read {}: {e}", path.display()))
@@ -156,6 +158,7 @@ pub fn sender(global: &Global) -> Result<Sender, CliError> {
     let tokens = token_provider(global, &transport)?;
     Ok(Sender::builder(transport, tokens)
         .endpoint(endpoint)
+        .retry_policy(RetryPolicy::default().with_max_attempts(global.max_attempts))
         .build())
 }
 

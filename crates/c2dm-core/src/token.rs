@@ -227,6 +227,10 @@ pub trait Login: Send + Sync {
 /// tokens, and logs in again when the token is refused — once for all concurrent callers that saw
 /// the same refused token (single-flight).
 ///
+/// A refused token from the current login (the token itself, or one rotated from it) means the
+/// login may have expired, so it logs in again; a refused token from an older login gets the
+/// current token, as someone logged in since.
+///
 /// A failed login is shared the same way: callers that waited for it get its error rather than
 /// each logging in again, so a wrong password costs one request, not one per waiting send.
 pub struct TokenCache<L> {
@@ -238,9 +242,48 @@ pub struct TokenCache<L> {
 #[derive(Default)]
 struct CacheState {
     current: Option<AuthToken>,
-    /// Counts finished logins, so a waiter can tell whether one finished while it waited.
+    /// The login the current token belongs to (a rotation keeps it); 0 for a token given at
+    /// start.
+    session: u64,
+    /// Recent tokens with the login each belongs to: how a refusal of an old token is told
+    /// from a refusal of the current login.
+    recent: std::collections::VecDeque<(AuthToken, u64)>,
+    /// Counts finished login attempts, so a waiter can tell whether one finished while it waited.
     logins: u64,
+    /// Counts successful logins: the session number of the newest.
+    sessions: u64,
     last_error: Option<TokenError>,
+}
+
+/// How many recent tokens are remembered with their login.
+const RECENT_TOKENS: usize = 64;
+
+impl CacheState {
+    fn remember(&mut self, token: AuthToken, session: u64) {
+        if self.recent.len() == RECENT_TOKENS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((token.clone(), session));
+        self.current = Some(token);
+        self.session = session;
+    }
+
+    /// Whether the current token belongs to a newer login than `refused`: then someone logged in
+    /// since that refusal, and the current token is the answer. A token from the same login (the
+    /// refused one itself, or a rotation of it) is no answer: the login itself may have expired.
+    fn has_newer_than(&self, refused: &AuthToken) -> bool {
+        let Some(current) = &self.current else {
+            return false;
+        };
+        if current == refused {
+            return false;
+        }
+        match self.recent.iter().rev().find(|(t, _)| t == refused) {
+            Some((_, session)) => *session < self.session,
+            // Not remembered: older than every recent token.
+            None => true,
+        }
+    }
 }
 
 impl<L> fmt::Debug for TokenCache<L> {
@@ -266,7 +309,7 @@ impl<L: Login> TokenCache<L> {
     /// Starts with `token` (obtained earlier) and logs in only when it is refused.
     pub fn with_token(login: L, token: AuthToken) -> Self {
         let cache = Self::new(login);
-        cache.write().current = Some(token);
+        cache.write().remember(token, 0);
         cache
     }
 
@@ -293,24 +336,28 @@ impl<L: Login> TokenCache<L> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Logs in unless `usable` accepts the token already there, or a login finished while this
-    /// caller waited its turn.
+    /// Logs in unless `usable` finds a token to return in the state, or a login finished (and
+    /// failed) while this caller waited its turn.
     async fn login_unless(
         &self,
-        usable: impl Fn(&AuthToken) -> bool,
+        usable: impl Fn(&CacheState) -> bool,
     ) -> Result<AuthToken, TokenError> {
         let seen = {
             let state = self.read();
-            if let Some(token) = state.current.as_ref().filter(|t| usable(t)) {
-                return Ok(token.clone());
+            if usable(&state) {
+                if let Some(token) = &state.current {
+                    return Ok(token.clone());
+                }
             }
             state.logins
         };
         let _turn = self.gate.lock().await;
         {
             let state = self.read();
-            if let Some(token) = state.current.as_ref().filter(|t| usable(t)) {
-                return Ok(token.clone());
+            if usable(&state) {
+                if let Some(token) = &state.current {
+                    return Ok(token.clone());
+                }
             }
             if state.logins != seen {
                 if let Some(err) = &state.last_error {
@@ -323,7 +370,9 @@ impl<L: Login> TokenCache<L> {
         state.logins += 1;
         match &result {
             Ok(token) => {
-                state.current = Some(token.clone());
+                state.sessions += 1;
+                let session = state.sessions;
+                state.remember(token.clone(), session);
                 state.last_error = None;
             }
             Err(err) => state.last_error = Some(err.clone()),
@@ -335,15 +384,18 @@ impl<L: Login> TokenCache<L> {
 #[async_trait]
 impl<L: Login> TokenProvider for TokenCache<L> {
     async fn token(&self) -> Result<AuthToken, TokenError> {
-        self.login_unless(|_| true).await
+        self.login_unless(|state| state.current.is_some()).await
     }
 
     fn rotate(&self, new: AuthToken) {
-        self.write().current = Some(new);
+        let mut state = self.write();
+        let session = state.session;
+        state.remember(new, session);
     }
 
     async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {
-        self.login_unless(|current| current != refused).await
+        self.login_unless(|state| state.has_newer_than(refused))
+            .await
     }
 }
 
@@ -429,8 +481,35 @@ mod cache_tests {
         let rotated = AuthToken::new("rotated").unwrap();
         cache.rotate(rotated.clone());
         assert_eq!(cache.token().await.unwrap(), rotated);
-        // A refusal of the old token does not log in: the rotated one is returned.
-        assert_eq!(cache.refresh(&t1).await.unwrap(), rotated);
-        assert_eq!(cache.login_count(), 1);
+        // A refusal of a token from the current login (even the rotated-out one) logs in again:
+        // the whole login may have expired.
+        let t2 = cache.refresh(&t1).await.unwrap();
+        assert_eq!(t2.expose_secret(), "t2");
+        assert_eq!(cache.login_count(), 2);
+        // Refusals of tokens from the older login get the new token, without a login.
+        assert_eq!(cache.refresh(&t1).await.unwrap(), t2);
+        assert_eq!(cache.refresh(&rotated).await.unwrap(), t2);
+        assert_eq!(cache.login_count(), 2);
+        // A token given at start counts as the oldest login.
+        let given = TokenCache::with_token(
+            Counting {
+                calls: AtomicU32::new(0),
+                fail: false,
+            },
+            AuthToken::new("given").unwrap(),
+        );
+        assert_eq!(given.token().await.unwrap().expose_secret(), "given");
+        let fresh = given
+            .refresh(&AuthToken::new("given").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(fresh.expose_secret(), "t1");
+        assert_eq!(
+            given
+                .refresh(&AuthToken::new("given").unwrap())
+                .await
+                .unwrap(),
+            fresh
+        );
     }
 }

@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// An account that can log in through ClientLogin.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An account that can log in through ClientLogin. Its `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Account {
     /// The email.
     pub email: String,
@@ -14,6 +14,17 @@ pub struct Account {
     pub refuse_with: Option<String>,
     /// When set, the first login demands a CAPTCHA with this token, answered by `.1`.
     pub captcha: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("email", &self.email)
+            .field("password", &"<redacted>")
+            .field("refuse_with", &self.refuse_with)
+            .field("captcha", &self.captcha.is_some())
+            .finish()
+    }
 }
 
 impl Account {

@@ -1,0 +1,138 @@
+//! A small soak: a broadcast over TLS with every fault on at once, checked afterwards against the
+//! emulator's record. `cargo xtask soak` runs the large version (100,000 messages).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use c2dm_auth::{ClientLogin, Credentials};
+use c2dm_core::{
+    BroadcastOptions, Delivery, Message, Outcome, RegistrationId, RetryPolicy, Sender,
+};
+use c2dm_emulator::{Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, DeviceRules, Emulator, FaultRate};
+use c2dm_hyper::HyperTransport;
+use futures::StreamExt;
+
+const N: usize = 4_000;
+
+fn id(i: usize) -> String {
+    match i % 100 {
+        7 | 57 => format!("gone-{i}"),
+        13 => format!("bad-{i}"),
+        21 => format!("busy-{i}"),
+        _ => format!("device-{i}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_under_every_fault_loses_nothing() {
+    let config = Config {
+        devices: DeviceRules {
+            not_registered_prefixes: vec!["gone-".into()],
+            invalid_prefixes: vec!["bad-".into()],
+            device_quota_prefixes: vec!["busy-".into()],
+            ..DeviceRules::default()
+        },
+        unavailable: FaultRate::Every(97),
+        retry_after: Duration::ZERO,
+        server_errors: FaultRate::Every(89),
+        drops: FaultRate::Every(83),
+        rotate_token_every: Some(100),
+        token_lifetime_sends: Some(500),
+        seed: 11,
+        ..Config::default()
+    };
+    let emulator = Emulator::start_tls(config).await.unwrap();
+    let transport = HyperTransport::builder()
+        .only_added_roots()
+        .add_root_certificates_pem(emulator.cert_pem().unwrap().as_bytes())
+        .unwrap()
+        .build()
+        .unwrap();
+    let login = Arc::new(
+        ClientLogin::new(
+            Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, "soak"),
+            transport.clone(),
+        )
+        .with_endpoint(emulator.login_url().parse().unwrap()),
+    );
+    let sender = Sender::builder(transport, Arc::clone(&login))
+        .endpoint(emulator.send_url().parse().unwrap())
+        .retry_policy(
+            RetryPolicy::default()
+                .with_initial_backoff(Duration::from_millis(1))
+                .with_max_backoff(Duration::from_millis(20))
+                .with_max_attempts(12),
+        )
+        .jitter_seed(5)
+        .build();
+    let template = Message::builder("template")
+        .collapse_key("soak")
+        .data("message", "test")
+        .build()
+        .unwrap();
+    let ids: Vec<RegistrationId> = (0..N)
+        .map(|i| RegistrationId::new(id(i)).unwrap())
+        .collect();
+    let mut stream = sender
+        .broadcast_to(
+            futures::stream::iter(ids.clone()),
+            &template,
+            BroadcastOptions::default(),
+        )
+        .unwrap();
+    let mut deliveries: HashMap<String, Delivery> = HashMap::new();
+    while let Some(d) = stream.next().await {
+        let previous = deliveries.insert(d.registration_id().to_string(), d);
+        assert!(previous.is_none(), "two deliveries for one id");
+    }
+
+    // Every id has exactly one delivery, and every one is final.
+    assert_eq!(deliveries.len(), N);
+    let stats = emulator.counters();
+    let mut gone = 0u64;
+    for (id, d) in &deliveries {
+        let inbox = emulator.inbox(id);
+        match d.outcome() {
+            Outcome::Accepted { message_id } => {
+                // Every accepted message id is in its device's inbox.
+                assert!(
+                    inbox.iter().any(|m| &m.message_id == message_id.as_str()),
+                    "{id}"
+                );
+                // No device got a message twice unless its delivery said it might.
+                assert!(
+                    inbox.len() == 1 || d.possible_duplicates() > 0,
+                    "{id}: {}",
+                    inbox.len()
+                );
+            }
+            Outcome::Rejected { remove, .. } => {
+                assert!(*remove, "{id}: {:?}", d.outcome());
+                assert!(emulator.is_gone(id), "{id}");
+                assert!(inbox.is_empty(), "{id}");
+                gone += 1;
+            }
+            other => panic!("{id}: not final: {other:?}"),
+        }
+    }
+    // No send after a permanent rejection: each gone id was answered exactly once.
+    let rejections: u64 = ["NotRegistered", "InvalidRegistration"]
+        .iter()
+        .map(|c| stats.errors.get(*c).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(rejections, gone);
+    // Faults were really met, and every expiry cost exactly one login.
+    assert!(
+        stats.unavailable > 10 && stats.server_errors > 10 && stats.dropped > 10,
+        "{stats:?}"
+    );
+    assert!(stats.rotations > 10, "{stats:?}");
+    assert!(stats.expiries >= 5, "{stats:?}");
+    assert_eq!(stats.logins, stats.expiries + 1, "{stats:?}");
+    let busy: HashSet<&String> = deliveries
+        .keys()
+        .filter(|k| k.starts_with("busy-"))
+        .collect();
+    assert!(busy.iter().all(|id| deliveries[*id].attempts() >= 3));
+}
