@@ -97,7 +97,7 @@ async fn broadcast_under_every_fault_loses_nothing() {
             Outcome::Accepted { message_id } => {
                 // Every accepted message id is in its device's inbox.
                 assert!(
-                    inbox.iter().any(|m| &m.message_id == message_id.as_str()),
+                    inbox.iter().any(|m| m.message_id == message_id.as_str()),
                     "{id}"
                 );
                 // No device got a message twice unless its delivery said it might.
