@@ -3,16 +3,18 @@
 //! - `cargo xtask ci`: everything CI checks, in order, stopping at the first failure.
 //! - `cargo xtask tidy`: the repository's own rules (also run as a test).
 //! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator.
+//! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
 //! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
 
 mod bench;
 mod release;
+mod soak;
 mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--write] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--write] [--quick] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         }
         ["bench", rest @ ..] => bench::run(&root(), rest),
         ["release", rest @ ..] => release::run(&root(), rest),
+        ["soak", rest @ ..] => soak::run(&root(), rest),
         _ => Err(USAGE.into()),
     };
     match result {

@@ -52,7 +52,9 @@ async fn no_secret_in_any_output_at_the_most_verbose_level() {
     let config = Config {
         accounts: vec![c2dm_emulator::Account::new(DEFAULT_EMAIL, PASSWORD)],
         rotate_token_every: Some(2),
-        token_lifetime_sends: Some(5),
+        // Longer than a concurrency's worth of sends: a login must outlive the sends that race
+        // to use it, or a send can meet two expired logins in a row (a final 401).
+        token_lifetime_sends: Some(10),
         ..Config::default()
     };
     let emulator = Emulator::start_tls(config).await.unwrap();

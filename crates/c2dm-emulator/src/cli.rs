@@ -91,6 +91,9 @@ pub struct EmulatorArgs {
     /// The payload limit in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = c2dm_core::DEFAULT_PAYLOAD_LIMIT)]
     pub payload_limit: usize,
+    /// On stop, write everything the emulator saw (the stats JSON, inbox included) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub stats_out: Option<PathBuf>,
     /// Keep only message counts per device, not the messages (for long benchmarks).
     #[arg(long)]
     pub counts_only: bool,
@@ -159,6 +162,14 @@ impl EmulatorArgs {
     }
 }
 
+/// Prints a line; a closed standard output (a reader that went away) is no reason to stop.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Runs the emulator until Ctrl-C: prints its URLs and accounts, writes the port and
 /// certificate files, then serves.
 pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -178,25 +189,33 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
         std::fs::write(path, emulator.addr().port().to_string())
             .map_err(|e| format!("could not write {}: {e}", path.display()))?;
     }
-    println!("C2DM emulator listening on {}", emulator.base_url());
-    println!("  send:   {}", emulator.send_url());
-    println!("  login:  {}", emulator.login_url());
-    println!("  stats:  {}", emulator.stats_url());
+    say!("C2DM emulator listening on {}", emulator.base_url());
+    say!("  send:   {}", emulator.send_url());
+    say!("  login:  {}", emulator.login_url());
+    say!("  stats:  {}", emulator.stats_url());
     for account in emulator.accounts() {
         let captcha = if account.captcha.is_some() {
             " (demands a CAPTCHA: answer c2dm)"
         } else {
             ""
         };
-        println!("  account: {}:{}{captcha}", account.email, account.password);
+        say!("  account: {}:{}{captcha}", account.email, account.password);
     }
     if let Some(path) = &args.cert_out {
-        println!("  certificate: {}", path.display());
+        say!("  certificate: {}", path.display());
     }
-    println!("Press Ctrl-C to stop.");
+    say!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
-    println!("stopping");
-    emulator.shutdown().await;
+    say!("stopping");
+    if let Some(path) = &args.stats_out {
+        let stats = emulator.shutdown_with_stats().await;
+        let json = serde_json::to_vec(&stats)?;
+        std::fs::write(path, json)
+            .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+        say!("statistics written to {}", path.display());
+    } else {
+        emulator.shutdown().await;
+    }
     Ok(())
 }
 

@@ -252,6 +252,13 @@ impl Emulator {
             let _ = task.await;
         }
     }
+
+    /// [`Emulator::shutdown`], then everything it saw, inbox included: the final record.
+    pub async fn shutdown_with_stats(self) -> Stats {
+        let service = Arc::clone(&self.service);
+        self.shutdown().await;
+        service.stats(true, false)
+    }
 }
 
 impl Drop for Emulator {
