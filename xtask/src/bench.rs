@@ -104,13 +104,7 @@ impl Emulator {
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        crate::rss_kib(self.child.id()).unwrap_or(0)
     }
 }
 
@@ -314,7 +308,7 @@ fn machine() -> String {
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let write = args.contains(&"--write");
     let quick = args.contains(&"--quick");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = crate::cargo();
     crate::run(
         "build",
         &cargo,

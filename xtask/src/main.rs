@@ -24,6 +24,20 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The cargo that runs this task (or the one on the PATH).
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The resident memory of a running process, in KiB (Linux).
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// Runs a command in the workspace root, echoing it; an error names the failed step.
 fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     eprintln!("== {step}: {program} {}", args.join(" "));
@@ -41,7 +55,7 @@ fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result
 }
 
 fn ci() -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = crate::cargo();
     run("format", &cargo, &["fmt", "--all", "--check"], &[])?;
     run(
         "lints",

@@ -194,7 +194,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let new_manifest = bump_manifest(&manifest, current, next)?;
     let new_changelog = release_changelog(&changelog, next, &today())?;
     eprintln!("release {current} -> {next}");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = crate::cargo();
     if dry_run {
         eprintln!("dry run: Cargo.toml and CHANGELOG.md would change; checking packaging as is");
         return crate::run(

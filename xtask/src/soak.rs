@@ -19,21 +19,13 @@ fn id(i: u64) -> String {
     }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let n: u64 = match args {
         [] => 100_000,
         ["--messages", n] => n.parse().map_err(|_| "--messages N")?,
         _ => return Err("usage: cargo xtask soak [--messages N]".into()),
     };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = crate::cargo();
     crate::run(
         "build",
         &cargo,
@@ -136,7 +128,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         if let Some(status) = sender.try_wait().map_err(|e| e.to_string())? {
             break status;
         }
-        if let Some(rss) = rss_kib(sender.id()) {
+        if let Some(rss) = crate::rss_kib(sender.id()) {
             samples.push(rss);
         }
         std::thread::sleep(Duration::from_millis(250));

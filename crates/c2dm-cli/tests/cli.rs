@@ -2,36 +2,18 @@
 //! resume after a crash, the remove list, and bad input refused before anything is sent.
 #![allow(clippy::field_reassign_with_default)] // tests set one config field at a time
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use c2dm_emulator::{Account, Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, Emulator};
+use common::c2dm;
 
-/// Runs `c2dm` with `args` and `env` on a blocking thread, so the emulator keeps serving.
-async fn c2dm(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
-    cmd.args(args).stdin(Stdio::null());
-    for var in [
-        "C2DM_SEND_URL",
-        "C2DM_LOGIN_URL",
-        "C2DM_AUTH_TOKEN",
-        "C2DM_EMAIL",
-        "C2DM_PASSWORD",
-        "C2DM_SOURCE",
-        "C2DM_LOG",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
+/// An empty environment.
+const NO_ENV: [(&str, &str); 0] = [];
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -81,7 +63,7 @@ impl Env {
         let urls = self.urls();
         let mut env: Vec<(&str, &str)> = urls.iter().map(|(k, v)| (*k, v.as_str())).collect();
         env.extend_from_slice(extra);
-        c2dm(args, &env).await
+        c2dm(args, env).await
     }
 }
 
@@ -646,7 +628,7 @@ async fn the_emulator_command_serves_until_killed() {
             "--collapse-key",
             "k",
         ],
-        &with_creds,
+        with_creds.clone(),
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -660,12 +642,12 @@ async fn the_emulator_command_serves_until_killed() {
             "--collapse-key",
             "k",
         ],
-        &with_creds,
+        with_creds.clone(),
     )
     .await;
     assert_eq!(out.status.code(), Some(1));
     // Without the certificate: a TLS error.
-    let out = c2dm(&["send", "--to", "d", "--collapse-key", "k"], &with_creds).await;
+    let out = c2dm(["send", "--to", "d", "--collapse-key", "k"], with_creds).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
     child.kill().unwrap();
@@ -684,7 +666,7 @@ async fn demo_verifies_delivery() {
             "--initial-backoff-ms",
             "5",
         ],
-        &[],
+        NO_ENV,
     )
     .await;
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -702,7 +684,7 @@ async fn demo_verifies_delivery() {
             "5",
             "--json",
         ],
-        &[],
+        NO_ENV,
     )
     .await;
     assert!(out.status.success());

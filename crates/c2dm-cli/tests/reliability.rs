@@ -1,31 +1,13 @@
 //! Reliability and security of the `c2dm` command: secrets never printed, certificates always
 //! checked, a hung server bounded by the timeout.
 
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use c2dm_emulator::{Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, Emulator};
-
-async fn c2dm(args: Vec<String>, env: Vec<(&'static str, String)>) -> Output {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
-    cmd.args(&args).stdin(Stdio::null());
-    for var in [
-        "C2DM_SEND_URL",
-        "C2DM_LOGIN_URL",
-        "C2DM_AUTH_TOKEN",
-        "C2DM_EMAIL",
-        "C2DM_PASSWORD",
-        "C2DM_SOURCE",
-        "C2DM_LOG",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
+use common::c2dm;
 
 fn text(out: &Output) -> String {
     format!(
@@ -122,7 +104,7 @@ async fn no_secret_in_any_output_at_the_most_verbose_level() {
         ],
     ];
     for args in runs {
-        let out = c2dm(args.iter().map(|s| s.to_string()).collect(), env.clone()).await;
+        let out = c2dm(args.iter(), env.clone()).await;
         let all = text(&out);
         assert!(out.status.success(), "{all}");
         assert!(
@@ -158,7 +140,7 @@ async fn no_secret_in_any_output_at_the_most_verbose_level() {
         "{stats:?}"
     );
     // --help shows no secret from the environment either.
-    let help = c2dm(vec!["--help".into()], env.clone()).await;
+    let help = c2dm(["--help"], env.clone()).await;
     assert!(!text(&help).contains(PASSWORD));
 }
 

@@ -1,6 +1,8 @@
 //! A conformance test per row of the protocol's tables, over real HTTP to a running emulator.
 #![allow(clippy::field_reassign_with_default)] // tests set one field at a time
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -23,17 +25,8 @@ impl Client {
     }
 
     fn with(emulator: Emulator) -> Self {
-        let mut builder = HyperTransport::builder();
-        if let Some(pem) = emulator.cert_pem() {
-            builder = builder
-                .only_added_roots()
-                .add_root_certificates_pem(pem.as_bytes())
-                .unwrap();
-        }
-        Self {
-            emulator,
-            http: builder.build().unwrap(),
-        }
+        let http = common::transport(&emulator);
+        Self { emulator, http }
     }
 
     async fn post(&self, url: &str, auth: Option<&str>, body: &str) -> Response<Bytes> {

@@ -1,12 +1,10 @@
 //! The whole client stack (Sender, ClientLogin, HyperTransport over TLS) against the emulator.
 #![allow(clippy::field_reassign_with_default)] // tests set one field at a time
 
-use std::sync::Arc;
+mod common;
 
-use c2dm_auth::{ClientLogin, Credentials};
-use c2dm_core::{Message, RetryPolicy, Sender, retry::Jitter};
-use c2dm_emulator::{Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, Emulator};
-use c2dm_hyper::HyperTransport;
+use c2dm_core::{Message, RetryPolicy, retry::Jitter};
+use c2dm_emulator::{Config, Emulator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_rotate_expire_and_send_over_tls() {
@@ -15,23 +13,8 @@ async fn login_rotate_expire_and_send_over_tls() {
     config.rotate_token_every = Some(5);
     config.token_lifetime_sends = Some(12);
     let emulator = Emulator::start_tls(config).await.unwrap();
-    let transport = HyperTransport::builder()
-        .only_added_roots()
-        .add_root_certificates_pem(emulator.cert_pem().unwrap().as_bytes())
-        .unwrap()
-        .build()
-        .unwrap();
-    let login = Arc::new(
-        ClientLogin::new(
-            Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, "c2dm-rs-tests"),
-            transport.clone(),
-        )
-        .with_endpoint(emulator.login_url().parse().unwrap()),
-    );
-    let sender = Sender::builder(transport, Arc::clone(&login))
-        .endpoint(emulator.send_url().parse().unwrap())
-        .retry_policy(RetryPolicy::default().with_jitter(Jitter::None))
-        .build();
+    let (sender, _login) =
+        common::sender(&emulator, RetryPolicy::default().with_jitter(Jitter::None));
     for i in 0..30 {
         let message = Message::builder(format!("device-{i}"))
             .collapse_key("news")

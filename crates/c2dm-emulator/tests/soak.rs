@@ -1,16 +1,13 @@
 //! A small soak: a broadcast over TLS with every fault on at once, checked afterwards against the
 //! emulator's record. `cargo xtask soak` runs the large version (100,000 messages).
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use c2dm_auth::{ClientLogin, Credentials};
-use c2dm_core::{
-    BroadcastOptions, Delivery, Message, Outcome, RegistrationId, RetryPolicy, Sender,
-};
-use c2dm_emulator::{Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, DeviceRules, Emulator, FaultRate};
-use c2dm_hyper::HyperTransport;
+use c2dm_core::{BroadcastOptions, Delivery, Message, Outcome, RegistrationId, RetryPolicy};
+use c2dm_emulator::{Config, DeviceRules, Emulator, FaultRate};
 use futures::StreamExt;
 
 const N: usize = 4_000;
@@ -43,29 +40,13 @@ async fn broadcast_under_every_fault_loses_nothing() {
         ..Config::default()
     };
     let emulator = Emulator::start_tls(config).await.unwrap();
-    let transport = HyperTransport::builder()
-        .only_added_roots()
-        .add_root_certificates_pem(emulator.cert_pem().unwrap().as_bytes())
-        .unwrap()
-        .build()
-        .unwrap();
-    let login = Arc::new(
-        ClientLogin::new(
-            Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, "soak"),
-            transport.clone(),
-        )
-        .with_endpoint(emulator.login_url().parse().unwrap()),
+    let (sender, _login) = common::sender(
+        &emulator,
+        RetryPolicy::default()
+            .with_initial_backoff(Duration::from_millis(1))
+            .with_max_backoff(Duration::from_millis(20))
+            .with_max_attempts(12),
     );
-    let sender = Sender::builder(transport, Arc::clone(&login))
-        .endpoint(emulator.send_url().parse().unwrap())
-        .retry_policy(
-            RetryPolicy::default()
-                .with_initial_backoff(Duration::from_millis(1))
-                .with_max_backoff(Duration::from_millis(20))
-                .with_max_attempts(12),
-        )
-        .jitter_seed(5)
-        .build();
     let template = Message::builder("template")
         .collapse_key("soak")
         .data("message", "test")

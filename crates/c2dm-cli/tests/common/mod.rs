@@ -1,0 +1,38 @@
+//! What the CLI's integration tests share: running `c2dm` beside an in-process emulator.
+
+use std::ffi::OsStr;
+use std::process::{Command, Output, Stdio};
+
+/// Environment variables `c2dm` reads, cleared so the caller's environment never leaks in.
+const CLEARED: [&str; 8] = [
+    "C2DM_SEND_URL",
+    "C2DM_LOGIN_URL",
+    "C2DM_AUTH_TOKEN",
+    "C2DM_EMAIL",
+    "C2DM_PASSWORD",
+    "C2DM_SOURCE",
+    "C2DM_LOG",
+    "RUST_LOG",
+];
+
+/// Runs `c2dm` with `args` and exactly `env`, on a blocking thread so the emulator (on the test's
+/// runtime) keeps serving.
+pub async fn c2dm<A, K, V>(
+    args: impl IntoIterator<Item = A>,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> Output
+where
+    A: AsRef<OsStr>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
+    cmd.args(args).stdin(Stdio::null());
+    for var in CLEARED {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
