@@ -171,8 +171,15 @@ pub async fn broadcast(
     let cancel = deliveries.cancel_handle();
     let interrupt = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::warn!("interrupted: finishing the sends under way");
+            eprintln!(
+                "interrupted: finishing the sends under way, journaling the rest as not attempted (Ctrl-C again to stop at once)"
+            );
             cancel.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                // The journal is flushed line by line: what it holds stays true; --resume
+                // sends whatever it does not show as done.
+                std::process::exit(130);
+            }
         }
     });
     let bar = progress_bar(total);
