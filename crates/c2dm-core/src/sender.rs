@@ -65,6 +65,34 @@ impl SendError {
     }
 }
 
+/// What one send has cost so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    attempts: u32,
+    waited: Duration,
+    possible_duplicates: u32,
+}
+
+impl Tally {
+    fn sent(self, message_id: MessageId) -> Sent {
+        Sent {
+            message_id,
+            attempts: self.attempts,
+            waited: self.waited,
+            possible_duplicates: self.possible_duplicates,
+        }
+    }
+
+    fn failed(self, error: Error) -> SendError {
+        SendError {
+            error,
+            attempts: self.attempts,
+            waited: self.waited,
+            possible_duplicates: self.possible_duplicates,
+        }
+    }
+}
+
 type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 /// Sends messages over a [`Transport`] with a [`TokenProvider`], and does everything the
@@ -265,34 +293,25 @@ impl Sender {
 
     async fn send_inner(&self, message: &Message) -> Result<Sent, SendError> {
         let inner = &*self.inner;
-        let mut attempts = 0u32;
-        let mut waited = Duration::ZERO;
-        let mut possible_duplicates = 0u32;
+        let mut tally = Tally::default();
         let mut refreshed: Option<AuthToken> = None;
         let mut last_was_unauthorized = false;
         loop {
-            waited += self.wait_for_pauses(message.registration_id()).await;
-            attempts += 1;
-            let error = match self.attempt(message, attempts, refreshed.take()).await {
+            tally.waited += self.wait_for_pauses(message.registration_id()).await;
+            tally.attempts += 1;
+            let error = match self
+                .attempt(message, tally.attempts, refreshed.take())
+                .await
+            {
                 Ok(message_id) => {
                     self.clear_device_pause(message.registration_id());
                     *lock(&inner.quota_exceeded_since) = None;
-                    return Ok(Sent {
-                        message_id,
-                        attempts,
-                        waited,
-                        possible_duplicates,
-                    });
+                    return Ok(tally.sent(message_id));
                 }
                 Err((Error::Unauthorized, Some(used))) => {
                     // A second 401 in a row is final: the new token was refused too.
-                    if last_was_unauthorized || attempts >= inner.policy.max_attempts() {
-                        return Err(SendError {
-                            error: Error::Unauthorized,
-                            attempts,
-                            waited,
-                            possible_duplicates,
-                        });
+                    if last_was_unauthorized || tally.attempts >= inner.policy.max_attempts() {
+                        return Err(tally.failed(Error::Unauthorized));
                     }
                     last_was_unauthorized = true;
                     match inner.tokens.refresh(&used).await {
@@ -311,22 +330,22 @@ impl Sender {
                 lock(&inner.quota_exceeded_since).get_or_insert_with(Instant::now);
             }
             let unit: f64 = lock(&inner.rng).random();
-            match inner.policy.decide(attempts, &error, unit) {
+            match inner.policy.decide(tally.attempts, &error, unit) {
                 RetryDecision::GiveUp => {
                     self.clear_device_pause(message.registration_id());
-                    tracing::debug!(attempts, %error, "send failed");
-                    return Err(SendError {
-                        error,
-                        attempts,
-                        waited,
-                        possible_duplicates,
-                    });
+                    tracing::debug!(attempts = tally.attempts, %error, "send failed");
+                    return Err(tally.failed(error));
                 }
                 RetryDecision::RetryAfter(delay) => {
                     if matches!(&error, Error::Transport(t) if t.may_have_been_sent()) {
-                        possible_duplicates += 1;
+                        tally.possible_duplicates += 1;
                     }
-                    tracing::debug!(attempts, %error, delay_ms = delay.as_millis() as u64, "retrying");
+                    tracing::debug!(
+                        attempts = tally.attempts,
+                        %error,
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying"
+                    );
                     let until = Instant::now() + delay;
                     match PauseScope::of(&error) {
                         PauseScope::Global => self.pause_all_until(until),
@@ -341,7 +360,7 @@ impl Sender {
                     }
                     // This send waits at least its own delay, whatever the pauses say.
                     tokio::time::sleep_until(until).await;
-                    waited += delay;
+                    tally.waited += delay;
                 }
             }
         }
