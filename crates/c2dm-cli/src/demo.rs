@@ -17,7 +17,8 @@ use crate::args::{DemoArgs, Global};
 use crate::broadcast::progress_bar;
 use crate::setup::CliError;
 
-fn failure(context: &str) -> impl Fn(String) -> CliError + '_ {
+/// Turns an error into a failure of the demo step `context`.
+fn failed<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> CliError + '_ {
     move |e| CliError::Failure(format!("{context}: {e}"))
 }
 
@@ -128,7 +129,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
     };
     let emulator = Emulator::start_tls(config)
         .await
-        .map_err(|e| failure("starting the emulator")(e.to_string()))?;
+        .map_err(failed("starting the emulator"))?;
     println!(
         "emulator: {} (TLS, trusting only its own certificate)",
         emulator.base_url()
@@ -139,7 +140,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
         .only_added_roots()
         .add_root_certificates_pem(pem.as_bytes())
         .and_then(|b| b.build())
-        .map_err(|e| failure("TLS setup")(e.to_string()))?;
+        .map_err(failed("TLS setup"))?;
     let login = Arc::new(
         ClientLogin::new(
             Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, c2dm_auth::DEFAULT_SOURCE),
@@ -149,13 +150,10 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
             emulator
                 .login_url()
                 .parse()
-                .map_err(|e: http::uri::InvalidUri| failure("login URL")(e.to_string()))?,
+                .map_err(failed::<http::uri::InvalidUri>("login URL"))?,
         ),
     );
-    login
-        .login_now()
-        .await
-        .map_err(|e| failure("ClientLogin")(e.to_string()))?;
+    login.login_now().await.map_err(failed("ClientLogin"))?;
     println!("logged in as {DEFAULT_EMAIL} through ClientLogin");
 
     let sender = Sender::builder(transport, Arc::clone(&login))
@@ -167,7 +165,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
             emulator
                 .send_url()
                 .parse()
-                .map_err(|e: http::uri::InvalidUri| failure("send URL")(e.to_string()))?,
+                .map_err(failed::<http::uri::InvalidUri>("send URL"))?,
         )
         .build();
     let first = Message::builder("device-demo")
@@ -175,11 +173,11 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
         .data("message", "test")
         .data("sound", "test")
         .build()
-        .map_err(|e| failure("message")(e.to_string()))?;
+        .map_err(failed("message"))?;
     let sent = sender
         .send(first.clone())
         .await
-        .map_err(|e| failure("sending the first message")(e.to_string()))?;
+        .map_err(failed("sending the first message"))?;
     println!(
         "sent message=test sound=test to device-demo: id {}",
         sent.message_id
@@ -195,7 +193,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
             &first,
             BroadcastOptions::default(),
         )
-        .map_err(|e| failure("broadcast")(e.to_string()))?;
+        .map_err(failed("broadcast"))?;
     let bar = progress_bar(u64::from(devices));
     let mut report = DeliveryReport::new();
     let mut deliveries = HashMap::with_capacity(ids.len());
