@@ -308,26 +308,7 @@ fn machine() -> String {
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let write = args.contains(&"--write");
     let quick = args.contains(&"--quick");
-    let cargo = crate::cargo();
-    crate::run(
-        "build",
-        &cargo,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "c2dm-cli",
-            "-p",
-            "c2dm-emulator",
-            "-p",
-            "c2dm-hyper",
-            "--bins",
-            "--example",
-            "load",
-        ],
-        &[],
-    )?;
-    let bin = root.join("target/release");
+    let bin = crate::build_release(root, &["--bins", "-p", "c2dm-hyper", "--example", "load"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let has_wrk = have("wrk");

@@ -54,6 +54,22 @@ fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result
     }
 }
 
+/// Builds the CLI and the emulator (and whatever `extra` adds) in release; returns where the
+/// binaries are.
+fn build_release(root: &Path, extra: &[&str]) -> Result<PathBuf, String> {
+    let mut args = vec![
+        "build",
+        "--release",
+        "-p",
+        "c2dm-cli",
+        "-p",
+        "c2dm-emulator",
+    ];
+    args.extend_from_slice(extra);
+    run("build", &cargo(), &args, &[])?;
+    Ok(root.join("target/release"))
+}
+
 fn ci() -> Result<(), String> {
     let cargo = crate::cargo();
     run("format", &cargo, &["fmt", "--all", "--check"], &[])?;

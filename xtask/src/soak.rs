@@ -25,22 +25,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         ["--messages", n] => n.parse().map_err(|_| "--messages N")?,
         _ => return Err("usage: cargo xtask soak [--messages N]".into()),
     };
-    let cargo = crate::cargo();
-    crate::run(
-        "build",
-        &cargo,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "c2dm-cli",
-            "-p",
-            "c2dm-emulator",
-            "--bins",
-        ],
-        &[],
-    )?;
-    let bin = root.join("target/release");
+    let bin = crate::build_release(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (cert, stats_path, ids_path, journal_path) = (
