@@ -109,6 +109,9 @@ pub fn credentials(global: &Global) -> Result<Option<Credentials>, CliError> {
         (Some(_), None) => Err(CliError::Usage(
             "--email needs a password: set C2DM_PASSWORD or give --password-file".into(),
         )),
+        (None, _) if global.password_file.is_some() => Err(CliError::Usage(
+            "--password-file needs --email (or C2DM_EMAIL)".into(),
+        )),
         (None, _) => Ok(None),
     }
 }

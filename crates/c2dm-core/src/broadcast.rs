@@ -453,7 +453,8 @@ impl Driver {
                 _ = cancel.wait_for(|c| *c) => {}
             }
         }
-        if self.cancelled() {
+        // Cancelled, or nobody is listening any more (the stream was dropped).
+        if self.cancelled() || self.tx.is_closed() {
             return Err(NotAttempted::Cancelled);
         }
         // The budget: wait for sends under way when they could still free some.

@@ -392,3 +392,25 @@ async fn report_counts_and_keeps_ids_when_asked() {
         "{text}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_stream_stops_the_broadcast() {
+    let fake = RecordingTransport::new().latency(Duration::from_millis(10));
+    let mut stream = static_sender(&fake)
+        .broadcast_to(
+            futures::stream::iter(ids(10_000)),
+            &template(),
+            BroadcastOptions::default().concurrency(4),
+        )
+        .unwrap();
+    for _ in 0..5 {
+        stream.next().await.unwrap();
+    }
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let sent = fake.send_count();
+    assert!(
+        sent <= 5 + 4 + 4 + 1,
+        "{sent} sends after the stream was dropped"
+    );
+}
