@@ -357,6 +357,27 @@ async fn bad_input_exits_2_before_anything_is_sent() {
         assert!(!err.trim().is_empty(), "{args:?}");
         assert!(stdout(&out).is_empty(), "{args:?}");
     }
+    // A password file without an email.
+    let out = env
+        .run_with(
+            &[
+                "send",
+                "--to",
+                "d",
+                "--collapse-key",
+                "k",
+                "--password-file",
+                &ids,
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--password-file needs --email"),
+        "{}",
+        stderr(&out)
+    );
     // No credentials at all.
     let out = env
         .run_with(&["send", "--to", "d", "--collapse-key", "k"], &[])
