@@ -340,15 +340,6 @@ async fn bad_input_exits_2_before_anything_is_sent() {
             "/nonexistent.pem",
         ],
         vec!["login", "--captcha-token", "x"],
-        vec![
-            "send",
-            "--to",
-            "d",
-            "--collapse-key",
-            "k",
-            "--password-file",
-            &ids,
-        ],
     ];
     for args in cases {
         let out = env.run(&args).await;
