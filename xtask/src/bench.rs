@@ -180,6 +180,7 @@ fn transport_load(
     emulator: &Emulator,
     n: u64,
     concurrency: u32,
+    bare: bool,
 ) -> Result<(f64, f64), String> {
     let mut cmd = Command::new(bin.join("examples/load"));
     cmd.args([
@@ -192,6 +193,9 @@ fn transport_load(
     ]);
     if let Some(cert) = &emulator.cert {
         cmd.arg("--ca-cert").arg(cert);
+    }
+    if bare {
+        cmd.arg("--bare");
     }
     let usage = measure(cmd)?;
     if json_number(&usage.stdout, "failures") != Some(0.0) {
@@ -339,7 +343,16 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
                 })
             };
             let (wrk_rate, wrk_cpu) = wrk_cells(wrk_result);
-            let (load_rate, load_cpu) = transport_load(&bin, &emulator, n, concurrency)?;
+            if !tls {
+                // The floor HyperTransport is built on: a bare hyper-util pooled client.
+                let (bare_rate, bare_cpu) = transport_load(&bin, &emulator, n, concurrency, true)?;
+                rows.push(format!(
+                    "| bare hyper-util client, {scheme} | {concurrency} | {bare_rate:.0} | {bare_cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
+                    ratio(bare_rate, wrk_result.map(|r| r.0)),
+                    ratio(bare_cpu, wrk_result.map(|r| r.1)),
+                ));
+            }
+            let (load_rate, load_cpu) = transport_load(&bin, &emulator, n, concurrency, false)?;
             rows.push(format!(
                 "| HyperTransport, {scheme} | {concurrency} | {load_rate:.0} | {load_cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
                 ratio(load_rate, wrk_result.map(|r| r.0)),

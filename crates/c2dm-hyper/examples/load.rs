@@ -4,15 +4,52 @@
 //! `cargo run --release -p c2dm-hyper --example load -- --url http://127.0.0.1:PORT/c2dm/send
 //! --requests 100000 --concurrency 64 [--ca-cert emulator.pem] [--token T]`
 //!
-//! `cargo xtask bench` runs it against the emulator beside `wrk`.
+//! `cargo xtask bench` runs it against the emulator beside `wrk`. With `--bare` it drives a
+//! plain hyper-util pooled client instead (plain HTTP only): the floor `HyperTransport` is
+//! built on, for comparison.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use c2dm_core::Transport;
+use c2dm_core::{Transport, TransportError};
 use c2dm_hyper::HyperTransport;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// Either transport behind one interface.
+#[derive(Clone)]
+enum Driver {
+    Ours(HyperTransport),
+    Bare(Client<HttpConnector, Full<Bytes>>),
+}
+
+impl Driver {
+    async fn status(&self, request: http::Request<Bytes>) -> Result<u16, TransportError> {
+        match self {
+            Self::Ours(t) => t.execute(request).await.map(|r| r.status().as_u16()),
+            Self::Bare(c) => {
+                let (parts, body) = request.into_parts();
+                let response = c
+                    .request(http::Request::from_parts(parts, Full::new(body)))
+                    .await
+                    .map_err(|e| {
+                        TransportError::new(
+                            c2dm_core::TransportErrorKind::Other,
+                            c2dm_core::RequestSent::Maybe,
+                        )
+                        .with_message(e.to_string())
+                    })?;
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                Ok(status)
+            }
+        }
+    }
+}
 
 fn cpu_seconds() -> f64 {
     // Linux: the process's user and system time from /proc/self/stat, in clock ticks (100/s).
@@ -48,7 +85,11 @@ fn main() {
             .add_root_certificates_pem(&pem)
             .expect("a PEM certificate");
     }
-    let transport = builder.build().expect("transport");
+    let transport = if args.iter().any(|a| a == "--bare") {
+        Driver::Bare(Client::builder(TokioExecutor::new()).build_http())
+    } else {
+        Driver::Ours(builder.build().expect("transport"))
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -79,8 +120,8 @@ fn main() {
                             .header("authorization", &auth)
                             .body(Bytes::from(body))
                             .expect("request");
-                        match transport.execute(request).await {
-                            Ok(resp) if resp.status() == 200 => {}
+                        match transport.status(request).await {
+                            Ok(200) => {}
                             _ => {
                                 failures.fetch_add(1, Ordering::Relaxed);
                             }
