@@ -12,7 +12,7 @@ use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorCode};
@@ -307,12 +307,136 @@ impl Clock for TokioClock {
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
-/// The broadcast's shared bookkeeping.
-struct Budget {
+type Inputs = std::pin::Pin<Box<dyn Stream<Item = Message> + Send>>;
+
+/// What the sending tasks of one broadcast share.
+struct Shared {
+    sender: Sender,
+    /// The messages; whoever holds the lock takes the next one and decides whether it may go.
+    inputs: tokio::sync::Mutex<Inputs>,
+    /// Set once the broadcast stops taking new work: every later message is reported with it.
+    stopped: std::sync::Mutex<Option<NotAttempted>>,
+    limiter: Option<Limiter>,
     /// Messages accepted or under way: what counts against the budget.
     reserved: AtomicU64,
     in_flight: AtomicU64,
+    /// Signalled whenever a send finishes, for a budget that waits on sends under way.
     finished: Notify,
+    options: BroadcastOptions,
+}
+
+impl Shared {
+    fn stopped(&self) -> Option<NotAttempted> {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stop(&self, why: NotAttempted) {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+    }
+
+    /// Waits until a send may start: budget, quota and rate allowing. Called with the inputs
+    /// locked, so one caller at a time.
+    async fn room(
+        &self,
+        cancel: &mut watch::Receiver<bool>,
+        tx: &mpsc::Sender<Delivery>,
+    ) -> Result<(), NotAttempted> {
+        // Cancelled, or nobody is listening any more (the stream was dropped).
+        if *cancel.borrow() || tx.is_closed() {
+            return Err(NotAttempted::Cancelled);
+        }
+        // The budget: wait for sends under way when they could still free some.
+        if let Some(budget) = self.options.budget {
+            loop {
+                let notified = self.finished.notified();
+                if self.reserved.load(Ordering::SeqCst) < budget {
+                    break;
+                }
+                if self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return Err(NotAttempted::BudgetExhausted);
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = cancel.wait_for(|c| *c) => return Err(NotAttempted::Cancelled),
+                }
+            }
+        }
+        // The quota.
+        if self
+            .sender
+            .quota_exceeded_since()
+            .is_some_and(|since| since.elapsed() >= self.options.quota_give_up_after)
+        {
+            tracing::warn!("QuotaExceeded persists: stopping the broadcast");
+            return Err(NotAttempted::QuotaExhausted);
+        }
+        // The rate.
+        if let Some(limiter) = &self.limiter {
+            loop {
+                match limiter.check() {
+                    Ok(()) => break,
+                    Err(not_until) => {
+                        let wait = not_until.wait_time_from(limiter.clock().now());
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = cancel.wait_for(|c| *c) => return Err(NotAttempted::Cancelled),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One sending slot: takes the next message, sends it (or reports why not), hands over the
+/// delivery, and again, until the messages run out or nobody listens.
+async fn worker(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Delivery>,
+    mut cancel: watch::Receiver<bool>,
+) {
+    loop {
+        let (message, verdict) = {
+            let mut inputs = shared.inputs.lock().await;
+            let Some(message) = inputs.next().await else {
+                return;
+            };
+            let verdict = match shared.stopped() {
+                Some(why) => Err(why),
+                None => shared.room(&mut cancel, &tx).await,
+            };
+            match verdict {
+                Ok(()) => {
+                    shared.reserved.fetch_add(1, Ordering::SeqCst);
+                    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(why) => shared.stop(why),
+            }
+            (message, verdict)
+        };
+        let id = message.registration_id().clone();
+        let delivery = match verdict {
+            Err(why) => Delivery::not_attempted(id, why),
+            Ok(()) => {
+                let delivery = Delivery::of(id, shared.sender.send(message).await);
+                if !delivery.is_accepted() {
+                    shared.reserved.fetch_sub(1, Ordering::SeqCst);
+                }
+                shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                shared.finished.notify_waiters();
+                delivery
+            }
+        };
+        // Waiting here until the delivery is taken keeps this slot busy: a slow consumer slows
+        // the broadcast instead of piling deliveries up in memory.
+        if tx.send(delivery).await.is_err() {
+            return; // nobody is listening any more
+        }
+    }
 }
 
 impl Sender {
@@ -364,9 +488,11 @@ impl Sender {
         }
         let (tx, rx) = mpsc::channel(options.concurrency);
         let (cancel_tx, cancel_rx) = watch::channel(false);
-        let driver = Driver {
+        let shared = Arc::new(Shared {
             sender: self.clone(),
-            permits: Arc::new(Semaphore::new(options.concurrency)),
+            // Fused: every sending task asks once more after the end.
+            inputs: tokio::sync::Mutex::new(Box::pin(messages.fuse())),
+            stopped: std::sync::Mutex::new(None),
             limiter: options.rate.map(|rate| {
                 RateLimiter::direct_with_clock(
                     Quota::per_second(rate),
@@ -375,16 +501,16 @@ impl Sender {
                     },
                 )
             }),
-            budget: Arc::new(Budget {
-                reserved: AtomicU64::new(0),
-                in_flight: AtomicU64::new(0),
-                finished: Notify::new(),
-            }),
+            reserved: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            finished: Notify::new(),
             options,
-            tx,
-            cancel: cancel_rx,
-        };
-        tokio::spawn(driver.run(messages));
+        });
+        // One task per slot, each sending one message at a time: the concurrency bound holds by
+        // construction, and no task is spawned per message.
+        for _ in 0..shared.options.concurrency {
+            tokio::spawn(worker(Arc::clone(&shared), tx.clone(), cancel_rx.clone()));
+        }
         Ok(Broadcast {
             deliveries: rx,
             cancel: CancelHandle(Arc::new(cancel_tx)),
@@ -407,127 +533,4 @@ impl Sender {
             options,
         )
     }
-}
-
-struct Driver {
-    sender: Sender,
-    permits: Arc<Semaphore>,
-    limiter: Option<Limiter>,
-    budget: Arc<Budget>,
-    options: BroadcastOptions,
-    tx: mpsc::Sender<Delivery>,
-    cancel: watch::Receiver<bool>,
-}
-
-impl Driver {
-    async fn run<S: Stream<Item = Message>>(mut self, messages: S) {
-        let mut messages = std::pin::pin!(messages);
-        let mut stopped: Option<NotAttempted> = None;
-        while let Some(message) = messages.next().await {
-            if stopped.is_none() {
-                stopped = self.wait_for_room().await.err();
-            }
-            if let Some(why) = stopped {
-                let delivery = Delivery::not_attempted(message.registration_id().clone(), why);
-                if self.tx.send(delivery).await.is_err() {
-                    return; // nobody is listening any more
-                }
-                continue;
-            }
-            self.start(message).await;
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        *self.cancel.borrow()
-    }
-
-    /// Waits until a send may start: a free slot, budget, quota and rate allowing.
-    async fn wait_for_room(&mut self) -> Result<(), NotAttempted> {
-        // A slot.
-        if self.permits.available_permits() == 0 {
-            let permits = Arc::clone(&self.permits);
-            let mut cancel = self.cancel.clone();
-            tokio::select! {
-                permit = permits.acquire() => drop(permit),
-                _ = cancel.wait_for(|c| *c) => {}
-            }
-        }
-        // Cancelled, or nobody is listening any more (the stream was dropped).
-        if self.cancelled() || self.tx.is_closed() {
-            return Err(NotAttempted::Cancelled);
-        }
-        // The budget: wait for sends under way when they could still free some.
-        if let Some(budget) = self.options.budget {
-            loop {
-                let notified = self.budget.finished.notified();
-                if self.budget.reserved.load(Ordering::SeqCst) < budget {
-                    break;
-                }
-                if self.budget.in_flight.load(Ordering::SeqCst) == 0 {
-                    return Err(NotAttempted::BudgetExhausted);
-                }
-                let mut cancel = self.cancel.clone();
-                tokio::select! {
-                    _ = notified => {}
-                    _ = cancel.wait_for(|c| *c) => return Err(NotAttempted::Cancelled),
-                }
-            }
-        }
-        // The quota.
-        if self
-            .sender
-            .quota_exceeded_since()
-            .is_some_and(|since| since.elapsed() >= self.options.quota_give_up_after)
-        {
-            tracing::warn!("QuotaExceeded persists: stopping the broadcast");
-            return Err(NotAttempted::QuotaExhausted);
-        }
-        // The rate.
-        if let Some(limiter) = &self.limiter {
-            loop {
-                match limiter.check() {
-                    Ok(()) => break,
-                    Err(not_until) => {
-                        let wait = not_until.wait_time_from(limiter_now(limiter));
-                        let mut cancel = self.cancel.clone();
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = cancel.wait_for(|c| *c) => return Err(NotAttempted::Cancelled),
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn start(&self, message: Message) {
-        let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
-            return;
-        };
-        self.budget.reserved.fetch_add(1, Ordering::SeqCst);
-        self.budget.in_flight.fetch_add(1, Ordering::SeqCst);
-        let sender = self.sender.clone();
-        let tx = self.tx.clone();
-        let budget = Arc::clone(&self.budget);
-        tokio::spawn(async move {
-            let id = message.registration_id().clone();
-            let result = sender.send(message).await;
-            let delivery = Delivery::of(id, result);
-            if !delivery.is_accepted() {
-                budget.reserved.fetch_sub(1, Ordering::SeqCst);
-            }
-            budget.in_flight.fetch_sub(1, Ordering::SeqCst);
-            budget.finished.notify_waiters();
-            // Hold the slot until the delivery is taken: a slow consumer slows the broadcast
-            // instead of piling deliveries up in memory.
-            let _ = tx.send(delivery).await;
-            drop(permit);
-        });
-    }
-}
-
-fn limiter_now(limiter: &Limiter) -> Duration {
-    limiter.clock().now()
 }

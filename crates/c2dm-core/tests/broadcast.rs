@@ -414,3 +414,47 @@ async fn dropping_the_stream_stops_the_broadcast() {
         "{sent} sends after the stream was dropped"
     );
 }
+
+/// A stream that counts how often it is polled after it ended (which streams need not allow).
+struct Strict {
+    left: std::vec::IntoIter<RegistrationId>,
+    ended: bool,
+    polled_after_end: Arc<AtomicUsize>,
+}
+
+impl futures::Stream for Strict {
+    type Item = RegistrationId;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<RegistrationId>> {
+        if self.ended {
+            self.polled_after_end.fetch_add(1, Ordering::SeqCst);
+            return std::task::Poll::Ready(None);
+        }
+        let next = self.left.next();
+        self.ended = next.is_none();
+        std::task::Poll::Ready(next)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_input_stream_is_never_polled_after_it_ends() {
+    let polled_after_end = Arc::new(AtomicUsize::new(0));
+    let inputs = Strict {
+        left: ids(100).into_iter(),
+        ended: false,
+        polled_after_end: Arc::clone(&polled_after_end),
+    };
+    let fake = RecordingTransport::new();
+    let stream = static_sender(&fake)
+        .broadcast_to(
+            inputs,
+            &template(),
+            BroadcastOptions::default().concurrency(8),
+        )
+        .unwrap();
+    assert_eq!(collect(stream).await.len(), 100);
+    assert_eq!(polled_after_end.load(Ordering::SeqCst), 0);
+}
