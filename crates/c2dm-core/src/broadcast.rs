@@ -41,7 +41,8 @@ impl Default for BroadcastOptions {
 }
 
 impl BroadcastOptions {
-    /// How many sends run at once (default 64; 0 is refused by [`Sender::broadcast`]).
+    /// How many sends run at once (default 64; 0 is refused by [`Sender::broadcast`]). That many
+    /// sending tasks are started, each sending one message at a time.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
         self
