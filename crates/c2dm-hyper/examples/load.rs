@@ -24,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 #[derive(Clone)]
 enum Driver {
     Ours(HyperTransport),
-    Bare(Client<HttpConnector, Full<Bytes>>),
+    Bare(Box<Client<HttpConnector, Full<Bytes>>>),
 }
 
 impl Driver {
@@ -86,14 +86,23 @@ fn main() {
             .expect("a PEM certificate");
     }
     let transport = if args.iter().any(|a| a == "--bare") {
-        Driver::Bare(Client::builder(TokioExecutor::new()).build_http())
+        Driver::Bare(Box::new(Client::builder(TokioExecutor::new()).build_http()))
     } else {
         Driver::Ours(builder.build().expect("transport"))
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let threads: usize = get("--threads").map_or(0, |v| v.parse().expect("--threads N"));
+    let runtime = match threads {
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    }
+    .enable_all()
+    .build()
+    .expect("runtime");
     let failures = Arc::new(AtomicU64::new(0));
     let cpu_before = cpu_seconds();
     let start = Instant::now();

@@ -28,6 +28,8 @@
 //! ```
 #![warn(missing_docs)]
 
+mod pool;
+
 #[cfg(not(any(feature = "ring", feature = "aws-lc-rs")))]
 compile_error!("c2dm-hyper needs a crypto provider: enable the `ring` or `aws-lc-rs` feature");
 
@@ -39,16 +41,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use c2dm_core::{RequestSent, Transport, TransportError, TransportErrorKind};
-use http::header::{CONTENT_LENGTH, USER_AGENT};
-use http::{HeaderValue, Request, Response};
+use http::header::{CONTENT_LENGTH, HOST, USER_AGENT};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+
+use crate::pool::{Checkout, ConnectError, Key, Pool};
 
 /// The `User-Agent` sent unless the request has one.
 pub const USER_AGENT_VALUE: &str = concat!("c2dm-rs/", env!("CARGO_PKG_VERSION"));
@@ -245,14 +247,9 @@ impl HyperTransportBuilder {
         } else {
             https.enable_http1().wrap_connector(http)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(self.pool_idle_timeout)
-            .pool_max_idle_per_host(self.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+        let pool = Pool::new(https, self.pool_idle_timeout, self.pool_max_idle_per_host);
         Ok(HyperTransport {
-            client,
+            pool,
             request_timeout: self.request_timeout,
             max_response_bytes: self.max_response_bytes,
             user_agent: self.user_agent,
@@ -274,7 +271,7 @@ fn crypto_provider() -> rustls::crypto::CryptoProvider {
 /// the connection pool.
 #[derive(Clone)]
 pub struct HyperTransport {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Pool,
     request_timeout: Duration,
     max_response_bytes: usize,
     user_agent: HeaderValue,
@@ -302,12 +299,56 @@ impl HyperTransport {
 
     async fn exchange(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
         let (mut parts, body) = request.into_parts();
+        let Some(key) = Key::of(&parts.uri) else {
+            return Err(
+                TransportError::new(TransportErrorKind::InvalidRequest, RequestSent::No)
+                    .with_message(format!(
+                        "{} is not an absolute http:// or https:// URL",
+                        parts.uri
+                    )),
+            );
+        };
         parts
             .headers
             .entry(USER_AGENT)
             .or_insert_with(|| self.user_agent.clone());
-        let request = Request::from_parts(parts, Full::new(body));
-        let response = self.client.request(request).await.map_err(client_error)?;
+        let uri = parts.uri.clone();
+        let mut request = Request::from_parts(parts, Full::new(body));
+        loop {
+            let Checkout { mut conn, reused } = self
+                .pool
+                .checkout(&key, &uri)
+                .await
+                .map_err(connect_error)?;
+            if conn.is_http1() {
+                to_http1(&mut request, &uri);
+            } else {
+                *request.uri_mut() = uri.clone();
+            }
+            let response = match conn.send(request).await {
+                Ok(response) => response,
+                Err(mut err) => match err.take_message() {
+                    // Refused before a byte was written: a connection the server closed while
+                    // it sat idle. Another one may take it.
+                    Some(unsent) if reused => {
+                        if !conn.is_http1() {
+                            self.pool.forget_shared(&key);
+                        }
+                        request = unsent;
+                        continue;
+                    }
+                    Some(_) => return Err(send_error(&err.into_error(), RequestSent::No)),
+                    None => return Err(send_error(&err.into_error(), RequestSent::Maybe)),
+                },
+            };
+            let response = conn.drive(self.read(response)).await?;
+            self.pool.checkin(&key, conn);
+            return Ok(response);
+        }
+    }
+
+    /// Reads the whole answer, within the size cap.
+    async fn read(&self, response: Response<Incoming>) -> Result<Response<Bytes>, TransportError> {
         let (parts, body) = response.into_parts();
         let declared = parts
             .headers
@@ -325,12 +366,26 @@ impl HyperTransport {
                     too_large(self.max_response_bytes)
                 } else {
                     TransportError::new(TransportErrorKind::ConnectionLost, RequestSent::Maybe)
-                        .with_message(err.to_string())
+                        .with_message(describe(&*err))
                 }
             })?
             .to_bytes();
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// HTTP/1.1 to an origin server: the path alone on the request line, the host in `Host`.
+fn to_http1(request: &mut Request<Full<Bytes>>, uri: &Uri) {
+    if !request.headers().contains_key(HOST) {
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        if let Ok(value) = HeaderValue::from_str(host) {
+            request.headers_mut().insert(HOST, value);
+        }
+    }
+    *request.uri_mut() = uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
 }
 
 fn too_large(max: usize) -> TransportError {
@@ -361,30 +416,40 @@ fn find_in_chain<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -
     None
 }
 
-fn client_error(err: hyper_util::client::legacy::Error) -> TransportError {
-    let root: &(dyn StdError + 'static) = &err;
-    let (kind, sent) = if err.is_connect() {
-        if find_in_chain::<rustls::Error>(root).is_some() {
-            (TransportErrorKind::Tls, RequestSent::No)
-        } else if find_in_chain::<std::io::Error>(root)
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-        {
-            (TransportErrorKind::Timeout, RequestSent::No)
-        } else {
-            (TransportErrorKind::Connect, RequestSent::No)
+fn connect_error(err: ConnectError) -> TransportError {
+    match err {
+        ConnectError::Connect(err) => {
+            let root: &(dyn StdError + 'static) = &*err;
+            let kind = if find_in_chain::<rustls::Error>(root).is_some() {
+                TransportErrorKind::Tls
+            } else if find_in_chain::<std::io::Error>(root)
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+            {
+                TransportErrorKind::Timeout
+            } else {
+                TransportErrorKind::Connect
+            };
+            TransportError::new(kind, RequestSent::No)
+                .with_message(format!("connect: {}", describe(root)))
         }
-    } else if let Some(hyper_err) = find_in_chain::<hyper::Error>(root) {
-        if hyper_err.is_timeout() {
-            (TransportErrorKind::Timeout, RequestSent::Maybe)
-        } else if hyper_err.is_user() {
-            (TransportErrorKind::InvalidRequest, RequestSent::No)
-        } else {
-            (TransportErrorKind::ConnectionLost, RequestSent::Maybe)
+        ConnectError::Handshake(err) => {
+            TransportError::new(TransportErrorKind::Connect, RequestSent::No)
+                .with_message(format!("HTTP/2 handshake: {}", describe(&err)))
         }
+    }
+}
+
+/// An error from sending a request; `sent` says whether hyper gave the request back unwritten.
+fn send_error(err: &hyper::Error, sent: RequestSent) -> TransportError {
+    let kind = if err.is_timeout() {
+        TransportErrorKind::Timeout
+    } else if err.is_user() {
+        TransportErrorKind::InvalidRequest
     } else {
-        (TransportErrorKind::Other, RequestSent::Maybe)
+        TransportErrorKind::ConnectionLost
     };
-    TransportError::new(kind, sent).with_message(describe(root))
+    let sent = if err.is_user() { RequestSent::No } else { sent };
+    TransportError::new(kind, sent).with_message(describe(err))
 }
 
 /// The error and its causes on one line, without repeating what a cause already says.

@@ -14,7 +14,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -25,11 +27,17 @@ enum Behaviour {
     Silent,
     /// Answers with a body of this many bytes.
     Big(usize, bool),
+    /// Answers one request as if keeping the connection open, then closes it: a server that
+    /// drops idle keep-alive connections (plain HTTP only).
+    Hangup,
 }
 
 struct TestServer {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Connections the client has closed, or that ended otherwise.
+    closed: Arc<AtomicUsize>,
+    closing: Arc<Notify>,
     cert_pem: Option<String>,
 }
 
@@ -64,6 +72,9 @@ impl TestServer {
             (None, None)
         };
         let counter = Arc::clone(&accepted);
+        let closed = Arc::new(AtomicUsize::new(0));
+        let closing = Arc::new(Notify::new());
+        let (closed_counter, closing_signal) = (Arc::clone(&closed), Arc::clone(&closing));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -71,7 +82,14 @@ impl TestServer {
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
+                let (closed_counter, closing_signal) =
+                    (Arc::clone(&closed_counter), Arc::clone(&closing_signal));
                 tokio::spawn(async move {
+                    let _closed = ClosedGuard(closed_counter, closing_signal);
+                    if behaviour == Behaviour::Hangup {
+                        answer_once_and_hang_up(stream).await;
+                        return;
+                    }
                     let service = service_fn(move |req| handle(req, behaviour));
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -93,8 +111,23 @@ impl TestServer {
         Self {
             addr,
             accepted,
+            closed,
+            closing,
             cert_pem,
         }
+    }
+
+    /// Waits until `n` connections have closed. Not a sleep: it returns as soon as they have,
+    /// and gives up (failing the test) after a generous bound.
+    async fn wait_closed(&self, n: usize) {
+        let wait = async {
+            while self.closed.load(Ordering::SeqCst) < n {
+                self.closing.notified().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("connections closed");
     }
 
     fn url(&self) -> String {
@@ -115,6 +148,45 @@ impl TestServer {
         }
         builder.build().unwrap()
     }
+}
+
+struct ClosedGuard(Arc<AtomicUsize>, Arc<Notify>);
+
+impl Drop for ClosedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        self.1.notify_one();
+    }
+}
+
+/// Reads one request (head and a `Content-Length` body), answers it without `Connection:
+/// close`, and closes the connection.
+async fn answer_once_and_hang_up(mut stream: tokio::net::TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n) = stream.read(&mut chunk).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nid=0:1")
+        .await;
 }
 
 async fn handle(
@@ -145,6 +217,7 @@ async fn handle(
             .body(Full::new(Bytes::from_static(b"id=0:1")))
             .unwrap()),
         Behaviour::Silent => std::future::pending().await,
+        Behaviour::Hangup => unreachable!("answered without hyper"),
         Behaviour::Big(n, declared) => {
             let body = Bytes::from(vec![b'x'; n]);
             if declared {
@@ -214,6 +287,18 @@ async fn http2_by_alpn_when_asked() {
         .unwrap();
     let resp = transport.execute(form_post(&server.url())).await.unwrap();
     assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
+    // Once it is open, every request shares the one HTTP/2 connection, concurrent ones too.
+    let concurrent: Vec<_> = (0..16)
+        .map(|_| {
+            let (transport, url) = (transport.clone(), server.url());
+            tokio::spawn(async move { transport.execute(form_post(&url)).await })
+        })
+        .collect();
+    for task in concurrent {
+        let resp = task.await.unwrap().unwrap();
+        assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
@@ -226,6 +311,61 @@ async fn hundred_sequential_requests_reuse_one_connection() {
             assert_eq!(resp.status(), StatusCode::OK);
         }
         assert_eq!(server.accepted.load(Ordering::SeqCst), 1, "tls: {tls}");
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let server = TestServer::start(false, Behaviour::Echo).await;
+    let transport = HyperTransport::builder()
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    transport.execute(form_post(&server.url())).await.unwrap();
+    assert_eq!(server.closed.load(Ordering::SeqCst), 0, "kept for reuse");
+    // Thirty idle seconds pass at once; the pool's sweeper closes the connection.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    tokio::time::resume();
+    server.wait_closed(1).await;
+    transport.execute(form_post(&server.url())).await.unwrap();
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn no_idle_connections_kept_when_the_limit_is_zero() {
+    let server = TestServer::start(false, Behaviour::Echo).await;
+    let transport = HyperTransport::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        transport.execute(form_post(&server.url())).await.unwrap();
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 3);
+    server.wait_closed(3).await;
+}
+
+#[tokio::test]
+async fn a_connection_the_server_dropped_is_replaced() {
+    let server = TestServer::start(false, Behaviour::Hangup).await;
+    let transport = server.transport();
+    for i in 1..=20 {
+        let resp = transport.execute(form_post(&server.url())).await.unwrap();
+        assert_eq!(resp.body().as_ref(), b"id=0:1", "request {i}");
+        // Make sure the hang-up has happened before the next request takes the connection.
+        server.wait_closed(i).await;
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test]
+async fn a_url_that_is_not_http_is_refused_unsent() {
+    let transport = HyperTransport::new().unwrap();
+    for url in ["/c2dm/send", "ftp://example.com/c2dm/send"] {
+        let err = transport.execute(form_post(url)).await.unwrap_err();
+        assert_eq!(err.kind(), TransportErrorKind::InvalidRequest, "{url}");
+        assert_eq!(err.request_sent(), RequestSent::No, "{url}");
     }
 }
 

@@ -1,0 +1,422 @@
+//! The keep-alive pool behind [`HyperTransport`](crate::HyperTransport), over
+//! `hyper::client::conn`.
+//!
+//! HTTP/1.1 carries one exchange at a time per connection, so a request takes an idle
+//! connection of its host (the one used last: the others age out), or opens one, and gives it
+//! back once the answer has been read to its end. While a request holds an HTTP/1.1
+//! connection, the request's own task drives the connection's I/O: no task per connection, and
+//! no hand-over between two tasks for each request, its answer and its body. An idle connection
+//! is driven by nobody; a server that closed it meanwhile is noticed when it is next taken, and a
+//! request it refused unwritten goes to another connection. When ALPN picks HTTP/2, one
+//! connection per host is shared by every request and driven by a task of its own.
+//!
+//! hyper-util's pooled client does the same with more generality (proxies, any executor,
+//! retry policies), and at a cost measured in `docs/PERFORMANCE.md`: a task per connection, a
+//! task spawned per request to watch the connection come back, a large connector future carried
+//! by every request. hyper-util's connector (DNS, TCP, connect timeout) and hyper-rustls's TLS
+//! still open the connections.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower_service::Service;
+
+type Body = Full<Bytes>;
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// The shortest pause between two sweeps of idle connections.
+const MIN_SWEEP: Duration = Duration::from_millis(10);
+
+/// Which connections can carry a request: same scheme, same host and port.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    https: bool,
+    authority: Authority,
+}
+
+impl Key {
+    /// The key of an absolute `http://` or `https://` URI; `None` for anything else.
+    pub(crate) fn of(uri: &Uri) -> Option<Self> {
+        let https = match uri.scheme_str()? {
+            "https" => true,
+            "http" => false,
+            _ => return None,
+        };
+        Some(Self {
+            https,
+            authority: uri.authority()?.clone(),
+        })
+    }
+}
+
+/// A connection ready to carry one request.
+pub(crate) enum Conn {
+    Http1(Http1),
+    Http2(http2::SendRequest<Body>),
+}
+
+/// An HTTP/1.1 connection and the future that runs its I/O, which the holder drives.
+pub(crate) struct Http1 {
+    send: http1::SendRequest<Body>,
+    /// `None` once the connection has ended. Boxed: it is kilobytes long, and the handle
+    /// moves in and out of the pool with every request.
+    io: Option<Box<http1::Connection<Io, Body>>>,
+}
+
+impl Http1 {
+    /// Runs `fut` to its end while driving the connection from this task.
+    async fn drive<F: Future>(
+        io: &mut Option<Box<http1::Connection<Io, Body>>>,
+        fut: F,
+    ) -> F::Output {
+        let mut fut = pin!(fut);
+        poll_fn(|cx| {
+            // The I/O first: a read that completes an answer makes `fut` ready in this same poll.
+            if let Some(connection) = io.as_mut() {
+                if let Poll::Ready(result) = Pin::new(&mut **connection).poll(cx) {
+                    if let Err(err) = result {
+                        tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
+                    }
+                    // Dropping it fails whatever still waits on it, so `fut` cannot hang.
+                    *io = None;
+                }
+            }
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Whether it can carry a request now; drives it until it says so or ends.
+    async fn ready(&mut self) -> bool {
+        let send = &mut self.send;
+        let ready = Self::drive(&mut self.io, poll_fn(|cx| send.poll_ready(cx))).await;
+        ready.is_ok() && self.io.is_some()
+    }
+}
+
+impl Conn {
+    /// Sends `request`; on an error before anything was written, the request comes back.
+    pub(crate) async fn send(
+        &mut self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        match self {
+            Self::Http1(h1) => {
+                let sending = h1.send.try_send_request(request);
+                Http1::drive(&mut h1.io, sending).await
+            }
+            Self::Http2(send) => send.try_send_request(request).await,
+        }
+    }
+
+    /// Runs `fut` (reading an answer's body) while driving the connection if this task must.
+    pub(crate) async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
+        match self {
+            Self::Http1(h1) => Http1::drive(&mut h1.io, fut).await,
+            Self::Http2(_) => fut.await,
+        }
+    }
+
+    /// Whether the request goes out as HTTP/1.1 (origin-form URI and a `Host` header).
+    pub(crate) fn is_http1(&self) -> bool {
+        matches!(self, Self::Http1(_))
+    }
+}
+
+/// A connection taken from the pool, or just opened.
+pub(crate) struct Checkout {
+    pub(crate) conn: Conn,
+    /// Whether it carried a request before: a request refused by it unwritten may try another.
+    pub(crate) reused: bool,
+}
+
+/// Why no connection could be opened. Nothing of the request was written.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    /// DNS, TCP or TLS failed.
+    Connect(Box<dyn StdError + Send + Sync>),
+    /// The HTTP/2 preface exchange failed.
+    Handshake(hyper::Error),
+}
+
+/// The pool. Clones share it.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: HttpsConnector<HttpConnector>,
+    hosts: Mutex<HashMap<Key, Host>>,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    /// Whether a task sweeps out idle connections that outlived `idle_timeout`.
+    sweeping: AtomicBool,
+}
+
+#[derive(Default)]
+struct Host {
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Vec<Idle>,
+    /// The shared HTTP/2 connection, if ALPN picked HTTP/2.
+    shared: Option<http2::SendRequest<Body>>,
+}
+
+struct Idle {
+    conn: Http1,
+    since: Instant,
+}
+
+impl Pool {
+    pub(crate) fn new(
+        connector: HttpsConnector<HttpConnector>,
+        idle_timeout: Duration,
+        max_idle_per_host: usize,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connector,
+                hosts: Mutex::new(HashMap::new()),
+                idle_timeout,
+                max_idle_per_host,
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// A connection for `key`: the shared HTTP/2 one, the most recently used idle HTTP/1.1 one
+    /// that is still open, or a new one to `uri`.
+    pub(crate) async fn checkout(&self, key: &Key, uri: &Uri) -> Result<Checkout, ConnectError> {
+        while let Some(conn) = self.take_idle(key) {
+            match conn {
+                Conn::Http2(_) => return Ok(Checkout { conn, reused: true }),
+                Conn::Http1(mut h1) => {
+                    // Ready at once unless the server closed it meanwhile: then try the next.
+                    if h1.ready().await {
+                        return Ok(Checkout {
+                            conn: Conn::Http1(h1),
+                            reused: true,
+                        });
+                    }
+                }
+            }
+        }
+        // Boxed: opening a connection is rare, and its future is large enough that carrying
+        // it inline would make every request's future kilobytes long.
+        Box::pin(self.connect(key, uri)).await
+    }
+
+    fn take_idle(&self, key: &Key) -> Option<Conn> {
+        let mut hosts = self.inner.lock();
+        let host = hosts.get_mut(key)?;
+        if let Some(shared) = &host.shared {
+            if !shared.is_closed() {
+                return Some(Conn::Http2(shared.clone()));
+            }
+            host.shared = None;
+        }
+        let now = Instant::now();
+        while let Some(idle) = host.idle.pop() {
+            if now.duration_since(idle.since) >= self.inner.idle_timeout {
+                // The most recent one is too old, so all of them are.
+                host.idle.clear();
+                return None;
+            }
+            if !idle.conn.send.is_closed() {
+                return Some(Conn::Http1(idle.conn));
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, key: &Key, uri: &Uri) -> Result<Checkout, ConnectError> {
+        let mut connector = self.inner.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ConnectError::Connect)?;
+        let io = connector
+            .call(uri.clone())
+            .await
+            .map_err(ConnectError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (send, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(%err, "HTTP/2 connection closed with an error");
+                }
+            });
+            let mut hosts = self.inner.lock();
+            let host = hosts.entry(key.clone()).or_default();
+            if host.shared.as_ref().is_none_or(|s| s.is_closed()) {
+                host.shared = Some(send.clone());
+            }
+            Ok(Checkout {
+                conn: Conn::Http2(send),
+                reused: false,
+            })
+        } else {
+            let (send, io) = http1::handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            Ok(Checkout {
+                conn: Conn::Http1(Http1 {
+                    send,
+                    io: Some(Box::new(io)),
+                }),
+                reused: false,
+            })
+        }
+    }
+
+    /// Gives back a connection whose last answer was read to its end. HTTP/2 connections stay
+    /// shared and need no giving back.
+    pub(crate) fn checkin(&self, key: &Key, conn: Conn) {
+        let Conn::Http1(conn) = conn else {
+            return;
+        };
+        if conn.io.is_none() || conn.send.is_closed() || self.inner.idle_timeout.is_zero() {
+            return;
+        }
+        {
+            let mut hosts = self.inner.lock();
+            let host = match hosts.get_mut(key) {
+                Some(host) => host,
+                None => hosts.entry(key.clone()).or_default(),
+            };
+            if host.idle.len() >= self.inner.max_idle_per_host {
+                return;
+            }
+            host.idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        if !self.inner.sweeping.load(Ordering::Relaxed) {
+            self.start_sweeping();
+        }
+    }
+
+    /// Forgets the shared HTTP/2 connection of `key`, after it refused a request.
+    pub(crate) fn forget_shared(&self, key: &Key) {
+        if let Some(host) = self.inner.lock().get_mut(key) {
+            host.shared = None;
+        }
+    }
+
+    /// Starts a task that closes idle connections once they outlive the idle timeout. It holds
+    /// the pool weakly, and ends when the pool is dropped or holds nothing idle; the next
+    /// give-back starts another.
+    fn start_sweeping(&self) {
+        if self.inner.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let period = (self.inner.idle_timeout / 2).max(MIN_SWEEP);
+        // Counted from now, not from the task's first poll. A timeout too long to count to
+        // never comes: nothing to sweep.
+        let Some(mut next) = Instant::now().checked_add(period) else {
+            return;
+        };
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut flag = SweepingFlag(Some(pool.clone()));
+            loop {
+                tokio::time::sleep_until(next).await;
+                let Some(inner) = pool.upgrade() else {
+                    return;
+                };
+                if !inner.sweep() {
+                    // `sweep` lowered the flag itself, under the lock.
+                    flag.0 = None;
+                    return;
+                }
+                next = match next.checked_add(period) {
+                    Some(next) => next,
+                    None => return,
+                };
+            }
+        });
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Host>> {
+        // A panic while holding the lock leaves the map consistent (every change is one
+        // push, pop or assignment), so a poisoned lock is still usable.
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops idle connections that are too old or closed, and hosts with nothing left. Returns
+    /// whether idle connections remain; if none do, lowers [`Inner::sweeping`] before letting
+    /// go of the lock, so a connection given back meanwhile starts a new sweeper.
+    fn sweep(&self) -> bool {
+        let now = Instant::now();
+        let mut hosts = self.lock();
+        hosts.retain(|_, host| {
+            host.idle.retain(|idle| {
+                now.duration_since(idle.since) < self.idle_timeout && !idle.conn.send.is_closed()
+            });
+            if host.shared.as_ref().is_some_and(|s| s.is_closed()) {
+                host.shared = None;
+            }
+            !host.idle.is_empty() || host.shared.is_some()
+        });
+        let remain = hosts.values().any(|h| !h.idle.is_empty());
+        if !remain {
+            self.sweeping.store(false, Ordering::Release);
+        }
+        remain
+    }
+}
+
+/// Clears [`Inner::sweeping`] when the sweeping task ends early (its runtime may shut down
+/// under it), so that the next give-back starts another.
+struct SweepingFlag(Option<Weak<Inner>>);
+
+impl Drop for SweepingFlag {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take().and_then(|pool| pool.upgrade()) {
+            inner.sweeping.store(false, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_need_a_known_scheme_and_a_host() {
+        let key = |s: &str| Key::of(&s.parse().unwrap());
+        assert!(key("https://android.apis.google.com/c2dm/send").is_some());
+        assert!(key("http://127.0.0.1:8080/c2dm/send").is_some());
+        assert!(key("/c2dm/send").is_none());
+        assert!(key("ftp://example.com/").is_none());
+        assert!(
+            key("https://Example.com/a") == key("https://example.com/b"),
+            "hosts compare without case"
+        );
+        assert!(key("https://example.com/") != key("http://example.com/"));
+        assert!(key("https://example.com:8443/") != key("https://example.com/"));
+    }
+}
