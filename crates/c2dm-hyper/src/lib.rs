@@ -38,6 +38,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use c2dm_core::{RequestSent, Transport, TransportError, TransportErrorKind};
@@ -50,7 +52,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::pool::{Checkout, ConnectError, Key, Pool};
+use crate::pool::{Checkout, ConnectError, Key, Pool, TimedOut};
 
 /// The `User-Agent` sent unless the request has one.
 pub const USER_AGENT_VALUE: &str = concat!("c2dm-rs/", env!("CARGO_PKG_VERSION"));
@@ -298,6 +300,7 @@ impl HyperTransport {
     }
 
     async fn exchange(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
+        let deadline = deadline_after(self.request_timeout);
         let (mut parts, body) = request.into_parts();
         let Some(key) = Key::of(&parts.uri) else {
             return Err(
@@ -317,15 +320,19 @@ impl HyperTransport {
         loop {
             let Checkout { mut conn, reused } = self
                 .pool
-                .checkout(&key, &uri)
+                .checkout(&key, &uri, deadline)
                 .await
-                .map_err(connect_error)?;
+                .map_err(|e| connect_error(e, self.request_timeout))?;
             if conn.is_http1() {
                 to_http1(&mut request, &uri);
             } else {
                 *request.uri_mut() = uri.clone();
             }
-            let response = match conn.send(request).await {
+            let sent = conn
+                .send(request, deadline)
+                .await
+                .map_err(|TimedOut| self.timed_out())?;
+            let response = match sent {
                 Ok(response) => response,
                 Err(mut err) => match err.take_message() {
                     // Refused before a byte was written: a connection the server closed while
@@ -341,10 +348,18 @@ impl HyperTransport {
                     None => return Err(send_error(&err.into_error(), RequestSent::Maybe)),
                 },
             };
-            let response = conn.drive(self.read(response)).await?;
+            let response = conn
+                .drive(deadline, self.read(response))
+                .await
+                .map_err(|TimedOut| self.timed_out())??;
             self.pool.checkin(&key, conn);
             return Ok(response);
         }
+    }
+
+    fn timed_out(&self) -> TransportError {
+        TransportError::new(TransportErrorKind::Timeout, RequestSent::Maybe)
+            .with_message(format!("no answer within {:?}", self.request_timeout))
     }
 
     /// Reads the whole answer, within the size cap.
@@ -416,8 +431,17 @@ fn find_in_chain<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -
     None
 }
 
-fn connect_error(err: ConnectError) -> TransportError {
+/// `timeout` from now; a timeout too long to count to is a deadline decades away.
+fn deadline_after(timeout: Duration) -> Instant {
+    const DECADES: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + DECADES)
+}
+
+fn connect_error(err: ConnectError, timeout: Duration) -> TransportError {
     match err {
+        ConnectError::TimedOut => TransportError::new(TransportErrorKind::Timeout, RequestSent::No)
+            .with_message(format!("no connection within {timeout:?}")),
         ConnectError::Connect(err) => {
             let root: &(dyn StdError + 'static) = &*err;
             let kind = if find_in_chain::<rustls::Error>(root).is_some() {
@@ -469,15 +493,10 @@ fn describe(err: &(dyn StdError + 'static)) -> String {
 #[async_trait]
 impl Transport for HyperTransport {
     async fn execute(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
-        let uri = request.uri().clone();
-        let result = tokio::time::timeout(self.request_timeout, self.exchange(request)).await;
-        let result = result.unwrap_or_else(|_| {
-            Err(
-                TransportError::new(TransportErrorKind::Timeout, RequestSent::Maybe)
-                    .with_message(format!("no answer within {:?}", self.request_timeout)),
-            )
-        });
-        if let Err(err) = &result {
+        // The whole exchange runs under the request timeout: see `exchange`.
+        let uri = tracing::enabled!(tracing::Level::DEBUG).then(|| request.uri().clone());
+        let result = self.exchange(request).await;
+        if let (Err(err), Some(uri)) = (&result, uri) {
             tracing::debug!(%uri, %err, "exchange failed");
         }
         result

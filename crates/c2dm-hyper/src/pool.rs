@@ -16,7 +16,6 @@
 //! by every request. hyper-util's connector (DNS, TCP, connect timeout) and hyper-rustls's TLS
 //! still open the connections.
 
-use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
@@ -35,7 +34,7 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep, sleep_until, timeout_at};
 use tower_service::Service;
 
 type Body = Full<Bytes>;
@@ -45,7 +44,7 @@ type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 const MIN_SWEEP: Duration = Duration::from_millis(10);
 
 /// Which connections can carry a request: same scheme, same host and port.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Key {
     https: bool,
     authority: Authority,
@@ -72,43 +71,66 @@ pub(crate) enum Conn {
     Http2(http2::SendRequest<Body>),
 }
 
+/// The request's deadline passed.
+#[derive(Debug)]
+pub(crate) struct TimedOut;
+
 /// An HTTP/1.1 connection and the future that runs its I/O, which the holder drives.
 pub(crate) struct Http1 {
     send: http1::SendRequest<Body>,
     /// `None` once the connection has ended. Boxed: it is kilobytes long, and the handle
     /// moves in and out of the pool with every request.
     io: Option<Box<http1::Connection<Io, Body>>>,
+    /// The deadline of the request it carries. One timer per connection, moved later for each
+    /// request: tokio moves a timer to a later deadline without touching its timer wheel,
+    /// where a new timer per request would be registered and removed under a lock each time.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Http1 {
-    /// Runs `fut` to its end while driving the connection from this task.
-    async fn drive<F: Future>(
-        io: &mut Option<Box<http1::Connection<Io, Body>>>,
-        fut: F,
-    ) -> F::Output {
-        let mut fut = pin!(fut);
-        poll_fn(|cx| {
-            // The I/O first: a read that completes an answer makes `fut` ready in this same poll.
-            if let Some(connection) = io.as_mut() {
-                if let Poll::Ready(result) = Pin::new(&mut **connection).poll(cx) {
-                    if let Err(err) = result {
-                        tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
-                    }
-                    // Dropping it fails whatever still waits on it, so `fut` cannot hang.
-                    *io = None;
-                }
-            }
-            fut.as_mut().poll(cx)
-        })
-        .await
-    }
-
-    /// Whether it can carry a request now; drives it until it says so or ends.
-    async fn ready(&mut self) -> bool {
+    /// Whether it can carry a request now; drives it until it says so, ends, or `deadline`.
+    async fn ready(&mut self, deadline: Instant) -> Result<bool, TimedOut> {
         let send = &mut self.send;
-        let ready = Self::drive(&mut self.io, poll_fn(|cx| send.poll_ready(cx))).await;
-        ready.is_ok() && self.io.is_some()
+        let ready = drive(
+            &mut self.io,
+            &mut self.timer,
+            deadline,
+            poll_fn(|cx| send.poll_ready(cx)),
+        )
+        .await?;
+        Ok(ready.is_ok() && self.io.is_some())
     }
+}
+
+/// Runs `fut` to its end while driving the HTTP/1.1 connection `io` from this task, until
+/// `deadline` (on `timer`).
+async fn drive<F: Future>(
+    io: &mut Option<Box<http1::Connection<Io, Body>>>,
+    timer: &mut Pin<Box<Sleep>>,
+    deadline: Instant,
+    fut: F,
+) -> Result<F::Output, TimedOut> {
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let mut fut = pin!(fut);
+    poll_fn(|cx| {
+        // The I/O first: a read that completes an answer makes `fut` ready in this same poll.
+        if let Some(connection) = io.as_mut() {
+            if let Poll::Ready(result) = Pin::new(&mut **connection).poll(cx) {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
+                }
+                // Dropping it fails whatever still waits on it, so `fut` cannot hang.
+                *io = None;
+            }
+        }
+        if let Poll::Ready(output) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        timer.as_mut().poll(cx).map(|()| Err(TimedOut))
+    })
+    .await
 }
 
 impl Conn {
@@ -116,21 +138,29 @@ impl Conn {
     pub(crate) async fn send(
         &mut self,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        deadline: Instant,
+    ) -> Result<Result<Response<Incoming>, TrySendError<Request<Body>>>, TimedOut> {
         match self {
             Self::Http1(h1) => {
                 let sending = h1.send.try_send_request(request);
-                Http1::drive(&mut h1.io, sending).await
+                drive(&mut h1.io, &mut h1.timer, deadline, sending).await
             }
-            Self::Http2(send) => send.try_send_request(request).await,
+            Self::Http2(send) => timeout_at(deadline, send.try_send_request(request))
+                .await
+                .map_err(|_| TimedOut),
         }
     }
 
-    /// Runs `fut` (reading an answer's body) while driving the connection if this task must.
-    pub(crate) async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
+    /// Runs `fut` (reading an answer's body) until `deadline`, driving the connection if this
+    /// task must.
+    pub(crate) async fn drive<F: Future>(
+        &mut self,
+        deadline: Instant,
+        fut: F,
+    ) -> Result<F::Output, TimedOut> {
         match self {
-            Self::Http1(h1) => Http1::drive(&mut h1.io, fut).await,
-            Self::Http2(_) => fut.await,
+            Self::Http1(h1) => drive(&mut h1.io, &mut h1.timer, deadline, fut).await,
+            Self::Http2(_) => timeout_at(deadline, fut).await.map_err(|_| TimedOut),
         }
     }
 
@@ -154,6 +184,8 @@ pub(crate) enum ConnectError {
     Connect(Box<dyn StdError + Send + Sync>),
     /// The HTTP/2 preface exchange failed.
     Handshake(hyper::Error),
+    /// The request's deadline passed first.
+    TimedOut,
 }
 
 /// The pool. Clones share it.
@@ -164,11 +196,32 @@ pub(crate) struct Pool {
 
 struct Inner {
     connector: HttpsConnector<HttpConnector>,
-    hosts: Mutex<HashMap<Key, Host>>,
+    /// A list, not a map: a transport talks to one or two hosts, and comparing a key or two
+    /// costs less than hashing one.
+    hosts: Mutex<Hosts>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
     /// Whether a task sweeps out idle connections that outlived `idle_timeout`.
     sweeping: AtomicBool,
+}
+
+#[derive(Default)]
+struct Hosts(Vec<(Key, Host)>);
+
+impl Hosts {
+    fn get_mut(&mut self, key: &Key) -> Option<&mut Host> {
+        self.0.iter_mut().find(|(k, _)| k == key).map(|(_, h)| h)
+    }
+
+    fn entry(&mut self, key: &Key) -> &mut Host {
+        match self.0.iter().position(|(k, _)| k == key) {
+            Some(i) => &mut self.0[i].1,
+            None => {
+                self.0.push((key.clone(), Host::default()));
+                &mut self.0.last_mut().expect("just pushed").1
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -193,7 +246,7 @@ impl Pool {
         Self {
             inner: Arc::new(Inner {
                 connector,
-                hosts: Mutex::new(HashMap::new()),
+                hosts: Mutex::new(Hosts::default()),
                 idle_timeout,
                 max_idle_per_host,
                 sweeping: AtomicBool::new(false),
@@ -203,13 +256,22 @@ impl Pool {
 
     /// A connection for `key`: the shared HTTP/2 one, the most recently used idle HTTP/1.1 one
     /// that is still open, or a new one to `uri`.
-    pub(crate) async fn checkout(&self, key: &Key, uri: &Uri) -> Result<Checkout, ConnectError> {
+    pub(crate) async fn checkout(
+        &self,
+        key: &Key,
+        uri: &Uri,
+        deadline: Instant,
+    ) -> Result<Checkout, ConnectError> {
         while let Some(conn) = self.take_idle(key) {
             match conn {
                 Conn::Http2(_) => return Ok(Checkout { conn, reused: true }),
                 Conn::Http1(mut h1) => {
                     // Ready at once unless the server closed it meanwhile: then try the next.
-                    if h1.ready().await {
+                    if h1
+                        .ready(deadline)
+                        .await
+                        .map_err(|TimedOut| ConnectError::TimedOut)?
+                    {
                         return Ok(Checkout {
                             conn: Conn::Http1(h1),
                             reused: true,
@@ -220,7 +282,9 @@ impl Pool {
         }
         // Boxed: opening a connection is rare, and its future is large enough that carrying
         // it inline would make every request's future kilobytes long.
-        Box::pin(self.connect(key, uri)).await
+        timeout_at(deadline, Box::pin(self.connect(key, uri, deadline)))
+            .await
+            .map_err(|_| ConnectError::TimedOut)?
     }
 
     fn take_idle(&self, key: &Key) -> Option<Conn> {
@@ -246,7 +310,12 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, key: &Key, uri: &Uri) -> Result<Checkout, ConnectError> {
+    async fn connect(
+        &self,
+        key: &Key,
+        uri: &Uri,
+        deadline: Instant,
+    ) -> Result<Checkout, ConnectError> {
         let mut connector = self.inner.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -267,7 +336,7 @@ impl Pool {
                 }
             });
             let mut hosts = self.inner.lock();
-            let host = hosts.entry(key.clone()).or_default();
+            let host = hosts.entry(key);
             if host.shared.as_ref().is_none_or(|s| s.is_closed()) {
                 host.shared = Some(send.clone());
             }
@@ -283,6 +352,7 @@ impl Pool {
                 conn: Conn::Http1(Http1 {
                     send,
                     io: Some(Box::new(io)),
+                    timer: Box::pin(sleep_until(deadline)),
                 }),
                 reused: false,
             })
@@ -300,10 +370,7 @@ impl Pool {
         }
         {
             let mut hosts = self.inner.lock();
-            let host = match hosts.get_mut(key) {
-                Some(host) => host,
-                None => hosts.entry(key.clone()).or_default(),
-            };
+            let host = hosts.entry(key);
             if host.idle.len() >= self.inner.max_idle_per_host {
                 return;
             }
@@ -360,7 +427,7 @@ impl Pool {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Host>> {
+    fn lock(&self) -> MutexGuard<'_, Hosts> {
         // A panic while holding the lock leaves the map consistent (every change is one
         // push, pop or assignment), so a poisoned lock is still usable.
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
@@ -372,7 +439,7 @@ impl Inner {
     fn sweep(&self) -> bool {
         let now = Instant::now();
         let mut hosts = self.lock();
-        hosts.retain(|_, host| {
+        hosts.0.retain_mut(|(_, host)| {
             host.idle.retain(|idle| {
                 now.duration_since(idle.since) < self.idle_timeout && !idle.conn.send.is_closed()
             });
@@ -381,7 +448,7 @@ impl Inner {
             }
             !host.idle.is_empty() || host.shared.is_some()
         });
-        let remain = hosts.values().any(|h| !h.idle.is_empty());
+        let remain = hosts.0.iter().any(|(_, h)| !h.idle.is_empty());
         if !remain {
             self.sweeping.store(false, Ordering::Release);
         }

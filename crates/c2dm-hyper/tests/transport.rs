@@ -30,6 +30,10 @@ enum Behaviour {
     /// Answers one request as if keeping the connection open, then closes it: a server that
     /// drops idle keep-alive connections (plain HTTP only).
     Hangup,
+    /// Accepts connections and reads whatever comes, answering nothing, not even a TLS hello.
+    Mute,
+    /// Answers the first request it gets, then none (on the same or any connection).
+    AnswerOnce,
 }
 
 struct TestServer {
@@ -75,6 +79,7 @@ impl TestServer {
         let closed = Arc::new(AtomicUsize::new(0));
         let closing = Arc::new(Notify::new());
         let (closed_counter, closing_signal) = (Arc::clone(&closed), Arc::clone(&closing));
+        let served = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -84,13 +89,17 @@ impl TestServer {
                 let acceptor = acceptor.clone();
                 let (closed_counter, closing_signal) =
                     (Arc::clone(&closed_counter), Arc::clone(&closing_signal));
+                let served = Arc::clone(&served);
                 tokio::spawn(async move {
                     let _closed = ClosedGuard(closed_counter, closing_signal);
-                    if behaviour == Behaviour::Hangup {
-                        answer_once_and_hang_up(stream).await;
-                        return;
+                    match behaviour {
+                        Behaviour::Hangup => return answer_once_and_hang_up(stream).await,
+                        Behaviour::Mute => return read_forever(stream).await,
+                        _ => {}
                     }
-                    let service = service_fn(move |req| handle(req, behaviour));
+                    let served = Arc::clone(&served);
+                    let service =
+                        service_fn(move |req| handle(req, behaviour, Arc::clone(&served)));
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match acceptor {
@@ -189,10 +198,21 @@ async fn answer_once_and_hang_up(mut stream: tokio::net::TcpStream) {
         .await;
 }
 
+async fn read_forever(mut stream: tokio::net::TcpStream) {
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut chunk).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     behaviour: Behaviour,
+    served: Arc<AtomicUsize>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let first = served.fetch_add(1, Ordering::SeqCst) == 0;
     let version = format!("{:?}", req.version());
     let content_type = req
         .headers()
@@ -217,7 +237,11 @@ async fn handle(
             .body(Full::new(Bytes::from_static(b"id=0:1")))
             .unwrap()),
         Behaviour::Silent => std::future::pending().await,
-        Behaviour::Hangup => unreachable!("answered without hyper"),
+        Behaviour::AnswerOnce if first => {
+            Ok(Response::new(Full::new(Bytes::from_static(b"id=0:1"))))
+        }
+        Behaviour::AnswerOnce => std::future::pending().await,
+        Behaviour::Hangup | Behaviour::Mute => unreachable!("answered without hyper"),
         Behaviour::Big(n, declared) => {
             let body = Bytes::from(vec![b'x'; n]);
             if declared {
@@ -421,6 +445,40 @@ async fn a_silent_server_hits_the_request_timeout() {
     assert_eq!(err.request_sent(), RequestSent::Maybe);
     // Bounded: nowhere near the default 30 s (generous margin for a loaded machine).
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn the_request_timeout_holds_on_a_reused_connection() {
+    let server = TestServer::start(false, Behaviour::AnswerOnce).await;
+    let transport = HyperTransport::builder()
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    transport.execute(form_post(&server.url())).await.unwrap();
+    let err = transport
+        .execute(form_post(&server.url()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Timeout);
+    assert_eq!(err.request_sent(), RequestSent::Maybe);
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "the same connection"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_never_ends_times_out_unsent() {
+    let server = TestServer::start(false, Behaviour::Mute).await;
+    let transport = HyperTransport::builder()
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let url = server.url().replacen("http://", "https://", 1);
+    let err = transport.execute(form_post(&url)).await.unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Timeout);
+    assert_eq!(err.request_sent(), RequestSent::No, "{err}");
 }
 
 #[tokio::test]
