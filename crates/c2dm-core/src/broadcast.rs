@@ -3,7 +3,7 @@
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -317,8 +317,11 @@ struct Shared {
     inputs: tokio::sync::Mutex<Inputs>,
     /// Set once the broadcast stops taking new work: every later message is reported with it.
     stopped: std::sync::Mutex<Option<NotAttempted>>,
+    /// Whether `stopped` is set, readable without its lock.
+    has_stopped: AtomicBool,
     limiter: Option<Limiter>,
-    /// Messages accepted or under way: what counts against the budget.
+    /// Messages accepted or under way: what counts against the budget. Kept only with a
+    /// budget, like the two below.
     reserved: AtomicU64,
     in_flight: AtomicU64,
     /// Signalled whenever a send finishes, for a budget that waits on sends under way.
@@ -328,14 +331,20 @@ struct Shared {
 
 impl Shared {
     fn stopped(&self) -> Option<NotAttempted> {
+        if !self.has_stopped.load(Ordering::Acquire) {
+            return None;
+        }
         *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn stop(&self, why: NotAttempted) {
-        self.stopped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(why);
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        stopped.get_or_insert(why);
+        self.has_stopped.store(true, Ordering::Release);
+    }
+
+    fn budgeted(&self) -> bool {
+        self.options.budget.is_some()
     }
 
     /// Waits until a send may start: budget, quota and rate allowing. Called with the inputs
@@ -411,10 +420,11 @@ async fn worker(
                 None => shared.room(&mut cancel, &tx).await,
             };
             match verdict {
-                Ok(()) => {
+                Ok(()) if shared.budgeted() => {
                     shared.reserved.fetch_add(1, Ordering::SeqCst);
                     shared.in_flight.fetch_add(1, Ordering::SeqCst);
                 }
+                Ok(()) => {}
                 Err(why) => shared.stop(why),
             }
             (message, verdict)
@@ -424,11 +434,13 @@ async fn worker(
             Err(why) => Delivery::not_attempted(id, why),
             Ok(()) => {
                 let delivery = Delivery::of(id, shared.sender.send(message).await);
-                if !delivery.is_accepted() {
-                    shared.reserved.fetch_sub(1, Ordering::SeqCst);
+                if shared.budgeted() {
+                    if !delivery.is_accepted() {
+                        shared.reserved.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    shared.finished.notify_waiters();
                 }
-                shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-                shared.finished.notify_waiters();
                 delivery
             }
         };
@@ -494,6 +506,7 @@ impl Sender {
             // Fused: every sending task asks once more after the end.
             inputs: tokio::sync::Mutex::new(Box::pin(messages.fuse())),
             stopped: std::sync::Mutex::new(None),
+            has_stopped: AtomicBool::new(false),
             limiter: options.rate.map(|rate| {
                 RateLimiter::direct_with_clock(
                     Quota::per_second(rate),

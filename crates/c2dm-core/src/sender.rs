@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -151,6 +152,11 @@ struct Inner {
     device_pauses: Mutex<HashMap<RegistrationId, Instant>>,
     /// When `QuotaExceeded` started being answered with no acceptance since.
     quota_exceeded_since: Mutex<Option<Instant>>,
+    /// Set with (and under the lock of) the three above, so that every send need not take
+    /// three locks shared by all sends to learn that nothing is paused: the usual case.
+    global_paused: AtomicBool,
+    devices_paused: AtomicUsize,
+    quota_exceeded: AtomicBool,
 }
 
 impl fmt::Debug for Sender {
@@ -226,6 +232,9 @@ impl SenderBuilder {
                 global_pause: Mutex::new(None),
                 device_pauses: Mutex::new(HashMap::new()),
                 quota_exceeded_since: Mutex::new(None),
+                global_paused: AtomicBool::new(false),
+                devices_paused: AtomicUsize::new(0),
+                quota_exceeded: AtomicBool::new(false),
             }),
         }
     }
@@ -277,11 +286,17 @@ impl Sender {
 
     /// When the global pause (set by 503 or `QuotaExceeded`) ends, if one is in force.
     pub fn paused_until(&self) -> Option<Instant> {
+        if !self.inner.global_paused.load(Ordering::Acquire) {
+            return None;
+        }
         lock(&self.inner.global_pause).filter(|until| *until > Instant::now())
     }
 
     /// Since when the service has answered `QuotaExceeded` with no message accepted since.
     pub fn quota_exceeded_since(&self) -> Option<Instant> {
+        if !self.inner.quota_exceeded.load(Ordering::Acquire) {
+            return None;
+        }
         *lock(&self.inner.quota_exceeded_since)
     }
 
@@ -305,7 +320,11 @@ impl Sender {
             {
                 Ok(message_id) => {
                     self.clear_device_pause(message.registration_id());
-                    *lock(&inner.quota_exceeded_since) = None;
+                    if inner.quota_exceeded.load(Ordering::Acquire) {
+                        let mut since = lock(&inner.quota_exceeded_since);
+                        *since = None;
+                        inner.quota_exceeded.store(false, Ordering::Release);
+                    }
                     return Ok(tally.sent(message_id));
                 }
                 Err((Error::Unauthorized, Some(used))) => {
@@ -327,7 +346,9 @@ impl Sender {
             };
             last_was_unauthorized = false;
             if matches!(error, Error::Rejected(ErrorCode::QuotaExceeded)) {
-                lock(&inner.quota_exceeded_since).get_or_insert_with(Instant::now);
+                let mut since = lock(&inner.quota_exceeded_since);
+                since.get_or_insert_with(Instant::now);
+                inner.quota_exceeded.store(true, Ordering::Release);
             }
             let unit: f64 = lock(&inner.rng).random();
             match inner.policy.decide(tally.attempts, &error, unit) {
@@ -355,6 +376,7 @@ impl Sender {
                                 .entry(message.registration_id().clone())
                                 .or_insert(until);
                             *entry = (*entry).max(until);
+                            inner.devices_paused.store(pauses.len(), Ordering::Release);
                         }
                         PauseScope::This => {}
                     }
@@ -378,16 +400,14 @@ impl Sender {
         async move {
             let token = match token {
                 Some(token) => token,
-                None => inner
-                    .tokens
-                    .token()
+                // Called on the trait object itself: through the `Arc` impl, each call would
+                // box one more future.
+                None => TokenProvider::token(&*inner.tokens)
                     .await
                     .map_err(|e| (Error::Token(e), None))?,
             };
             let request = codec::encode_send_request(message, &token, &inner.endpoint);
-            let response = inner
-                .transport
-                .execute(request)
+            let response = Transport::execute(&*inner.transport, request)
                 .await
                 .map_err(|e| (Error::Transport(e), None))?;
             let reply = codec::decode_response(&response, (inner.wall_clock)());
@@ -405,14 +425,19 @@ impl Sender {
     pub fn pause_all_until(&self, until: Instant) {
         let mut pause = lock(&self.inner.global_pause);
         *pause = Some(pause.map_or(until, |p| p.max(until)));
+        self.inner.global_paused.store(true, Ordering::Release);
     }
 
     /// Waits out the global pause and this device's pause; returns how long that took.
     async fn wait_for_pauses(&self, id: &RegistrationId) -> Duration {
-        let start = Instant::now();
+        let mut start = None;
         loop {
-            let global = *lock(&self.inner.global_pause);
-            let device = lock(&self.inner.device_pauses).get(id).copied();
+            let global = self.global_pause();
+            let device = if self.inner.devices_paused.load(Ordering::Acquire) > 0 {
+                lock(&self.inner.device_pauses).get(id).copied()
+            } else {
+                None
+            };
             let until = match (global, device) {
                 (Some(a), Some(b)) => a.max(b),
                 (a, b) => match a.or(b) {
@@ -420,18 +445,39 @@ impl Sender {
                     None => break,
                 },
             };
-            if until <= Instant::now() {
+            let now = Instant::now();
+            if until <= now {
                 break;
             }
+            start.get_or_insert(now);
             tokio::time::sleep_until(until).await;
         }
-        Instant::now() - start
+        start.map_or(Duration::ZERO, |start| start.elapsed())
+    }
+
+    /// The global pause, if one is set; one that has ended is cleared.
+    fn global_pause(&self) -> Option<Instant> {
+        if !self.inner.global_paused.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut pause = lock(&self.inner.global_pause);
+        if pause.is_some_and(|until| until <= Instant::now()) {
+            *pause = None;
+            self.inner.global_paused.store(false, Ordering::Release);
+        }
+        *pause
     }
 
     fn clear_device_pause(&self, id: &RegistrationId) {
+        if self.inner.devices_paused.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut pauses = lock(&self.inner.device_pauses);
         if pauses.get(id).is_some_and(|until| *until <= Instant::now()) {
             pauses.remove(id);
+            self.inner
+                .devices_paused
+                .store(pauses.len(), Ordering::Release);
         }
     }
 }
