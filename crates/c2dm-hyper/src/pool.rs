@@ -19,11 +19,12 @@
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
@@ -85,52 +86,148 @@ pub(crate) struct Http1 {
     /// request: tokio moves a timer to a later deadline without touching its timer wheel,
     /// where a new timer per request would be registered and removed under a lock each time.
     timer: Pin<Box<Sleep>>,
+    /// How the connection wakes its holder; see [`Relay`].
+    relay: Arc<Relay>,
+    relay_waker: Waker,
 }
 
-impl Http1 {
-    /// Whether it can carry a request now; drives it until it says so, ends, or `deadline`.
-    async fn ready(&mut self, deadline: Instant) -> Result<bool, TimedOut> {
-        let send = &mut self.send;
-        let ready = drive(
-            &mut self.io,
-            &mut self.timer,
-            deadline,
-            poll_fn(|cx| send.poll_ready(cx)),
-        )
-        .await?;
-        Ok(ready.is_ok() && self.io.is_some())
+/// How an HTTP/1.1 connection wakes the task that holds it.
+///
+/// The connection wakes whoever polled it last when a request is queued on it, an answer
+/// arrives for the request, or its body is asked for, and the first and last of these happen
+/// while the holder itself is polling it. Passed on to the task, each such wake would put the
+/// task back on the run queue, and often wake an idle worker thread to steal it, only for it to
+/// find nothing new. So the connection is polled with this waker: a wake that comes while the
+/// holder polls makes it poll once more at once; any other (the socket became readable, from
+/// the I/O driver) wakes the task.
+struct Relay {
+    state: AtomicU8,
+    task: AtomicWaker,
+}
+
+/// Nobody is polling: a wake goes to the task.
+const IDLE: u8 = 0;
+/// The holder is polling: a wake is noted, and the holder polls again.
+const POLLING: u8 = 1;
+/// The holder is polling and was woken meanwhile.
+const WOKEN: u8 = 2;
+
+/// Rounds of polling within one poll of the holder before it yields to other tasks.
+const MAX_ROUNDS: usize = 16;
+
+impl Relay {
+    fn new() -> (Arc<Self>, Waker) {
+        let relay = Arc::new(Self {
+            state: AtomicU8::new(IDLE),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(Arc::clone(&relay));
+        (relay, waker)
     }
 }
 
-/// Runs `fut` to its end while driving the HTTP/1.1 connection `io` from this task, until
-/// `deadline` (on `timer`).
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        match self
+            .state
+            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // The holder is polling, and will poll again; or already knows it must.
+            Ok(_) | Err(WOKEN) => {}
+            _ => self.task.wake(),
+        }
+    }
+}
+
+/// Runs `fut` to its end while driving the HTTP/1.1 connection `conn` from this task, until
+/// `deadline`.
+///
+/// Whatever `fut` waits for (the connection's readiness, the answer, the body) is made by
+/// polling the connection, which happens here just before each poll of `fut`; so both are
+/// polled with the relay's waker, and only the timer with the task's own.
 async fn drive<F: Future>(
-    io: &mut Option<Box<http1::Connection<Io, Body>>>,
-    timer: &mut Pin<Box<Sleep>>,
+    conn: &mut Http1Io<'_>,
     deadline: Instant,
     fut: F,
 ) -> Result<F::Output, TimedOut> {
-    if timer.deadline() != deadline {
-        timer.as_mut().reset(deadline);
+    if conn.timer.deadline() != deadline {
+        conn.timer.as_mut().reset(deadline);
     }
     let mut fut = pin!(fut);
     poll_fn(|cx| {
-        // The I/O first: a read that completes an answer makes `fut` ready in this same poll.
-        if let Some(connection) = io.as_mut() {
-            if let Poll::Ready(result) = Pin::new(&mut **connection).poll(cx) {
-                if let Err(err) = result {
-                    tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
+        conn.relay.task.register(cx.waker());
+        let mut relayed = Context::from_waker(conn.relay_waker);
+        let mut rounds = 0;
+        loop {
+            conn.relay.state.store(POLLING, Ordering::Release);
+            // The I/O first: a read that completes an answer makes `fut` ready in this round.
+            if let Some(connection) = conn.io.as_mut() {
+                if let Poll::Ready(result) = Pin::new(&mut **connection).poll(&mut relayed) {
+                    if let Err(err) = result {
+                        tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
+                    }
+                    // Dropping it fails whatever still waits on it, so `fut` cannot hang.
+                    *conn.io = None;
                 }
-                // Dropping it fails whatever still waits on it, so `fut` cannot hang.
-                *io = None;
+            }
+            let output = fut.as_mut().poll(&mut relayed);
+            let woken = conn
+                .relay
+                .state
+                .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                .is_err();
+            if let Poll::Ready(output) = output {
+                conn.relay.state.store(IDLE, Ordering::Release);
+                return Poll::Ready(Ok(output));
+            }
+            if !woken {
+                break;
+            }
+            rounds += 1;
+            if rounds == MAX_ROUNDS {
+                // Still being woken: let other tasks run, and come back.
+                conn.relay.state.store(IDLE, Ordering::Release);
+                cx.waker().wake_by_ref();
+                break;
             }
         }
-        if let Poll::Ready(output) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Ok(output));
-        }
-        timer.as_mut().poll(cx).map(|()| Err(TimedOut))
+        conn.timer.as_mut().poll(cx).map(|()| Err(TimedOut))
     })
     .await
+}
+
+/// The parts of an [`Http1`] that [`drive`] needs, borrowed apart from its `send`.
+struct Http1Io<'a> {
+    io: &'a mut Option<Box<http1::Connection<Io, Body>>>,
+    timer: &'a mut Pin<Box<Sleep>>,
+    relay: &'a Relay,
+    relay_waker: &'a Waker,
+}
+
+impl Http1 {
+    /// Splits off what [`drive`] needs, and the request handle.
+    fn split(&mut self) -> (&mut http1::SendRequest<Body>, Http1Io<'_>) {
+        (
+            &mut self.send,
+            Http1Io {
+                io: &mut self.io,
+                timer: &mut self.timer,
+                relay: &self.relay,
+                relay_waker: &self.relay_waker,
+            },
+        )
+    }
+
+    /// Whether it can carry a request now; drives it until it says so, ends, or `deadline`.
+    async fn ready(&mut self, deadline: Instant) -> Result<bool, TimedOut> {
+        let (send, mut io) = self.split();
+        let ready = drive(&mut io, deadline, poll_fn(|cx| send.poll_ready(cx))).await?;
+        Ok(ready.is_ok() && self.io.is_some())
+    }
 }
 
 impl Conn {
@@ -142,8 +239,9 @@ impl Conn {
     ) -> Result<Result<Response<Incoming>, TrySendError<Request<Body>>>, TimedOut> {
         match self {
             Self::Http1(h1) => {
-                let sending = h1.send.try_send_request(request);
-                drive(&mut h1.io, &mut h1.timer, deadline, sending).await
+                let (send, mut io) = h1.split();
+                let sending = send.try_send_request(request);
+                drive(&mut io, deadline, sending).await
             }
             Self::Http2(send) => timeout_at(deadline, send.try_send_request(request))
                 .await
@@ -159,7 +257,7 @@ impl Conn {
         fut: F,
     ) -> Result<F::Output, TimedOut> {
         match self {
-            Self::Http1(h1) => drive(&mut h1.io, &mut h1.timer, deadline, fut).await,
+            Self::Http1(h1) => drive(&mut h1.split().1, deadline, fut).await,
             Self::Http2(_) => timeout_at(deadline, fut).await.map_err(|_| TimedOut),
         }
     }
@@ -349,10 +447,15 @@ impl Pool {
                 .await
                 .map_err(ConnectError::Handshake)?;
             Ok(Checkout {
-                conn: Conn::Http1(Http1 {
-                    send,
-                    io: Some(Box::new(io)),
-                    timer: Box::pin(sleep_until(deadline)),
+                conn: Conn::Http1({
+                    let (relay, relay_waker) = Relay::new();
+                    Http1 {
+                        send,
+                        io: Some(Box::new(io)),
+                        timer: Box::pin(sleep_until(deadline)),
+                        relay,
+                        relay_waker,
+                    }
                 }),
                 reused: false,
             })
@@ -485,5 +588,43 @@ mod tests {
         );
         assert!(key("https://example.com/") != key("http://example.com/"));
         assert!(key("https://example.com:8443/") != key("https://example.com/"));
+    }
+
+    /// Counts the wakes that reach the task.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_relay_keeps_wakes_during_a_poll_and_passes_on_the_others() {
+        let task = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        let (relay, relay_waker) = Relay::new();
+        relay.task.register(&Waker::from(Arc::clone(&task)));
+
+        // While the holder polls, a wake is noted, not passed on.
+        relay.state.store(POLLING, Ordering::SeqCst);
+        relay_waker.wake_by_ref();
+        relay_waker.wake_by_ref();
+        assert_eq!(relay.state.load(Ordering::SeqCst), WOKEN);
+        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        // The holder sees it: its end-of-round exchange fails, so it polls again.
+        assert!(
+            relay
+                .state
+                .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        );
+
+        // Between polls, a wake reaches the task.
+        relay.state.store(IDLE, Ordering::SeqCst);
+        relay_waker.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        relay.task.register(&Waker::from(Arc::clone(&task)));
+        Wake::wake(Arc::clone(&relay));
+        assert_eq!(task.0.load(Ordering::SeqCst), 2);
     }
 }
