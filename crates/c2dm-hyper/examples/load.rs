@@ -113,8 +113,11 @@ fn main() {
                 let transport = transport.clone();
                 let next = Arc::clone(&next);
                 let failures = Arc::clone(&failures);
-                let url = url.clone();
-                let auth = format!("GoogleLogin auth={token}");
+                // Parsed once, as a sender holds its endpoint and token: what is measured is
+                // the transport, not the parsing of a URL per request.
+                let uri: http::Uri = url.parse().expect("--url URL");
+                let auth = http::HeaderValue::try_from(format!("GoogleLogin auth={token}"))
+                    .expect("--token TOKEN");
                 tokio::spawn(async move {
                     loop {
                         let n = next.fetch_add(1, Ordering::Relaxed);
@@ -124,11 +127,17 @@ fn main() {
                         let body = format!(
                             "registration_id=device-{n}&collapse_key=k&data.message=test&data.sound=t"
                         );
-                        let request = http::Request::post(&url)
-                            .header("content-type", "application/x-www-form-urlencoded;charset=UTF-8")
-                            .header("authorization", &auth)
-                            .body(Bytes::from(body))
-                            .expect("request");
+                        let mut request = http::Request::new(Bytes::from(body));
+                        *request.method_mut() = http::Method::POST;
+                        *request.uri_mut() = uri.clone();
+                        let headers = request.headers_mut();
+                        headers.insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(
+                                "application/x-www-form-urlencoded;charset=UTF-8",
+                            ),
+                        );
+                        headers.insert(http::header::AUTHORIZATION, auth.clone());
                         match transport.status(request).await {
                             Ok(200) => {}
                             _ => {
