@@ -47,6 +47,60 @@ fn measure(mut cmd: Command) -> Result<Usage, String> {
     })
 }
 
+/// One measured run of a path: messages (or requests) per second, and CPU µs per message.
+#[derive(Clone, Copy)]
+struct Sample {
+    rate: f64,
+    cpu: f64,
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// The ratio of `ours` to wrk's, round by round: the median, and the range when there are
+/// several rounds. Empty without wrk.
+fn ratios(ours: &[Sample], wrk: &[Sample], field: impl Fn(&Sample) -> f64) -> String {
+    if wrk.is_empty() {
+        return String::new();
+    }
+    let each: Vec<f64> = ours
+        .iter()
+        .zip(wrk)
+        .map(|(a, b)| field(a) / field(b))
+        .collect();
+    let mid = median(each.iter().copied());
+    if each.len() < 2 {
+        return format!("{mid:.2}");
+    }
+    let low = each.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{mid:.2} ({low:.2}-{high:.2})")
+}
+
+/// `--rounds N` (default 3, or 1 with `--quick`).
+fn rounds_of(args: &[&str], quick: bool) -> Result<usize, String> {
+    match args.iter().position(|a| *a == "--rounds") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| "--rounds takes a number above 0".to_owned()),
+        None => Ok(if quick { 1 } else { 3 }),
+    }
+}
+
 fn json_number(text: &str, key: &str) -> Option<f64> {
     let pattern = format!("\"{key}\":");
     let start = text.rfind(&pattern)? + pattern.len();
@@ -181,7 +235,7 @@ fn transport_load(
     n: u64,
     concurrency: u32,
     bare: bool,
-) -> Result<(f64, f64), String> {
+) -> Result<Sample, String> {
     let mut cmd = Command::new(bin.join("examples/load"));
     cmd.args([
         "--url",
@@ -201,10 +255,10 @@ fn transport_load(
     if json_number(&usage.stdout, "failures") != Some(0.0) {
         return Err(format!("load had failures: {}", usage.stdout));
     }
-    Ok((
-        json_number(&usage.stdout, "rate").ok_or("no rate")?,
-        json_number(&usage.stdout, "cpu_us_per_request").ok_or("no cpu")?,
-    ))
+    Ok(Sample {
+        rate: json_number(&usage.stdout, "rate").ok_or("no rate")?,
+        cpu: json_number(&usage.stdout, "cpu_us_per_request").ok_or("no cpu")?,
+    })
 }
 
 const WRK_SCRIPT: &str = r#"wrk.method = "POST"
@@ -218,12 +272,7 @@ end
 "#;
 
 /// `wrk -t1` against the same emulator: (requests/s, CPU µs per request).
-fn wrk(
-    dir: &Path,
-    emulator: &Emulator,
-    connections: u32,
-    seconds: u32,
-) -> Result<(f64, f64), String> {
+fn wrk(dir: &Path, emulator: &Emulator, connections: u32, seconds: u32) -> Result<Sample, String> {
     let script = dir.join("send.lua");
     std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
     let mut cmd = Command::new("wrk");
@@ -250,7 +299,10 @@ fn wrk(
         .lines()
         .find_map(|l| l.trim().split(" requests in").next()?.trim().parse().ok())
         .unwrap_or(rate * f64::from(seconds));
-    Ok((rate, usage.cpu.as_secs_f64() * 1e6 / total))
+    Ok(Sample {
+        rate,
+        cpu: usage.cpu.as_secs_f64() * 1e6 / total,
+    })
 }
 
 /// The original article's sender: one HTTP POST per message, sequentially, a new connection
@@ -320,6 +372,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         eprintln!("note: wrk is not installed (apt-get install -y wrk): its columns stay empty");
     }
     let scale = if quick { 10 } else { 1 };
+    let rounds = rounds_of(args, quick)?;
     let mut rows = Vec::new();
     rows.push("| path | conc. | c2dm rate (msg/s) | CPU µs/msg | wrk rate (req/s) | wrk CPU µs/req | rate / wrk | CPU / wrk |".to_owned());
     rows.push("|---|---:|---:|---:|---:|---:|---:|---:|".to_owned());
@@ -331,40 +384,52 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         for concurrency in [1u32, 64] {
             let n = if concurrency == 1 { 20_000 } else { 200_000 } / scale;
             let wrk_seconds = if quick { 2 } else { 5 };
-            let wrk_result = if has_wrk {
-                Some(wrk(&dir, &emulator, concurrency, wrk_seconds)?)
-            } else {
-                None
-            };
-            let ratio = |a: f64, b: Option<f64>| b.map_or("".into(), |b| format!("{:.2}", a / b));
-            let wrk_cells = |r: Option<(f64, f64)>| {
-                r.map_or(("".into(), "".into()), |(rate, cpu)| {
-                    (format!("{rate:.0}"), format!("{cpu:.1}"))
-                })
-            };
-            let (wrk_rate, wrk_cpu) = wrk_cells(wrk_result);
+            // The paths, and wrk, take turns round after round, so that a slow spell of this
+            // shared machine weighs on all of them alike; each ratio is taken within a round.
+            let mut wrk_runs = Vec::new();
+            let mut paths: Vec<(String, Vec<Sample>)> = Vec::new();
             if !tls {
-                // The floor HyperTransport is built on: a bare hyper-util pooled client.
-                let (bare_rate, bare_cpu) = transport_load(&bin, &emulator, n, concurrency, true)?;
+                // The floor HyperTransport was built on: a bare hyper-util pooled client.
+                paths.push((format!("bare hyper-util client, {scheme}"), Vec::new()));
+            }
+            paths.push((format!("HyperTransport, {scheme}"), Vec::new()));
+            paths.push((format!("c2dm broadcast, {scheme}"), Vec::new()));
+            for _ in 0..rounds {
+                if has_wrk {
+                    wrk_runs.push(wrk(&dir, &emulator, concurrency, wrk_seconds)?);
+                }
+                for (name, samples) in &mut paths {
+                    let sample = if name.starts_with("bare") {
+                        transport_load(&bin, &emulator, n, concurrency, true)?
+                    } else if name.starts_with("HyperTransport") {
+                        transport_load(&bin, &emulator, n, concurrency, false)?
+                    } else {
+                        let (rate, cpu, _) = broadcast(&bin, &dir, &emulator, n, concurrency)?;
+                        Sample { rate, cpu }
+                    };
+                    samples.push(sample);
+                }
+            }
+            let (wrk_rate, wrk_cpu) = if wrk_runs.is_empty() {
+                (String::new(), String::new())
+            } else {
+                (
+                    format!("{:.0}", median(wrk_runs.iter().map(|s| s.rate))),
+                    format!("{:.1}", median(wrk_runs.iter().map(|s| s.cpu))),
+                )
+            };
+            for (name, samples) in &paths {
+                let rate = median(samples.iter().map(|s| s.rate));
+                if name.starts_with("c2dm broadcast") {
+                    best_rate = best_rate.max(rate);
+                }
+                let cpu = median(samples.iter().map(|s| s.cpu));
                 rows.push(format!(
-                    "| bare hyper-util client, {scheme} | {concurrency} | {bare_rate:.0} | {bare_cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
-                    ratio(bare_rate, wrk_result.map(|r| r.0)),
-                    ratio(bare_cpu, wrk_result.map(|r| r.1)),
+                    "| {name} | {concurrency} | {rate:.0} | {cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
+                    ratios(samples, &wrk_runs, |s| s.rate),
+                    ratios(samples, &wrk_runs, |s| s.cpu),
                 ));
             }
-            let (load_rate, load_cpu) = transport_load(&bin, &emulator, n, concurrency, false)?;
-            rows.push(format!(
-                "| HyperTransport, {scheme} | {concurrency} | {load_rate:.0} | {load_cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
-                ratio(load_rate, wrk_result.map(|r| r.0)),
-                ratio(load_cpu, wrk_result.map(|r| r.1)),
-            ));
-            let (rate, cpu, _) = broadcast(&bin, &dir, &emulator, n, concurrency)?;
-            best_rate = best_rate.max(rate);
-            rows.push(format!(
-                "| c2dm broadcast, {scheme} | {concurrency} | {rate:.0} | {cpu:.1} | {wrk_rate} | {wrk_cpu} | {} | {} |",
-                ratio(rate, wrk_result.map(|r| r.0)),
-                ratio(cpu, wrk_result.map(|r| r.1)),
-            ));
         }
         if !tls && have("python3") {
             baseline = Some(python_baseline(&emulator, 2000 / scale as u32)?);
@@ -383,7 +448,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     drop(full);
     let emulator_wrk = if has_wrk {
         let e = Emulator::start(&bin, &dir, false, false)?;
-        Some(wrk(&dir, &e, 64, if quick { 2 } else { 5 })?.0)
+        Some(wrk(&dir, &e, 64, if quick { 2 } else { 5 })?.rate)
     } else {
         None
     };
@@ -414,9 +479,15 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         ));
     }
     let header = format!(
-        "Measured by `cargo xtask bench{}` on {}.\n\n",
+        "Measured by `cargo xtask bench{}` on {}: medians of {rounds} round{}{}.\n\n",
         if quick { " --quick" } else { "" },
-        machine()
+        machine(),
+        if rounds == 1 { "" } else { "s" },
+        if rounds > 1 {
+            ", each ratio taken within a round (median, and lowest-highest)"
+        } else {
+            ""
+        },
     );
     let report = format!("{header}{table}");
     println!("{report}");
@@ -438,6 +509,21 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::json_number;
+
+    #[test]
+    fn medians_and_ratios() {
+        use super::{Sample, median, ratios};
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+        let s = |rate, cpu| Sample { rate, cpu };
+        let ours = [s(90.0, 12.0), s(110.0, 9.0), s(100.0, 10.0)];
+        let wrk = [s(100.0, 6.0), s(100.0, 6.0), s(100.0, 5.0)];
+        assert_eq!(ratios(&ours, &wrk, |x| x.rate), "1.00 (0.90-1.10)");
+        assert_eq!(ratios(&ours, &wrk, |x| x.cpu), "2.00 (1.50-2.00)");
+        assert_eq!(ratios(&ours[..1], &wrk[..1], |x| x.rate), "0.90");
+        assert_eq!(ratios(&ours, &[], |x| x.rate), "");
+    }
 
     #[test]
     fn reads_numbers_from_json() {
