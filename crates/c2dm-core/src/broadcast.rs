@@ -27,6 +27,7 @@ pub struct BroadcastOptions {
     rate: Option<NonZeroU32>,
     budget: Option<u64>,
     quota_give_up_after: Duration,
+    delivery_buffer: usize,
 }
 
 impl Default for BroadcastOptions {
@@ -36,6 +37,7 @@ impl Default for BroadcastOptions {
             rate: None,
             budget: None,
             quota_give_up_after: Duration::from_secs(15 * 60),
+            delivery_buffer: DEFAULT_DELIVERY_BUFFER,
         }
     }
 }
@@ -68,7 +70,20 @@ impl BroadcastOptions {
         self.quota_give_up_after = after;
         self
     }
+
+    /// How many finished deliveries may wait to be read before the sending tasks wait for the
+    /// reader (default 1,024; at least 1). Memory stays bounded either way, at about a hundred
+    /// bytes a delivery. A buffer well above the concurrency lets a burst of answers pass
+    /// without stopping the sending tasks, each of which the reader would then have to wake
+    /// again: at concurrency 64 over loopback, a buffer of 64 measured 15-25% slower.
+    pub fn delivery_buffer(mut self, deliveries: usize) -> Self {
+        self.delivery_buffer = deliveries;
+        self
+    }
 }
+
+/// The default of [`BroadcastOptions::delivery_buffer`].
+const DEFAULT_DELIVERY_BUFFER: usize = 1024;
 
 /// A broadcast's options were unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -499,7 +514,7 @@ impl Sender {
         if options.concurrency == 0 {
             return Err(BroadcastError::ZeroConcurrency);
         }
-        let (tx, rx) = mpsc::channel(options.concurrency);
+        let (tx, rx) = mpsc::channel(options.delivery_buffer.max(1));
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             sender: self.clone(),

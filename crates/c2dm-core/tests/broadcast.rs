@@ -346,7 +346,9 @@ async fn inputs_are_pulled_only_as_capacity_frees() {
         .broadcast_to(
             inputs,
             &template(),
-            BroadcastOptions::default().concurrency(4),
+            BroadcastOptions::default()
+                .concurrency(4)
+                .delivery_buffer(4),
         )
         .unwrap();
     // Take a few, then stop reading for a while: the broadcast must not run ahead.
