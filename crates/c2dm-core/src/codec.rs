@@ -47,9 +47,7 @@ const MALFORMED_BODY_KEEP: usize = 200;
 pub fn encode_send_request(message: &Message, token: &AuthToken, endpoint: &Uri) -> Request<Bytes> {
     let body = encode_send_form(message);
     let length = HeaderValue::from(body.len());
-    let mut auth = HeaderValue::try_from(format!("GoogleLogin auth={}", token.expose_secret()))
-        .expect("AuthToken holds only visible ASCII");
-    auth.set_sensitive(true);
+    let auth = token.authorization();
     let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
     *request.uri_mut() = endpoint.clone();

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
+use http::HeaderValue;
 
 /// A ClientLogin `Auth` token: the secret that authorises sends.
 ///
@@ -20,7 +21,14 @@ use async_trait::async_trait;
 /// # Ok::<(), c2dm_core::InvalidToken>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct AuthToken(Arc<str>);
+pub struct AuthToken {
+    /// The whole `Authorization` header, `GoogleLogin auth=<token>`, marked sensitive: built
+    /// once, shared by every request that carries the token.
+    header: HeaderValue,
+}
+
+/// What comes before the token in the `Authorization` header.
+const AUTH_SCHEME: &str = "GoogleLogin auth=";
 
 /// The text given as a token cannot be one: empty, or with characters an HTTP header cannot carry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,12 +42,23 @@ impl AuthToken {
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(InvalidToken);
         }
-        Ok(Self(token.into()))
+        let mut header =
+            HeaderValue::try_from(format!("{AUTH_SCHEME}{token}")).map_err(|_| InvalidToken)?;
+        header.set_sensitive(true);
+        Ok(Self { header })
     }
 
     /// The secret itself. Put it on the wire; never in a log.
     pub fn expose_secret(&self) -> &str {
-        &self.0
+        // Visible ASCII by construction, so `to_str` cannot fail.
+        self.header
+            .to_str()
+            .map_or("", |h| h.strip_prefix(AUTH_SCHEME).unwrap_or(h))
+    }
+
+    /// The `Authorization` header that carries it (sensitive: `Debug` does not show it).
+    pub(crate) fn authorization(&self) -> HeaderValue {
+        self.header.clone()
     }
 }
 
