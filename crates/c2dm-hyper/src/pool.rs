@@ -240,7 +240,9 @@ impl Conn {
         match self {
             Self::Http1(h1) => {
                 let (send, mut io) = h1.split();
-                let sending = send.try_send_request(request);
+                // Queued on the first poll, within `drive`: queuing wakes the connection's
+                // last poller, and there that wake stays inside the poll.
+                let sending = async move { send.try_send_request(request).await };
                 drive(&mut io, deadline, sending).await
             }
             Self::Http2(send) => timeout_at(deadline, send.try_send_request(request))
