@@ -1,6 +1,8 @@
 //! The production [`Transport`] for C2DM: a pooled hyper 1 client over rustls.
 //!
-//! - keep-alive connection pool (idle timeout and idle connections per host settable);
+//! - keep-alive connection pool (idle timeout and idle connections per host settable), its own
+//!   over `hyper::client::conn`: an HTTP/1.1 connection is driven by the task of the request it
+//!   carries, so an exchange never hops between tasks (see `docs/ARCHITECTURE.md`);
 //! - HTTP/1.1 by default, HTTP/2 by ALPN when asked for;
 //! - a connect timeout and a whole-request timeout on by default, so a server that never answers
 //!   cannot hang a caller;
@@ -8,7 +10,8 @@
 //! - certificate verification always on: Mozilla's roots by default (`webpki-roots`), the
 //!   operating system's with the `os-roots` feature, and extra roots from PEM by explicit choice.
 //!   There is no switch that turns verification off;
-//! - plain `http://` URLs work too, for a local emulator or a proxy.
+//! - plain `http://` URLs work too, for a local emulator or a TLS-terminating proxy in front of
+//!   the service (HTTP proxies that take absolute URLs are not supported).
 //!
 //! Failures map to [`TransportError`] honestly: DNS, connect and TLS handshake failures are "not
 //! sent"; a timeout or a connection lost after the request was written is "may have been sent".
@@ -137,7 +140,8 @@ impl HyperTransportBuilder {
         self
     }
 
-    /// The longest wait for a whole exchange, body included (default 30 s).
+    /// The longest wait for a whole exchange (default 30 s): taking or opening a connection,
+    /// the TLS handshake, sending, and the answer with its body.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -299,6 +303,9 @@ impl HyperTransport {
         HyperTransportBuilder::default()
     }
 
+    /// One exchange, all of it before one deadline: a connection (idle or new), the request,
+    /// the answer. A request that a reused connection refused before writing a byte goes to
+    /// another connection.
     async fn exchange(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
         let deadline = deadline_after(self.request_timeout);
         let (mut parts, body) = request.into_parts();
