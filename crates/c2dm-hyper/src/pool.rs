@@ -328,8 +328,10 @@ impl Hosts {
 struct Host {
     /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Vec<Idle>,
-    /// The shared HTTP/2 connection, if ALPN picked HTTP/2.
-    shared: Option<http2::SendRequest<Body>>,
+    /// The shared HTTP/2 connection, if ALPN picked HTTP/2, and when a request last took it.
+    /// The pool lets go of it once it has not been taken for the idle timeout; requests under
+    /// way keep it open until they end.
+    shared: Option<(http2::SendRequest<Body>, Instant)>,
 }
 
 struct Idle {
@@ -390,13 +392,14 @@ impl Pool {
     fn take_idle(&self, key: &Key) -> Option<Conn> {
         let mut hosts = self.inner.lock();
         let host = hosts.get_mut(key)?;
-        if let Some(shared) = &host.shared {
-            if !shared.is_closed() {
+        let now = Instant::now();
+        if let Some((shared, since)) = &mut host.shared {
+            if !shared.is_closed() && now.duration_since(*since) < self.inner.idle_timeout {
+                *since = now;
                 return Some(Conn::Http2(shared.clone()));
             }
             host.shared = None;
         }
-        let now = Instant::now();
         while let Some(idle) = host.idle.pop() {
             if now.duration_since(idle.since) >= self.inner.idle_timeout {
                 // The most recent one is too old, so all of them are.
@@ -435,11 +438,14 @@ impl Pool {
                     tracing::debug!(%err, "HTTP/2 connection closed with an error");
                 }
             });
-            let mut hosts = self.inner.lock();
-            let host = hosts.entry(key);
-            if host.shared.as_ref().is_none_or(|s| s.is_closed()) {
-                host.shared = Some(send.clone());
+            if !self.inner.idle_timeout.is_zero() {
+                let mut hosts = self.inner.lock();
+                let host = hosts.entry(key);
+                if host.shared.as_ref().is_none_or(|(s, _)| s.is_closed()) {
+                    host.shared = Some((send.clone(), Instant::now()));
+                }
             }
+            self.sweep_soon();
             Ok(Checkout {
                 conn: Conn::Http2(send),
                 reused: false,
@@ -484,6 +490,11 @@ impl Pool {
                 since: Instant::now(),
             });
         }
+        self.sweep_soon();
+    }
+
+    /// Makes sure a sweeper runs.
+    fn sweep_soon(&self) {
         if !self.inner.sweeping.load(Ordering::Relaxed) {
             self.start_sweeping();
         }
@@ -497,8 +508,8 @@ impl Pool {
     }
 
     /// Starts a task that closes idle connections once they outlive the idle timeout. It holds
-    /// the pool weakly, and ends when the pool is dropped or holds nothing idle; the next
-    /// give-back starts another.
+    /// the pool weakly, and ends when the pool is dropped or holds nothing; the next connection
+    /// kept starts another.
     fn start_sweeping(&self) {
         if self.inner.sweeping.swap(true, Ordering::AcqRel) {
             return;
@@ -539,7 +550,7 @@ impl Inner {
     }
 
     /// Drops idle connections that are too old or closed, and hosts with nothing left. Returns
-    /// whether idle connections remain; if none do, lowers [`Inner::sweeping`] before letting
+    /// whether connections remain; if none do, lowers [`Inner::sweeping`] before letting
     /// go of the lock, so a connection given back meanwhile starts a new sweeper.
     fn sweep(&self) -> bool {
         let now = Instant::now();
@@ -548,12 +559,14 @@ impl Inner {
             host.idle.retain(|idle| {
                 now.duration_since(idle.since) < self.idle_timeout && !idle.conn.send.is_closed()
             });
-            if host.shared.as_ref().is_some_and(|s| s.is_closed()) {
+            if host.shared.as_ref().is_some_and(|(s, since)| {
+                s.is_closed() || now.duration_since(*since) >= self.idle_timeout
+            }) {
                 host.shared = None;
             }
             !host.idle.is_empty() || host.shared.is_some()
         });
-        let remain = hosts.0.iter().any(|(_, h)| !h.idle.is_empty());
+        let remain = !hosts.0.is_empty();
         if !remain {
             self.sweeping.store(false, Ordering::Release);
         }

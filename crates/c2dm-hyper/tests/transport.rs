@@ -340,20 +340,28 @@ async fn hundred_sequential_requests_reuse_one_connection() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let server = TestServer::start(false, Behaviour::Echo).await;
-    let transport = HyperTransport::builder()
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    transport.execute(form_post(&server.url())).await.unwrap();
-    assert_eq!(server.closed.load(Ordering::SeqCst), 0, "kept for reuse");
-    // Thirty idle seconds pass at once; the pool's sweeper closes the connection.
-    tokio::time::pause();
-    tokio::time::advance(Duration::from_secs(31)).await;
-    tokio::time::resume();
-    server.wait_closed(1).await;
-    transport.execute(form_post(&server.url())).await.unwrap();
-    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    // HTTP/1.1 over plain TCP, and the shared connection of HTTP/2 over TLS.
+    for http2 in [false, true] {
+        let server = TestServer::start(http2, Behaviour::Echo).await;
+        let mut builder = HyperTransport::builder()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2(http2);
+        if let Some(pem) = &server.cert_pem {
+            builder = builder.add_root_certificates_pem(pem.as_bytes()).unwrap();
+        }
+        let transport = builder.build().unwrap();
+        let resp = transport.execute(form_post(&server.url())).await.unwrap();
+        let version = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert_eq!(resp.headers()["x-version"], version);
+        assert_eq!(server.closed.load(Ordering::SeqCst), 0, "kept for reuse");
+        // Thirty idle seconds pass at once; the pool's sweeper closes the connection.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        tokio::time::resume();
+        server.wait_closed(1).await;
+        transport.execute(form_post(&server.url())).await.unwrap();
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2, "{version}");
+    }
 }
 
 #[tokio::test]
