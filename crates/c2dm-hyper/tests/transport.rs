@@ -437,13 +437,18 @@ async fn an_untrusted_certificate_fails_clearly_and_sends_nothing() {
     );
 }
 
+/// A transport with a request timeout short enough for a test to wait out.
+fn impatient() -> HyperTransport {
+    HyperTransport::builder()
+        .request_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_silent_server_hits_the_request_timeout() {
     let server = TestServer::start(false, Behaviour::Silent).await;
-    let transport = HyperTransport::builder()
-        .request_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let transport = impatient();
     let start = std::time::Instant::now();
     let err = transport
         .execute(form_post(&server.url()))
@@ -458,10 +463,7 @@ async fn a_silent_server_hits_the_request_timeout() {
 #[tokio::test]
 async fn the_request_timeout_holds_on_a_reused_connection() {
     let server = TestServer::start(false, Behaviour::AnswerOnce).await;
-    let transport = HyperTransport::builder()
-        .request_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let transport = impatient();
     transport.execute(form_post(&server.url())).await.unwrap();
     let err = transport
         .execute(form_post(&server.url()))
@@ -479,10 +481,7 @@ async fn the_request_timeout_holds_on_a_reused_connection() {
 #[tokio::test]
 async fn a_tls_handshake_that_never_ends_times_out_unsent() {
     let server = TestServer::start(false, Behaviour::Mute).await;
-    let transport = HyperTransport::builder()
-        .request_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let transport = impatient();
     let url = server.url().replacen("http://", "https://", 1);
     let err = transport.execute(form_post(&url)).await.unwrap_err();
     assert_eq!(err.kind(), TransportErrorKind::Timeout);
