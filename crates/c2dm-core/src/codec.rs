@@ -7,7 +7,7 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 
 use crate::error::{Error, ErrorCode};
-use crate::message::{Message, MessageId};
+use crate::message::{CollapseKey, Message, MessageId};
 use crate::token::AuthToken;
 
 /// Google's send endpoint, the default everywhere.
@@ -60,22 +60,41 @@ pub fn encode_send_request(message: &Message, token: &AuthToken, endpoint: &Uri)
 
 /// The form body of a send request, without headers.
 pub fn encode_send_form(message: &Message) -> Bytes {
-    let mut form = form_urlencoded::Serializer::new(String::with_capacity(
-        64 + message.payload_size() * 3 / 2,
-    ));
-    form.append_pair("registration_id", message.registration_id().as_str());
-    form.append_pair("collapse_key", message.collapse_key().as_str());
+    const KEY: &str = "registration_id=";
+    let id = message.registration_id().as_str();
+    let tail = message.form_tail();
+    let mut form = String::with_capacity(KEY.len() + id.len() * 3 + tail.len());
+    form.push_str(KEY);
+    form.extend(form_urlencoded::byte_serialize(id.as_bytes()));
+    form.push_str(tail);
+    Bytes::from(form)
+}
+
+/// What follows the registration id in the send form, `&` included: every field but the
+/// device. [`Message`] keeps it, encoded once, for all the devices a template goes to.
+pub(crate) fn encode_form_tail(
+    collapse_key: &CollapseKey,
+    data: &[(String, String)],
+    delay_while_idle: bool,
+) -> String {
+    let capacity = 32
+        + crate::message::payload_size(data.iter().map(|(k, v)| (k.as_str(), v.as_str()))) * 3 / 2;
+    let mut tail = String::with_capacity(capacity);
+    tail.push('&');
+    // Pairs after position 1 get their `&`; the first follows the one above.
+    let mut form = form_urlencoded::Serializer::for_suffix(tail, 1);
+    form.append_pair("collapse_key", collapse_key.as_str());
     let mut key = String::new();
-    for (k, v) in message.data() {
+    for (k, v) in data {
         key.clear();
         key.push_str("data.");
         key.push_str(k);
         form.append_pair(&key, v);
     }
-    if message.delay_while_idle() {
+    if delay_while_idle {
         form.append_pair("delay_while_idle", "1");
     }
-    Bytes::from(form.finish())
+    form.finish()
 }
 
 /// The default send endpoint as a [`Uri`].
@@ -256,6 +275,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::RegistrationId;
     use std::time::UNIX_EPOCH;
 
     fn now() -> SystemTime {
@@ -332,6 +352,25 @@ mod tests {
         let form = SendForm::parse(&body);
         assert_eq!(form.collapse_key.as_deref(), Some("a b&c=d"));
         assert_eq!(form.data, vec![("ключ".into(), "é 😀\t\n+%".into())]);
+    }
+
+    #[test]
+    fn copies_of_a_template_encode_their_own_device_and_the_shared_rest() {
+        let template = Message::builder("first")
+            .collapse_key("k")
+            .data("m", "a&b")
+            .delay_while_idle(true)
+            .build()
+            .unwrap();
+        let copy = template.with_registration_id(RegistrationId::new("APA91b+x/y=").unwrap());
+        assert_eq!(
+            encode_send_form(&copy).as_ref(),
+            b"registration_id=APA91b%2Bx%2Fy%3D&collapse_key=k&data.m=a%26b&delay_while_idle=1"
+        );
+        assert_eq!(
+            encode_send_form(&template).as_ref(),
+            b"registration_id=first&collapse_key=k&data.m=a%26b&delay_while_idle=1"
+        );
     }
 
     #[test]

@@ -153,18 +153,27 @@ impl MessageId {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
     registration_id: RegistrationId,
+    /// Everything but the device, shared by every message a template fans out to.
+    content: Arc<Content>,
+}
+
+#[derive(PartialEq, Eq)]
+struct Content {
     collapse_key: CollapseKey,
-    data: Arc<[(String, String)]>,
+    data: Box<[(String, String)]>,
     delay_while_idle: bool,
+    /// The send form after the registration id (`&collapse_key=…&data.<key>=…`), encoded once
+    /// for all the devices a template goes to.
+    form_tail: String,
 }
 
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
             .field("registration_id", &self.registration_id)
-            .field("collapse_key", &self.collapse_key)
-            .field("data", &self.data)
-            .field("delay_while_idle", &self.delay_while_idle)
+            .field("collapse_key", &self.content.collapse_key)
+            .field("data", &self.content.data)
+            .field("delay_while_idle", &self.content.delay_while_idle)
             .finish()
     }
 }
@@ -188,17 +197,21 @@ impl Message {
 
     /// The collapse key.
     pub fn collapse_key(&self) -> &CollapseKey {
-        &self.collapse_key
+        &self.content.collapse_key
     }
 
     /// The data pairs, in the order they were added (keys without the `data.` prefix).
     pub fn data(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
-        self.data.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.content
+            .data
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// The value of one data key, if present.
     pub fn data_value(&self, key: &str) -> Option<&str> {
-        self.data
+        self.content
+            .data
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
@@ -206,23 +219,27 @@ impl Message {
 
     /// Whether the device should get the message only when it wakes.
     pub fn delay_while_idle(&self) -> bool {
-        self.delay_while_idle
+        self.content.delay_while_idle
     }
 
     /// The payload size as the limit counts it: the UTF-8 bytes of every data key and value.
     pub fn payload_size(&self) -> usize {
-        payload_size(self.data.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        payload_size(self.data())
+    }
+
+    /// The send form after the registration id, already encoded.
+    pub(crate) fn form_tail(&self) -> &str {
+        &self.content.form_tail
     }
 
     /// The same message addressed to another device: how one template fans out in a broadcast.
     ///
-    /// The data is shared, not copied, so this is cheap.
+    /// The data is shared, not copied, and so is its encoding: this is cheap, and so is sending
+    /// each copy.
     pub fn with_registration_id(&self, registration_id: RegistrationId) -> Message {
         Message {
             registration_id,
-            collapse_key: self.collapse_key.clone(),
-            data: Arc::clone(&self.data),
-            delay_while_idle: self.delay_while_idle,
+            content: Arc::clone(&self.content),
         }
     }
 }
@@ -295,11 +312,16 @@ impl MessageBuilder {
                 limit: self.payload_limit,
             });
         }
+        let form_tail =
+            crate::codec::encode_form_tail(&collapse_key, &self.data, self.delay_while_idle);
         Ok(Message {
             registration_id,
-            collapse_key,
-            data: self.data.into(),
-            delay_while_idle: self.delay_while_idle,
+            content: Arc::new(Content {
+                collapse_key,
+                data: self.data.into(),
+                delay_while_idle: self.delay_while_idle,
+                form_tail,
+            }),
         })
     }
 }
