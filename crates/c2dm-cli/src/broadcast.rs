@@ -33,12 +33,38 @@ pub enum Ids {
     Memory(Vec<RegistrationId>),
 }
 
+/// Calls `each` with every line of `reader` (without its line ending) and its number, from 1,
+/// through one buffer; stops at the first error, or when `each` says so (`Ok(false)`). A read
+/// error (one that is not UTF-8, say) becomes `read_error(error)`.
+fn for_each_line<E>(
+    reader: impl Read,
+    read_error: impl Fn(std::io::Error) -> E,
+    mut each: impl FnMut(usize, &str) -> Result<bool, E>,
+) -> Result<(), E> {
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    for n in 1.. {
+        line.clear();
+        if reader.read_line(&mut line).map_err(&read_error)? == 0 {
+            break;
+        }
+        if !each(n, line.trim_end_matches(['\n', '\r']))? {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn read_all(reader: impl Read) -> Result<Vec<RegistrationId>, CliError> {
     let mut ids = Vec::new();
-    for (n, line) in BufReader::new(reader).lines().enumerate() {
-        let line = line.map_err(|e| CliError::Usage(format!("--ids: {e}")))?;
-        ids.extend(id_of_line(&line, n + 1)?);
-    }
+    for_each_line(
+        reader,
+        |e| CliError::Usage(format!("--ids: {e}")),
+        |n, line| {
+            ids.extend(id_of_line(line, n)?);
+            Ok(true)
+        },
+    )?;
     Ok(ids)
 }
 
@@ -47,12 +73,16 @@ fn check_file(path: &Path) -> Result<u64, CliError> {
     let file = std::fs::File::open(path)
         .map_err(|e| CliError::Usage(format!("--ids: cannot read {}: {e}", path.display())))?;
     let mut count = 0;
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| CliError::Usage(format!("--ids: {}: {e}", path.display())))?;
-        if id_of_line(&line, n + 1)?.is_some() {
-            count += 1;
-        }
-    }
+    for_each_line(
+        file,
+        |e| CliError::Usage(format!("--ids: {}: {e}", path.display())),
+        |n, line| {
+            if id_of_line(line, n)?.is_some() {
+                count += 1;
+            }
+            Ok(true)
+        },
+    )?;
     Ok(count)
 }
 
@@ -92,21 +122,18 @@ fn stream_ids(
                 let Ok(file) = std::fs::File::open(&path) else {
                     return;
                 };
-                for (n, line) in BufReader::new(file).lines().enumerate() {
-                    let Ok(line) = line else { return };
+                let streamed = for_each_line(
+                    file,
+                    |e| CliError::Failure(e.to_string()),
+                    |n, line| match id_of_line(line, n)? {
+                        Some(id) => Ok(push(id, &mut batch)),
+                        None => Ok(true),
+                    },
+                );
+                if let Err(err) = streamed {
                     // Checked before: a line that no longer reads is the file changing under us.
-                    match id_of_line(&line, n + 1) {
-                        Ok(Some(id)) => {
-                            if !push(id, &mut batch) {
-                                return;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(err) => {
-                            tracing::error!(%err, "the ids file changed during the broadcast");
-                            return;
-                        }
-                    }
+                    tracing::error!(%err, "the ids file changed during the broadcast");
+                    return;
                 }
             }
         }
@@ -256,4 +283,43 @@ pub async fn run(global: &Global, args: BroadcastArgs) -> Result<ExitCode, CliEr
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_read_line_by_line_whatever_the_line_endings() {
+        let ids = read_all("# list\r\ndev-1\r\n\n  dev-2  \ndev-3".as_bytes()).unwrap();
+        let ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+        assert_eq!(ids, ["dev-1", "dev-2", "dev-3"]);
+    }
+
+    #[test]
+    fn a_bad_id_is_named_by_its_line_number() {
+        let err = read_all("dev-1\n\nhas space\n".as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("--ids line 3"), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_a_read_error() {
+        let err = read_all(&b"dev-1\n\xff\xfe\n"[..]).unwrap_err();
+        assert!(err.to_string().starts_with("--ids: "), "{err}");
+    }
+
+    #[test]
+    fn reading_stops_when_asked() {
+        let mut seen = Vec::new();
+        for_each_line(
+            "a\nb\nc\n".as_bytes(),
+            |e| e,
+            |n, line| {
+                seen.push((n, line.to_owned()));
+                Ok(n < 2)
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, [(1, "a".to_owned()), (2, "b".to_owned())]);
+    }
 }
