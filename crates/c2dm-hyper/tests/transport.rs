@@ -488,6 +488,41 @@ async fn a_tls_handshake_that_never_ends_times_out_unsent() {
     assert_eq!(err.request_sent(), RequestSent::No, "{err}");
 }
 
+/// A TCP connect that never completes ends at the connect timeout, well before the request
+/// timeout, with nothing sent. Linux drops a SYN when the listener's accept queue is full: a
+/// listener with a backlog of 0 and one connection that nobody accepts makes the next
+/// connect hang. Time is paused, so the wait is the clock's, not the test's.
+#[cfg(target_os = "linux")]
+#[tokio::test(start_paused = true)]
+async fn a_connect_that_never_completes_hits_the_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fills the accept queue; completes at once, as the kernel answers for the listener.
+    let _queued = std::net::TcpStream::connect(addr).unwrap();
+    let transport = HyperTransport::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let err = transport
+        .execute(form_post(&format!("http://{addr}/c2dm/send")))
+        .await
+        .unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(err.kind(), TransportErrorKind::Timeout, "{err}");
+    assert_eq!(err.request_sent(), RequestSent::No);
+    // The connector's timeout, not the exchange's ("no connection within ...").
+    assert!(err.to_string().contains("connect: "), "{err}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(60),
+        "gave up after {waited:?}"
+    );
+    drop(listener);
+}
+
 #[tokio::test]
 async fn a_refused_port_is_not_sent() {
     // Bind then drop a listener so the port is closed.
