@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 
 use crate::error::{Error, ErrorCode};
 use crate::message::{CollapseKey, Message, MessageId};
@@ -18,6 +18,9 @@ pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded;charset=U
 
 /// The header in which the service hands out a rotated Auth token.
 pub const UPDATE_CLIENT_AUTH: &str = "update-client-auth";
+
+/// [`UPDATE_CLIENT_AUTH`] as a header name: looking a `&str` up parses it on every answer.
+const UPDATE_CLIENT_AUTH_NAME: HeaderName = HeaderName::from_static(UPDATE_CLIENT_AUTH);
 
 /// How much of a malformed body an error keeps, in bytes.
 const MALFORMED_BODY_KEEP: usize = 200;
@@ -195,7 +198,7 @@ pub fn decode_send_response(
     now: SystemTime,
 ) -> SendReply {
     let rotated_token = headers
-        .get(UPDATE_CLIENT_AUTH)
+        .get(UPDATE_CLIENT_AUTH_NAME)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| AuthToken::new(v.trim()).ok());
     let retry_after = || {
