@@ -38,6 +38,7 @@ compile_error!("c2dm-hyper needs a crypto provider: enable the `ring` or `aws-lc
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -323,20 +324,24 @@ impl HyperTransport {
             .entry(USER_AGENT)
             .or_insert_with(|| self.user_agent.clone());
         let uri = parts.uri.clone();
-        let mut request = Request::from_parts(parts, Full::new(body));
+        // In an `Option` that `send` takes it from: passed by value, the request would be
+        // stored again in the future of each `async fn` it went through.
+        let mut request = Some(Request::from_parts(parts, Full::new(body)));
         loop {
             let Checkout { mut conn, reused } = self
                 .pool
                 .checkout(&key, &uri, deadline)
                 .await
                 .map_err(|e| connect_error(e, self.request_timeout))?;
-            if conn.is_http1() {
-                to_http1(&mut request, &uri);
-            } else {
-                *request.uri_mut() = uri.clone();
+            if let Some(request) = &mut request {
+                if conn.is_http1() {
+                    to_http1(request, &uri);
+                } else {
+                    *request.uri_mut() = uri.clone();
+                }
             }
             let sent = conn
-                .send(request, deadline)
+                .send(&mut request, deadline)
                 .await
                 .map_err(|TimedOut| self.timed_out())?;
             let response = match sent {
@@ -348,15 +353,16 @@ impl HyperTransport {
                         if !conn.is_http1() {
                             self.pool.forget_shared(&key);
                         }
-                        request = unsent;
+                        request = Some(unsent);
                         continue;
                     }
                     Some(_) => return Err(send_error(&err.into_error(), RequestSent::No)),
                     None => return Err(send_error(&err.into_error(), RequestSent::Maybe)),
                 },
             };
+            let reading = pin!(self.read(response));
             let response = conn
-                .drive(deadline, self.read(response))
+                .drive(deadline, reading)
                 .await
                 .map_err(|TimedOut| self.timed_out())??;
             self.pool.checkin(&key, conn);

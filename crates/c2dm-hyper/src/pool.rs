@@ -149,15 +149,18 @@ impl Wake for Relay {
 /// Whatever `fut` waits for (the connection's readiness, the answer, the body) is made by
 /// polling the connection, which happens here just before each poll of `fut`; so both are
 /// polled with the relay's waker, and only the timer with the task's own.
+///
+/// `fut` comes pinned by the caller: an `async fn` keeps its arguments apart from everything
+/// else it holds, so a future passed by value would be stored twice, here and at its pinning,
+/// in every request's future.
 async fn drive<F: Future>(
     conn: &mut Http1Io<'_>,
     deadline: Instant,
-    fut: F,
+    mut fut: Pin<&mut F>,
 ) -> Result<F::Output, TimedOut> {
     if conn.timer.deadline() != deadline {
         conn.timer.as_mut().reset(deadline);
     }
-    let mut fut = pin!(fut);
     poll_fn(|cx| {
         conn.relay.task.register(cx.waker());
         let mut relayed = Context::from_waker(conn.relay_waker);
@@ -225,29 +228,40 @@ impl Http1 {
     /// Whether it can carry a request now; drives it until it says so, ends, or `deadline`.
     async fn ready(&mut self, deadline: Instant) -> Result<bool, TimedOut> {
         let (send, mut io) = self.split();
-        let ready = drive(&mut io, deadline, poll_fn(|cx| send.poll_ready(cx))).await?;
+        let ready = drive(&mut io, deadline, pin!(poll_fn(|cx| send.poll_ready(cx)))).await?;
         Ok(ready.is_ok() && self.io.is_some())
     }
 }
 
 impl Conn {
-    /// Sends `request`; on an error before anything was written, the request comes back.
+    /// Sends the request in `request` (which must hold one); on an error before anything was
+    /// written, the request comes back.
+    ///
+    /// Taken from an `Option` rather than by value: a request passed by value down the `async`
+    /// calls would be stored once more in each of their futures.
     pub(crate) async fn send(
         &mut self,
-        request: Request<Body>,
+        request: &mut Option<Request<Body>>,
         deadline: Instant,
     ) -> Result<Result<Response<Incoming>, TrySendError<Request<Body>>>, TimedOut> {
+        const NO_REQUEST: &str = "Conn::send is given a request";
         match self {
             Self::Http1(h1) => {
                 let (send, mut io) = h1.split();
                 // Queued on the first poll, within `drive`: queuing wakes the connection's
                 // last poller, and there that wake stays inside the poll.
-                let sending = async move { send.try_send_request(request).await };
+                let sending = pin!(async {
+                    let request = request.take().expect(NO_REQUEST);
+                    send.try_send_request(request).await
+                });
                 drive(&mut io, deadline, sending).await
             }
-            Self::Http2(send) => timeout_at(deadline, send.try_send_request(request))
-                .await
-                .map_err(|_| TimedOut),
+            Self::Http2(send) => {
+                let request = request.take().expect(NO_REQUEST);
+                timeout_at(deadline, send.try_send_request(request))
+                    .await
+                    .map_err(|_| TimedOut)
+            }
         }
     }
 
@@ -256,7 +270,7 @@ impl Conn {
     pub(crate) async fn drive<F: Future>(
         &mut self,
         deadline: Instant,
-        fut: F,
+        fut: Pin<&mut F>,
     ) -> Result<F::Output, TimedOut> {
         match self {
             Self::Http1(h1) => drive(&mut h1.split().1, deadline, fut).await,
