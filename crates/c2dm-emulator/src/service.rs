@@ -85,6 +85,47 @@ struct TokenEntry {
     retired_at: AtomicU64,
 }
 
+impl TokenEntry {
+    /// Whether every later use of this token is refused: its login expired (as a send found),
+    /// or it was rotated out and its grace is used up. Send counts only grow, so neither ends.
+    fn is_dead(&self, grace_sends: u64) -> bool {
+        let retired_at = self.retired_at.load(Ordering::Relaxed);
+        self.session.expired.load(Ordering::Relaxed)
+            || (retired_at != u64::MAX
+                && self.session.sends.load(Ordering::Relaxed)
+                    >= retired_at.saturating_add(grace_sends))
+    }
+}
+
+/// Below this many entries a map is never swept.
+const SWEEP_MIN: usize = 1024;
+
+/// A map that forgets what no longer matters: once it holds twice as many entries as after its
+/// last sweep (and at least [`SWEEP_MIN`]), the entries `keep` refuses go. A long-running
+/// emulator then holds at most twice what is live, and sweeping costs O(1) per insert,
+/// amortized.
+struct Swept<K, V> {
+    map: HashMap<K, V>,
+    sweep_at: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V> Swept<K, V> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            sweep_at: SWEEP_MIN,
+        }
+    }
+
+    /// Sweeps if the map has grown enough; call before inserting.
+    fn sweep_if_grown(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(keep);
+            self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
+        }
+    }
+}
+
 /// How a send is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SendAnswer {
@@ -117,13 +158,17 @@ pub(crate) struct Service {
     config: Config,
     accounts: Vec<Account>,
     counters: Counters,
-    tokens: RwLock<HashMap<Box<str>, Arc<TokenEntry>>>,
+    /// Every token handed out; dead ones are swept as new ones come.
+    tokens: RwLock<Swept<Box<str>, Arc<TokenEntry>>>,
     captchas_solved: Mutex<HashSet<usize>>,
     token_counter: AtomicU64,
     message_counter: AtomicU64,
     inbox: Inbox,
-    device_counts: Mutex<HashMap<Box<str>, (Instant, u64)>>,
-    sender_counts: Mutex<HashMap<usize, (Instant, u64)>>,
+    /// Sends per device in the window of `Config::device_quota`.
+    device_counts: Mutex<Swept<Box<str>, (Instant, u64)>>,
+    /// Refusals per device of `Config::device_quota_prefixes`, never reset.
+    device_refusals: Mutex<Swept<Box<str>, (Instant, u64)>>,
+    sender_counts: Mutex<Swept<usize, (Instant, u64)>>,
     /// Added to the real clock: tests move time forward without sleeping.
     clock_offset_micros: AtomicU64,
 }
@@ -143,13 +188,14 @@ impl Service {
         let service = Self {
             accounts,
             counters: Counters::default(),
-            tokens: RwLock::new(HashMap::new()),
+            tokens: RwLock::new(Swept::new()),
             captchas_solved: Mutex::new(HashSet::new()),
             token_counter: AtomicU64::new(0),
             message_counter: AtomicU64::new(1_326_885_481_081_626),
             inbox,
-            device_counts: Mutex::new(HashMap::new()),
-            sender_counts: Mutex::new(HashMap::new()),
+            device_counts: Mutex::new(Swept::new()),
+            device_refusals: Mutex::new(Swept::new()),
+            sender_counts: Mutex::new(Swept::new()),
             clock_offset_micros: AtomicU64::new(0),
             config,
         };
@@ -211,11 +257,15 @@ impl Service {
             retired_at: AtomicU64::new(u64::MAX),
         });
         *session.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&entry);
-        self.tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token.clone().into(), entry);
+        self.add_token(&token, entry);
         token
+    }
+
+    fn add_token(&self, token: &str, entry: Arc<TokenEntry>) {
+        let grace = self.config.rotation_grace_sends;
+        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+        tokens.sweep_if_grown(|_, entry| !entry.is_dead(grace));
+        tokens.map.insert(token.into(), entry);
     }
 
     /// Checks a token; returns its entry when it may send, and counts the send on its session.
@@ -224,6 +274,7 @@ impl Service {
             .tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .get(token?)
             .cloned()?;
         let session = &entry.session;
@@ -253,15 +304,19 @@ impl Service {
         Some(entry)
     }
 
+    /// Counts a send for `key` if its window of `quota` has room; every key of `counts` must
+    /// have the same quota (windows that ended are swept with it).
     fn count_in_window<K: std::hash::Hash + Eq>(
         &self,
-        map: &Mutex<HashMap<K, (Instant, u64)>>,
+        counts: &Mutex<Swept<K, (Instant, u64)>>,
         key: K,
         quota: Quota,
     ) -> bool {
         let now = self.now();
-        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map.entry(key).or_insert((now, 0));
+        let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+        // A window that ended counts as none: forgetting it changes no answer.
+        counts.sweep_if_grown(|_, (start, _)| now.duration_since(*start) < quota.window);
+        let entry = counts.map.entry(key).or_insert((now, 0));
         if now.duration_since(entry.0) >= quota.window {
             *entry = (now, 0);
         }
@@ -333,7 +388,7 @@ impl Service {
                 window: Duration::MAX,
             };
             // Counts the sends this device was refused; once past the limit it goes through.
-            if self.count_in_window(&self.device_counts, format!("!{id}").into(), limited) {
+            if self.count_in_window(&self.device_refusals, id.into(), limited) {
                 return rejected(ErrorCode::DeviceQuotaExceeded);
             }
         }
@@ -383,10 +438,7 @@ impl Service {
             old.retired_at
                 .store(session.sends.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        self.tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token.clone().into(), entry);
+        self.add_token(&token, entry);
         self.counters.rotations.fetch_add(1, Ordering::Relaxed);
         token
     }
@@ -494,5 +546,97 @@ impl Service {
 
     pub(crate) fn inbox(&self) -> &Inbox {
         &self.inbox
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(id: &str) -> String {
+        format!("registration_id={id}&collapse_key=k&data.message=hi")
+    }
+
+    fn body(answer: &SendAnswer) -> &str {
+        std::str::from_utf8(&answer.body).unwrap_or("")
+    }
+
+    #[test]
+    fn a_swept_map_drops_what_keep_refuses_once_it_has_doubled() {
+        let mut swept: Swept<u32, u32> = Swept::new();
+        for k in 0..SWEEP_MIN as u32 {
+            swept.sweep_if_grown(|_, v| *v % 2 == 0);
+            swept.map.insert(k, k);
+        }
+        // Not grown enough yet: nothing went.
+        assert_eq!(swept.map.len(), SWEEP_MIN);
+        swept.sweep_if_grown(|_, v| *v % 2 == 0);
+        assert_eq!(swept.map.len(), SWEEP_MIN / 2, "the odd ones went");
+        assert!(swept.map.keys().all(|k| k % 2 == 0));
+        // The next sweep waits for twice what was kept (at least the minimum).
+        assert_eq!(swept.sweep_at, SWEEP_MIN);
+        swept.sweep_if_grown(|_, _| false);
+        assert_eq!(swept.map.len(), SWEEP_MIN / 2);
+    }
+
+    #[test]
+    fn device_quota_windows_that_ended_are_forgotten_and_live_ones_still_count() {
+        let service = Service::new(Config {
+            static_tokens: vec!["T".into()],
+            device_quota: Some(Quota {
+                limit: 1,
+                window: Duration::from_secs(60),
+            }),
+            ..Config::default()
+        });
+        let auth = Some("GoogleLogin auth=T");
+        for i in 0..3 * SWEEP_MIN {
+            let answer = service.send(auth, form(&format!("old-{i}")).as_bytes());
+            assert!(body(&answer).starts_with("id="), "{}", body(&answer));
+        }
+        service.advance_clock(Duration::from_secs(60));
+        assert!(body(&service.send(auth, form("fresh").as_bytes())).starts_with("id="));
+        for i in 0..2 * SWEEP_MIN {
+            service.send(auth, form(&format!("new-{i}")).as_bytes());
+        }
+        let kept = service.device_counts.lock().unwrap().map.len();
+        assert!(kept <= 2 * SWEEP_MIN + 1, "{kept} device windows kept");
+        // Windows still open keep counting through the sweeps.
+        assert_eq!(
+            body(&service.send(auth, form("fresh").as_bytes())),
+            "Error=DeviceQuotaExceeded"
+        );
+        // And one that ended lets the device through again, swept or not.
+        assert!(body(&service.send(auth, form("old-1").as_bytes())).starts_with("id="));
+    }
+
+    #[test]
+    fn rotated_tokens_past_their_grace_are_forgotten() {
+        let service = Service::new(Config {
+            static_tokens: vec!["T".into()],
+            rotate_token_every: Some(1),
+            rotation_grace_sends: 0,
+            ..Config::default()
+        });
+        let mut token = "T".to_owned();
+        for i in 0..4 * SWEEP_MIN {
+            let answer = service.send(
+                Some(&format!("GoogleLogin auth={token}")),
+                form(&format!("d-{i}")).as_bytes(),
+            );
+            assert!(body(&answer).starts_with("id="), "{}", body(&answer));
+            token = answer.rotated_token.expect("a rotation per message");
+        }
+        let kept = service.tokens.read().unwrap().map.len();
+        assert!(kept <= SWEEP_MIN + 1, "{kept} tokens kept");
+        // The current token works; a retired one stays refused, swept or not.
+        let current = format!("GoogleLogin auth={token}");
+        assert!(body(&service.send(Some(&current), form("x").as_bytes())).starts_with("id="));
+        assert_eq!(
+            service
+                .send(Some("GoogleLogin auth=T"), form("y").as_bytes())
+                .status,
+            401
+        );
     }
 }
