@@ -488,6 +488,22 @@ async fn a_tls_handshake_that_never_ends_times_out_unsent() {
     assert_eq!(err.request_sent(), RequestSent::No, "{err}");
 }
 
+/// How many connections wait in the accept queue of the listener on `port`: Linux shows it as
+/// the receive queue of the listening socket in /proc/net/tcp. `None` if that cannot be read.
+#[cfg(target_os = "linux")]
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (address, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+        if !address.ends_with(&local) || *state != "0A" {
+            return None; // not this port, or not listening
+        }
+        u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+    })
+}
+
 /// A TCP connect that never completes ends at the connect timeout, well before the request
 /// timeout, with nothing sent. Linux drops a SYN when the listener's accept queue is full: a
 /// listener with a backlog of 0 and one connection that nobody accepts makes the next
@@ -501,6 +517,13 @@ async fn a_connect_that_never_completes_hits_the_connect_timeout() {
     let addr = listener.local_addr().unwrap();
     // Fills the accept queue; completes at once, as the kernel answers for the listener.
     let _queued = std::net::TcpStream::connect(addr).unwrap();
+    // The kernel may queue it a moment after the connect returns, under load.
+    for _ in 0..100_000 {
+        if accept_queue(addr.port()) != Some(0) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     let transport = HyperTransport::builder()
         .connect_timeout(Duration::from_secs(2))
         .request_timeout(Duration::from_secs(3600))
