@@ -76,7 +76,7 @@ pub fn workspace_version(manifest: &str) -> Result<Version, String> {
 }
 
 /// Rewrites the root manifest: the `[workspace.package]` version and the version of every
-/// internal (`path = "crates/…"`) entry of `[workspace.dependencies]`. Everything else, comments
+/// internal (`path = …`) entry of `[workspace.dependencies]`. Everything else, comments
 /// and layout included, stays as it is.
 pub fn bump_manifest(manifest: &str, from: Version, to: Version) -> Result<String, String> {
     let mut section = String::new();
@@ -94,7 +94,7 @@ pub fn bump_manifest(manifest: &str, from: Version, to: Version) -> Result<Strin
                 package_done = true;
                 line.replace(&old, &new)
             }
-            "[workspace.dependencies]" if line.contains("path = \"crates/") => {
+            "[workspace.dependencies]" if line.contains("path = \"") => {
                 if !line.contains(&old) {
                     return Err(format!(
                         "internal dependency without version {from}: {}",
@@ -241,15 +241,15 @@ mod tests {
     use super::*;
 
     const MANIFEST: &str = r#"[workspace]
-members = ["crates/*"]
+members = ["c2dm-*"]
 
 [workspace.package]
 version = "0.1.0"
 edition = "2024"
 
 [workspace.dependencies]
-c2dm-core = { path = "crates/c2dm-core", version = "0.1.0" }
-c2dm-mock = { path = "crates/c2dm-mock", version = "0.1.0" }
+c2dm-core = { path = "c2dm-core", version = "0.1.0" }
+c2dm-mock = { path = "c2dm-mock", version = "0.1.0" }
 # an external crate that happens to be at the same version
 other = { version = "0.1.0" }
 "#;
@@ -277,8 +277,8 @@ other = { version = "0.1.0" }
         assert_eq!(from, v("0.1.0"));
         let out = bump_manifest(MANIFEST, from, v("0.2.0")).unwrap();
         assert!(out.contains("[workspace.package]\nversion = \"0.2.0\""));
-        assert!(out.contains(r#"c2dm-core = { path = "crates/c2dm-core", version = "0.2.0" }"#));
-        assert!(out.contains(r#"c2dm-mock = { path = "crates/c2dm-mock", version = "0.2.0" }"#));
+        assert!(out.contains(r#"c2dm-core = { path = "c2dm-core", version = "0.2.0" }"#));
+        assert!(out.contains(r#"c2dm-mock = { path = "c2dm-mock", version = "0.2.0" }"#));
         assert!(out.contains(r#"other = { version = "0.1.0" }"#));
         assert!(out.contains("# an external crate"));
         assert_eq!(workspace_version(&out).unwrap(), v("0.2.0"));
@@ -287,8 +287,8 @@ other = { version = "0.1.0" }
     #[test]
     fn manifest_bump_refuses_a_stray_internal_version() {
         let broken = MANIFEST.replace(
-            r#"c2dm-mock = { path = "crates/c2dm-mock", version = "0.1.0" }"#,
-            r#"c2dm-mock = { path = "crates/c2dm-mock", version = "0.0.9" }"#,
+            r#"c2dm-mock = { path = "c2dm-mock", version = "0.1.0" }"#,
+            r#"c2dm-mock = { path = "c2dm-mock", version = "0.0.9" }"#,
         );
         assert!(bump_manifest(&broken, v("0.1.0"), v("0.2.0")).is_err());
     }

@@ -1,6 +1,6 @@
 //! `cargo xtask soak`: a long broadcast over TLS with every fault on at once, checked afterwards
 //! against the emulator's record; prints the figures. The small version runs in `cargo test`
-//! (crates/c2dm-emulator/tests/soak.rs).
+//! (c2dm-emulator/tests/soak.rs).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

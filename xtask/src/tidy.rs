@@ -18,14 +18,27 @@ fn read_toml(path: &Path) -> Result<toml::Table, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The member crates: every folder under `crates/` with a Cargo.toml.
+/// The member crates: every `c2dm-*` folder at the repository root with a Cargo.toml.
 pub fn member_manifests(root: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
+    let mut out: Vec<PathBuf> = crate_dirs(root)
+        .into_iter()
+        .map(|dir| dir.join("Cargo.toml"))
+        .filter(|p| p.exists())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The folders of the member crates: `c2dm-*` at the repository root (the layout the design
+/// card fixed: no `crates/` folder).
+fn crate_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path().join("Cargo.toml"))
-        .filter(|p| p.exists())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("c2dm-"))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
         .collect();
     out.sort();
     out
@@ -130,7 +143,7 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 /// No `hyper_util` type may appear in c2dm-hyper's public API, so hyper-util upgrades never
 /// break its users: no public item's signature and no re-export mentions it.
 fn check_hyper_api(root: &Path, problems: &mut Vec<String>) {
-    for file in rust_files(&root.join("crates/c2dm-hyper/src")) {
+    for file in rust_files(&root.join("c2dm-hyper/src")) {
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
@@ -150,7 +163,10 @@ fn check_hyper_api(root: &Path, problems: &mut Vec<String>) {
 
 /// No `todo!` or `unimplemented!` outside tests.
 fn check_no_todo(root: &Path, problems: &mut Vec<String>) {
-    let mut files = rust_files(&root.join("crates"));
+    let mut files: Vec<PathBuf> = crate_dirs(root)
+        .iter()
+        .flat_map(|dir| rust_files(dir))
+        .collect();
     files.extend(rust_files(&root.join("xtask/src")));
     let needles = [concat!("todo", "!("), concat!("unimplemented", "!(")];
     for file in files {
@@ -160,14 +176,88 @@ fn check_no_todo(root: &Path, problems: &mut Vec<String>) {
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
-        // Everything after `#[cfg(test)]` in a file is its test module.
-        let code = text.split("#[cfg(test)]").next().unwrap_or("");
-        for (n, line) in code.lines().enumerate() {
+        for (n, line) in lines_outside_tests(&text) {
             if needles.iter().any(|needle| line.contains(needle)) {
                 problems.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
             }
         }
     }
+}
+
+/// The lines of a file (numbered from 0) that are not inside an item marked `#[cfg(test)]`. An
+/// item runs from the attribute to the close of its first brace block (or its `;`), counted by
+/// braces outside string and character literals and comments, so code after a test module is
+/// read again.
+fn lines_outside_tests(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut skipping = false;
+    let mut depth = 0usize;
+    let mut opened = false;
+    for (n, line) in text.lines().enumerate() {
+        if !skipping && line.trim_start().starts_with("#[cfg(test)]") {
+            skipping = true;
+            depth = 0;
+            opened = false;
+            continue;
+        }
+        if !skipping {
+            out.push((n, line));
+            continue;
+        }
+        for c in code_chars(line) {
+            match c {
+                '{' => {
+                    depth += 1;
+                    opened = true;
+                }
+                '}' => depth = depth.saturating_sub(1),
+                ';' if !opened => opened = true,
+                _ => {}
+            }
+        }
+        if opened && depth == 0 {
+            skipping = false;
+        }
+    }
+    out
+}
+
+/// The characters of one line that are code: not in a `//` comment, a string or a char literal.
+fn code_chars(line: &str) -> impl Iterator<Item = char> + '_ {
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut chars = line.chars().peekable();
+    let mut done = false;
+    std::iter::from_fn(move || {
+        while !done {
+            let c = chars.next()?;
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match c {
+                '"' => in_string = true,
+                '/' if chars.peek() == Some(&'/') => done = true,
+                '\'' => {
+                    // A char literal ('{', '\\'') or a lifetime ('a): skip a literal whole.
+                    let rest: String = chars.clone().take(3).collect();
+                    if rest.starts_with('\\') {
+                        chars.nth(2);
+                    } else if rest.chars().nth(1) == Some('\'') {
+                        chars.nth(1);
+                    }
+                }
+                c => return Some(c),
+            }
+        }
+        None
+    })
 }
 
 /// Every rule; an empty list means all hold.
@@ -200,21 +290,20 @@ mod tests {
         let root = dir.path();
         std::fs::write(
             root.join("Cargo.toml"),
-            "[workspace]\n[workspace.package]\nlicense = \"MIT\"\n[workspace.dependencies]\na = { path = \"crates/a\" }\n",
+            "[workspace]\n[workspace.package]\nlicense = \"MIT\"\n[workspace.dependencies]\na = { path = \"a\" }\n",
         )
         .unwrap();
-        std::fs::create_dir_all(root.join("crates/c2dm-hyper/src")).unwrap();
+        std::fs::create_dir_all(root.join("c2dm-hyper/src")).unwrap();
         std::fs::write(
-            root.join("crates/c2dm-hyper/Cargo.toml"),
+            root.join("c2dm-hyper/Cargo.toml"),
             "[package]\nname = \"c2dm-hyper\"\nlicense.workspace = true\n[dependencies]\nb = { path = \"../b\" }\n[dev-dependencies]\nc = { path = \"../c\" }\n",
         )
         .unwrap();
         std::fs::write(
-            root.join("crates/c2dm-hyper/src/lib.rs"),
+            root.join("c2dm-hyper/src/lib.rs"),
             format!(
-                "pub fn f() -> hyper_util::X {{}}\nfn g() -> hyper_util::Y {{}}\nfn h() {{ {}) }}\n#[cfg(test)]\nfn t() {{ {}) }}\n",
-                concat!("todo", "!("),
-                concat!("todo", "!(")
+                "pub fn f() -> hyper_util::X {{}}\nfn g() -> hyper_util::Y {{}}\nfn h() {{ {todo}) }}\n#[cfg(test)]\nmod tests {{\n    fn t() {{ let _ = '{{'; let _ = \"}}\"; {todo}) }}\n}}\nfn after_the_tests() {{ {todo}) }}\n",
+                todo = concat!("todo", "!("),
             ),
         )
         .unwrap();
@@ -240,6 +329,9 @@ mod tests {
             1,
             "{text}"
         );
-        assert_eq!(text.matches(concat!("todo", "!(")).count(), 1, "{text}");
+        // The one in `h` and the one after the test module; not the one inside it.
+        assert_eq!(text.matches(concat!("todo", "!(")).count(), 2, "{text}");
+        assert!(text.contains("lib.rs:3:"), "{text}");
+        assert!(text.contains("lib.rs:8:"), "{text}");
     }
 }

@@ -50,7 +50,7 @@ pub use service::Stats;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
 /// Why the emulator could not start.
