@@ -70,46 +70,44 @@ impl fmt::Debug for ClientLogin {
 }
 
 impl ClientLogin {
-    /// Logs in as `credentials` at Google's endpoint over `transport`.
+    /// Logs in as `credentials` at Google's endpoint over `transport`, with the default retries.
     pub fn new(credentials: Credentials, transport: impl Transport + 'static) -> Self {
-        Self {
-            cache: TokenCache::new(LoginClient {
+        Self::builder(credentials, transport).build()
+    }
+
+    /// Starts a [`ClientLogin`] with settings; their order does not matter.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use c2dm_auth::{ClientLogin, Credentials};
+    /// use c2dm_core::AuthToken;
+    /// use c2dm_mock::RecordingTransport;
+    ///
+    /// let login = ClientLogin::builder(
+    ///     Credentials::new("sender@example.com", "password", "shop-app-1"),
+    ///     RecordingTransport::new(),
+    /// )
+    /// .token(AuthToken::new("from-an-earlier-login")?)
+    /// .endpoint("https://127.0.0.1:8443/accounts/ClientLogin".parse()?)
+    /// .retries(5, Duration::from_millis(500))
+    /// .build();
+    /// assert_eq!(login.login_count(), 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn builder(
+        credentials: Credentials,
+        transport: impl Transport + 'static,
+    ) -> ClientLoginBuilder {
+        ClientLoginBuilder {
+            client: LoginClient {
                 transport: Arc::new(transport),
                 credentials,
                 endpoint: codec::default_login_uri(),
                 captcha: Mutex::new(None),
                 max_attempts: 3,
                 initial_backoff: Duration::from_secs(1),
-            }),
-        }
-    }
-
-    fn reconfigure(self, change: impl FnOnce(&mut LoginClient)) -> Self {
-        let mut client = self.cache.into_login();
-        change(&mut client);
-        Self {
-            cache: TokenCache::new(client),
-        }
-    }
-
-    /// Logs in at `endpoint` instead of Google's (e.g. a local emulator).
-    pub fn with_endpoint(self, endpoint: Uri) -> Self {
-        self.reconfigure(|c| c.endpoint = endpoint)
-    }
-
-    /// How many times one login is tried when the service is unavailable (default 3, at least
-    /// 1), waiting `initial_backoff` (default 1 s), then twice that, and so on, in between.
-    pub fn with_retries(self, max_attempts: u32, initial_backoff: Duration) -> Self {
-        self.reconfigure(|c| {
-            c.max_attempts = max_attempts.max(1);
-            c.initial_backoff = initial_backoff;
-        })
-    }
-
-    /// Starts with a token obtained earlier; logs in only when it is refused.
-    pub fn with_token(self, token: AuthToken) -> Self {
-        Self {
-            cache: TokenCache::with_token(self.cache.into_login(), token),
+            },
+            token: None,
         }
     }
 
@@ -129,16 +127,73 @@ impl ClientLogin {
     }
 
     /// Logs in now, whatever is cached, and returns the token or the typed error (with the
-    /// CAPTCHA challenge, if one is asked for). The token is cached for later sends.
+    /// CAPTCHA challenge, if one is asked for). The token is cached for later sends, and the
+    /// login is counted by [`ClientLogin::login_count`].
     pub async fn login_now(&self) -> Result<AuthToken, LoginError> {
-        let token = self.cache.login().login_with_retries().await?;
-        self.cache.rotate(token.clone());
-        Ok(token)
+        self.cache.login_now().await.map_err(|err| {
+            login_error_of(&err).cloned().unwrap_or_else(|| {
+                LoginError::Transport(
+                    c2dm_core::TransportError::new(
+                        c2dm_core::TransportErrorKind::Other,
+                        c2dm_core::RequestSent::No,
+                    )
+                    .with_message(err.to_string()),
+                )
+            })
+        })
     }
 
-    /// How many logins went through the token cache.
+    /// How many logins were attempted: by sends needing a token, and by [`ClientLogin::login_now`].
     pub fn login_count(&self) -> u64 {
         self.cache.login_count()
+    }
+}
+
+/// Builds a [`ClientLogin`]; see [`ClientLogin::builder`].
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ClientLoginBuilder {
+    client: LoginClient,
+    token: Option<AuthToken>,
+}
+
+impl fmt::Debug for ClientLoginBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientLoginBuilder")
+            .field("credentials", &self.client.credentials)
+            .field("endpoint", &self.client.endpoint)
+            .field("has_token", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientLoginBuilder {
+    /// Logs in at `endpoint` instead of Google's (e.g. a local emulator).
+    pub fn endpoint(mut self, endpoint: Uri) -> Self {
+        self.client.endpoint = endpoint;
+        self
+    }
+
+    /// How many times one login is tried when the service is unavailable (default 3, at least
+    /// 1), waiting `initial_backoff` (default 1 s), then twice that, and so on, in between.
+    pub fn retries(mut self, max_attempts: u32, initial_backoff: Duration) -> Self {
+        self.client.max_attempts = max_attempts.max(1);
+        self.client.initial_backoff = initial_backoff;
+        self
+    }
+
+    /// Starts with a token obtained earlier; logs in only when it is refused.
+    pub fn token(mut self, token: AuthToken) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Builds the [`ClientLogin`].
+    pub fn build(self) -> ClientLogin {
+        let cache = match self.token {
+            Some(token) => TokenCache::with_token(self.client, token),
+            None => TokenCache::new(self.client),
+        };
+        ClientLogin { cache }
     }
 }
 
@@ -200,8 +255,8 @@ impl TokenProvider for ClientLogin {
         self.cache.token().await
     }
 
-    fn rotate(&self, new: AuthToken) {
-        self.cache.rotate(new)
+    fn rotate(&self, used: &AuthToken, new: AuthToken) {
+        self.cache.rotate(used, new)
     }
 
     async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {

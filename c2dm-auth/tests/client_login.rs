@@ -47,9 +47,47 @@ async fn logs_in_on_first_use_and_caches() {
 #[tokio::test]
 async fn takes_rotated_tokens() {
     let login = login_over(&fake());
-    login.token().await.unwrap();
-    login.rotate(AuthToken::new("rotated").unwrap());
+    let first = login.token().await.unwrap();
+    login.rotate(&first, AuthToken::new("rotated").unwrap());
     assert_eq!(login.token().await.unwrap().expose_secret(), "rotated");
+}
+
+#[tokio::test]
+async fn a_late_rotation_of_an_older_login_is_ignored() {
+    let login = login_over(&fake());
+    let first = login.token().await.unwrap();
+    let second = login.refresh(&first).await.unwrap();
+    assert_ne!(first, second);
+    // The answer to a request made with the first login's token arrives after the new login.
+    login.rotate(&first, AuthToken::new("late").unwrap());
+    assert_eq!(login.token().await.unwrap(), second);
+    // A rotation of the current login's token is taken.
+    login.rotate(&second, AuthToken::new("rotated").unwrap());
+    assert_eq!(login.token().await.unwrap().expose_secret(), "rotated");
+}
+
+#[tokio::test]
+async fn login_now_is_counted_and_its_token_kept() {
+    let fake = fake();
+    let login = login_over(&fake);
+    let token = login.login_now().await.unwrap();
+    assert_eq!(login.login_count(), 1);
+    assert_eq!(login.token().await.unwrap(), token);
+    assert_eq!(fake.successful_logins(), 1);
+}
+
+#[tokio::test]
+async fn builder_settings_in_any_order_keep_the_token() {
+    let fake = fake();
+    let given = AuthToken::new("given").unwrap();
+    let token_first = ClientLogin::builder(credentials(), fake.clone())
+        .token(given.clone())
+        .endpoint("https://127.0.0.1:1/accounts/ClientLogin".parse().unwrap())
+        .retries(2, Duration::from_millis(1))
+        .build();
+    assert_eq!(token_first.token().await.unwrap(), given);
+    assert_eq!(token_first.login_count(), 0);
+    assert_eq!(fake.login_requests().len(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -176,7 +214,9 @@ async fn hundred_concurrent_sends_hitting_401_cause_one_login() {
         .accept_only_tokens([])
         .latency(Duration::from_millis(5));
     let login = Arc::new(
-        ClientLogin::new(credentials(), fake.clone()).with_token(AuthToken::new("stale").unwrap()),
+        ClientLogin::builder(credentials(), fake.clone())
+            .token(AuthToken::new("stale").unwrap())
+            .build(),
     );
     let sender = Sender::new(fake.clone(), Arc::clone(&login));
     let tasks: Vec<_> = (0..100)

@@ -142,16 +142,17 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
         .and_then(|b| b.build())
         .map_err(failed("TLS setup"))?;
     let login = Arc::new(
-        ClientLogin::new(
+        ClientLogin::builder(
             Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, c2dm_auth::DEFAULT_SOURCE),
             transport.clone(),
         )
-        .with_endpoint(
+        .endpoint(
             emulator
                 .login_url()
                 .parse()
                 .map_err(failed::<http::uri::InvalidUri>("login URL"))?,
-        ),
+        )
+        .build(),
     );
     login.login_now().await.map_err(failed("ClientLogin"))?;
     println!("logged in as {DEFAULT_EMAIL} through ClientLogin");

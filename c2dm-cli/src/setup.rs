@@ -116,14 +116,20 @@ pub fn credentials(global: &Global) -> Result<Option<Credentials>, CliError> {
     }
 }
 
-/// ClientLogin over `transport` at `--login-url`.
+/// ClientLogin over `transport` at `--login-url`, starting with `token` if one is given.
 pub fn client_login(
     global: &Global,
     credentials: Credentials,
     transport: HyperTransport,
+    token: Option<AuthToken>,
 ) -> Result<ClientLogin, CliError> {
     let endpoint = parse_url("--login-url", &global.login_url)?;
-    Ok(ClientLogin::new(credentials, transport).with_endpoint(endpoint))
+    let builder = ClientLogin::builder(credentials, transport).endpoint(endpoint);
+    Ok(match token {
+        Some(token) => builder.token(token),
+        None => builder,
+    }
+    .build())
 }
 
 /// Where the Auth token comes from: `--token` (logging in again when refused, if credentials
@@ -139,14 +145,18 @@ pub fn token_provider(
         None => None,
     };
     match (token, credentials(global)?) {
-        (Some(token), Some(credentials)) => Ok(Arc::new(
-            client_login(global, credentials, transport.clone())?.with_token(token),
-        )),
+        (Some(token), Some(credentials)) => Ok(Arc::new(client_login(
+            global,
+            credentials,
+            transport.clone(),
+            Some(token),
+        )?)),
         (Some(token), None) => Ok(Arc::new(StaticToken::new(token))),
         (None, Some(credentials)) => Ok(Arc::new(client_login(
             global,
             credentials,
             transport.clone(),
+            None,
         )?)),
         (None, None) => Err(CliError::Usage(
             "no credentials: give --token (or C2DM_AUTH_TOKEN), or --email with C2DM_PASSWORD or --password-file".into(),
@@ -190,7 +200,7 @@ pub async fn login(global: &Global, args: LoginArgs) -> Result<ExitCode, CliErro
             "login needs --email (or C2DM_EMAIL) and C2DM_PASSWORD or --password-file".into(),
         ));
     };
-    let login = client_login(global, credentials, transport)?;
+    let login = client_login(global, credentials, transport, None)?;
     if let (Some(token), Some(answer)) = (args.captcha_token, args.captcha_answer) {
         login.answer_captcha(CaptchaAnswer { token, answer });
     }

@@ -118,8 +118,17 @@ pub struct SendForm {
     pub collapse_key: Option<String>,
     /// The `data.<key>` pairs in order, keys without the prefix.
     pub data: Vec<(String, String)>,
-    /// `delay_while_idle`: set when present with value `1`, `true` or empty.
+    /// `delay_while_idle`, read as C2DM read it, a presence flag: present with any value but
+    /// `0` or `false` (in any case) sets it, so `1`, `true`, `True` (Python's encoding of the
+    /// boolean) and the empty value all do.
     pub delay_while_idle: bool,
+    /// Fields that were ignored: unknown names, and `data.` with an empty key.
+    pub ignored_fields: usize,
+}
+
+/// Whether a `delay_while_idle` value sets the flag: anything but `0` or `false`, in any case.
+fn is_set(value: &str) -> bool {
+    !(value == "0" || value.eq_ignore_ascii_case("false"))
 }
 
 impl SendForm {
@@ -139,14 +148,14 @@ impl SendForm {
             match &*key {
                 "registration_id" => form.registration_id = Some(value.into_owned()),
                 "collapse_key" => form.collapse_key = Some(value.into_owned()),
-                "delay_while_idle" => {
-                    form.delay_while_idle = matches!(&*value, "1" | "true" | "");
-                }
-                k => {
-                    if let Some(data_key) = k.strip_prefix("data.") {
-                        form.data.push((data_key.to_owned(), value.into_owned()));
-                    }
-                }
+                "delay_while_idle" => form.delay_while_idle = is_set(&value),
+                k => match k.strip_prefix("data.") {
+                    // `data.` alone names no key: ignored like any unknown field, so it is
+                    // neither delivered nor counted (the client refuses to build one).
+                    Some("") => form.ignored_fields += 1,
+                    Some(data_key) => form.data.push((data_key.to_owned(), value.into_owned())),
+                    None => form.ignored_fields += 1,
+                },
             }
         }
         form
@@ -238,13 +247,11 @@ fn decode_ok_body(body: &[u8]) -> Result<MessageId, Error> {
     let text = std::str::from_utf8(body).map_err(|_| malformed())?.trim();
     let (key, value) = text.split_once('=').ok_or_else(malformed)?;
     let value = value.trim();
-    if value.is_empty() {
-        return Err(malformed());
-    }
-    if key.eq_ignore_ascii_case("id") {
-        Ok(MessageId::new(value))
-    } else if key.eq_ignore_ascii_case("error") {
+    if key.eq_ignore_ascii_case("error") {
+        // Any code, even an empty one, is a refusal: an unknown code is final.
         Err(Error::Rejected(ErrorCode::parse(value)))
+    } else if key.eq_ignore_ascii_case("id") && !value.is_empty() {
+        Ok(MessageId::new(value))
     } else {
         Err(malformed())
     }
@@ -383,8 +390,12 @@ mod tests {
             ("delay_while_idle=true", true),
             ("delay_while_idle=", true),
             ("delay_while_idle", true),
+            ("delay_while_idle=True", true),
+            ("delay_while_idle=yes", true),
             ("delay_while_idle=0", false),
             ("delay_while_idle=false", false),
+            ("delay_while_idle=FALSE", false),
+            ("delay_while_idle=False", false),
             ("", false),
         ] {
             assert_eq!(
@@ -393,6 +404,28 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// The original article's Python sender, byte for byte: `urllib.urlencode` of its dict,
+    /// with the boolean `True` for `delay_while_idle`.
+    #[test]
+    fn reads_the_original_python_senders_body() {
+        let body = b"registration_id=APA91bH-device&collapse_key=score&data.message=Hello+World&delay_while_idle=True";
+        let form = SendForm::parse(body);
+        assert!(form.delay_while_idle);
+        assert_eq!(form.registration_id.as_deref(), Some("APA91bH-device"));
+        assert_eq!(
+            form.data,
+            vec![("message".to_string(), "Hello World".to_string())]
+        );
+    }
+
+    #[test]
+    fn an_empty_data_key_is_ignored_not_delivered() {
+        let form = SendForm::parse(b"registration_id=r&collapse_key=k&data.=x&data.a=1&other=2");
+        assert_eq!(form.data, vec![("a".to_string(), "1".to_string())]);
+        assert_eq!(form.ignored_fields, 2);
+        assert_eq!(form.payload_size(), 2);
     }
 
     #[test]
@@ -549,7 +582,7 @@ mod tests {
 
     #[test]
     fn malformed_200_bodies() {
-        for body in ["", "hello", "id=", "Error=", "=x", "foo=bar", "<html>"] {
+        for body in ["", "hello", "id=", "id= ", "=x", "foo=bar", "<html>"] {
             let r = decode(200, &[], body);
             let err = r.result.unwrap_err();
             assert!(
@@ -571,6 +604,13 @@ mod tests {
             Err(Error::MalformedResponse { body, .. }) => assert_eq!(body.len(), 200),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_empty_error_code_is_an_unknown_code_and_final() {
+        let err = decode(200, &[], "Error=\n").result.unwrap_err();
+        assert!(matches!(&err, Error::Rejected(ErrorCode::Unknown(code)) if code.is_empty()));
+        assert!(!err.is_retryable());
     }
 
     #[test]

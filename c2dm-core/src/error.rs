@@ -143,6 +143,39 @@ pub enum Error {
     /// No Auth token could be had.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The message's deadline ([`RetryPolicy::with_deadline`](crate::RetryPolicy::with_deadline))
+    /// passed before it was accepted.
+    #[error("the message's deadline passed before it was accepted{}", LastText(.last.as_deref()))]
+    DeadlineExceeded {
+        /// The error of the last attempt, if one had failed.
+        last: Option<Box<Error>>,
+    },
+    /// Every send is paused (after a 503 or `QuotaExceeded`) for longer than this message may
+    /// wait ([`RetryPolicy::with_max_retry_after`](crate::RetryPolicy::with_max_retry_after)).
+    /// Nothing was sent; try again later.
+    #[error("every send is paused for {}s more, longer than a message may wait", .remaining.as_secs())]
+    Paused {
+        /// How long the pause still runs.
+        remaining: Duration,
+    },
+    /// The transport or token provider panicked during the send (a bug there). The request may
+    /// have reached the service.
+    #[error("the send panicked: {message}")]
+    Panicked {
+        /// The panic's message, when it had one.
+        message: String,
+    },
+}
+
+struct LastText<'a>(Option<&'a Error>);
+
+impl fmt::Display for LastText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(last) => write!(f, " (last: {last})"),
+            None => Ok(()),
+        }
+    }
 }
 
 struct RetryAfterText(Option<Duration>);
@@ -158,8 +191,8 @@ impl fmt::Display for RetryAfterText {
 
 impl Error {
     /// Whether sending the same message again may succeed: quota codes, 401 (after a new login),
-    /// 5xx, malformed answers, transient transport failures (not a refused certificate) and
-    /// retryable token failures.
+    /// 5xx, malformed answers, transient transport failures (not a refused certificate),
+    /// retryable token failures, a passed deadline and a pause too long to wait out.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Rejected(code) => code.is_retryable(),
@@ -168,8 +201,24 @@ impl Error {
             | Self::ServerError { .. }
             | Self::MalformedResponse { .. } => true,
             Self::Transport(err) => err.is_retryable(),
-            Self::UnexpectedStatus { .. } => false,
+            Self::UnexpectedStatus { .. } | Self::Panicked { .. } => false,
             Self::Token(err) => err.is_retryable(),
+            // Later, with a new deadline, the send may succeed.
+            Self::DeadlineExceeded { .. } | Self::Paused { .. } => true,
+        }
+    }
+
+    /// Whether the request may have reached the service even though no answer says it was
+    /// accepted: a transport failure after the request may have been written, a panic, or a
+    /// deadline that cut such an exchange off.
+    pub fn may_have_been_sent(&self) -> bool {
+        match self {
+            Self::Transport(err) => err.may_have_been_sent(),
+            Self::Panicked { .. } => true,
+            Self::DeadlineExceeded { last } => {
+                last.as_ref().is_some_and(|e| e.may_have_been_sent())
+            }
+            _ => false,
         }
     }
 

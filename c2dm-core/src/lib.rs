@@ -25,11 +25,13 @@
 mod broadcast;
 pub mod codec;
 mod error;
+pub mod machine;
 mod message;
 mod report;
 pub mod retry;
 mod sender;
 mod token;
+mod token_cache;
 mod transport;
 
 pub use broadcast::{
@@ -45,9 +47,8 @@ pub use retry::{RetryDecision, RetryPolicy};
 pub use sender::{SendError, Sender, SenderBuilder, Sent};
 #[cfg(any(test, feature = "mock"))]
 pub use token::MockTokenProvider;
-pub use token::{
-    AuthToken, InvalidToken, Login, StaticToken, TokenCache, TokenError, TokenProvider,
-};
+pub use token::{AuthToken, InvalidToken, StaticToken, TokenError, TokenProvider};
+pub use token_cache::{Login, TokenCache};
 #[cfg(any(test, feature = "mock"))]
 pub use transport::MockTransport;
 pub use transport::{RequestSent, Transport, TransportError, TransportErrorKind};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 
 /// How the computed backoff is randomised, so that many senders do not retry in step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +53,8 @@ pub struct RetryPolicy {
     max_retry_after: Duration,
     jitter: Jitter,
     retry_possible_duplicates: bool,
+    deadline: Option<Duration>,
+    max_token_renewals: u32,
 }
 
 impl Default for RetryPolicy {
@@ -64,6 +66,8 @@ impl Default for RetryPolicy {
             max_retry_after: Duration::from_secs(3600),
             jitter: Jitter::Half,
             retry_possible_duplicates: true,
+            deadline: None,
+            max_token_renewals: 100,
         }
     }
 }
@@ -112,6 +116,39 @@ impl RetryPolicy {
         self
     }
 
+    /// The longest one message's send may take, over all its attempts and waits (default: no
+    /// deadline; attempts and `max_retry_after` bound it). A send still waiting or in flight at
+    /// its deadline ends with [`Error::DeadlineExceeded`]; an exchange cut off then may have
+    /// reached the service.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// How many times one message is sent again because the token it carried expired under it
+    /// (HTTP 401 on a token that had been accepted before), beyond its attempts (default 100).
+    /// Such a refusal is not the message's failure: under load with short-lived tokens, one send
+    /// can lose the race for a fresh token many times while every login serves others.
+    pub fn with_max_token_renewals(mut self, renewals: u32) -> Self {
+        self.max_token_renewals = renewals;
+        self
+    }
+
+    /// The message's deadline, if one is set.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// How many resends an expired token may cost one message.
+    pub fn max_token_renewals(&self) -> u32 {
+        self.max_token_renewals
+    }
+
+    /// The longest `Retry-After` (or pause) one send waits out.
+    pub fn max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+
     /// The most attempts one message gets.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
@@ -134,7 +171,7 @@ impl RetryPolicy {
             .min(self.max_backoff);
         let unit = unit.clamp(0.0, 1.0);
         let jittered = match self.jitter {
-            Jitter::Half => base / 2 + base.mul_f64(unit),
+            Jitter::Half => (base / 2).saturating_add(base.mul_f64(unit)),
             Jitter::Full => base.mul_f64(unit),
             Jitter::None => base,
         };
@@ -147,51 +184,45 @@ impl RetryPolicy {
     /// HTTP 401 is not decided here: the sender asks its token provider for a new token and
     /// tries once more at once.
     pub fn decide(&self, attempt: u32, error: &Error, unit: f64) -> RetryDecision {
+        if self.may_retry(attempt, error) {
+            RetryDecision::RetryAfter(self.delay(attempt, error, unit))
+        } else {
+            RetryDecision::GiveUp
+        }
+    }
+
+    /// Whether failed attempt number `attempt` that ended in `error` may be followed by another:
+    /// the error is retryable, attempts remain, a possible duplicate is allowed, and any
+    /// `Retry-After` is within [`RetryPolicy::with_max_retry_after`].
+    pub fn may_retry(&self, attempt: u32, error: &Error) -> bool {
         if attempt >= self.max_attempts || !error.is_retryable() {
-            return RetryDecision::GiveUp;
+            return false;
         }
         if let Error::Transport(err) = error {
             if err.may_have_been_sent() && !self.retry_possible_duplicates {
-                return RetryDecision::GiveUp;
+                return false;
             }
         }
-        let computed = self.backoff(attempt, unit);
-        match error.retry_after() {
-            Some(told) if told > self.max_retry_after => RetryDecision::GiveUp,
-            Some(told) => RetryDecision::RetryAfter(told.max(computed)),
-            None => RetryDecision::RetryAfter(computed),
-        }
+        error
+            .retry_after()
+            .is_none_or(|told| told <= self.max_retry_after)
     }
-}
 
-/// Who must wait after an error: everybody, one device, or only the send that failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PauseScope {
-    /// Every send on the same sender (503, QuotaExceeded, a 5xx with Retry-After).
-    Global,
-    /// Every send to the same registration id (DeviceQuotaExceeded).
-    Device,
-    /// Only the failed send.
-    This,
-}
-
-impl PauseScope {
-    pub(crate) fn of(error: &Error) -> Self {
-        match error {
-            Error::Unavailable { .. } | Error::Rejected(ErrorCode::QuotaExceeded) => Self::Global,
-            Error::ServerError {
-                retry_after: Some(_),
-                ..
-            } => Self::Global,
-            Error::Rejected(ErrorCode::DeviceQuotaExceeded) => Self::Device,
-            _ => Self::This,
-        }
+    /// How long to wait after failed attempt number `attempt`: the backoff, or the error's
+    /// `Retry-After` when longer (not bounded by `max_retry_after`: a pause set from it is
+    /// what the service asked for, even when this message gives up).
+    pub fn delay(&self, attempt: u32, error: &Error, unit: f64) -> Duration {
+        let computed = self.backoff(attempt, unit);
+        error
+            .retry_after()
+            .map_or(computed, |told| told.max(computed))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
     use crate::transport::{RequestSent, TransportError, TransportErrorKind};
 
     fn unavailable() -> Error {
@@ -300,26 +331,6 @@ mod tests {
         assert_eq!(
             p.decide(1, &Error::UnexpectedStatus { status: 404 }, 0.5),
             RetryDecision::GiveUp
-        );
-    }
-
-    #[test]
-    fn pause_scopes() {
-        assert_eq!(PauseScope::of(&unavailable()), PauseScope::Global);
-        assert_eq!(
-            PauseScope::of(&Error::Rejected(ErrorCode::QuotaExceeded)),
-            PauseScope::Global
-        );
-        assert_eq!(
-            PauseScope::of(&Error::Rejected(ErrorCode::DeviceQuotaExceeded)),
-            PauseScope::Device
-        );
-        assert_eq!(
-            PauseScope::of(&Error::ServerError {
-                status: 500,
-                retry_after: None
-            }),
-            PauseScope::This
         );
     }
 }

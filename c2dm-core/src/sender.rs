@@ -14,10 +14,11 @@ use tracing::Instrument;
 
 use crate::codec;
 use crate::error::{Error, ErrorCode};
+use crate::machine::{Action, BeforeAttempt, Pause, SendMachine};
 use crate::message::{Message, MessageId, RegistrationId};
-use crate::retry::{PauseScope, RetryDecision, RetryPolicy};
+use crate::retry::RetryPolicy;
 use crate::token::{AuthToken, TokenProvider};
-use crate::transport::Transport;
+use crate::transport::{RequestSent, Transport, TransportError, TransportErrorKind};
 
 /// A message the service accepted, and what it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +36,11 @@ pub struct Sent {
 
 /// A message that was not accepted, with the final error and what was tried.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{error} (after {attempts} attempt{})", if *.attempts == 1 { "" } else { "s" })]
+#[error(
+    "{error} (after {attempts} attempt{}{})",
+    if *.attempts == 1 { "" } else { "s" },
+    if self.possibly_delivered() { "; it may have been delivered" } else { "" }
+)]
 pub struct SendError {
     /// Why the last attempt failed.
     #[source]
@@ -61,36 +66,7 @@ impl SendError {
 
     /// Whether the device may have received the message even though it was not confirmed.
     pub fn possibly_delivered(&self) -> bool {
-        self.possible_duplicates > 0
-            || matches!(&self.error, Error::Transport(t) if t.may_have_been_sent())
-    }
-}
-
-/// What one send has cost so far.
-#[derive(Debug, Default, Clone, Copy)]
-struct Tally {
-    attempts: u32,
-    waited: Duration,
-    possible_duplicates: u32,
-}
-
-impl Tally {
-    fn sent(self, message_id: MessageId) -> Sent {
-        Sent {
-            message_id,
-            attempts: self.attempts,
-            waited: self.waited,
-            possible_duplicates: self.possible_duplicates,
-        }
-    }
-
-    fn failed(self, error: Error) -> SendError {
-        SendError {
-            error,
-            attempts: self.attempts,
-            waited: self.waited,
-            possible_duplicates: self.possible_duplicates,
-        }
+        self.possible_duplicates > 0 || self.error.may_have_been_sent()
     }
 }
 
@@ -101,17 +77,22 @@ type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 ///
 /// - every `Update-Client-Auth` goes to the token provider, and is never a reason to resend;
 /// - on HTTP 401 it asks the provider for a new token (single-flight in the provider) and tries
-///   once more; a second 401 in a row is final;
+///   again: a token that had worked expired, and is renewed as often as needed (within
+///   [`RetryPolicy::with_max_token_renewals`]); two refusals in a row of tokens that never
+///   worked are final;
 /// - 503, 500, 502 and malformed answers are retried with exponential backoff and jitter, bounded
 ///   by the [`RetryPolicy`]; a longer `Retry-After` wins;
-/// - 503 and `QuotaExceeded` pause **every** send on this sender (and its clones) until the delay
-///   ends; `DeviceQuotaExceeded` pauses only that registration id;
+/// - those and `QuotaExceeded` pause **every** send on this sender (and its clones) until the
+///   delay ends, even when the send that met them gives up; `DeviceQuotaExceeded` pauses only
+///   that registration id;
+/// - a message's deadline ([`RetryPolicy::with_deadline`]) bounds all its attempts and waits;
 /// - transport failures are retried when the request was not sent, and when it may have been
 ///   sent only if the policy allows (counted in `possible_duplicates`);
 /// - permanent rejections are final, and say whether to remove the registration id.
 ///
-/// It is cheap to clone; clones share the token, the pauses and the jitter source. Sleeping uses
-/// `tokio::time`, so tests run under paused time.
+/// The rules themselves live in [`SendMachine`](crate::machine::SendMachine), with no I/O; the
+/// sender drives it. It is cheap to clone; clones share the token, the pauses and the jitter
+/// source. Sleeping uses `tokio::time`, so tests run under paused time.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -306,119 +287,127 @@ impl Sender {
         self.send_inner(&message).instrument(span).await
     }
 
+    /// Drives a [`SendMachine`]: waits, attempts, refreshes and pauses as it says.
     async fn send_inner(&self, message: &Message) -> Result<Sent, SendError> {
         let inner = &*self.inner;
-        let mut tally = Tally::default();
-        let mut refreshed: Option<AuthToken> = None;
-        let mut last_was_unauthorized = false;
+        let id = message.registration_id();
+        let mut machine = SendMachine::new(&inner.policy, Instant::now());
+        let mut device_pause = DevicePauseGuard {
+            sender: self,
+            id,
+            set: None,
+        };
+        // The token refused by the last attempt, to be refreshed by the next.
+        let mut refused: Option<AuthToken> = None;
         loop {
-            tally.waited += self.wait_for_pauses(message.registration_id()).await;
-            tally.attempts += 1;
-            let error = match self
-                .attempt(message, tally.attempts, refreshed.take())
-                .await
-            {
-                Ok(message_id) => {
-                    self.clear_device_pause(message.registration_id());
+            let deadline = match machine.before_attempt(self.pause_for(id), Instant::now()) {
+                BeforeAttempt::WaitUntil(until) => {
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                }
+                BeforeAttempt::GiveUp(failure) => return Err(failure),
+                BeforeAttempt::Send { deadline } => deadline,
+            };
+            let (reply, used) = self.attempt(message, refused.take(), deadline).await;
+            let worked = used.as_ref().is_some_and(AuthToken::has_worked);
+            match &reply {
+                Ok(_) => {
+                    if let Some(token) = &used {
+                        token.mark_worked();
+                    }
                     if inner.quota_exceeded.load(Ordering::Acquire) {
-                        let mut since = lock(&inner.quota_exceeded_since);
-                        *since = None;
+                        *lock(&inner.quota_exceeded_since) = None;
                         inner.quota_exceeded.store(false, Ordering::Release);
                     }
-                    return Ok(tally.sent(message_id));
                 }
-                Err((Error::Unauthorized, Some(used))) => {
-                    // A second 401 in a row is final: the new token was refused too.
-                    if last_was_unauthorized || tally.attempts >= inner.policy.max_attempts() {
-                        return Err(tally.failed(Error::Unauthorized));
-                    }
-                    last_was_unauthorized = true;
-                    match inner.tokens.refresh(&used).await {
-                        Ok(token) => {
-                            tracing::debug!("token refused; retrying with a new one");
-                            refreshed = Some(token);
-                            continue;
-                        }
-                        Err(token_error) => Error::Token(token_error),
-                    }
+                Err(Error::Rejected(ErrorCode::QuotaExceeded)) => {
+                    lock(&inner.quota_exceeded_since).get_or_insert_with(Instant::now);
+                    inner.quota_exceeded.store(true, Ordering::Release);
                 }
-                Err((error, _)) => error,
-            };
-            last_was_unauthorized = false;
-            if matches!(error, Error::Rejected(ErrorCode::QuotaExceeded)) {
-                let mut since = lock(&inner.quota_exceeded_since);
-                since.get_or_insert_with(Instant::now);
-                inner.quota_exceeded.store(true, Ordering::Release);
+                Err(_) => {}
             }
             let unit: f64 = lock(&inner.rng).random();
-            match inner.policy.decide(tally.attempts, &error, unit) {
-                RetryDecision::GiveUp => {
-                    self.clear_device_pause(message.registration_id());
-                    tracing::debug!(attempts = tally.attempts, %error, "send failed");
-                    return Err(tally.failed(error));
+            let step = machine.on_reply(reply, worked, Instant::now(), unit);
+            match step.pause {
+                Some(Pause::Everyone { until }) => self.pause_all_until(until),
+                Some(Pause::Device { until }) => device_pause.extend(until),
+                None => {}
+            }
+            match step.action {
+                Action::Finish(result) => {
+                    device_pause.clear_if_over();
+                    return result;
                 }
-                RetryDecision::RetryAfter(delay) => {
-                    if matches!(&error, Error::Transport(t) if t.may_have_been_sent()) {
-                        tally.possible_duplicates += 1;
-                    }
-                    tracing::debug!(
-                        attempts = tally.attempts,
-                        %error,
-                        delay_ms = delay.as_millis() as u64,
-                        "retrying"
-                    );
-                    let until = Instant::now() + delay;
-                    match PauseScope::of(&error) {
-                        PauseScope::Global => self.pause_all_until(until),
-                        PauseScope::Device => {
-                            let mut pauses = lock(&inner.device_pauses);
-                            let entry = pauses
-                                .entry(message.registration_id().clone())
-                                .or_insert(until);
-                            *entry = (*entry).max(until);
-                            inner.devices_paused.store(pauses.len(), Ordering::Release);
-                        }
-                        PauseScope::This => {}
-                    }
-                    // This send waits at least its own delay, whatever the pauses say.
-                    tokio::time::sleep_until(until).await;
-                    tally.waited += delay;
-                }
+                Action::RetryAt(at) => tokio::time::sleep_until(at).await,
+                Action::RefreshToken => refused = used,
             }
         }
     }
 
-    /// One exchange. On failure, also returns the token that was used, for a refresh after 401.
+    /// One exchange: a token (a refresh of `refused`, if given), the request, the answer.
+    /// Returns the decoded answer and the token it carried. An exchange still open at
+    /// `deadline` is abandoned as a timeout that may have reached the service.
     async fn attempt(
         &self,
         message: &Message,
-        attempt: u32,
-        token: Option<AuthToken>,
-    ) -> Result<MessageId, (Error, Option<AuthToken>)> {
+        refused: Option<AuthToken>,
+        deadline: Option<Instant>,
+    ) -> (Result<MessageId, Error>, Option<AuthToken>) {
         let inner = &*self.inner;
-        let span = tracing::trace_span!("c2dm.attempt", attempt);
-        async move {
-            let token = match token {
-                Some(token) => token,
+        let attempt = async {
+            let token = match refused {
+                Some(refused) => inner.tokens.refresh(&refused).await,
                 // Called on the trait object itself: through the `Arc` impl, each call would
                 // box one more future.
-                None => TokenProvider::token(&*inner.tokens)
-                    .await
-                    .map_err(|e| (Error::Token(e), None))?,
+                None => TokenProvider::token(&*inner.tokens).await,
+            };
+            let token = match token {
+                Ok(token) => token,
+                Err(e) => return (Err(Error::Token(e)), None),
             };
             let request = codec::encode_send_request(message, &token, &inner.endpoint);
-            let response = Transport::execute(&*inner.transport, request)
-                .await
-                .map_err(|e| (Error::Transport(e), None))?;
+            let response = match Transport::execute(&*inner.transport, request).await {
+                Ok(response) => response,
+                Err(e) => return (Err(Error::Transport(e)), Some(token)),
+            };
             let reply = codec::decode_response(&response, (inner.wall_clock)());
             if let Some(rotated) = reply.rotated_token {
                 tracing::debug!("token rotated by Update-Client-Auth");
-                inner.tokens.rotate(rotated);
+                inner.tokens.rotate(&token, rotated);
             }
-            reply.result.map_err(|e| (e, Some(token)))
+            (reply.result, Some(token))
         }
-        .instrument(span)
-        .await
+        .instrument(tracing::trace_span!("c2dm.attempt"));
+        match deadline {
+            None => attempt.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(done) => done,
+                Err(_) => (
+                    Err(Error::Transport(
+                        TransportError::new(TransportErrorKind::Timeout, RequestSent::Maybe)
+                            .with_message("the message's deadline passed during the exchange"),
+                    )),
+                    None,
+                ),
+            },
+        }
+    }
+
+    /// The latest pause in force for a send to `id`: everyone's or the device's.
+    fn pause_for(&self, id: &RegistrationId) -> Option<Instant> {
+        let global = self.global_pause();
+        let device = if self.inner.devices_paused.load(Ordering::Acquire) > 0 {
+            lock(&self.inner.device_pauses).get(id).copied()
+        } else {
+            None
+        };
+        global.max(device)
+    }
+
+    /// How many registration ids have a pause (after `DeviceQuotaExceeded`) recorded: ids whose
+    /// sends are waiting, or whose pause has not been cleared yet.
+    pub fn paused_devices(&self) -> usize {
+        lock(&self.inner.device_pauses).len()
     }
 
     /// Pauses every send on this sender until `until` (extends, never shortens, a pause).
@@ -426,33 +415,6 @@ impl Sender {
         let mut pause = lock(&self.inner.global_pause);
         *pause = Some(pause.map_or(until, |p| p.max(until)));
         self.inner.global_paused.store(true, Ordering::Release);
-    }
-
-    /// Waits out the global pause and this device's pause; returns how long that took.
-    async fn wait_for_pauses(&self, id: &RegistrationId) -> Duration {
-        let mut start = None;
-        loop {
-            let global = self.global_pause();
-            let device = if self.inner.devices_paused.load(Ordering::Acquire) > 0 {
-                lock(&self.inner.device_pauses).get(id).copied()
-            } else {
-                None
-            };
-            let until = match (global, device) {
-                (Some(a), Some(b)) => a.max(b),
-                (a, b) => match a.or(b) {
-                    Some(t) => t,
-                    None => break,
-                },
-            };
-            let now = Instant::now();
-            if until <= now {
-                break;
-            }
-            start.get_or_insert(now);
-            tokio::time::sleep_until(until).await;
-        }
-        start.map_or(Duration::ZERO, |start| start.elapsed())
     }
 
     /// The global pause, if one is set; one that has ended is cleared.
@@ -467,17 +429,55 @@ impl Sender {
         }
         *pause
     }
+}
 
-    fn clear_device_pause(&self, id: &RegistrationId) {
-        if self.inner.devices_paused.load(Ordering::Acquire) == 0 {
+/// The pause a send set for its device (`DeviceQuotaExceeded`). It is removed when the send
+/// ends after the pause ran out, and also when the send is dropped while waiting (a cancelled
+/// future, a timeout around `send`), so no entry outlives every send that could clear it.
+struct DevicePauseGuard<'a> {
+    sender: &'a Sender,
+    id: &'a RegistrationId,
+    /// The instant this send last wrote for its device.
+    set: Option<Instant>,
+}
+
+impl DevicePauseGuard<'_> {
+    fn extend(&mut self, until: Instant) {
+        let inner = &*self.sender.inner;
+        let mut pauses = lock(&inner.device_pauses);
+        let entry = pauses.entry(self.id.clone()).or_insert(until);
+        *entry = (*entry).max(until);
+        self.set = Some(*entry);
+        inner.devices_paused.store(pauses.len(), Ordering::Release);
+    }
+
+    /// Removes the device's pause if it is over (a later send to the device would find nothing
+    /// to wait for anyway).
+    fn clear_if_over(&mut self) {
+        self.remove_if(|until| until <= Instant::now());
+    }
+
+    fn remove_if(&mut self, over: impl Fn(Instant) -> bool) {
+        if self.set.take().is_none()
+            && self.sender.inner.devices_paused.load(Ordering::Acquire) == 0
+        {
             return;
         }
-        let mut pauses = lock(&self.inner.device_pauses);
-        if pauses.get(id).is_some_and(|until| *until <= Instant::now()) {
-            pauses.remove(id);
-            self.inner
-                .devices_paused
-                .store(pauses.len(), Ordering::Release);
+        let inner = &*self.sender.inner;
+        let mut pauses = lock(&inner.device_pauses);
+        if pauses.get(self.id).is_some_and(|until| over(*until)) {
+            pauses.remove(self.id);
+            inner.devices_paused.store(pauses.len(), Ordering::Release);
+        }
+    }
+}
+
+impl Drop for DevicePauseGuard<'_> {
+    fn drop(&mut self) {
+        // Dropped mid-send: remove the pause this send wrote, unless another send extended it
+        // since. A finished send already cleared `set`.
+        if let Some(set) = self.set {
+            self.remove_if(|until| until == set);
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -20,11 +21,35 @@ use http::HeaderValue;
 /// assert_eq!(token.expose_secret(), "DQAAAGgA-secret");
 /// # Ok::<(), c2dm_core::InvalidToken>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+///
+/// Clones share one record of whether the service ever accepted a message sent with the token
+/// ([`AuthToken::has_worked`]): how a [`Sender`](crate::Sender) tells a token that expired
+/// under load from one that never worked.
+#[derive(Clone)]
 pub struct AuthToken {
+    inner: Arc<TokenInner>,
+}
+
+struct TokenInner {
     /// The whole `Authorization` header, `GoogleLogin auth=<token>`, marked sensitive: built
     /// once, shared by every request that carries the token.
     header: HeaderValue,
+    /// Whether a message sent with this token was accepted.
+    worked: AtomicBool,
+}
+
+impl PartialEq for AuthToken {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner) || self.inner.header == other.inner.header
+    }
+}
+
+impl Eq for AuthToken {}
+
+impl std::hash::Hash for AuthToken {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.header.hash(state);
+    }
 }
 
 /// What comes before the token in the `Authorization` header.
@@ -45,20 +70,40 @@ impl AuthToken {
         let mut header =
             HeaderValue::try_from(format!("{AUTH_SCHEME}{token}")).map_err(|_| InvalidToken)?;
         header.set_sensitive(true);
-        Ok(Self { header })
+        Ok(Self {
+            inner: Arc::new(TokenInner {
+                header,
+                worked: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// The secret itself. Put it on the wire; never in a log.
     pub fn expose_secret(&self) -> &str {
         // Visible ASCII by construction, so `to_str` cannot fail.
-        self.header
+        self.inner
+            .header
             .to_str()
             .map_or("", |h| h.strip_prefix(AUTH_SCHEME).unwrap_or(h))
     }
 
     /// The `Authorization` header that carries it (sensitive: `Debug` does not show it).
     pub(crate) fn authorization(&self) -> HeaderValue {
-        self.header.clone()
+        self.inner.header.clone()
+    }
+
+    /// Whether the service accepted a message sent with this token (or a clone of it): then a
+    /// later refusal means it expired, not that it was never any good.
+    pub fn has_worked(&self) -> bool {
+        self.inner.worked.load(Ordering::Relaxed)
+    }
+
+    /// Records that the service accepted a message sent with this token.
+    pub fn mark_worked(&self) {
+        // Read first: after the first acceptance, sends only read the shared flag.
+        if !self.has_worked() {
+            self.inner.worked.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -120,8 +165,10 @@ pub trait TokenProvider: Send + Sync {
     /// The token to send with now.
     async fn token(&self) -> Result<AuthToken, TokenError>;
 
-    /// The service rotated the token (`Update-Client-Auth`): use `new` for every later request.
-    fn rotate(&self, new: AuthToken);
+    /// The service rotated the token (`Update-Client-Auth`) in its answer to a request made with
+    /// `used`: use `new` for every later request, unless `used` is older than the current token
+    /// (a late answer to a request made before a new login must not undo that login).
+    fn rotate(&self, used: &AuthToken, new: AuthToken);
 
     /// The service refused `refused` (HTTP 401): return a token to try instead.
     ///
@@ -135,8 +182,8 @@ impl<P: TokenProvider + ?Sized> TokenProvider for Arc<P> {
     async fn token(&self) -> Result<AuthToken, TokenError> {
         (**self).token().await
     }
-    fn rotate(&self, new: AuthToken) {
-        (**self).rotate(new)
+    fn rotate(&self, used: &AuthToken, new: AuthToken) {
+        (**self).rotate(used, new)
     }
     async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {
         (**self).refresh(refused).await
@@ -152,8 +199,9 @@ impl<P: TokenProvider + ?Sized> TokenProvider for Arc<P> {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use c2dm_core::{AuthToken, StaticToken, TokenProvider};
-/// let tokens = StaticToken::new(AuthToken::new("first")?);
-/// tokens.rotate(AuthToken::new("second")?);
+/// let first = AuthToken::new("first")?;
+/// let tokens = StaticToken::new(first.clone());
+/// tokens.rotate(&first, AuthToken::new("second")?);
 /// assert_eq!(tokens.token().await?.expose_secret(), "second");
 /// # Ok(())
 /// # }
@@ -185,7 +233,8 @@ impl TokenProvider for StaticToken {
         Ok(self.current())
     }
 
-    fn rotate(&self, new: AuthToken) {
+    /// A static token has no logins to be older or newer than: every rotation is taken.
+    fn rotate(&self, _used: &AuthToken, new: AuthToken) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
     }
 
@@ -216,8 +265,8 @@ mod tests {
     fn token_is_never_printed() {
         let t = AuthToken::new("s3cr3t").unwrap();
         assert!(!format!("{t:?} {t} {t:#?}").contains("s3cr3t"));
-        let err = TokenError::Refused;
-        assert!(!format!("{err:?} {err}").contains("s3cr3t"));
+        // The header it builds hides it from Debug too.
+        assert!(!format!("{:?}", t.authorization()).contains("s3cr3t"));
     }
 
     #[tokio::test]
@@ -227,308 +276,10 @@ mod tests {
         let p = StaticToken::new(a.clone());
         assert_eq!(p.token().await.unwrap(), a);
         assert!(matches!(p.refresh(&a).await, Err(TokenError::Refused)));
-        p.rotate(b.clone());
+        p.rotate(&a, b.clone());
         // A caller still holding the old refused token gets the rotated one.
         assert_eq!(p.refresh(&a).await.unwrap(), b);
         assert!(matches!(p.refresh(&b).await, Err(TokenError::Refused)));
         assert!(!TokenError::Refused.is_retryable());
-    }
-}
-
-/// Obtains a fresh token, e.g. by ClientLogin. Wrapped by [`TokenCache`], which decides when.
-#[async_trait]
-pub trait Login: Send + Sync {
-    /// Logs in and returns a new token.
-    async fn login(&self) -> Result<AuthToken, TokenError>;
-}
-
-/// A [`TokenProvider`] over a [`Login`]: logs in on first use, caches the token, takes rotated
-/// tokens, and logs in again when the token is refused — once for all concurrent callers that saw
-/// the same refused token (single-flight).
-///
-/// A refused token from the current login (the token itself, or one rotated from it) means the
-/// login may have expired, so it logs in again; a refused token from an older login gets the
-/// current token, as someone logged in since.
-///
-/// A failed login is shared the same way: callers that waited for it get its error rather than
-/// each logging in again, so a wrong password costs one request, not one per waiting send.
-pub struct TokenCache<L> {
-    login: L,
-    state: RwLock<CacheState>,
-    gate: tokio::sync::Mutex<()>,
-}
-
-#[derive(Default)]
-struct CacheState {
-    current: Option<AuthToken>,
-    /// The login the current token belongs to (a rotation keeps it); 0 for a token given at
-    /// start.
-    session: u64,
-    /// Recent tokens with the login each belongs to: how a refusal of an old token is told
-    /// from a refusal of the current login.
-    recent: std::collections::VecDeque<(AuthToken, u64)>,
-    /// Counts finished login attempts, so a waiter can tell whether one finished while it waited.
-    logins: u64,
-    /// Counts successful logins: the session number of the newest.
-    sessions: u64,
-    last_error: Option<TokenError>,
-}
-
-/// How many recent tokens are remembered with their login.
-const RECENT_TOKENS: usize = 64;
-
-impl CacheState {
-    fn remember(&mut self, token: AuthToken, session: u64) {
-        if self.recent.len() == RECENT_TOKENS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((token.clone(), session));
-        self.current = Some(token);
-        self.session = session;
-    }
-
-    /// Whether the current token belongs to a newer login than `refused`: then someone logged in
-    /// since that refusal, and the current token is the answer. A token from the same login (the
-    /// refused one itself, or a rotation of it) is no answer: the login itself may have expired.
-    fn has_newer_than(&self, refused: &AuthToken) -> bool {
-        let Some(current) = &self.current else {
-            return false;
-        };
-        if current == refused {
-            return false;
-        }
-        match self.recent.iter().rev().find(|(t, _)| t == refused) {
-            Some((_, session)) => *session < self.session,
-            // Not remembered: older than every recent token.
-            None => true,
-        }
-    }
-}
-
-impl<L> fmt::Debug for TokenCache<L> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        f.debug_struct("TokenCache")
-            .field("has_token", &state.current.is_some())
-            .field("logins", &state.logins)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<L: Login> TokenCache<L> {
-    /// Wraps `login`; nothing happens until the first token is asked for.
-    pub fn new(login: L) -> Self {
-        Self {
-            login,
-            state: RwLock::new(CacheState::default()),
-            gate: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    /// Starts with `token` (obtained earlier) and logs in only when it is refused.
-    pub fn with_token(login: L, token: AuthToken) -> Self {
-        let cache = Self::new(login);
-        cache.write().remember(token, 0);
-        cache
-    }
-
-    /// Gives back the wrapped login (and drops any cached token).
-    pub fn into_login(self) -> L {
-        self.login
-    }
-
-    /// The wrapped login.
-    pub fn login(&self) -> &L {
-        &self.login
-    }
-
-    /// How many logins were attempted through this cache.
-    pub fn login_count(&self) -> u64 {
-        self.read().logins
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, CacheState> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, CacheState> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Logs in unless `usable` finds a token to return in the state, or a login finished (and
-    /// failed) while this caller waited its turn.
-    async fn login_unless(
-        &self,
-        usable: impl Fn(&CacheState) -> bool,
-    ) -> Result<AuthToken, TokenError> {
-        let seen = {
-            let state = self.read();
-            if usable(&state) {
-                if let Some(token) = &state.current {
-                    return Ok(token.clone());
-                }
-            }
-            state.logins
-        };
-        let _turn = self.gate.lock().await;
-        {
-            let state = self.read();
-            if usable(&state) {
-                if let Some(token) = &state.current {
-                    return Ok(token.clone());
-                }
-            }
-            if state.logins != seen {
-                if let Some(err) = &state.last_error {
-                    return Err(err.clone());
-                }
-            }
-        }
-        let result = self.login.login().await;
-        let mut state = self.write();
-        state.logins += 1;
-        match &result {
-            Ok(token) => {
-                state.sessions += 1;
-                let session = state.sessions;
-                state.remember(token.clone(), session);
-                state.last_error = None;
-            }
-            Err(err) => state.last_error = Some(err.clone()),
-        }
-        result
-    }
-}
-
-#[async_trait]
-impl<L: Login> TokenProvider for TokenCache<L> {
-    async fn token(&self) -> Result<AuthToken, TokenError> {
-        self.login_unless(|state| state.current.is_some()).await
-    }
-
-    fn rotate(&self, new: AuthToken) {
-        let mut state = self.write();
-        let session = state.session;
-        state.remember(new, session);
-    }
-
-    async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {
-        self.login_unless(|state| state.has_newer_than(refused))
-            .await
-    }
-}
-
-#[cfg(test)]
-mod cache_tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    struct Counting {
-        calls: AtomicU32,
-        fail: bool,
-    }
-
-    #[async_trait]
-    impl Login for Counting {
-        async fn login(&self) -> Result<AuthToken, TokenError> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::task::yield_now().await;
-            if self.fail {
-                Err(TokenError::Refused)
-            } else {
-                Ok(AuthToken::new(format!("t{n}")).unwrap())
-            }
-        }
-    }
-
-    fn counting(fail: bool) -> Arc<TokenCache<Counting>> {
-        Arc::new(TokenCache::new(Counting {
-            calls: AtomicU32::new(0),
-            fail,
-        }))
-    }
-
-    #[tokio::test]
-    async fn logs_in_once_and_caches() {
-        let cache = counting(false);
-        assert_eq!(cache.token().await.unwrap().expose_secret(), "t1");
-        assert_eq!(cache.token().await.unwrap().expose_secret(), "t1");
-        assert_eq!(cache.login_count(), 1);
-    }
-
-    // current_thread: every task is spawned before any runs, so all of them meet the refusal.
-    #[tokio::test]
-    async fn concurrent_refreshes_of_one_token_log_in_once() {
-        let cache = counting(false);
-        let first = cache.token().await.unwrap();
-        let tasks: Vec<_> = (0..100)
-            .map(|_| {
-                let cache = Arc::clone(&cache);
-                let first = first.clone();
-                tokio::spawn(async move { cache.refresh(&first).await.unwrap() })
-            })
-            .collect();
-        for task in tasks {
-            assert_eq!(task.await.unwrap().expose_secret(), "t2");
-        }
-        assert_eq!(cache.login().calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn a_failed_login_is_shared_by_its_waiters() {
-        let cache = counting(true);
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let cache = Arc::clone(&cache);
-                tokio::spawn(async move { cache.token().await })
-            })
-            .collect();
-        for task in tasks {
-            assert!(task.await.unwrap().is_err());
-        }
-        // All 50 waited for the same login and share its failure.
-        assert_eq!(cache.login().calls.load(Ordering::SeqCst), 1);
-        // A later caller (after the failure) tries again.
-        assert!(cache.token().await.is_err());
-        assert_eq!(cache.login().calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn rotation_replaces_the_token_and_a_stale_refusal_keeps_it() {
-        let cache = counting(false);
-        let t1 = cache.token().await.unwrap();
-        let rotated = AuthToken::new("rotated").unwrap();
-        cache.rotate(rotated.clone());
-        assert_eq!(cache.token().await.unwrap(), rotated);
-        // A refusal of a token from the current login (even the rotated-out one) logs in again:
-        // the whole login may have expired.
-        let t2 = cache.refresh(&t1).await.unwrap();
-        assert_eq!(t2.expose_secret(), "t2");
-        assert_eq!(cache.login_count(), 2);
-        // Refusals of tokens from the older login get the new token, without a login.
-        assert_eq!(cache.refresh(&t1).await.unwrap(), t2);
-        assert_eq!(cache.refresh(&rotated).await.unwrap(), t2);
-        assert_eq!(cache.login_count(), 2);
-        // A token given at start counts as the oldest login.
-        let given = TokenCache::with_token(
-            Counting {
-                calls: AtomicU32::new(0),
-                fail: false,
-            },
-            AuthToken::new("given").unwrap(),
-        );
-        assert_eq!(given.token().await.unwrap().expose_secret(), "given");
-        let fresh = given
-            .refresh(&AuthToken::new("given").unwrap())
-            .await
-            .unwrap();
-        assert_eq!(fresh.expose_secret(), "t1");
-        assert_eq!(
-            given
-                .refresh(&AuthToken::new("given").unwrap())
-                .await
-                .unwrap(),
-            fresh
-        );
     }
 }

@@ -399,3 +399,93 @@ async fn sends_to_the_configured_endpoint() {
         "http://127.0.0.1:9/c2dm/send"
     );
 }
+
+/// A bare 500 (no Retry-After) pauses every send, as 503 does: before the fix only the send
+/// that got it backed off, and the others kept sending into the failing server.
+#[tokio::test(start_paused = true)]
+async fn a_bare_500_pauses_every_send() {
+    for status in [500, 502] {
+        let fake = RecordingTransport::new();
+        fake.enqueue(Reply::Raw {
+            status,
+            body: String::new(),
+        });
+        let sender = exact_sender(&fake);
+        let first = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.send(message("d1")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(sender.paused_until().is_some(), "{status}");
+        let start = Instant::now();
+        let other = sender.send(message("d2")).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(1), "{status}");
+        assert_eq!(other.waited, Duration::from_secs(1));
+        assert_eq!(first.await.unwrap().unwrap().attempts, 2);
+    }
+}
+
+/// A Retry-After longer than the policy waits fails that message, and still pauses everyone:
+/// the others fail at once too (not sent, retryable), instead of running into the server.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_too_long_to_wait_still_pauses_everyone() {
+    let fake = RecordingTransport::new();
+    fake.enqueue(Reply::unavailable_for(7200));
+    let sender = exact_sender(&fake);
+    let err = sender.send(message("d1")).await.unwrap_err();
+    assert!(matches!(err.error, Error::Unavailable { .. }));
+    let until = sender.paused_until().expect("everyone is paused");
+    assert_eq!(until - Instant::now(), Duration::from_secs(7200));
+    let other = sender.send(message("d2")).await.unwrap_err();
+    assert!(matches!(other.error, Error::Paused { .. }), "{other}");
+    assert!(other.is_retryable() && !other.possibly_delivered());
+    assert_eq!(fake.send_count(), 1, "nothing more reached the server");
+}
+
+/// Running out of attempts on 503s leaves the pause it learned in force for the rest.
+#[tokio::test(start_paused = true)]
+async fn running_out_of_attempts_on_503_leaves_the_pause() {
+    let fake = RecordingTransport::new();
+    fake.enqueue(Reply::unavailable_for(5));
+    let sender = Sender::builder(fake.clone(), StaticToken::new(token("tok")))
+        .retry_policy(RetryPolicy::never().with_jitter(Jitter::None))
+        .build();
+    assert!(sender.send(message("d1")).await.is_err());
+    let start = Instant::now();
+    let other = sender.send(message("d2")).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert_eq!(other.waited, Duration::from_secs(5));
+}
+
+/// A send dropped while it waits out its device's pause takes the pause with it: before the
+/// fix the entry stayed in the sender for ever.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_send_leaves_no_device_pause_behind() {
+    let fake = RecordingTransport::new().reply_to("busy", ErrorCode::DeviceQuotaExceeded);
+    let sender = exact_sender(&fake);
+    let attempt =
+        tokio::time::timeout(Duration::from_millis(500), sender.send(message("busy"))).await;
+    assert!(attempt.is_err(), "still waiting when dropped");
+    assert_eq!(sender.paused_devices(), 0);
+    // A finished send whose device pause ran out leaves none either.
+    let fake = RecordingTransport::new().reply_to_times("busy", ErrorCode::DeviceQuotaExceeded, 1);
+    let sender = exact_sender(&fake);
+    sender.send(message("busy")).await.unwrap();
+    assert_eq!(sender.paused_devices(), 0);
+}
+
+/// A server that accepts and never answers: the deadline ends the send, however many attempts
+/// fit, with an error that counts them and says the message may have been delivered.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_a_send_to_a_server_that_never_answers() {
+    let sender = Sender::builder(c2dm_mock::NeverTransport, StaticToken::new(token("tok")))
+        .retry_policy(exact().with_deadline(Duration::from_secs(120)))
+        .build();
+    let start = Instant::now();
+    let err = sender.send(message("d1")).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(120));
+    assert!(matches!(err.error, Error::DeadlineExceeded { .. }), "{err}");
+    assert_eq!(err.attempts, 1);
+    assert!(err.possibly_delivered());
+    assert!(err.to_string().contains("may have been delivered"), "{err}");
+}

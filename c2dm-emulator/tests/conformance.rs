@@ -519,14 +519,48 @@ async fn delay_while_idle_is_a_flag() {
         ("1", true),
         ("true", true),
         ("", true),
+        ("True", true),
         ("0", false),
         ("false", false),
+        ("False", false),
     ] {
         let id = format!("dwi-{value}");
         let form = format!("registration_id={id}&collapse_key=k&delay_while_idle={value}");
         c.send_result(&token, &form).await.unwrap();
         assert_eq!(c.emulator.inbox(&id)[0].delay_while_idle, set, "{value:?}");
     }
+}
+
+/// The original article's Python sender posts `urllib.urlencode` of a dict with the boolean
+/// `True`: C2DM read the field as a presence flag, and so does the emulator.
+#[tokio::test]
+async fn the_original_python_senders_body_sets_delay_while_idle() {
+    let c = Client::start(Config::default()).await;
+    let token = c.login().await;
+    let body = "registration_id=APA91bH-device&collapse_key=score&data.message=Hello+World&delay_while_idle=True";
+    c.send_result(&token, body).await.unwrap();
+    let got = c.emulator.inbox("APA91bH-device");
+    assert!(got[0].delay_while_idle);
+}
+
+/// `data.` with no key is no data key: ignored like an unknown field (the client refuses to
+/// build one), so it is neither delivered nor counted against the payload limit.
+#[tokio::test]
+async fn an_empty_data_key_is_ignored() {
+    let c = Client::start(Config::default()).await;
+    let token = c.login().await;
+    c.send_result(&token, "registration_id=e&collapse_key=k&data.=x&data.a=1")
+        .await
+        .unwrap();
+    let got = c.emulator.inbox("e");
+    assert_eq!(got[0].data, vec![("a".to_string(), "1".to_string())]);
+    assert!(
+        c2dm_core::Message::builder("e")
+            .collapse_key("k")
+            .data("", "x")
+            .build()
+            .is_err()
+    );
 }
 
 #[tokio::test]

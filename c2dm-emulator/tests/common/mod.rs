@@ -24,11 +24,12 @@ pub fn transport(emulator: &Emulator) -> HyperTransport {
 pub fn sender(emulator: &Emulator, policy: RetryPolicy) -> (Sender, Arc<ClientLogin>) {
     let transport = transport(emulator);
     let login = Arc::new(
-        ClientLogin::new(
+        ClientLogin::builder(
             Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, "c2dm-rs-tests"),
             transport.clone(),
         )
-        .with_endpoint(emulator.login_url().parse().unwrap()),
+        .endpoint(emulator.login_url().parse().unwrap())
+        .build(),
     );
     let sender = Sender::builder(transport, Arc::clone(&login))
         .endpoint(emulator.send_url().parse().unwrap())
