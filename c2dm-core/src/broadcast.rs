@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, Stream, StreamExt};
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -244,6 +246,14 @@ impl Delivery {
                 waited: sent.waited,
                 possible_duplicates: sent.possible_duplicates,
             },
+            Err(failure)
+                if failure.attempts == 0 && matches!(failure.error, Error::Cancelled { .. }) =>
+            {
+                Self {
+                    waited: failure.waited,
+                    ..Self::not_attempted(registration_id, NotAttempted::Cancelled)
+                }
+            }
             Err(failure) => {
                 let possibly = failure.possibly_delivered();
                 let outcome = match failure.error {
@@ -265,9 +275,11 @@ impl Delivery {
     }
 }
 
-/// Stops a broadcast: no new message is started; sends under way finish (with their own retry
-/// bounds) and are reported; every message not yet started is reported as
-/// [`NotAttempted::Cancelled`].
+/// Stops a broadcast: no new message is started; sends waiting (a backoff, a pause) stop
+/// waiting and are reported as failed with [`Error::Cancelled`] (which says whether an earlier
+/// attempt may have reached the service), or as [`NotAttempted::Cancelled`] when they had made
+/// no attempt yet; exchanges under way finish and are reported; every message not yet started
+/// is reported as [`NotAttempted::Cancelled`].
 #[derive(Debug, Clone)]
 pub struct CancelHandle(Arc<watch::Sender<bool>>);
 
@@ -454,14 +466,17 @@ async fn worker(
         let delivery = match verdict {
             Err(why) => Delivery::not_attempted(id, why),
             Ok(()) => {
-                let delivery = Delivery::of(id, shared.sender.send(message).await);
-                if shared.budgeted() {
-                    if !delivery.is_accepted() {
-                        shared.reserved.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-                    shared.finished.notify_waiters();
-                }
+                // Released however the send ends: accepted, failed, panicked or dropped.
+                let mut budget = BudgetGuard {
+                    shared: &shared,
+                    accepted: false,
+                };
+                let result = AssertUnwindSafe(shared.sender.send_cancellable(message, &mut cancel))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(panicked(&*panic)));
+                let delivery = Delivery::of(id, result);
+                budget.accepted = delivery.is_accepted();
                 delivery
             }
         };
@@ -470,6 +485,45 @@ async fn worker(
         if tx.send(delivery).await.is_err() {
             return; // nobody is listening any more
         }
+    }
+}
+
+/// A send that counts against the budget: on drop (whatever ended the send) it leaves the
+/// in-flight count and, unless the message was accepted, gives its reservation back, then wakes
+/// the tasks waiting for room.
+struct BudgetGuard<'a> {
+    shared: &'a Shared,
+    accepted: bool,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        let shared = self.shared;
+        if !shared.budgeted() {
+            return;
+        }
+        if !self.accepted {
+            shared.reserved.fetch_sub(1, Ordering::SeqCst);
+        }
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        shared.finished.notify_waiters();
+    }
+}
+
+/// The failure reported for a send that panicked (in a transport or token provider): the
+/// request may have reached the service, so the delivery says so.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> crate::SendError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    tracing::error!(%message, "a send panicked");
+    crate::SendError {
+        error: Error::Panicked { message },
+        attempts: 1,
+        waited: Duration::ZERO,
+        possible_duplicates: 0,
     }
 }
 

@@ -150,6 +150,12 @@ pub enum Error {
         /// The error of the last attempt, if one had failed.
         last: Option<Box<Error>>,
     },
+    /// The send was cancelled while it waited (a backoff or a pause); nothing is in flight.
+    #[error("cancelled while waiting to send{}", LastText(.last.as_deref()))]
+    Cancelled {
+        /// The error of the last attempt, if one had failed.
+        last: Option<Box<Error>>,
+    },
     /// Every send is paused (after a 503 or `QuotaExceeded`) for longer than this message may
     /// wait ([`RetryPolicy::with_max_retry_after`](crate::RetryPolicy::with_max_retry_after)).
     /// Nothing was sent; try again later.
@@ -204,7 +210,7 @@ impl Error {
             Self::UnexpectedStatus { .. } | Self::Panicked { .. } => false,
             Self::Token(err) => err.is_retryable(),
             // Later, with a new deadline, the send may succeed.
-            Self::DeadlineExceeded { .. } | Self::Paused { .. } => true,
+            Self::DeadlineExceeded { .. } | Self::Paused { .. } | Self::Cancelled { .. } => true,
         }
     }
 
@@ -215,7 +221,7 @@ impl Error {
         match self {
             Self::Transport(err) => err.may_have_been_sent(),
             Self::Panicked { .. } => true,
-            Self::DeadlineExceeded { last } => {
+            Self::DeadlineExceeded { last } | Self::Cancelled { last } => {
                 last.as_ref().is_some_and(|e| e.may_have_been_sent())
             }
             _ => false,

@@ -176,6 +176,17 @@ impl<'p> SendMachine<'p> {
         })
     }
 
+    /// The send was cancelled while waiting (before an attempt, or between two): its failure,
+    /// with what it cost and the last attempt's error.
+    pub fn cancelled(&mut self, now: Instant) -> SendError {
+        if let Some(since) = self.waiting_since.take() {
+            self.tally.waited += now.saturating_duration_since(since);
+        }
+        self.fail(Error::Cancelled {
+            last: self.last_error.clone().map(Box::new),
+        })
+    }
+
     /// Before each attempt: `paused_until` is the latest of the pauses in force for this message
     /// (everyone's and its device's), if any. Counts the time waited since the last call.
     pub fn before_attempt(&mut self, paused_until: Option<Instant>, now: Instant) -> BeforeAttempt {

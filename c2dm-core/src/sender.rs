@@ -284,11 +284,29 @@ impl Sender {
     /// Sends `message` and returns its id, or the final error once retrying cannot help.
     pub async fn send(&self, message: Message) -> Result<Sent, SendError> {
         let span = tracing::debug_span!("c2dm.send", registration_id = %message.registration_id());
-        self.send_inner(&message).instrument(span).await
+        self.send_inner(&message, None).instrument(span).await
+    }
+
+    /// [`Sender::send`], ended early when `cancel` turns true while the send waits (a backoff,
+    /// a pause): it then fails at once with [`Error::Cancelled`], saying whether an earlier
+    /// attempt may have reached the service. An exchange under way is not interrupted.
+    pub(crate) async fn send_cancellable(
+        &self,
+        message: Message,
+        cancel: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Sent, SendError> {
+        let span = tracing::debug_span!("c2dm.send", registration_id = %message.registration_id());
+        self.send_inner(&message, Some(cancel))
+            .instrument(span)
+            .await
     }
 
     /// Drives a [`SendMachine`]: waits, attempts, refreshes and pauses as it says.
-    async fn send_inner(&self, message: &Message) -> Result<Sent, SendError> {
+    async fn send_inner(
+        &self,
+        message: &Message,
+        mut cancel: Option<&mut tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<Sent, SendError> {
         let inner = &*self.inner;
         let id = message.registration_id();
         let mut machine = SendMachine::new(&inner.policy, Instant::now());
@@ -302,7 +320,9 @@ impl Sender {
         loop {
             let deadline = match machine.before_attempt(self.pause_for(id), Instant::now()) {
                 BeforeAttempt::WaitUntil(until) => {
-                    tokio::time::sleep_until(until).await;
+                    if !wait_until(until, cancel.as_deref_mut()).await {
+                        return Err(machine.cancelled(Instant::now()));
+                    }
                     continue;
                 }
                 BeforeAttempt::GiveUp(failure) => return Err(failure),
@@ -338,7 +358,11 @@ impl Sender {
                     device_pause.clear_if_over();
                     return result;
                 }
-                Action::RetryAt(at) => tokio::time::sleep_until(at).await,
+                Action::RetryAt(at) => {
+                    if !wait_until(at, cancel.as_deref_mut()).await {
+                        return Err(machine.cancelled(Instant::now()));
+                    }
+                }
                 Action::RefreshToken => refused = used,
             }
         }
@@ -428,6 +452,23 @@ impl Sender {
             self.inner.global_paused.store(false, Ordering::Release);
         }
         *pause
+    }
+}
+
+/// Sleeps until `until`; false if `cancel` turned true first.
+async fn wait_until(
+    until: Instant,
+    cancel: Option<&mut tokio::sync::watch::Receiver<bool>>,
+) -> bool {
+    match cancel {
+        None => {
+            tokio::time::sleep_until(until).await;
+            true
+        }
+        Some(cancel) => tokio::select! {
+            _ = tokio::time::sleep_until(until) => true,
+            _ = cancel.wait_for(|cancelled| *cancelled) => false,
+        },
     }
 }
 

@@ -460,3 +460,108 @@ async fn the_input_stream_is_never_polled_after_it_ends() {
     assert_eq!(collect(stream).await.len(), 100);
     assert_eq!(polled_after_end.load(Ordering::SeqCst), 0);
 }
+
+/// Panics for one device, answers `id=` for the others.
+struct PanicsFor(&'static str);
+
+#[async_trait]
+impl c2dm_core::Transport for PanicsFor {
+    async fn execute(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, c2dm_core::TransportError> {
+        let form = c2dm_core::codec::SendForm::parse(request.body());
+        if form.registration_id.as_deref() == Some(self.0) {
+            panic!("transport bug");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(http::Response::new(bytes::Bytes::from_static(b"id=0:1")))
+    }
+}
+
+/// A panic inside one send of a budgeted broadcast: before the fix the panicking task left the
+/// budget's in-flight count raised, and the others waited for room for ever.
+#[tokio::test(start_paused = true)]
+async fn a_send_that_panics_gets_a_delivery_and_releases_the_budget() {
+    let sender = Sender::new(
+        PanicsFor("dev-3"),
+        StaticToken::new(AuthToken::new("t").unwrap()),
+    );
+    let stream = sender
+        .broadcast_to(
+            futures::stream::iter(ids(20)),
+            &template(),
+            BroadcastOptions::default().concurrency(4).budget(10),
+        )
+        .unwrap();
+    let deliveries = tokio::time::timeout(Duration::from_secs(3600), collect(stream))
+        .await
+        .expect("the broadcast ends");
+    assert_eq!(deliveries.len(), 20);
+    let boom = deliveries
+        .iter()
+        .find(|d| d.registration_id().as_str() == "dev-3")
+        .unwrap();
+    match boom.outcome() {
+        Outcome::Failed { error } => {
+            assert!(
+                matches!(error, c2dm_core::Error::Panicked { message } if message == "transport bug")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(boom.possible_duplicates(), 1, "it may have been sent");
+    assert_eq!(deliveries.iter().filter(|d| d.is_accepted()).count(), 10);
+}
+
+/// Cancelling ends the waits at once: before the fix a send waiting out a long Retry-After (up
+/// to `max_retry_after`, an hour) held the broadcast until it ended.
+#[tokio::test(start_paused = true)]
+async fn cancelling_ends_sends_that_wait() {
+    let fake = RecordingTransport::new().latency(Duration::from_millis(1));
+    // Every answer asks everyone to wait 50 minutes; one device had a timeout after its
+    // request was written, so its resend may be a second copy.
+    fake.set_default_reply(Some(Reply::unavailable_for(3000)));
+    let fake = fake.reply_to_times("dev-5", Reply::timeout_after_write(), 1);
+    let mut stream = static_sender(&fake)
+        .broadcast_to(
+            futures::stream::iter(ids(20)),
+            &template(),
+            BroadcastOptions::default().concurrency(8),
+        )
+        .unwrap();
+    let cancel = stream.cancel_handle();
+    let start = Instant::now();
+    // Let every slot start and meet the pause, then cancel.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    cancel.cancel();
+    let mut deliveries = Vec::new();
+    while let Some(d) = stream.next().await {
+        deliveries.push(d);
+    }
+    assert_eq!(deliveries.len(), 20);
+    assert!(
+        start.elapsed() < Duration::from_secs(61),
+        "{:?}",
+        start.elapsed()
+    );
+    for d in &deliveries {
+        match d.outcome() {
+            Outcome::NotAttempted(NotAttempted::Cancelled) => assert_eq!(d.attempts(), 0),
+            Outcome::Failed { error } => {
+                assert!(
+                    matches!(error, c2dm_core::Error::Cancelled { .. }),
+                    "{error}"
+                );
+                assert!(d.attempts() >= 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let dev5 = deliveries
+        .iter()
+        .find(|d| d.registration_id().as_str() == "dev-5")
+        .unwrap();
+    assert_eq!(dev5.possible_duplicates(), 1, "it may have been sent");
+    assert_eq!(fake.accepted().len(), 0);
+}
