@@ -14,8 +14,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every command takes.
-#[derive(Debug, Args)]
+/// Options every command takes: where to connect and how, and how much to print.
+#[derive(Args)]
+#[command(next_help_heading = "Connection options")]
 pub struct Global {
     /// The C2DM send endpoint.
     #[arg(long, global = true, env = "C2DM_SEND_URL", default_value = c2dm_core::codec::DEFAULT_SEND_URL)]
@@ -44,15 +45,44 @@ pub struct Global {
     /// The most attempts one message gets (retries on 503, timeouts and the like).
     #[arg(long, global = true, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// The first retry delay, in seconds; each later one doubles it (with jitter).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_seconds)]
+    pub initial_backoff: f64,
+    /// The longest one message may take over all its attempts and waits, in seconds
+    /// [default: 100 for send, none for broadcast].
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub deadline: Option<f64>,
     /// Machine-readable output (JSON).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output options")]
     pub json: bool,
     /// More log output on stderr (-v debug, -vv trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet", help_heading = "Output options")]
     pub verbose: u8,
     /// Only errors on stderr.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = "Output options")]
     pub quiet: bool,
+}
+
+/// Never shows `--token`: options may be logged.
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("send_url", &self.send_url)
+            .field("login_url", &self.login_url)
+            .field("ca_cert", &self.ca_cert)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("email", &self.email)
+            .field("password_file", &self.password_file)
+            .field("source", &self.source)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("deadline", &self.deadline)
+            .field("json", &self.json)
+            .field("verbose", &self.verbose)
+            .field("quiet", &self.quiet)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,7 +154,9 @@ pub struct BroadcastArgs {
     /// Write the registration ids to delete here, one per line.
     #[arg(long, value_name = "FILE")]
     pub remove_list: Option<PathBuf>,
-    /// Stop abruptly after this many journal lines, as a crash would (for tests).
+    /// Stop abruptly after this many journal lines, as a crash would. A test hook: debug builds
+    /// only, never in a release binary.
+    #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     pub abort_after: Option<u64>,
 }
@@ -137,9 +169,6 @@ pub struct DemoArgs {
     /// The Retry-After of the emulator's injected 503s, in seconds.
     #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
-    /// The first retry delay, in milliseconds (lower it for a quick run in tests).
-    #[arg(long, default_value_t = 1000, hide = true)]
-    pub initial_backoff_ms: u64,
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {

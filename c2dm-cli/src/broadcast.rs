@@ -6,14 +6,16 @@ use std::io::{BufRead, BufReader, IsTerminal, Read};
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use c2dm_core::{BroadcastOptions, DeliveryReport, Message, RegistrationId, Sender};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::args::{BroadcastArgs, Global};
-use crate::journal::{self, JournalLine, LineWriter};
-use crate::setup::{self, CliError};
+use crate::client;
+use crate::error::CliError;
+use crate::journal::{self, JournalEvent, JournalLine, LineWriter, Resume};
 
 /// Reads one line of an ids list: `None` for blank lines and comments.
 fn id_of_line(line: &str, n: usize) -> Result<Option<RegistrationId>, CliError> {
@@ -26,11 +28,73 @@ fn id_of_line(line: &str, n: usize) -> Result<Option<RegistrationId>, CliError> 
         .map_err(|e| CliError::Usage(format!("--ids line {n}: {e}")))
 }
 
-/// Where the ids come from: a file (read twice: checked first, then streamed) or standard
-/// input (read into memory, as it cannot be read twice).
+/// Where the ids come from. A regular file is checked whole before anything is sent, then
+/// streamed (so memory stays flat however long it is); anything that can be read only once (a
+/// pipe, a FIFO, `-` for standard input, `<(...)`) is read once, into memory, and checked there.
 pub enum Ids {
-    File(std::path::PathBuf),
+    File {
+        path: std::path::PathBuf,
+        /// How many ids the check found: the streaming pass must find as many.
+        expected: u64,
+    },
     Memory(Vec<RegistrationId>),
+}
+
+impl Ids {
+    /// Reads and checks `--ids`: every line, before anything is sent.
+    pub fn open(arg: &str) -> Result<Self, CliError> {
+        if arg == "-" {
+            return Ok(Self::Memory(read_all(std::io::stdin().lock())?));
+        }
+        let path = std::path::PathBuf::from(arg);
+        let cannot = |e: std::io::Error| {
+            CliError::Usage(format!("--ids: cannot read {}: {e}", path.display()))
+        };
+        let meta = std::fs::metadata(&path).map_err(cannot)?;
+        if meta.is_file() {
+            let expected = check_file(&path)?;
+            Ok(Self::File { path, expected })
+        } else {
+            let file = std::fs::File::open(&path).map_err(cannot)?;
+            Ok(Self::Memory(read_all(file)?))
+        }
+    }
+
+    /// How many ids there are.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::File { expected, .. } => *expected,
+            Self::Memory(ids) => ids.len() as u64,
+        }
+    }
+}
+
+/// What the reading side of a broadcast saw: how many ids it handed over, and the error that
+/// stopped it, if one did.
+#[derive(Default)]
+pub struct IdsRead {
+    handed_over: std::sync::atomic::AtomicU64,
+    error: std::sync::Mutex<Option<String>>,
+}
+
+impl IdsRead {
+    fn fail(&self, error: String) {
+        tracing::error!(%error, "reading the ids failed");
+        self.error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(error);
+    }
+
+    /// Ids handed to the broadcast (those skipped by `--resume` are not).
+    pub fn handed_over(&self) -> u64 {
+        self.handed_over.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Why reading stopped before the end, if it did.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Calls `each` with every line of `reader` (without its line ending) and its number, from 1,
@@ -90,23 +154,31 @@ fn check_file(path: &Path) -> Result<u64, CliError> {
 /// batch instead of per id.
 const BATCH: usize = 512;
 
-/// Streams the ids not in `skip`, read on a blocking thread.
+/// Streams the ids not in `skip`, read on a blocking thread; what happened on the way is
+/// kept in `read`.
 fn stream_ids(
     ids: Ids,
     skip: HashSet<String>,
+    read: Arc<IdsRead>,
 ) -> impl futures::Stream<Item = RegistrationId> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<RegistrationId>>(4);
     tokio::task::spawn_blocking(move || {
         let mut batch = Vec::with_capacity(BATCH);
-        let push = |id: RegistrationId, batch: &mut Vec<RegistrationId>| {
+        let mut seen = 0u64;
+        let mut push = |id: RegistrationId, batch: &mut Vec<RegistrationId>| {
+            seen += 1;
             if skip.contains(id.as_str()) {
                 return true;
             }
             batch.push(id);
             if batch.len() == BATCH {
-                return tx
-                    .blocking_send(std::mem::replace(batch, Vec::with_capacity(BATCH)))
-                    .is_ok();
+                let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+                let len = full.len() as u64;
+                if tx.blocking_send(full).is_err() {
+                    return false;
+                }
+                read.handed_over
+                    .fetch_add(len, std::sync::atomic::Ordering::SeqCst);
             }
             true
         };
@@ -118,27 +190,35 @@ fn stream_ids(
                     }
                 }
             }
-            Ids::File(path) => {
-                let Ok(file) = std::fs::File::open(&path) else {
-                    return;
-                };
-                let streamed = for_each_line(
-                    file,
-                    |e| CliError::Failure(e.to_string()),
-                    |n, line| match id_of_line(line, n)? {
-                        Some(id) => Ok(push(id, &mut batch)),
-                        None => Ok(true),
-                    },
-                );
-                if let Err(err) = streamed {
-                    // Checked before: a line that no longer reads is the file changing under us.
-                    tracing::error!(%err, "the ids file changed during the broadcast");
-                    return;
+            Ids::File { path, expected } => {
+                let streamed = std::fs::File::open(&path)
+                    .map_err(|e| CliError::Failure(format!("--ids: {}: {e}", path.display())))
+                    .and_then(|file| {
+                        for_each_line(
+                            file,
+                            |e| CliError::Failure(format!("--ids: {}: {e}", path.display())),
+                            |n, line| match id_of_line(line, n)? {
+                                Some(id) => Ok(push(id, &mut batch)),
+                                None => Ok(true),
+                            },
+                        )
+                    });
+                match streamed {
+                    Err(err) => read.fail(format!("{err} (the file changed during the broadcast?)")),
+                    Ok(()) if seen != expected && !tx.is_closed() => read.fail(format!(
+                        "--ids: {} changed during the broadcast: {seen} ids read, {expected} checked",
+                        path.display()
+                    )),
+                    Ok(()) => {}
                 }
             }
         }
         if !batch.is_empty() {
-            let _ = tx.blocking_send(batch);
+            let len = batch.len() as u64;
+            if tx.blocking_send(batch).is_ok() {
+                read.handed_over
+                    .fetch_add(len, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     });
     futures::stream::unfold(rx, |mut rx| async move {
@@ -164,7 +244,26 @@ pub fn progress_bar(total: u64) -> ProgressBar {
 /// What a broadcast run did, besides the report.
 pub struct Run {
     pub report: DeliveryReport,
+    /// Ids skipped because the journal shows them done.
     pub skipped: u64,
+    /// Ids sent again after `--resume` whose earlier sends may have reached the device: each
+    /// may now have a second copy.
+    pub resent_maybe_twice: u64,
+    /// Ids handed to the broadcast.
+    pub handed_over: u64,
+    /// Why reading the ids stopped early, if it did.
+    pub read_error: Option<String>,
+    /// Whether a Ctrl-C stopped the run.
+    pub interrupted: bool,
+}
+
+impl Run {
+    /// Whether every id read got a final delivery: accepted or rejected for good, one each.
+    pub fn complete(&self) -> bool {
+        self.read_error.is_none()
+            && self.report.all_final()
+            && self.report.total() == self.handed_over
+    }
 }
 
 /// Runs the broadcast of `template` to the given ids with the journal and remove list.
@@ -173,11 +272,11 @@ pub async fn broadcast(
     template: &Message,
     args: &BroadcastArgs,
     ids: Ids,
-    total: u64,
 ) -> Result<Run, CliError> {
-    let skip = match (&args.journal, args.resume) {
-        (Some(path), true) => journal::done_ids(path)?,
-        _ => HashSet::new(),
+    let total = ids.len();
+    let resume = match (&args.journal, args.resume) {
+        (Some(path), true) => journal::resume_from(path)?,
+        _ => Resume::default(),
     };
     let mut journal = match &args.journal {
         Some(path) => Some(LineWriter::open("--journal", path, !args.resume)?),
@@ -187,40 +286,60 @@ pub async fn broadcast(
         Some(path) => Some(LineWriter::open("--remove-list", path, false)?),
         None => None,
     };
-    let skipped = skip.len() as u64;
+    let skipped = resume.done.len() as u64;
     let mut options = BroadcastOptions::default().concurrency(args.concurrency as usize);
     if let Some(rate) = args.rate.and_then(NonZeroU32::new) {
         options = options.rate_per_second(rate);
     }
+    let read = Arc::new(IdsRead::default());
     let mut deliveries = sender
-        .broadcast_to(stream_ids(ids, skip), template, options)
+        .broadcast_to(
+            stream_ids(ids, resume.done, Arc::clone(&read)),
+            template,
+            options,
+        )
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let cancel = deliveries.cancel_handle();
-    let interrupt = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!(
-                "interrupted: finishing the sends under way, journaling the rest as not attempted (Ctrl-C again to stop at once)"
-            );
-            cancel.cancel();
+    let interrupt = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                // The journal is flushed line by line: what it holds stays true; --resume
-                // sends whatever it does not show as done.
-                std::process::exit(130);
+                eprintln!(
+                    "interrupted: no new sends; sends waiting to retry stop now; every id gets a journal line (Ctrl-C again to stop at once)"
+                );
+                cancel.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    // The journal is flushed line by line: what it holds stays true; --resume
+                    // sends whatever it does not show as done.
+                    std::process::exit(130);
+                }
             }
         }
     });
     let bar = progress_bar(total);
     bar.set_position(skipped.min(total));
     let mut report = DeliveryReport::new();
+    let mut resent_maybe_twice = 0;
+    #[cfg(debug_assertions)]
     let mut written = 0u64;
     while let Some(delivery) = deliveries.next().await {
         report.record(&delivery);
+        let mut line = JournalLine::of(&delivery);
+        if let Some(earlier) = resume.maybe_sent.get(line.registration_id.as_str()) {
+            line.possible_duplicates += earlier;
+            if delivery.attempts() > 0 {
+                resent_maybe_twice += 1;
+            }
+        }
         if let Some(journal) = &mut journal {
-            journal.write_line(&JournalLine::of(&delivery).to_json())?;
-            written += 1;
-            if args.abort_after == Some(written) {
-                // A crash, as far as the journal can tell: no summary, sends under way lost.
-                std::process::exit(101);
+            journal.write_line(&line.to_json())?;
+            #[cfg(debug_assertions)]
+            {
+                written += 1;
+                if args.abort_after == Some(written) {
+                    // A crash, as far as the journal can tell: no summary, sends under way lost.
+                    std::process::exit(101);
+                }
             }
         }
         if delivery.should_remove() {
@@ -233,12 +352,24 @@ pub async fn broadcast(
     interrupt.abort();
     bar.finish_and_clear();
     report.finish();
-    Ok(Run { report, skipped })
+    let read_error = read.error();
+    if let (Some(error), Some(journal)) = (&read_error, &mut journal) {
+        journal.write_line(&JournalEvent::ids_read_error(error, read.handed_over()).to_json())?;
+    }
+    Ok(Run {
+        report,
+        skipped,
+        resent_maybe_twice,
+        handed_over: read.handed_over(),
+        read_error,
+        interrupted: cancel.is_cancelled(),
+    })
 }
 
 /// Prints the summary: human text, or one JSON object with `--json`.
 pub fn print_summary(global: &Global, run: &Run) {
     let report = &run.report;
+    let lost = run.handed_over.saturating_sub(report.total());
     if global.json {
         let summary = serde_json::json!({
             "total": report.total() + run.skipped,
@@ -250,6 +381,11 @@ pub fn print_summary(global: &Global, run: &Run) {
             "by_code": report.by_code(),
             "to_remove": report.to_remove().len(),
             "possible_duplicates": report.possible_duplicates(),
+            "resent_maybe_twice": run.resent_maybe_twice,
+            "ids_read_error": run.read_error,
+            "without_delivery": lost,
+            "interrupted": run.interrupted,
+            "complete": run.complete(),
             "elapsed_secs": report.elapsed().as_secs_f64(),
             "rate": report.rate(),
         });
@@ -259,26 +395,33 @@ pub fn print_summary(global: &Global, run: &Run) {
             println!("{} ids skipped: already done in the journal", run.skipped);
         }
         println!("{report}");
+        if run.resent_maybe_twice > 0 {
+            println!(
+                "{} resumed sends went to devices an earlier run may already have reached: each may be a second copy",
+                run.resent_maybe_twice
+            );
+        }
+        if let Some(error) = &run.read_error {
+            println!("the ids could not all be read: {error}");
+        }
+        if lost > 0 {
+            println!("{lost} ids read got no delivery");
+        }
+        if run.interrupted {
+            println!("interrupted: run again with --resume to send the rest");
+        }
     }
 }
 
 /// `c2dm broadcast`.
 pub async fn run(global: &Global, args: BroadcastArgs) -> Result<ExitCode, CliError> {
     // Everything that can be wrong with the input is found before anything is sent.
-    let template = setup::message(&args.message, "template")?;
-    let (ids, total) = if args.ids == "-" {
-        let ids = read_all(std::io::stdin().lock())?;
-        let total = ids.len() as u64;
-        (Ids::Memory(ids), total)
-    } else {
-        let path = std::path::PathBuf::from(&args.ids);
-        let total = check_file(&path)?;
-        (Ids::File(path), total)
-    };
-    let sender = setup::sender(global)?;
-    let run = broadcast(&sender, &template, &args, ids, total).await?;
+    let template = client::message(&args.message, "template")?;
+    let ids = Ids::open(&args.ids)?;
+    let sender = client::sender(global, None)?;
+    let run = broadcast(&sender, &template, &args, ids).await?;
     print_summary(global, &run);
-    Ok(if run.report.all_final() {
+    Ok(if run.complete() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -288,6 +431,49 @@ pub async fn run(global: &Global, args: BroadcastArgs) -> Result<ExitCode, CliEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file that changes between the check and the sending pass (here: it loses lines):
+    /// the run is a failure, and the summary and the journal say so.
+    #[tokio::test]
+    async fn a_file_that_changes_during_the_broadcast_fails_the_run() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let ids = dir.path().join("ids");
+        std::fs::write(&ids, "a\nb\nc\nd\n").unwrap();
+        let checked = Ids::open(ids.to_str().unwrap()).unwrap();
+        assert_eq!(checked.len(), 4);
+        std::fs::write(&ids, "a\nb\n").unwrap();
+        let journal = dir.path().join("j.jsonl");
+        let cli = crate::args::Cli::try_parse_from([
+            "c2dm",
+            "broadcast",
+            "--ids",
+            ids.to_str().unwrap(),
+            "--collapse-key",
+            "k",
+            "--journal",
+            journal.to_str().unwrap(),
+        ])
+        .unwrap();
+        let crate::args::Command::Broadcast(args) = cli.command else {
+            unreachable!()
+        };
+        let fake = c2dm_mock::RecordingTransport::new();
+        let sender = Sender::new(
+            fake.clone(),
+            c2dm_core::StaticToken::new(c2dm_core::AuthToken::new("t").unwrap()),
+        );
+        let template = client::message(&args.message, "template").unwrap();
+        let run = broadcast(&sender, &template, &args, checked).await.unwrap();
+        assert_eq!(run.report.accepted(), 2);
+        assert!(!run.complete(), "two ids were never read");
+        assert!(run.read_error.as_deref().unwrap().contains("changed"));
+        let text = std::fs::read_to_string(&journal).unwrap();
+        assert!(
+            text.lines().last().unwrap().contains("ids_read_error"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn ids_are_read_line_by_line_whatever_the_line_endings() {

@@ -15,7 +15,7 @@ use futures::StreamExt;
 
 use crate::args::{DemoArgs, Global};
 use crate::broadcast::progress_bar;
-use crate::setup::CliError;
+use crate::error::CliError;
 
 /// Turns an error into a failure of the demo step `context`.
 fn failed<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> CliError + '_ {
@@ -160,7 +160,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
     let sender = Sender::builder(transport, Arc::clone(&login))
         .retry_policy(
             RetryPolicy::default()
-                .with_initial_backoff(Duration::from_millis(args.initial_backoff_ms)),
+                .with_initial_backoff(Duration::from_secs_f64(global.initial_backoff)),
         )
         .endpoint(
             emulator

@@ -1,25 +1,27 @@
-//! The broadcast journal: one JSON line per final delivery, flushed as it is written.
+//! The broadcast journal: one JSON line per final delivery, flushed as it is written, and what
+//! a resumed run learns from it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
-use c2dm_core::{Delivery, SendError, Sent};
+use c2dm_core::{Delivery, OutcomeKind};
 use serde::{Deserialize, Serialize};
 
-use crate::setup::CliError;
+use crate::error::CliError;
 
-/// One line of the journal.
+/// One line of the journal: what became of the message to one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalLine {
     pub registration_id: String,
-    /// `accepted`, `rejected`, `failed` or `not_attempted`.
-    pub outcome: String,
+    pub outcome: OutcomeKind,
     pub message_id: Option<String>,
     pub error: Option<String>,
     pub remove: bool,
     pub attempts: u32,
+    /// Sends of this message (in this run and, after `--resume`, in earlier ones) that may
+    /// have reached the device without an answer saying so: each may be one more copy.
     #[serde(default)]
     pub possible_duplicates: u32,
 }
@@ -28,7 +30,7 @@ impl JournalLine {
     pub fn of(delivery: &Delivery) -> Self {
         Self {
             registration_id: delivery.registration_id().to_string(),
-            outcome: delivery.outcome().kind().to_owned(),
+            outcome: delivery.outcome().kind(),
             message_id: delivery.message_id().map(ToString::to_string),
             error: delivery.error_text(),
             remove: delivery.should_remove(),
@@ -37,52 +39,52 @@ impl JournalLine {
         }
     }
 
-    pub fn of_send(to: &str, result: &Result<Sent, SendError>) -> Self {
-        match result {
-            Ok(sent) => Self {
-                registration_id: to.to_owned(),
-                outcome: "accepted".into(),
-                message_id: Some(sent.message_id.to_string()),
-                error: None,
-                remove: false,
-                attempts: sent.attempts,
-                possible_duplicates: sent.possible_duplicates,
-            },
-            Err(failure) => {
-                let rejected = failure.error.code().is_some_and(|c| !c.is_retryable());
-                Self {
-                    registration_id: to.to_owned(),
-                    outcome: if rejected { "rejected" } else { "failed" }.into(),
-                    message_id: None,
-                    error: Some(match failure.error.code() {
-                        Some(code) => code.to_string(),
-                        None => failure.error.to_string(),
-                    }),
-                    remove: failure.should_remove_registration(),
-                    attempts: failure.attempts,
-                    possible_duplicates: failure.possible_duplicates,
-                }
-            }
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a journal line always serialises")
+    }
+}
+
+/// A line about the run rather than one device: the ids could not all be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEvent {
+    /// `ids_read_error`.
+    pub event: String,
+    pub error: String,
+    /// How many ids were read before it.
+    pub ids_read: u64,
+}
+
+impl JournalEvent {
+    pub fn ids_read_error(error: &str, ids_read: u64) -> Self {
+        Self {
+            event: "ids_read_error".into(),
+            error: error.to_owned(),
+            ids_read,
         }
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("a journal line always serialises")
-    }
-
-    /// Whether this id needs no more sending: accepted or permanently rejected.
-    pub fn is_final(&self) -> bool {
-        matches!(self.outcome.as_str(), "accepted" | "rejected")
+        serde_json::to_string(self).expect("a journal event always serialises")
     }
 }
 
-/// The ids a journal already shows accepted or rejected. Lines that do not read as journal
-/// lines (torn by a crash while writing) are skipped with a warning: their ids are sent again,
-/// which may duplicate but never loses a message.
-pub fn done_ids(path: &Path) -> Result<HashSet<String>, CliError> {
+/// What an earlier run's journal says, for `--resume`.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// Ids accepted or rejected for good: not sent again.
+    pub done: HashSet<String>,
+    /// Ids not done whose earlier sends may have reached the device, with how many times:
+    /// sending them again may deliver a second copy, so their new lines carry the count on.
+    pub maybe_sent: HashMap<String, u32>,
+}
+
+/// Reads a journal for `--resume`. Lines that do not read as journal lines (torn by a crash
+/// while writing) are skipped with a warning: their ids are sent again, which may duplicate but
+/// never loses a message. Event lines are skipped.
+pub fn resume_from(path: &Path) -> Result<Resume, CliError> {
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Resume::default()),
         Err(e) => {
             return Err(CliError::Usage(format!(
                 "--journal: cannot read {}: {e}",
@@ -90,34 +92,44 @@ pub fn done_ids(path: &Path) -> Result<HashSet<String>, CliError> {
             )));
         }
     };
-    let mut done = HashSet::new();
+    let mut resume = Resume::default();
     for (n, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| CliError::Usage(format!("--journal: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
         match serde_json::from_str::<JournalLine>(&line) {
-            Ok(entry) if entry.is_final() => {
-                done.insert(entry.registration_id);
+            Ok(entry) if entry.outcome.is_final() => {
+                resume.maybe_sent.remove(&entry.registration_id);
+                resume.done.insert(entry.registration_id);
             }
-            Ok(_) => {}
+            Ok(entry) => {
+                if entry.possible_duplicates > 0 {
+                    // The latest line of an id carries the earlier counts on already.
+                    resume
+                        .maybe_sent
+                        .insert(entry.registration_id, entry.possible_duplicates);
+                }
+            }
+            Err(_) if serde_json::from_str::<JournalEvent>(&line).is_ok() => {}
             Err(e) => {
                 tracing::warn!(line = n + 1, %e, "skipping an unreadable journal line");
             }
         }
     }
-    Ok(done)
+    Ok(resume)
 }
 
-/// Appends lines, flushing each one, so a crash loses at most what was in flight.
+/// Appends lines, flushing each one, so a crash loses at most what was in flight. The file is
+/// created readable by its owner only: registration ids identify people's devices.
 pub struct LineWriter {
     out: BufWriter<File>,
     needs_newline: bool,
 }
 
 impl LineWriter {
-    /// Opens `path` for appending (creating it); with `fresh`, an existing non-empty file is
-    /// an error, so two runs are never mixed up by accident.
+    /// Opens `path` for appending (creating it, mode 0600); with `fresh`, an existing non-empty
+    /// file is an error, so two runs are never mixed up by accident.
     pub fn open(flag: &str, path: &Path, fresh: bool) -> Result<Self, CliError> {
         let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         if fresh && existing > 0 {
@@ -128,13 +140,13 @@ impl LineWriter {
         }
         // A torn last line (no newline at the end) gets one, so appended lines stay whole.
         let needs_newline = existing > 0 && !ends_with_newline(path);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| {
-                CliError::Usage(format!("{flag}: cannot write {}: {e}", path.display()))
-            })?;
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path).map_err(|e| {
+            CliError::Usage(format!("{flag}: cannot write {}: {e}", path.display()))
+        })?;
         Ok(Self {
             out: BufWriter::new(file),
             needs_newline,
@@ -165,17 +177,26 @@ fn ends_with_newline(path: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn line(id: &str, outcome: &str) -> String {
+    fn line(id: &str, outcome: OutcomeKind, possible_duplicates: u32) -> String {
         JournalLine {
             registration_id: id.into(),
-            outcome: outcome.into(),
+            outcome,
             message_id: None,
             error: None,
             remove: false,
             attempts: 1,
-            possible_duplicates: 0,
+            possible_duplicates,
         }
         .to_json()
+    }
+
+    #[test]
+    fn outcomes_are_written_as_the_documented_words() {
+        let text = line("a", OutcomeKind::NotAttempted, 0);
+        assert!(text.contains(r#""outcome":"not_attempted""#), "{text}");
+        assert!(
+            serde_json::from_str::<JournalLine>(&text.replace("not_attempted", "lost")).is_err()
+        );
     }
 
     #[test]
@@ -183,32 +204,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.jsonl");
         let text = format!(
-            "{}\n{}\n{}\n{}\n{{\"registration_id\":\"e\",\"outc",
-            line("a", "accepted"),
-            line("b", "rejected"),
-            line("c", "failed"),
-            line("d", "not_attempted")
+            "{}\n{}\n{}\n{}\n{}\n{{\"registration_id\":\"e\",\"outc",
+            line("a", OutcomeKind::Accepted, 0),
+            line("b", OutcomeKind::Rejected, 0),
+            line("c", OutcomeKind::Failed, 2),
+            line("d", OutcomeKind::NotAttempted, 0),
+            JournalEvent::ids_read_error("broken pipe", 4).to_json(),
         );
         std::fs::write(&path, text).unwrap();
-        let done = done_ids(&path).unwrap();
-        assert_eq!(done, HashSet::from(["a".to_string(), "b".to_string()]));
+        let resume = resume_from(&path).unwrap();
+        assert_eq!(
+            resume.done,
+            HashSet::from(["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(resume.maybe_sent, HashMap::from([("c".to_string(), 2)]));
         // Appending after a torn line starts on a new line.
         let mut w = LineWriter::open("--journal", &path, false).unwrap();
-        w.write_line(&line("e", "accepted")).unwrap();
-        let done = done_ids(&path).unwrap();
-        assert_eq!(done.len(), 3, "the torn line is skipped, the new one read");
-        assert!(done.contains("e"));
+        w.write_line(&line("e", OutcomeKind::Accepted, 0)).unwrap();
+        w.write_line(&line("c", OutcomeKind::Accepted, 2)).unwrap();
+        let resume = resume_from(&path).unwrap();
+        assert_eq!(
+            resume.done.len(),
+            4,
+            "the torn line is skipped, the new ones read"
+        );
+        assert!(resume.done.contains("e"));
+        assert!(resume.maybe_sent.is_empty(), "c is done now");
     }
 
     #[test]
     fn a_fresh_journal_refuses_an_existing_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.jsonl");
-        std::fs::write(&path, line("a", "accepted") + "\n").unwrap();
+        std::fs::write(&path, line("a", OutcomeKind::Accepted, 0) + "\n").unwrap();
         assert!(matches!(
             LineWriter::open("--journal", &path, true),
             Err(CliError::Usage(_))
         ));
         assert!(LineWriter::open("--journal", &path, false).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn journals_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        LineWriter::open("--journal", &path, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

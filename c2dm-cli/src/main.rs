@@ -2,9 +2,12 @@
 
 mod args;
 mod broadcast;
+mod client;
 mod demo;
+mod error;
 mod journal;
-mod setup;
+mod login;
+mod send;
 
 use std::process::ExitCode;
 
@@ -16,7 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 use args::{Cli, Command};
-use setup::CliError;
+use error::CliError;
 
 fn init_tracing(verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
@@ -53,8 +56,8 @@ fn main() -> ExitCode {
     // consumer then shares the workers with the sends instead of being woken across threads.
     let task = runtime.spawn(async move {
         match cli.command {
-            Command::Login(args) => setup::login(&cli.global, args).await,
-            Command::Send(args) => setup::send(&cli.global, args).await,
+            Command::Login(args) => login::login(&cli.global, args).await,
+            Command::Send(args) => send::send(&cli.global, args).await,
             Command::Broadcast(args) => broadcast::run(&cli.global, args).await,
             Command::Emulator(args) => c2dm_emulator::cli::run(*args)
                 .await
@@ -77,9 +80,29 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_options_never_show_the_token() {
+        let cli = super::Cli::try_parse_from([
+            "c2dm",
+            "--token",
+            "s3cr3t-token",
+            "send",
+            "--to",
+            "d",
+            "--collapse-key",
+            "k",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?} {cli:#?}");
+        assert!(!shown.contains("s3cr3t-token"), "{shown}");
+        assert!(shown.contains("<redacted>"));
     }
 }

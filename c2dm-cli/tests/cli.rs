@@ -465,46 +465,109 @@ async fn broadcast_with_journal_and_remove_list() {
     assert!(stderr(&out).contains("--resume"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcast_from_stdin_with_json_summary() {
-    let env = Env::new(Config::default()).await;
-    let urls = env.urls();
+/// Runs `c2dm` with the emulator's URLs and credentials, writing `input` to its standard input
+/// (a pipe).
+async fn run_with_stdin(env: &Env, args: &[&str], input: Vec<u8>) -> Output {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
-    cmd.args([
-        "broadcast",
-        "--ids",
-        "-",
-        "--collapse-key",
-        "k",
-        "--json",
-        "--token",
-        "x",
-    ]);
-    for (k, v) in &urls {
+    cmd.args(args);
+    for (k, v) in env.urls() {
         cmd.env(k, v);
     }
-    let mut config_token = Config::default();
-    config_token.static_tokens = vec!["x".into()];
-    drop(config_token);
-    // The default emulator has no static token: log in instead.
     cmd.env("C2DM_EMAIL", DEFAULT_EMAIL)
-        .env("C2DM_PASSWORD", DEFAULT_PASSWORD);
+        .env("C2DM_PASSWORD", DEFAULT_PASSWORD)
+        .env_remove("C2DM_AUTH_TOKEN");
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut child = cmd.spawn().unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
         child.wait_with_output().unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+fn hundred_ids() -> Vec<u8> {
+    (0..100)
+        .map(|i| format!("dev-{i}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_from_stdin_with_json_summary() {
+    let env = Env::new(Config::default()).await;
+    let args = ["broadcast", "--ids", "-", "--collapse-key", "k", "--json"];
+    let out = run_with_stdin(&env, &args, b"a\nb\nc\n".to_vec()).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(json["accepted"], 3);
     assert_eq!(json["total"], 3);
+    assert_eq!(json["complete"], true);
     assert_eq!(env.emulator.counters().accepted, 3);
+}
+
+/// `--ids /dev/stdin` with a pipe behind it, as a new user tries it: before the fix the ids
+/// were read twice (checked, then streamed), the second read found the pipe empty, and the
+/// run printed "0 messages" and exited 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reads_a_pipe_once() {
+    let env = Env::new(Config::default()).await;
+    let args = [
+        "broadcast",
+        "--ids",
+        "/dev/stdin",
+        "--collapse-key",
+        "k",
+        "--json",
+    ];
+    let out = run_with_stdin(&env, &args, hundred_ids()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["accepted"], 100, "{json}");
+    assert_eq!(env.emulator.counters().accepted, 100);
+}
+
+/// The same through a FIFO, as `--ids <(cat ids.txt)` gives.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reads_a_fifo_once() {
+    let env = Env::new(Config::default()).await;
+    let fifo = env.path("ids.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(fifo, hundred_ids()).unwrap())
+    };
+    let out = env
+        .run(&["broadcast", "--ids", &fifo, "--collapse-key", "k", "--json"])
+        .await;
+    writer.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["accepted"], 100, "{json}");
+}
+
+/// Plain http:// to anything but loopback would carry the password and the token in clear:
+/// refused with exit 2 before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_beyond_loopback_is_refused() {
+    let env = Env::new(Config::default()).await;
+    for (flag, url) in [
+        ("--send-url", "http://android.apis.google.com/c2dm/send"),
+        ("--login-url", "http://www.google.com/accounts/ClientLogin"),
+    ] {
+        let out = env
+            .run(&[flag, url, "send", "--to", "d", "--collapse-key", "k"])
+            .await;
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
+    }
+    assert_eq!(env.emulator.counters().accepted, 0);
+    assert_eq!(env.emulator.stats().logins, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -684,8 +747,8 @@ async fn demo_verifies_delivery() {
             "400",
             "--retry-after-secs",
             "0",
-            "--initial-backoff-ms",
-            "5",
+            "--initial-backoff",
+            "0.005",
         ],
         NO_ENV,
     )
@@ -701,8 +764,8 @@ async fn demo_verifies_delivery() {
             "300",
             "--retry-after-secs",
             "0",
-            "--initial-backoff-ms",
-            "5",
+            "--initial-backoff",
+            "0.005",
             "--json",
         ],
         NO_ENV,
@@ -719,4 +782,173 @@ async fn demo_verifies_delivery() {
         json["emulator"]["logins"],
         json["emulator"]["expiries"].as_u64().unwrap() + 1
     );
+}
+
+/// A resumed run that sends again to a device whose earlier send may have reached it carries
+/// that count on, and says how many resumed sends may be second copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_carries_possible_duplicates_forward() {
+    let env = Env::new(Config::default()).await;
+    let ids_path = env.path("ids");
+    std::fs::write(&ids_path, "a\nb\nc\n").unwrap();
+    let journal_path = env.path("journal.jsonl");
+    std::fs::write(
+        &journal_path,
+        concat!(
+            r#"{"registration_id":"a","outcome":"failed","message_id":null,"error":"timed out","remove":false,"attempts":2,"possible_duplicates":1}"#,
+            "\n",
+            r#"{"registration_id":"b","outcome":"accepted","message_id":"0:1","error":null,"remove":false,"attempts":1,"possible_duplicates":0}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = env
+        .run(&[
+            "broadcast",
+            "--ids",
+            &ids_path,
+            "--collapse-key",
+            "k",
+            "--journal",
+            &journal_path,
+            "--resume",
+            "--json",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(summary["resent_maybe_twice"], 1, "{summary}");
+    assert_eq!(summary["accepted"], 2);
+    let lines = journal(&journal_path);
+    let a = lines
+        .iter()
+        .rev()
+        .find(|l| l["registration_id"] == "a")
+        .unwrap();
+    assert_eq!(a["outcome"], "accepted");
+    assert_eq!(a["possible_duplicates"], 1, "{a}");
+    let c = lines.iter().find(|l| l["registration_id"] == "c").unwrap();
+    assert_eq!(c["possible_duplicates"], 0);
+}
+
+/// The first Ctrl-C ends the sends waiting out a backoff at once, and every id gets a journal
+/// line. Before the fix the command waited out the service's Retry-After (here 50 minutes).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_ends_the_waits_and_journals_every_id() {
+    let mut config = Config::default();
+    config.unavailable = c2dm_emulator::FaultRate::Every(1);
+    config.retry_after = std::time::Duration::from_secs(3000);
+    let env = Env::new(config).await;
+    let ids_path = env.path("ids");
+    std::fs::write(&ids_path, "a\nb\nc\nd\ne\nf\ng\nh\n").unwrap();
+    let journal_path = env.path("journal.jsonl");
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
+    cmd.args([
+        "-v",
+        "broadcast",
+        "--ids",
+        &ids_path,
+        "--collapse-key",
+        "k",
+        "--journal",
+        &journal_path,
+        "--concurrency",
+        "4",
+    ]);
+    for (k, v) in env.urls() {
+        cmd.env(k, v);
+    }
+    cmd.env("C2DM_EMAIL", DEFAULT_EMAIL)
+        .env("C2DM_PASSWORD", DEFAULT_PASSWORD)
+        .env_remove("C2DM_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id().to_string();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        // Wait (reading, not sleeping) until a send is waiting out the 503's Retry-After.
+        let mut log = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(err.read_line(&mut line).unwrap() > 0, "c2dm ended: {log}");
+            log.push_str(&line);
+            if line.contains("retrying") {
+                break;
+            }
+        }
+        let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        assert!(sent.success());
+        // A watchdog, not a pause: the command must end long before it would kill it.
+        let watchdog = std::thread::spawn({
+            let pid = pid.clone();
+            move || {
+                std::thread::park_timeout(std::time::Duration::from_secs(120));
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        });
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        let out = child.wait_with_output().unwrap();
+        watchdog.thread().unpark();
+        (out, log + &rest)
+    })
+    .await
+    .unwrap();
+    let (out, log) = out;
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(stdout(&out).contains("interrupted"), "{}", stdout(&out));
+    let lines = journal(&journal_path);
+    assert_eq!(lines.len(), 8, "every id has a line");
+    for line in &lines {
+        let outcome = line["outcome"].as_str().unwrap();
+        assert!(outcome == "failed" || outcome == "not_attempted", "{line}");
+        if outcome == "failed" {
+            assert!(
+                line["error"].as_str().unwrap().contains("cancelled"),
+                "{line}"
+            );
+        }
+    }
+}
+
+/// A server that accepts and never answers: `--deadline` ends `send` with an error that counts
+/// the attempts and says the message may have been delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_ends_at_its_deadline_against_a_server_that_never_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/c2dm/send", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        // Accept and hold every connection, answering nothing.
+        let held: Vec<_> = listener.incoming().collect();
+        drop(held);
+    });
+    let out = c2dm(
+        [
+            "--send-url",
+            &url,
+            "--token",
+            "x",
+            "--deadline",
+            "1.5",
+            "--timeout",
+            "0.4",
+            "--initial-backoff",
+            "0.1",
+            "send",
+            "--to",
+            "d",
+            "--collapse-key",
+            "k",
+        ],
+        NO_ENV,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("deadline"), "{err}");
+    assert!(err.contains("may have been delivered"), "{err}");
+    assert!(err.contains("attempts"), "{err}");
 }

@@ -145,14 +145,57 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// `accepted`, `rejected`, `failed` or `not_attempted`.
-    pub fn kind(&self) -> &'static str {
+    /// Which of the four outcomes this is.
+    pub fn kind(&self) -> OutcomeKind {
         match self {
-            Self::Accepted { .. } => "accepted",
-            Self::Rejected { .. } => "rejected",
-            Self::Failed { .. } => "failed",
-            Self::NotAttempted(_) => "not_attempted",
+            Self::Accepted { .. } => OutcomeKind::Accepted,
+            Self::Rejected { .. } => OutcomeKind::Rejected,
+            Self::Failed { .. } => OutcomeKind::Failed,
+            Self::NotAttempted(_) => OutcomeKind::NotAttempted,
         }
+    }
+}
+
+/// The four outcomes of a message, without their details: what a journal or a database row
+/// stores. With the `serde` feature it serialises as `accepted`, `rejected`, `failed` or
+/// `not_attempted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum OutcomeKind {
+    /// Accepted by the service.
+    Accepted,
+    /// Permanently refused with a C2DM error code.
+    Rejected,
+    /// Not accepted, and retrying gave up.
+    Failed,
+    /// Never sent.
+    NotAttempted,
+}
+
+impl OutcomeKind {
+    /// `accepted`, `rejected`, `failed` or `not_attempted`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+            Self::NotAttempted => "not_attempted",
+        }
+    }
+
+    /// Whether the message needs no more sending: accepted, or refused for good.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Accepted | Self::Rejected)
+    }
+}
+
+impl std::fmt::Display for OutcomeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -235,7 +278,12 @@ impl Delivery {
         }
     }
 
-    fn of(registration_id: RegistrationId, result: Result<crate::Sent, crate::SendError>) -> Self {
+    /// The delivery of one send's result: how [`Sender::broadcast`] classifies every message,
+    /// and how a single [`Sender::send`] gets the same record.
+    pub fn from_result(
+        registration_id: RegistrationId,
+        result: Result<crate::Sent, crate::SendError>,
+    ) -> Self {
         match result {
             Ok(sent) => Self {
                 registration_id,
@@ -475,7 +523,7 @@ async fn worker(
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|panic| Err(panicked(&*panic)));
-                let delivery = Delivery::of(id, result);
+                let delivery = Delivery::from_result(id, result);
                 budget.accepted = delivery.is_accepted();
                 delivery
             }

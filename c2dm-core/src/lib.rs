@@ -36,6 +36,7 @@ mod transport;
 
 pub use broadcast::{
     Broadcast, BroadcastError, BroadcastOptions, CancelHandle, Delivery, NotAttempted, Outcome,
+    OutcomeKind,
 };
 pub use error::{Error, ErrorCode};
 pub use message::{

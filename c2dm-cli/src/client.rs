@@ -1,55 +1,45 @@
-//! Building the client stack from the global options, and the `login` and `send` commands.
+//! The client stack the global options describe: transport, credentials, token source,
+//! sender, and the message of `send` and `broadcast`.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::BufRead;
+use std::net::IpAddr;
 use std::path::Path;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use c2dm_auth::{CaptchaAnswer, ClientLogin, Credentials, LoginError};
+use c2dm_auth::{ClientLogin, Credentials};
 use c2dm_core::{AuthToken, Message, RetryPolicy, Sender, StaticToken, TokenProvider};
 use c2dm_hyper::HyperTransport;
 
-use crate::args::{Global, LoginArgs, MessageArgs, SendArgs};
-use crate::journal::JournalLine;
+use crate::args::{Global, MessageArgs};
+use crate::error::CliError;
 
-/// A failure, and the exit code it earns.
-#[derive(Debug)]
-pub enum CliError {
-    /// Bad input, found before anything was sent: exit 2.
-    Usage(String),
-    /// Something failed on the way: exit 1.
-    Failure(String),
-}
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Usage(text) | Self::Failure(text) => f.write_str(text),
-        }
-    }
-}
-
-impl CliError {
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            Self::Usage(_) => ExitCode::from(2),
-            Self::Failure(_) => ExitCode::from(1),
-        }
-    }
-}
-
-/// Parses a URL given on the command line.
+/// Parses a URL given on the command line. Plain `http://` is refused except to a loopback
+/// address (a local emulator): the password and the Auth token would cross the network in
+/// clear.
 pub fn parse_url(flag: &str, url: &str) -> Result<http::Uri, CliError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| CliError::Usage(format!("{flag}: not a URL: {url:?} ({e})")))?;
+    let host = uri.host().unwrap_or("");
     match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some() => Ok(uri),
+        Some("https") if !host.is_empty() => Ok(uri),
+        Some("http") if is_loopback(host) => Ok(uri),
+        Some("http") if !host.is_empty() => Err(CliError::Usage(format!(
+            "{flag}: plain http:// is allowed only to a loopback address (127.0.0.1, [::1], localhost): \
+             credentials and tokens would cross the network unencrypted; use https:// ({url:?})"
+        ))),
         _ => Err(CliError::Usage(format!(
-            "{flag}: expected an http:// or https:// URL, got {url:?}"
+            "{flag}: expected an https:// URL (or http:// to a loopback address), got {url:?}"
         ))),
     }
+}
+
+/// Whether `host` (as a URL writes it) names this machine only.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The production transport, trusting `--ca-cert` besides the usual roots.
@@ -76,6 +66,18 @@ fn read_password_file(path: &Path) -> Result<String, CliError> {
             path.display()
         ))
     })?;
+    #[cfg(unix)]
+    if let Ok(meta) = file.metadata() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "--password-file {} can be read by other users (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+    }
     let mut line = String::new();
     std::io::BufReader::new(file)
         .read_line(&mut line)
@@ -164,15 +166,31 @@ pub fn token_provider(
     }
 }
 
-/// The sender for `send` and `broadcast`.
-pub fn sender(global: &Global) -> Result<Sender, CliError> {
+/// The sender for `send` (`default_deadline` applies without `--deadline`) and `broadcast`.
+pub fn sender(global: &Global, default_deadline: Option<Duration>) -> Result<Sender, CliError> {
     let endpoint = parse_url("--send-url", &global.send_url)?;
     let transport = transport(global)?;
     let tokens = token_provider(global, &transport)?;
     Ok(Sender::builder(transport, tokens)
         .endpoint(endpoint)
-        .retry_policy(RetryPolicy::default().with_max_attempts(global.max_attempts))
+        .retry_policy(retry_policy(global, default_deadline))
         .build())
+}
+
+/// The retry policy the global options describe; `default_deadline` applies when
+/// `--deadline` is not given.
+pub fn retry_policy(global: &Global, default_deadline: Option<Duration>) -> RetryPolicy {
+    let policy = RetryPolicy::default()
+        .with_max_attempts(global.max_attempts)
+        .with_initial_backoff(Duration::from_secs_f64(global.initial_backoff));
+    match global
+        .deadline
+        .map(Duration::from_secs_f64)
+        .or(default_deadline)
+    {
+        Some(deadline) => policy.with_deadline(deadline),
+        None => policy,
+    }
 }
 
 /// The message of `send` (to `to`) or the template of `broadcast`.
@@ -188,84 +206,34 @@ pub fn message(args: &MessageArgs, to: &str) -> Result<Message, CliError> {
         .map_err(|e| CliError::Usage(format!("invalid message: {e}")))
 }
 
-fn print_login_error(err: &LoginError) -> CliError {
-    CliError::Failure(err.to_string())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// `c2dm login`.
-pub async fn login(global: &Global, args: LoginArgs) -> Result<ExitCode, CliError> {
-    let transport = transport(global)?;
-    let Some(credentials) = credentials(global)? else {
-        return Err(CliError::Usage(
-            "login needs --email (or C2DM_EMAIL) and C2DM_PASSWORD or --password-file".into(),
-        ));
-    };
-    let login = client_login(global, credentials, transport, None)?;
-    if let (Some(token), Some(answer)) = (args.captcha_token, args.captcha_answer) {
-        login.answer_captcha(CaptchaAnswer { token, answer });
-    }
-    let token = loop {
-        match login.login_now().await {
-            Ok(token) => break token,
-            Err(err) => {
-                let Some(challenge) = err.captcha() else {
-                    return Err(print_login_error(&err));
-                };
-                if !std::io::stdin().is_terminal() {
-                    return Err(CliError::Failure(format!(
-                        "{err}\nCAPTCHA image: {}\nanswer it with --captcha-token {} --captcha-answer ANSWER",
-                        challenge.image_url, challenge.token
-                    )));
-                }
-                eprintln!("ClientLogin asks for a CAPTCHA: {}", challenge.image_url);
-                eprint!("Type the characters you see: ");
-                let _ = std::io::stderr().flush();
-                let mut answer = String::new();
-                std::io::stdin()
-                    .read_line(&mut answer)
-                    .map_err(|e| CliError::Failure(format!("reading the answer: {e}")))?;
-                login.answer_captcha(challenge.answer(answer.trim()));
-            }
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for ok in [
+            "https://android.apis.google.com/c2dm/send",
+            "http://127.0.0.1:8080/c2dm/send",
+            "http://127.1.2.3/x",
+            "http://[::1]:9/x",
+            "http://localhost:1/x",
+        ] {
+            assert!(parse_url("--send-url", ok).is_ok(), "{ok}");
         }
-    };
-    if global.json {
-        println!("{}", serde_json::json!({ "token": token.expose_secret() }));
-    } else {
-        println!("{}", token.expose_secret());
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `c2dm send`.
-pub async fn send(global: &Global, args: SendArgs) -> Result<ExitCode, CliError> {
-    let message = message(&args.message, &args.to)?;
-    let sender = sender(global)?;
-    let result = sender.send(message).await;
-    let line = JournalLine::of_send(&args.to, &result);
-    if global.json {
-        println!("{}", line.to_json());
-    }
-    match result {
-        Ok(sent) => {
-            if !global.json {
-                println!("{}", sent.message_id);
-            }
-            Ok(ExitCode::SUCCESS)
+        for bad in [
+            "http://android.apis.google.com/c2dm/send",
+            "http://10.0.0.1/x",
+            "http://[::2]/x",
+            "http://localhost.example.com/x",
+            "ftp://127.0.0.1/x",
+            "not a url",
+        ] {
+            let err = parse_url("--send-url", bad).unwrap_err();
+            assert!(matches!(err, CliError::Usage(_)), "{bad}");
         }
-        Err(failure) => {
-            if !global.json {
-                if let Some(code) = failure.error.code().filter(|c| !c.is_retryable()) {
-                    let advice = if failure.should_remove_registration() {
-                        "remove this registration id"
-                    } else {
-                        "keep this registration id"
-                    };
-                    println!("rejected: {code} ({advice})");
-                } else {
-                    eprintln!("error: {failure}");
-                }
-            }
-            Ok(ExitCode::from(1))
-        }
+        let err =
+            parse_url("--login-url", "http://www.google.com/accounts/ClientLogin").unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
     }
 }
