@@ -111,8 +111,8 @@ pub struct Tally {
 pub struct SendMachine<'p> {
     policy: &'p RetryPolicy,
     tally: Tally,
-    /// Attempts that count against `max_attempts`: all but those refused because the token
-    /// expired under them.
+    /// Attempts that count against `max_attempts`: all but those answered 401, which the 401
+    /// rule bounds instead.
     counted: u32,
     /// Resends because the token expired under the message (a 401 on a token that had worked).
     renewals: u32,
@@ -218,8 +218,9 @@ impl<'p> SendMachine<'p> {
     }
 
     /// After an attempt: its answer (`Err(Error::Token(..))` when no token could be had),
-    /// whether the token it carried had been accepted before (some message was accepted with
-    /// it), the time, and `unit`, a random number in `[0, 1)` for the jitter.
+    /// whether the token it carried had been accepted (some message was accepted with it; the
+    /// driver also counts the token this attempt's refresh replaced, read at this moment), the
+    /// time, and `unit`, a random number in `[0, 1)` for the jitter.
     pub fn on_reply(
         &mut self,
         reply: Result<MessageId, Error>,
@@ -284,13 +285,17 @@ impl<'p> SendMachine<'p> {
     /// The 401 rule. A token that had worked was refused because it expired (other sends used
     /// it up, or its login aged): ask for a new one and try again, without counting the attempt
     /// against `max_attempts` (bounded by `max_token_renewals` and the deadline instead). A
-    /// token that never worked is suspect: two such refusals in a row are final, so revoked or
-    /// unusable credentials do not log in again and again.
+    /// token that never worked is suspect: two such refusals in a row are final, so unusable
+    /// credentials do not log in again and again (wrong ones fail at the login itself).
     fn on_unauthorized(&mut self, token_had_worked: bool) -> Step {
         let finish = |machine: &Self| Step {
             action: Action::Finish(Err(machine.fail(Error::Unauthorized))),
             pause: None,
         };
+        if self.policy.max_attempts() <= 1 {
+            // A policy that never retries does not log in again either.
+            return finish(self);
+        }
         if token_had_worked {
             self.unproven_refusals = 0;
             self.renewals += 1;
@@ -299,8 +304,7 @@ impl<'p> SendMachine<'p> {
             }
         } else {
             self.unproven_refusals += 1;
-            self.counted += 1;
-            if self.unproven_refusals >= 2 || self.counted >= self.policy.max_attempts() {
+            if self.unproven_refusals >= 2 {
                 return finish(self);
             }
         }

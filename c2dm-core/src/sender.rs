@@ -315,8 +315,10 @@ impl Sender {
             id,
             set: None,
         };
-        // The token refused by the last attempt, to be refreshed by the next.
+        // The token refused by the last attempt, to be refreshed by the next; and, while that
+        // attempt is under way, the one it replaces.
         let mut refused: Option<AuthToken> = None;
+        let mut replaced: Option<AuthToken> = None;
         loop {
             let deadline = match machine.before_attempt(self.pause_for(id), Instant::now()) {
                 BeforeAttempt::WaitUntil(until) => {
@@ -328,8 +330,15 @@ impl Sender {
                 BeforeAttempt::GiveUp(failure) => return Err(failure),
                 BeforeAttempt::Send { deadline } => deadline,
             };
+            replaced = refused.clone();
             let (reply, used) = self.attempt(message, refused.take(), deadline).await;
-            let worked = used.as_ref().is_some_and(AuthToken::has_worked);
+            // Read now, not when the earlier refusal came: by the time a new login's token is
+            // refused too, the acceptances of the old one (answered before it expired, but
+            // perhaps read by other tasks after that refusal) have been counted.
+            let worked = [&used, &replaced]
+                .into_iter()
+                .flatten()
+                .any(AuthToken::has_worked);
             match &reply {
                 Ok(_) => {
                     if let Some(token) = &used {
