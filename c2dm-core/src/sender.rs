@@ -315,10 +315,8 @@ impl Sender {
             id,
             set: None,
         };
-        // The token refused by the last attempt, to be refreshed by the next; and, while that
-        // attempt is under way, the one it replaces.
+        // The token refused by the last attempt, to be refreshed by the next.
         let mut refused: Option<AuthToken> = None;
-        let mut replaced: Option<AuthToken> = None;
         loop {
             let deadline = match machine.before_attempt(self.pause_for(id), Instant::now()) {
                 BeforeAttempt::WaitUntil(until) => {
@@ -330,7 +328,8 @@ impl Sender {
                 BeforeAttempt::GiveUp(failure) => return Err(failure),
                 BeforeAttempt::Send { deadline } => deadline,
             };
-            replaced = refused.clone();
+            // The token this attempt's refresh replaces, if it refreshes one.
+            let replaced = refused.clone();
             let (reply, used) = self.attempt(message, refused.take(), deadline).await;
             // Read now, not when the earlier refusal came: by the time a new login's token is
             // refused too, the acceptances of the old one (answered before it expired, but

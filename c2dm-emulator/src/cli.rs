@@ -13,8 +13,9 @@ pub const CAPTCHA_TOKEN: &str = "EMULATOR-CAPTCHA";
 /// The answer that unlocks `--captcha-account`.
 pub const CAPTCHA_ANSWER: &str = "c2dm";
 
-/// Flags of the emulator.
-#[derive(Debug, Clone, Args)]
+/// Flags of the emulator. Its `Debug` shows neither passwords (accounts are [`Account`]s)
+/// nor static tokens.
+#[derive(Clone, Args)]
 pub struct EmulatorArgs {
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -30,10 +31,10 @@ pub struct EmulatorArgs {
     pub cert_out: Option<PathBuf>,
     /// An account that may log in (repeatable). Default: sender@example.com:emulator-password.
     #[arg(long = "account", value_name = "EMAIL:PASSWORD", value_parser = parse_account)]
-    pub accounts: Vec<(String, String)>,
+    pub accounts: Vec<Account>,
     /// An account whose first login demands a CAPTCHA (token EMULATOR-CAPTCHA, answer c2dm).
     #[arg(long = "captcha-account", value_name = "EMAIL:PASSWORD", value_parser = parse_account)]
-    pub captcha_accounts: Vec<(String, String)>,
+    pub captcha_accounts: Vec<Account>,
     /// A token accepted without a login (repeatable).
     #[arg(long = "static-token", value_name = "TOKEN")]
     pub tokens: Vec<String>,
@@ -102,12 +103,27 @@ pub struct EmulatorArgs {
     pub seed: u64,
 }
 
-fn parse_account(text: &str) -> Result<(String, String), String> {
+fn parse_account(text: &str) -> Result<Account, String> {
     match text.split_once(':') {
         Some((email, password)) if !email.is_empty() && !password.is_empty() => {
-            Ok((email.to_owned(), password.to_owned()))
+            Ok(Account::new(email, password))
         }
         _ => Err("expected EMAIL:PASSWORD".into()),
+    }
+}
+
+impl std::fmt::Debug for EmulatorArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Everything the flags say, through the configuration (whose Debug hides the
+        // secrets), plus what is not configuration.
+        f.debug_struct("EmulatorArgs")
+            .field("listen", &self.listen)
+            .field("port_file", &self.port_file)
+            .field("tls", &self.tls)
+            .field("cert_out", &self.cert_out)
+            .field("stats_out", &self.stats_out)
+            .field("config", &self.config())
+            .finish()
     }
 }
 
@@ -120,11 +136,11 @@ impl EmulatorArgs {
     /// The configuration these flags describe.
     pub fn config(&self) -> Config {
         let window = Duration::from_secs(self.quota_window_secs.max(1));
-        let accounts = self.accounts.iter().map(|(e, p)| Account::new(e, p));
+        let accounts = self.accounts.iter().cloned();
         let captcha_accounts = self
             .captcha_accounts
             .iter()
-            .map(|(e, p)| Account::new(e, p).with_captcha(CAPTCHA_TOKEN, CAPTCHA_ANSWER));
+            .map(|a| a.clone().with_captcha(CAPTCHA_TOKEN, CAPTCHA_ANSWER));
         Config {
             accounts: accounts.chain(captcha_accounts).collect(),
             static_tokens: self.tokens.clone(),
@@ -279,5 +295,22 @@ mod tests {
         assert_eq!(c.inbox, InboxMode::CountsOnly);
         assert_eq!(c.static_tokens, ["T"]);
         assert!(Wrapper::try_parse_from(["x", "--account", "nocolon"]).is_err());
+    }
+
+    #[test]
+    fn debug_shows_no_password_and_no_static_token() {
+        let w = Wrapper::try_parse_from([
+            "x",
+            "--account",
+            "a@example.com:pass-that-must-not-show",
+            "--captcha-account",
+            "b@example.com:other-pass-that-must-not-show",
+            "--static-token",
+            "token-that-must-not-show",
+        ])
+        .unwrap();
+        let shown = format!("{:?} {:#?} {:?}", w.args, w.args, w.args.config());
+        assert!(!shown.contains("must-not-show"), "{shown}");
+        assert!(shown.contains("a@example.com"), "{shown}");
     }
 }

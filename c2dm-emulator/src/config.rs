@@ -106,7 +106,13 @@ impl DeviceRules {
     }
 }
 
-/// A quota: at most `limit` messages per `window`.
+/// A quota: at most `limit` accepted messages per `window`.
+///
+/// What it models, exactly: a fixed window per key (the sender account, or the registration
+/// id), opened by the first message it counts and closed `window` later, when the count starts
+/// again from zero. It is not a rolling window: a burst at the end of one window and another at
+/// the start of the next can both go through. Only accepted messages count: a send refused for
+/// either quota (or any other reason) uses up neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
     /// Messages allowed per window.
@@ -139,7 +145,9 @@ pub enum InboxMode {
 
 /// The emulator's whole configuration. Everything is off or lenient by default: any
 /// registration id is a valid device, no quotas, no faults, tokens live forever.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` shows neither passwords nor static tokens.
+#[derive(Clone)]
 pub struct Config {
     /// Accounts that may log in; when empty, [`DEFAULT_EMAIL`] with [`DEFAULT_PASSWORD`].
     pub accounts: Vec<Account>,
@@ -177,6 +185,34 @@ pub struct Config {
     pub seed: u64,
     /// What the inbox keeps.
     pub inbox: InboxMode,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("accounts", &self.accounts)
+            .field(
+                "static_tokens",
+                &format_args!("<{} redacted>", self.static_tokens.len()),
+            )
+            .field("devices", &self.devices)
+            .field("device_quota_prefix_sends", &self.device_quota_prefix_sends)
+            .field("sender_quota", &self.sender_quota)
+            .field("device_quota", &self.device_quota)
+            .field("payload_limit", &self.payload_limit)
+            .field("rotate_token_every", &self.rotate_token_every)
+            .field("rotation_grace_sends", &self.rotation_grace_sends)
+            .field("token_lifetime_sends", &self.token_lifetime_sends)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("unavailable", &self.unavailable)
+            .field("retry_after", &self.retry_after)
+            .field("server_errors", &self.server_errors)
+            .field("drops", &self.drops)
+            .field("latency", &self.latency)
+            .field("seed", &self.seed)
+            .field("inbox", &self.inbox)
+            .finish()
+    }
 }
 
 impl Default for Config {

@@ -54,6 +54,8 @@ struct Counters {
     sends: AtomicU64,
     accepted: AtomicU64,
     errors: [AtomicU64; 8],
+    /// `Error=` answers with a code the protocol does not list, by code.
+    other_errors: Mutex<BTreeMap<String, u64>>,
     unauthorized: AtomicU64,
     unavailable: AtomicU64,
     server_errors: AtomicU64,
@@ -64,8 +66,36 @@ struct Counters {
     expiries: AtomicU64,
 }
 
-fn code_index(code: &ErrorCode) -> usize {
-    ErrorCode::KNOWN.iter().position(|c| c == code).unwrap_or(0)
+impl Counters {
+    /// Counts an `Error=` answer under its own code, listed or not.
+    fn count_error(&self, code: &ErrorCode) {
+        match ErrorCode::KNOWN.iter().position(|c| c == code) {
+            Some(i) => {
+                self.errors[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                let mut other = self.other_errors.lock().unwrap_or_else(|e| e.into_inner());
+                *other.entry(code.to_string()).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// The count of `key`'s window of `quota` at `now`, with the quota: a window that ended is
+/// started anew (a fixed window from the first send it counts), and windows that ended are
+/// swept as the map grows.
+fn window_entry<K: std::hash::Hash + Eq>(
+    counts: &mut Swept<K, (Instant, u64)>,
+    key: K,
+    quota: Quota,
+    now: Instant,
+) -> (&mut u64, Quota) {
+    counts.sweep_if_grown(|_, (start, _)| now.duration_since(*start) < quota.window);
+    let entry = counts.map.entry(key).or_insert((now, 0));
+    if now.duration_since(entry.0) >= quota.window {
+        *entry = (now, 0);
+    }
+    (&mut entry.1, quota)
 }
 
 /// One login: its tokens share its life.
@@ -304,6 +334,47 @@ impl Service {
         Some(entry)
     }
 
+    /// Counts a send against the device's and the sender's quotas, or against neither: a send
+    /// refused for one quota uses up none of the other. Both maps are locked (device first,
+    /// always) while both are checked, so concurrent sends cannot overdraw.
+    fn take_quotas(&self, id: &str, account: usize) -> Result<(), ErrorCode> {
+        let now = self.now();
+        let mut devices = self.config.device_quota.map(|quota| {
+            (
+                self.device_counts.lock().unwrap_or_else(|e| e.into_inner()),
+                quota,
+            )
+        });
+        let mut senders = self.config.sender_quota.map(|quota| {
+            (
+                self.sender_counts.lock().unwrap_or_else(|e| e.into_inner()),
+                quota,
+            )
+        });
+        let device = devices
+            .as_mut()
+            .map(|(counts, quota)| window_entry(counts, id.into(), *quota, now));
+        if device
+            .as_ref()
+            .is_some_and(|(used, quota)| **used >= quota.limit)
+        {
+            return Err(ErrorCode::DeviceQuotaExceeded);
+        }
+        let sender = senders
+            .as_mut()
+            .map(|(counts, quota)| window_entry(counts, account, *quota, now));
+        if sender
+            .as_ref()
+            .is_some_and(|(used, quota)| **used >= quota.limit)
+        {
+            return Err(ErrorCode::QuotaExceeded);
+        }
+        for (used, _) in device.into_iter().chain(sender) {
+            *used += 1;
+        }
+        Ok(())
+    }
+
     /// Counts a send for `key` if its window of `quota` has room; every key of `counts` must
     /// have the same quota (windows that ended are swept with it).
     fn count_in_window<K: std::hash::Hash + Eq>(
@@ -314,16 +385,11 @@ impl Service {
     ) -> bool {
         let now = self.now();
         let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
-        // A window that ended counts as none: forgetting it changes no answer.
-        counts.sweep_if_grown(|_, (start, _)| now.duration_since(*start) < quota.window);
-        let entry = counts.map.entry(key).or_insert((now, 0));
-        if now.duration_since(entry.0) >= quota.window {
-            *entry = (now, 0);
-        }
-        if entry.1 >= quota.limit {
+        let (used, quota) = window_entry(&mut counts, key, quota, now);
+        if *used >= quota.limit {
             false
         } else {
-            entry.1 += 1;
+            *used += 1;
             true
         }
     }
@@ -367,7 +433,7 @@ impl Service {
         };
         let form = SendForm::parse(body);
         let rejected = |code: ErrorCode| {
-            c.errors[code_index(&code)].fetch_add(1, Ordering::Relaxed);
+            c.count_error(&code);
             SendAnswer::error(&code)
         };
         let Some(id) = form.registration_id.as_deref().filter(|id| !id.is_empty()) else {
@@ -392,16 +458,9 @@ impl Service {
                 return rejected(ErrorCode::DeviceQuotaExceeded);
             }
         }
-        if let Some(quota) = self.config.device_quota {
-            if !self.count_in_window(&self.device_counts, id.into(), quota) {
-                return rejected(ErrorCode::DeviceQuotaExceeded);
-            }
-        }
         let session = &entry.session;
-        if let Some(quota) = self.config.sender_quota {
-            if !self.count_in_window(&self.sender_counts, session.account, quota) {
-                return rejected(ErrorCode::QuotaExceeded);
-            }
+        if let Err(code) = self.take_quotas(id, session.account) {
+            return rejected(code);
         }
         let number = self.message_counter.fetch_add(1, Ordering::Relaxed);
         self.inbox
@@ -513,12 +572,19 @@ impl Service {
     pub(crate) fn stats(&self, inbox: bool, delivered: bool) -> Stats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let errors = ErrorCode::KNOWN
+        let mut errors: BTreeMap<String, u64> = ErrorCode::KNOWN
             .iter()
             .zip(&c.errors)
             .filter(|(_, n)| load(n) > 0)
             .map(|(code, n)| (code.to_string(), load(n)))
             .collect();
+        errors.extend(
+            c.other_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(code, n)| (code.clone(), *n)),
+        );
         Stats {
             sends: load(&c.sends),
             accepted: load(&c.accepted),
@@ -577,6 +643,45 @@ mod tests {
         assert_eq!(swept.sweep_at, SWEEP_MIN);
         swept.sweep_if_grown(|_, _| false);
         assert_eq!(swept.map.len(), SWEEP_MIN / 2);
+    }
+
+    #[test]
+    fn a_send_refused_for_the_sender_quota_uses_no_device_quota() {
+        let service = Service::new(Config {
+            static_tokens: vec!["T".into()],
+            device_quota: Some(Quota {
+                limit: 2,
+                window: Duration::from_secs(3600),
+            }),
+            sender_quota: Some(Quota {
+                limit: 1,
+                window: Duration::from_secs(60),
+            }),
+            ..Config::default()
+        });
+        let auth = Some("GoogleLogin auth=T");
+        assert!(body(&service.send(auth, form("d").as_bytes())).starts_with("id="));
+        for _ in 0..3 {
+            assert_eq!(
+                body(&service.send(auth, form("d").as_bytes())),
+                "Error=QuotaExceeded"
+            );
+        }
+        // The sender's window ends; the device has used one of its two sends, not four.
+        service.advance_clock(Duration::from_secs(60));
+        assert!(body(&service.send(auth, form("d").as_bytes())).starts_with("id="));
+        assert_eq!(service.stats(false, false).errors["QuotaExceeded"], 3);
+    }
+
+    #[test]
+    fn unlisted_error_codes_are_counted_as_themselves() {
+        let service = Service::new(Config::default());
+        service
+            .counters
+            .count_error(&ErrorCode::Unknown("Whatever".into()));
+        let errors = service.stats(false, false).errors;
+        assert_eq!(errors.get("Whatever"), Some(&1));
+        assert_eq!(errors.get("QuotaExceeded"), None);
     }
 
     #[test]
