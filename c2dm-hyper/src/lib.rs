@@ -64,6 +64,9 @@ pub const USER_AGENT_VALUE: &str = concat!("c2dm-rs/", env!("CARGO_PKG_VERSION")
 /// The default cap on a response body.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
+/// The default of [`HyperTransportBuilder::pool_max_idle_per_host`].
+pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 128;
+
 /// Why a [`HyperTransport`] could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -123,7 +126,7 @@ impl Default for HyperTransportBuilder {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: usize::MAX,
+            pool_max_idle_per_host: DEFAULT_MAX_IDLE_PER_HOST,
             http2: false,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             webpki_roots: cfg!(feature = "webpki-roots"),
@@ -154,7 +157,8 @@ impl HyperTransportBuilder {
         self
     }
 
-    /// How many idle connections per host are kept (default: no limit).
+    /// How many idle connections per host are kept (default 128: twice a broadcast's default
+    /// concurrency; connections beyond it are closed when their request ends).
     pub fn pool_max_idle_per_host(mut self, max: usize) -> Self {
         self.pool_max_idle_per_host = max;
         self
@@ -350,8 +354,8 @@ impl HyperTransport {
                     // Refused before a byte was written: a connection the server closed while
                     // it sat idle. Another one may take it.
                     Some(unsent) if reused => {
-                        if !conn.is_http1() {
-                            self.pool.forget_shared(&key);
+                        if let Some(shared) = conn.shared() {
+                            self.pool.forget_shared(&key, shared.id());
                         }
                         request = Some(unsent);
                         continue;

@@ -19,7 +19,7 @@
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -69,7 +69,22 @@ impl Key {
 /// A connection ready to carry one request.
 pub(crate) enum Conn {
     Http1(Http1),
-    Http2(http2::SendRequest<Body>),
+    Http2(Shared),
+}
+
+/// A handle on an HTTP/2 connection, with the number that tells it from any other the pool
+/// opened (handles do not compare).
+#[derive(Clone)]
+pub(crate) struct Shared {
+    send: http2::SendRequest<Body>,
+    id: u64,
+}
+
+impl Shared {
+    /// Which connection this is.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 /// The request's deadline passed.
@@ -256,9 +271,9 @@ impl Conn {
                 });
                 drive(&mut io, deadline, sending).await
             }
-            Self::Http2(send) => {
+            Self::Http2(shared) => {
                 let request = request.take().expect(NO_REQUEST);
-                timeout_at(deadline, send.try_send_request(request))
+                timeout_at(deadline, shared.send.try_send_request(request))
                     .await
                     .map_err(|_| TimedOut)
             }
@@ -281,6 +296,14 @@ impl Conn {
     /// Whether the request goes out as HTTP/1.1 (origin-form URI and a `Host` header).
     pub(crate) fn is_http1(&self) -> bool {
         matches!(self, Self::Http1(_))
+    }
+
+    /// The shared HTTP/2 connection this is, if it is one.
+    pub(crate) fn shared(&self) -> Option<&Shared> {
+        match self {
+            Self::Http2(shared) => Some(shared),
+            Self::Http1(_) => None,
+        }
     }
 }
 
@@ -317,6 +340,8 @@ struct Inner {
     max_idle_per_host: usize,
     /// Whether a task sweeps out idle connections that outlived `idle_timeout`.
     sweeping: AtomicBool,
+    /// Numbers the HTTP/2 connections opened.
+    next_id: AtomicU64,
 }
 
 #[derive(Default)]
@@ -345,7 +370,21 @@ struct Host {
     /// The shared HTTP/2 connection, if ALPN picked HTTP/2, and when a request last took it.
     /// The pool lets go of it once it has not been taken for the idle timeout; requests under
     /// way keep it open until they end.
-    shared: Option<(http2::SendRequest<Body>, Instant)>,
+    shared: Option<(Shared, Instant)>,
+    /// Over TLS, until a connection has told which protocol the host speaks (ALPN), one
+    /// request at a time opens a connection and the others wait for it: were it HTTP/2, they
+    /// all share it instead of each opening one of their own.
+    learned: bool,
+    first_open: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Host {
+    /// Forgets the shared connection if it is connection `id`.
+    fn forget_shared(&mut self, id: u64) {
+        if self.shared.as_ref().is_some_and(|(s, _)| s.id == id) {
+            self.shared = None;
+        }
+    }
 }
 
 struct Idle {
@@ -366,6 +405,7 @@ impl Pool {
                 idle_timeout,
                 max_idle_per_host,
                 sweeping: AtomicBool::new(false),
+                next_id: AtomicU64::new(0),
             }),
         }
     }
@@ -398,9 +438,54 @@ impl Pool {
         }
         // Boxed: opening a connection is rare, and its future is large enough that carrying
         // it inline would make every request's future kilobytes long.
-        timeout_at(deadline, Box::pin(self.connect(key, uri, deadline)))
+        timeout_at(deadline, Box::pin(self.open(key, uri, deadline)))
             .await
             .map_err(|_| ConnectError::TimedOut)?
+    }
+
+    /// Opens a connection for `key`; while nobody knows whether the host speaks HTTP/2, one
+    /// request at a time (see [`Host::first_open`]), and a request that waited takes the shared
+    /// connection if the first one turned out to be HTTP/2.
+    async fn open(
+        &self,
+        key: &Key,
+        uri: &Uri,
+        deadline: Instant,
+    ) -> Result<Checkout, ConnectError> {
+        let gate = {
+            let mut hosts = self.inner.lock();
+            let host = hosts.entry(key);
+            (key.https && !host.learned).then(|| Arc::clone(&host.first_open))
+        };
+        let Some(gate) = gate else {
+            return self.connect(key, uri, deadline).await;
+        };
+        let first = gate.lock().await;
+        // Someone may have opened the first connection while this request waited: HTTP/2 is
+        // shared; HTTP/1.1 means a connection of its own, opened without the gate.
+        let learned = {
+            let mut hosts = self.inner.lock();
+            let host = hosts.entry(key);
+            match &mut host.shared {
+                Some((shared, since)) if !shared.send.is_closed() => {
+                    *since = Instant::now();
+                    return Ok(Checkout {
+                        conn: Conn::Http2(shared.clone()),
+                        reused: true,
+                    });
+                }
+                _ => host.learned,
+            }
+        };
+        if learned {
+            drop(first);
+            return self.connect(key, uri, deadline).await;
+        }
+        let opened = self.connect(key, uri, deadline).await;
+        if opened.is_ok() {
+            self.inner.lock().entry(key).learned = true;
+        }
+        opened
     }
 
     fn take_idle(&self, key: &Key) -> Option<Conn> {
@@ -408,7 +493,7 @@ impl Pool {
         let host = hosts.get_mut(key)?;
         let now = Instant::now();
         if let Some((shared, since)) = &mut host.shared {
-            if !shared.is_closed() && now.duration_since(*since) < self.inner.idle_timeout {
+            if !shared.send.is_closed() && now.duration_since(*since) < self.inner.idle_timeout {
                 *since = now;
                 return Some(Conn::Http2(shared.clone()));
             }
@@ -452,16 +537,20 @@ impl Pool {
                     tracing::debug!(%err, "HTTP/2 connection closed with an error");
                 }
             });
+            let shared = Shared {
+                send,
+                id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            };
             if !self.inner.idle_timeout.is_zero() {
                 let mut hosts = self.inner.lock();
                 let host = hosts.entry(key);
-                if host.shared.as_ref().is_none_or(|(s, _)| s.is_closed()) {
-                    host.shared = Some((send.clone(), Instant::now()));
+                if host.shared.as_ref().is_none_or(|(s, _)| s.send.is_closed()) {
+                    host.shared = Some((shared.clone(), Instant::now()));
                 }
             }
             self.sweep_soon();
             Ok(Checkout {
-                conn: Conn::Http2(send),
+                conn: Conn::Http2(shared),
                 reused: false,
             })
         } else {
@@ -514,10 +603,11 @@ impl Pool {
         }
     }
 
-    /// Forgets the shared HTTP/2 connection of `key`, after it refused a request.
-    pub(crate) fn forget_shared(&self, key: &Key) {
+    /// Forgets the shared HTTP/2 connection `id` of `key`, after it refused a request; a
+    /// connection that replaced it meanwhile stays.
+    pub(crate) fn forget_shared(&self, key: &Key, id: u64) {
         if let Some(host) = self.inner.lock().get_mut(key) {
-            host.shared = None;
+            host.forget_shared(id);
         }
     }
 
@@ -574,7 +664,7 @@ impl Inner {
                 now.duration_since(idle.since) < self.idle_timeout && !idle.conn.send.is_closed()
             });
             if host.shared.as_ref().is_some_and(|(s, since)| {
-                s.is_closed() || now.duration_since(*since) >= self.idle_timeout
+                s.send.is_closed() || now.duration_since(*since) >= self.idle_timeout
             }) {
                 host.shared = None;
             }
@@ -617,6 +707,37 @@ mod tests {
         );
         assert!(key("https://example.com/") != key("http://example.com/"));
         assert!(key("https://example.com:8443/") != key("https://example.com/"));
+    }
+
+    /// A handle on an HTTP/2 connection to an in-memory server.
+    async fn h2_handle(id: u64) -> Shared {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                TokioIo::new(server),
+                hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Body::default()))
+                }),
+            ),
+        );
+        let (send, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        Shared { send, id }
+    }
+
+    /// A request refused by the old shared connection forgets that one, not the fresh one that
+    /// replaced it meanwhile. Before, it forgot whatever was shared.
+    #[tokio::test]
+    async fn forgetting_a_refused_connection_keeps_its_replacement() {
+        let mut host = Host::default();
+        host.shared = Some((h2_handle(2).await, Instant::now()));
+        host.forget_shared(1);
+        assert_eq!(host.shared.as_ref().map(|(s, _)| s.id()), Some(2));
+        host.forget_shared(2);
+        assert!(host.shared.is_none());
     }
 
     /// Counts the wakes that reach the task.

@@ -34,7 +34,12 @@ enum Behaviour {
     Mute,
     /// Answers the first request it gets, then none (on the same or any connection).
     AnswerOnce,
+    /// Holds every answer until this many requests are under way at once, then answers all.
+    Gather(usize),
 }
+
+/// Wakes the requests a [`Behaviour::Gather`] server holds (one such test at a time).
+static GATHERED: Notify = Notify::const_new();
 
 struct TestServer {
     addr: SocketAddr,
@@ -241,6 +246,19 @@ async fn handle(
             Ok(Response::new(Full::new(Bytes::from_static(b"id=0:1"))))
         }
         Behaviour::AnswerOnce => std::future::pending().await,
+        Behaviour::Gather(n) => {
+            loop {
+                let notified = GATHERED.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if served.load(Ordering::SeqCst) >= n {
+                    GATHERED.notify_waiters();
+                    break;
+                }
+                notified.await;
+            }
+            Ok(Response::new(Full::new(Bytes::from_static(b"id=0:1"))))
+        }
         Behaviour::Hangup | Behaviour::Mute => unreachable!("answered without hyper"),
         Behaviour::Big(n, declared) => {
             let body = Bytes::from(vec![b'x'; n]);
@@ -415,7 +433,75 @@ async fn sixty_four_concurrent_requests() {
     for task in tasks {
         assert_eq!(task.await.unwrap().unwrap().status(), StatusCode::OK);
     }
-    assert!(server.accepted.load(Ordering::SeqCst) <= 64);
+    let opened = server.accepted.load(Ordering::SeqCst);
+    assert!((1..=64).contains(&opened), "{opened}");
+    // A second wave finds them all idle and opens none.
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let transport = transport.clone();
+            let url = server.url();
+            tokio::spawn(async move { transport.execute(form_post(&url)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        opened,
+        "kept alive and reused"
+    );
+}
+
+/// Idle connections per host are bounded by default: those beyond the bound are closed when
+/// their request ends. Before, the default was no bound at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_per_host_are_bounded_by_default() {
+    let server = TestServer::start(false, Behaviour::Gather(200)).await;
+    let transport = server.transport();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let transport = transport.clone();
+            let url = server.url();
+            tokio::spawn(async move { transport.execute(form_post(&url)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    let opened = server.accepted.load(Ordering::SeqCst);
+    assert!(
+        opened > c2dm_hyper::DEFAULT_MAX_IDLE_PER_HOST,
+        "{opened} opened"
+    );
+    server
+        .wait_closed(opened - c2dm_hyper::DEFAULT_MAX_IDLE_PER_HOST)
+        .await;
+}
+
+/// Simultaneous first requests to an HTTP/2 host share one connection: before, each opened
+/// its own while nobody knew the host spoke HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_first_requests_over_http2_open_one_connection() {
+    let server = TestServer::start(true, Behaviour::Echo).await;
+    let transport = HyperTransport::builder()
+        .only_added_roots()
+        .add_root_certificates_pem(server.cert_pem.as_ref().unwrap().as_bytes())
+        .unwrap()
+        .http2(true)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (transport, url) = (transport.clone(), server.url());
+            tokio::spawn(async move { transport.execute(form_post(&url)).await })
+        })
+        .collect();
+    for task in tasks {
+        let resp = task.await.unwrap().unwrap();
+        assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
