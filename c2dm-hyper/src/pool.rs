@@ -732,8 +732,10 @@ mod tests {
     /// replaced it meanwhile. Before, it forgot whatever was shared.
     #[tokio::test]
     async fn forgetting_a_refused_connection_keeps_its_replacement() {
-        let mut host = Host::default();
-        host.shared = Some((h2_handle(2).await, Instant::now()));
+        let mut host = Host {
+            shared: Some((h2_handle(2).await, Instant::now())),
+            ..Host::default()
+        };
         host.forget_shared(1);
         assert_eq!(host.shared.as_ref().map(|(s, _)| s.id()), Some(2));
         host.forget_shared(2);
