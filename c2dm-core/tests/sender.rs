@@ -195,11 +195,25 @@ async fn device_quota_pauses_only_that_device() {
         Duration::ZERO,
         "other devices go at full speed"
     );
-    // A second send to the paused device waits for the pause too.
+    // A second send to the paused device waits for the pause too: it starts now, while the
+    // first one waits out its first second, and goes when that pause ends.
+    let second = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.send(message("slow")).await }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(sender.paused_devices(), 1);
     let slow = slow.await.unwrap().unwrap();
     assert_eq!(slow.attempts, 3);
     assert_eq!(slow.waited, Duration::from_secs(1 + 2));
+    let second = second.await.unwrap().unwrap();
+    assert!(
+        second.waited >= Duration::from_secs(1),
+        "{:?}",
+        second.waited
+    );
     assert!(sender.paused_until().is_none());
+    assert_eq!(sender.paused_devices(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -535,15 +535,14 @@ fn impatient() -> HyperTransport {
 async fn a_silent_server_hits_the_request_timeout() {
     let server = TestServer::start(false, Behaviour::Silent).await;
     let transport = impatient();
-    let start = std::time::Instant::now();
     let err = transport
         .execute(form_post(&server.url()))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), TransportErrorKind::Timeout);
     assert_eq!(err.request_sent(), RequestSent::Maybe);
-    // Bounded: nowhere near the default 30 s (generous margin for a loaded machine).
-    assert!(start.elapsed() < Duration::from_secs(10));
+    // Ended by the request timeout, not by anything else.
+    assert!(err.to_string().contains("no answer within 200ms"), "{err}");
 }
 
 #[tokio::test]

@@ -229,6 +229,8 @@ struct Script {
     default_reply: Option<Reply>,
     rotate_next: Option<AuthToken>,
     valid_tokens: Option<HashSet<AuthToken>>,
+    /// Tokens refused whatever `valid_tokens` says.
+    expired_tokens: HashSet<AuthToken>,
     latency: Duration,
     next_id: u64,
     accounts: HashMap<String, String>,
@@ -339,12 +341,15 @@ impl RecordingTransport {
         }
     }
 
-    /// Makes `token` invalid from now on (an expired token): sends with it get 401. Turns on
-    /// token checking if it was off, with every token issued so far valid except this one.
+    /// Makes `token` invalid from now on (an expired token): sends with it get 401. Every other
+    /// token stays as it was: accepted when tokens are not checked, accepted if valid when
+    /// they are ([`RecordingTransport::accept_only_tokens`]).
     pub fn expire_token(&self, token: &AuthToken) {
         let mut script = self.lock();
-        let set = script.valid_tokens.get_or_insert_with(HashSet::new);
-        set.remove(token);
+        if let Some(valid) = script.valid_tokens.as_mut() {
+            valid.remove(token);
+        }
+        script.expired_tokens.insert(token.clone());
     }
 
     /// Waits this long (in `tokio::time`) before each answer.
@@ -440,6 +445,7 @@ impl RecordingTransport {
             Some(reply) => reply,
             None => {
                 let token_ok = match (&script.valid_tokens, &token) {
+                    (_, Some(t)) if script.expired_tokens.contains(t) => false,
                     (None, _) => true,
                     (Some(valid), Some(t)) => valid.contains(t),
                     (Some(_), None) => false,
