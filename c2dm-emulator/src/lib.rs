@@ -1,6 +1,6 @@
 //! A local stand-in for Google's C2DM send service and ClientLogin, which are shut down.
 //!
-//! It speaks the protocol of `c2dm-protocol.md` exactly: a client that works against it works
+//! It speaks the protocol of the repository's `docs/PROTOCOL.md` exactly: a client that works against it works
 //! against the real protocol. Start it in-process from a test, or run the `c2dm-emulator` binary
 //! (or `c2dm emulator`).
 //!
