@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorCode};
 use crate::message::{Message, MessageId, RegistrationId};
 use crate::sender::Sender;
+use crate::sent::{SendError, Sent};
 
 /// How a broadcast runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +78,7 @@ impl BroadcastOptions {
     /// reader (default 1,024; at least 1). Memory stays bounded either way, at about a hundred
     /// bytes a delivery. A buffer well above the concurrency lets a burst of answers pass
     /// without stopping the sending tasks, each of which the reader would then have to wake
-    /// again: at concurrency 64 over loopback, a buffer of 64 measured 15-25% slower.
+    /// again (docs/PERFORMANCE.md has the figures).
     pub fn delivery_buffer(mut self, deliveries: usize) -> Self {
         self.delivery_buffer = deliveries;
         self
@@ -280,10 +281,7 @@ impl Delivery {
 
     /// The delivery of one send's result: how [`Sender::broadcast`] classifies every message,
     /// and how a single [`Sender::send`] gets the same record.
-    pub fn from_result(
-        registration_id: RegistrationId,
-        result: Result<crate::Sent, crate::SendError>,
-    ) -> Self {
+    pub fn from_result(registration_id: RegistrationId, result: Result<Sent, SendError>) -> Self {
         match result {
             Ok(sent) => Self {
                 registration_id,
@@ -390,11 +388,10 @@ struct Shared {
     sender: Sender,
     /// The messages; whoever holds the lock takes the next one and decides whether it may go.
     ///
-    /// An unfair lock on purpose: tokio's hands the lock to its waiters in turn, so once a
-    /// queue formed, every release woke the next sending task and newcomers queued behind it
-    /// (a lock convoy). Over loopback that came and went from run to run: up to 21,000
-    /// context switches per 300,000 messages and 1.5 µs more CPU a message, against at most
-    /// about 6,000 with this lock, which a task that wants it while it is free simply takes.
+    /// An unfair lock on purpose: a fair one hands itself to its waiters in turn, so once a
+    /// queue formed, every release would wake the next sending task and newcomers would queue
+    /// behind it (a lock convoy). With this one, a task that wants it while it is free simply
+    /// takes it. docs/PERFORMANCE.md has the measurements.
     inputs: futures::lock::Mutex<Inputs>,
     /// Set once the broadcast stops taking new work: every later message is reported with it.
     stopped: std::sync::Mutex<Option<NotAttempted>>,
@@ -560,14 +557,14 @@ impl Drop for BudgetGuard<'_> {
 
 /// The failure reported for a send that panicked (in a transport or token provider): the
 /// request may have reached the service, so the delivery says so.
-fn panicked(panic: &(dyn std::any::Any + Send)) -> crate::SendError {
+fn panicked(panic: &(dyn std::any::Any + Send)) -> SendError {
     let message = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned());
     tracing::error!(%message, "a send panicked");
-    crate::SendError {
+    SendError {
         error: Error::Panicked { message },
         attempts: 1,
         waited: Duration::ZERO,

@@ -30,6 +30,7 @@ mod message;
 mod report;
 pub mod retry;
 mod sender;
+mod sent;
 mod token;
 mod token_cache;
 mod transport;
@@ -45,7 +46,8 @@ pub use message::{
 };
 pub use report::DeliveryReport;
 pub use retry::{RetryDecision, RetryPolicy};
-pub use sender::{SendError, Sender, SenderBuilder, Sent};
+pub use sender::{Sender, SenderBuilder};
+pub use sent::{SendError, Sent};
 #[cfg(any(test, feature = "mock"))]
 pub use token::MockTokenProvider;
 pub use token::{AuthToken, InvalidToken, StaticToken, TokenError, TokenProvider};

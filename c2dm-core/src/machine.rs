@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorCode};
 use crate::message::MessageId;
 use crate::retry::RetryPolicy;
-use crate::sender::{SendError, Sent};
+use crate::sent::{SendError, Sent};
 
 /// Who must wait because of an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

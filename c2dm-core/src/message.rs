@@ -312,8 +312,7 @@ impl MessageBuilder {
                 limit: self.payload_limit,
             });
         }
-        let form_tail =
-            crate::codec::encode_form_tail(&collapse_key, &self.data, self.delay_while_idle);
+        let form_tail = encode_form_tail(&collapse_key, &self.data, self.delay_while_idle);
         Ok(Message {
             registration_id,
             content: Arc::new(Content {
@@ -324,6 +323,32 @@ impl MessageBuilder {
             }),
         })
     }
+}
+
+/// What follows the registration id in the send form, `&` included: every field but the
+/// device. [`Message`] keeps it, encoded once, for all the devices a template goes to.
+fn encode_form_tail(
+    collapse_key: &CollapseKey,
+    data: &[(String, String)],
+    delay_while_idle: bool,
+) -> String {
+    let capacity = 32 + payload_size(data.iter().map(|(k, v)| (k.as_str(), v.as_str()))) * 3 / 2;
+    let mut tail = String::with_capacity(capacity);
+    tail.push('&');
+    // Pairs after position 1 get their `&`; the first follows the one above.
+    let mut form = form_urlencoded::Serializer::for_suffix(tail, 1);
+    form.append_pair("collapse_key", collapse_key.as_str());
+    let mut key = String::new();
+    for (k, v) in data {
+        key.clear();
+        key.push_str("data.");
+        key.push_str(k);
+        form.append_pair(&key, v);
+    }
+    if delay_while_idle {
+        form.append_pair("delay_while_idle", "1");
+    }
+    form.finish()
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::Uri;
 use rand::rngs::StdRng;
@@ -17,58 +17,9 @@ use crate::error::{Error, ErrorCode};
 use crate::machine::{Action, BeforeAttempt, Pause, SendMachine};
 use crate::message::{Message, MessageId, RegistrationId};
 use crate::retry::RetryPolicy;
+use crate::sent::{SendError, Sent};
 use crate::token::{AuthToken, TokenProvider};
 use crate::transport::{RequestSent, Transport, TransportError, TransportErrorKind};
-
-/// A message the service accepted, and what it took.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    /// The id the service gave the message.
-    pub message_id: MessageId,
-    /// Attempts made, this one included.
-    pub attempts: u32,
-    /// Time spent waiting: backoff, `Retry-After`, and pauses set by other sends.
-    pub waited: Duration,
-    /// Resends after a failure that may have reached the server: each one may have delivered the
-    /// message once more.
-    pub possible_duplicates: u32,
-}
-
-/// A message that was not accepted, with the final error and what was tried.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "{error} (after {attempts} attempt{}{})",
-    if *.attempts == 1 { "" } else { "s" },
-    if self.possibly_delivered() { "; it may have been delivered" } else { "" }
-)]
-pub struct SendError {
-    /// Why the last attempt failed.
-    #[source]
-    pub error: Error,
-    /// Attempts made.
-    pub attempts: u32,
-    /// Time spent waiting.
-    pub waited: Duration,
-    /// Resends after a failure that may have reached the server.
-    pub possible_duplicates: u32,
-}
-
-impl SendError {
-    /// Whether the registration id is gone and must be removed from the app's store.
-    pub fn should_remove_registration(&self) -> bool {
-        self.error.should_remove_registration()
-    }
-
-    /// Whether sending the message later may still succeed (e.g. attempts ran out on a 503).
-    pub fn is_retryable(&self) -> bool {
-        self.error.is_retryable()
-    }
-
-    /// Whether the device may have received the message even though it was not confirmed.
-    pub fn possibly_delivered(&self) -> bool {
-        self.possible_duplicates > 0 || self.error.may_have_been_sent()
-    }
-}
 
 type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 

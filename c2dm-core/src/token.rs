@@ -52,8 +52,8 @@ impl std::hash::Hash for AuthToken {
     }
 }
 
-/// What comes before the token in the `Authorization` header.
-const AUTH_SCHEME: &str = "GoogleLogin auth=";
+/// What comes before the token in the `Authorization` header: `GoogleLogin auth=`.
+pub const AUTH_SCHEME: &str = "GoogleLogin auth=";
 
 /// The text given as a token cannot be one: empty, or with characters an HTTP header cannot carry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

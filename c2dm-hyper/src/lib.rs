@@ -31,6 +31,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod drive;
 mod pool;
 
 #[cfg(not(any(feature = "ring", feature = "aws-lc-rs")))]

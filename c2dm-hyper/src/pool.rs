@@ -10,21 +10,20 @@
 //! request it refused unwritten goes to another connection. When ALPN picks HTTP/2, one
 //! connection per host is shared by every request and driven by a task of its own.
 //!
-//! hyper-util's pooled client does the same with more generality (proxies, any executor,
-//! retry policies), and at a cost measured in `docs/PERFORMANCE.md`: a task per connection, a
-//! task spawned per request to watch the connection come back, a large connector future carried
-//! by every request. hyper-util's connector (DNS, TCP, connect timeout) and hyper-rustls's TLS
-//! still open the connections.
+//! Unlike hyper-util's pooled client (which does the same with more generality: proxies, any
+//! executor, retry policies), it spawns no task per connection and none per request, and a
+//! request's future does not carry the connector's. hyper-util's connector (DNS, TCP, connect
+//! timeout) and hyper-rustls's TLS still open the connections. Why, with figures:
+//! `docs/ARCHITECTURE.md` and `docs/PERFORMANCE.md`.
 
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::Waker;
 use std::time::Duration;
 
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
@@ -87,9 +86,8 @@ impl Shared {
     }
 }
 
-/// The request's deadline passed.
-#[derive(Debug)]
-pub(crate) struct TimedOut;
+pub(crate) use crate::drive::TimedOut;
+use crate::drive::{Http1Io, Relay, drive};
 
 /// An HTTP/1.1 connection and the future that runs its I/O, which the holder drives.
 pub(crate) struct Http1 {
@@ -104,126 +102,6 @@ pub(crate) struct Http1 {
     /// How the connection wakes its holder; see [`Relay`].
     relay: Arc<Relay>,
     relay_waker: Waker,
-}
-
-/// How an HTTP/1.1 connection wakes the task that holds it.
-///
-/// The connection wakes whoever polled it last when a request is queued on it, an answer
-/// arrives for the request, or its body is asked for, and the first and last of these happen
-/// while the holder itself is polling it. Passed on to the task, each such wake would put the
-/// task back on the run queue, and often wake an idle worker thread to steal it, only for it to
-/// find nothing new. So the connection is polled with this waker: a wake that comes while the
-/// holder polls makes it poll once more at once; any other (the socket became readable, from
-/// the I/O driver) wakes the task.
-struct Relay {
-    state: AtomicU8,
-    task: AtomicWaker,
-}
-
-/// Nobody is polling: a wake goes to the task.
-const IDLE: u8 = 0;
-/// The holder is polling: a wake is noted, and the holder polls again.
-const POLLING: u8 = 1;
-/// The holder is polling and was woken meanwhile.
-const WOKEN: u8 = 2;
-
-/// Rounds of polling within one poll of the holder before it yields to other tasks.
-const MAX_ROUNDS: usize = 16;
-
-impl Relay {
-    fn new() -> (Arc<Self>, Waker) {
-        let relay = Arc::new(Self {
-            state: AtomicU8::new(IDLE),
-            task: AtomicWaker::new(),
-        });
-        let waker = Waker::from(Arc::clone(&relay));
-        (relay, waker)
-    }
-}
-
-impl Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        match self
-            .state
-            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
-        {
-            // The holder is polling, and will poll again; or already knows it must.
-            Ok(_) | Err(WOKEN) => {}
-            _ => self.task.wake(),
-        }
-    }
-}
-
-/// Runs `fut` to its end while driving the HTTP/1.1 connection `conn` from this task, until
-/// `deadline`.
-///
-/// Whatever `fut` waits for (the connection's readiness, the answer, the body) is made by
-/// polling the connection, which happens here just before each poll of `fut`; so both are
-/// polled with the relay's waker, and only the timer with the task's own.
-///
-/// `fut` comes pinned by the caller: an `async fn` keeps its arguments apart from everything
-/// else it holds, so a future passed by value would be stored twice, here and at its pinning,
-/// in every request's future.
-async fn drive<F: Future>(
-    conn: &mut Http1Io<'_>,
-    deadline: Instant,
-    mut fut: Pin<&mut F>,
-) -> Result<F::Output, TimedOut> {
-    if conn.timer.deadline() != deadline {
-        conn.timer.as_mut().reset(deadline);
-    }
-    poll_fn(|cx| {
-        conn.relay.task.register(cx.waker());
-        let mut relayed = Context::from_waker(conn.relay_waker);
-        let mut rounds = 0;
-        loop {
-            conn.relay.state.store(POLLING, Ordering::Release);
-            // The I/O first: a read that completes an answer makes `fut` ready in this round.
-            if let Some(connection) = conn.io.as_mut() {
-                if let Poll::Ready(result) = Pin::new(&mut **connection).poll(&mut relayed) {
-                    if let Err(err) = result {
-                        tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
-                    }
-                    // Dropping it fails whatever still waits on it, so `fut` cannot hang.
-                    *conn.io = None;
-                }
-            }
-            let output = fut.as_mut().poll(&mut relayed);
-            let woken = conn
-                .relay
-                .state
-                .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
-                .is_err();
-            if let Poll::Ready(output) = output {
-                conn.relay.state.store(IDLE, Ordering::Release);
-                return Poll::Ready(Ok(output));
-            }
-            if !woken {
-                break;
-            }
-            rounds += 1;
-            if rounds == MAX_ROUNDS {
-                // Still being woken: let other tasks run, and come back.
-                conn.relay.state.store(IDLE, Ordering::Release);
-                cx.waker().wake_by_ref();
-                break;
-            }
-        }
-        conn.timer.as_mut().poll(cx).map(|()| Err(TimedOut))
-    })
-    .await
-}
-
-/// The parts of an [`Http1`] that [`drive`] needs, borrowed apart from its `send`.
-struct Http1Io<'a> {
-    io: &'a mut Option<Box<http1::Connection<Io, Body>>>,
-    timer: &'a mut Pin<Box<Sleep>>,
-    relay: &'a Relay,
-    relay_waker: &'a Waker,
 }
 
 impl Http1 {
@@ -740,43 +618,5 @@ mod tests {
         assert_eq!(host.shared.as_ref().map(|(s, _)| s.id()), Some(2));
         host.forget_shared(2);
         assert!(host.shared.is_none());
-    }
-
-    /// Counts the wakes that reach the task.
-    struct CountingWaker(std::sync::atomic::AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn the_relay_keeps_wakes_during_a_poll_and_passes_on_the_others() {
-        let task = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
-        let (relay, relay_waker) = Relay::new();
-        relay.task.register(&Waker::from(Arc::clone(&task)));
-
-        // While the holder polls, a wake is noted, not passed on.
-        relay.state.store(POLLING, Ordering::SeqCst);
-        relay_waker.wake_by_ref();
-        relay_waker.wake_by_ref();
-        assert_eq!(relay.state.load(Ordering::SeqCst), WOKEN);
-        assert_eq!(task.0.load(Ordering::SeqCst), 0);
-        // The holder sees it: its end-of-round exchange fails, so it polls again.
-        assert!(
-            relay
-                .state
-                .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        );
-
-        // Between polls, a wake reaches the task.
-        relay.state.store(IDLE, Ordering::SeqCst);
-        relay_waker.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
-        relay.task.register(&Waker::from(Arc::clone(&task)));
-        Wake::wake(Arc::clone(&relay));
-        assert_eq!(task.0.load(Ordering::SeqCst), 2);
     }
 }

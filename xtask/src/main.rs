@@ -14,6 +14,15 @@ mod tidy;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+/// What each task does, after the usage line of `cargo xtask --help`.
+const HELP: &str = concat!(
+    "  ci       everything CI checks, in order, stopping at the first failure\n",
+    "  tidy     the repository's own rules (also run as a test)\n",
+    "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI)\n",
+    "  soak     a long broadcast under every fault, checked afterwards (not in CI)\n",
+    "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
+);
+
 const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
@@ -115,6 +124,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
+        [] | ["help" | "--help" | "-h"] => {
+            println!("{USAGE}\n\n{HELP}");
+            Ok(())
+        }
         ["ci"] => ci(),
         ["tidy"] => {
             let problems = tidy::check(&root());

@@ -260,6 +260,119 @@ fn code_chars(line: &str) -> impl Iterator<Item = char> + '_ {
     })
 }
 
+/// The modules of the crate whose sources are in `src`: each file or folder right under it (a
+/// folder's files are one module), but the crate root.
+fn modules(src: &Path) -> std::collections::BTreeMap<String, Vec<PathBuf>> {
+    let mut modules = std::collections::BTreeMap::new();
+    for file in rust_files(src) {
+        let Ok(rel) = file.strip_prefix(src) else {
+            continue;
+        };
+        let first = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let Some(first) = first else { continue };
+        let name = first.trim_end_matches(".rs").to_owned();
+        if name == "lib" || name == "main" {
+            continue;
+        }
+        modules.entry(name).or_insert_with(Vec::new).push(file);
+    }
+    modules
+}
+
+/// The names that `text` reaches through `crate::`: `crate::a::b` and every top-level name of
+/// `crate::{a, b::c}`.
+fn crate_paths(text: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("crate::") {
+        rest = &rest[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 1;
+            let mut start = 0;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' | ',' if depth == 1 => {
+                        names.push(ident(&group[start..i]));
+                        start = i + 1;
+                        if c == '}' {
+                            break;
+                        }
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+        } else {
+            names.push(ident(rest));
+        }
+    }
+    names.retain(|n| !n.is_empty());
+    names
+}
+
+/// No two modules of a crate import each other, directly or through others (test code aside).
+fn check_no_import_cycles(root: &Path, problems: &mut Vec<String>) {
+    let mut sources: Vec<PathBuf> = crate_dirs(root).iter().map(|d| d.join("src")).collect();
+    sources.push(root.join("xtask/src"));
+    for src in sources {
+        let modules = modules(&src);
+        let mut edges: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+            std::collections::BTreeMap::new();
+        for (name, files) in &modules {
+            let targets = edges.entry(name.as_str()).or_default();
+            for file in files {
+                let Ok(text) = std::fs::read_to_string(file) else {
+                    continue;
+                };
+                let code: Vec<&str> = lines_outside_tests(&text)
+                    .into_iter()
+                    .map(|(_, l)| l)
+                    .collect();
+                for target in crate_paths(&code.join("\n")) {
+                    if let Some((other, _)) = modules.get_key_value(&target) {
+                        if other != name {
+                            targets.insert(other.as_str());
+                        }
+                    }
+                }
+            }
+        }
+        for start in edges.keys() {
+            // Depth-first from `start`, reporting a path that comes back to it once.
+            let mut stack = vec![(*start, vec![*start])];
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some((node, path)) = stack.pop() {
+                for next in edges.get(node).into_iter().flatten() {
+                    if next == start {
+                        // Reported once, from its smallest module.
+                        if path.iter().all(|m| m >= start) {
+                            problems.push(format!(
+                                "{}: modules import each other: {} -> {start}",
+                                src.display(),
+                                path.join(" -> ")
+                            ));
+                        }
+                    } else if seen.insert(*next) {
+                        let mut longer = path.clone();
+                        longer.push(next);
+                        stack.push((next, longer));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Every rule; an empty list means all hold.
 pub fn check(root: &Path) -> Vec<String> {
     let mut problems = Vec::new();
@@ -267,6 +380,7 @@ pub fn check(root: &Path) -> Vec<String> {
     check_metadata(root, &mut problems);
     check_hyper_api(root, &mut problems);
     check_no_todo(root, &mut problems);
+    check_no_import_cycles(root, &mut problems);
     problems
 }
 
@@ -329,6 +443,26 @@ mod tests {
             1,
             "{text}"
         );
+        // Two modules that import each other, one through a group and a path; a test module's
+        // imports do not count.
+        std::fs::write(
+            root.join("c2dm-hyper/src/a.rs"),
+            "use crate::{b::B, other};\npub struct A;\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("c2dm-hyper/src/b")).unwrap();
+        std::fs::write(
+            root.join("c2dm-hyper/src/b/mod.rs"),
+            "pub struct B(crate::a::A);\n#[cfg(test)]\nmod tests {\n    use crate::c::C;\n}\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("c2dm-hyper/src/c.rs"), "use crate::b::B;\n").unwrap();
+        let text = check(root).join("\n");
+        assert!(
+            text.contains("modules import each other: a -> b -> a"),
+            "{text}"
+        );
+        assert_eq!(text.matches("import each other").count(), 1, "{text}");
         // The one in `h` and the one after the test module; not the one inside it.
         assert_eq!(text.matches(concat!("todo", "!(")).count(), 2, "{text}");
         assert!(text.contains("lib.rs:3:"), "{text}");

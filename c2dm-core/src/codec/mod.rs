@@ -7,8 +7,15 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 
 use crate::error::{Error, ErrorCode};
-use crate::message::{CollapseKey, Message, MessageId};
+use crate::message::{Message, MessageId};
 use crate::token::AuthToken;
+
+mod server;
+
+pub use server::{
+    AUTH_SCHEME, SendForm, UNAUTHORIZED_BODY, accepted_body, auth_token_of, encode_send_answer,
+    rejected_body,
+};
 
 /// Google's send endpoint, the default everywhere.
 pub const DEFAULT_SEND_URL: &str = "https://android.apis.google.com/c2dm/send";
@@ -73,105 +80,9 @@ pub fn encode_send_form(message: &Message) -> Bytes {
     Bytes::from(form)
 }
 
-/// What follows the registration id in the send form, `&` included: every field but the
-/// device. [`Message`] keeps it, encoded once, for all the devices a template goes to.
-pub(crate) fn encode_form_tail(
-    collapse_key: &CollapseKey,
-    data: &[(String, String)],
-    delay_while_idle: bool,
-) -> String {
-    let capacity = 32
-        + crate::message::payload_size(data.iter().map(|(k, v)| (k.as_str(), v.as_str()))) * 3 / 2;
-    let mut tail = String::with_capacity(capacity);
-    tail.push('&');
-    // Pairs after position 1 get their `&`; the first follows the one above.
-    let mut form = form_urlencoded::Serializer::for_suffix(tail, 1);
-    form.append_pair("collapse_key", collapse_key.as_str());
-    let mut key = String::new();
-    for (k, v) in data {
-        key.clear();
-        key.push_str("data.");
-        key.push_str(k);
-        form.append_pair(&key, v);
-    }
-    if delay_while_idle {
-        form.append_pair("delay_while_idle", "1");
-    }
-    form.finish()
-}
-
 /// The default send endpoint as a [`Uri`].
 pub fn default_send_uri() -> Uri {
     Uri::from_static(DEFAULT_SEND_URL)
-}
-
-/// The fields of a send request's form body, read as the service reads them.
-///
-/// Unlike [`Message`], nothing is validated: a missing field stays `None`, so a server (the
-/// emulator) can answer `MissingRegistration` or `MissingCollapseKey`, and a test fake can show
-/// exactly what was sent. Unknown fields are ignored, as the service ignores them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SendForm {
-    /// `registration_id`, if present.
-    pub registration_id: Option<String>,
-    /// `collapse_key`, if present.
-    pub collapse_key: Option<String>,
-    /// The `data.<key>` pairs in order, keys without the prefix.
-    pub data: Vec<(String, String)>,
-    /// `delay_while_idle`, read as C2DM read it, a presence flag: present with any value but
-    /// `0` or `false` (in any case) sets it, so `1`, `true`, `True` (Python's encoding of the
-    /// boolean) and the empty value all do.
-    pub delay_while_idle: bool,
-    /// Fields that were ignored: unknown names, and `data.` with an empty key.
-    pub ignored_fields: usize,
-}
-
-/// Whether a `delay_while_idle` value sets the flag: anything but `0` or `false`, in any case.
-fn is_set(value: &str) -> bool {
-    !(value == "0" || value.eq_ignore_ascii_case("false"))
-}
-
-impl SendForm {
-    /// Parses a form body. Never fails: bad percent-encoding decodes lossily, as servers do.
-    ///
-    /// ```
-    /// use c2dm_core::codec::SendForm;
-    /// let form = SendForm::parse(b"registration_id=r&data.a=1&delay_while_idle=true");
-    /// assert_eq!(form.registration_id.as_deref(), Some("r"));
-    /// assert_eq!(form.collapse_key, None);
-    /// assert_eq!(form.data, vec![("a".to_string(), "1".to_string())]);
-    /// assert!(form.delay_while_idle);
-    /// ```
-    pub fn parse(body: &[u8]) -> Self {
-        let mut form = Self::default();
-        for (key, value) in form_urlencoded::parse(body) {
-            match &*key {
-                "registration_id" => form.registration_id = Some(value.into_owned()),
-                "collapse_key" => form.collapse_key = Some(value.into_owned()),
-                "delay_while_idle" => form.delay_while_idle = is_set(&value),
-                k => match k.strip_prefix("data.") {
-                    // `data.` alone names no key: ignored like any unknown field, so it is
-                    // neither delivered nor counted (the client refuses to build one).
-                    Some("") => form.ignored_fields += 1,
-                    Some(data_key) => form.data.push((data_key.to_owned(), value.into_owned())),
-                    None => form.ignored_fields += 1,
-                },
-            }
-        }
-        form
-    }
-
-    /// The payload size as the limit counts it.
-    pub fn payload_size(&self) -> usize {
-        crate::message::payload_size(self.data.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-    }
-}
-
-/// Reads the token out of an `Authorization: GoogleLogin auth=<token>` header, if well formed.
-pub fn auth_token_of(headers: &HeaderMap) -> Option<AuthToken> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let token = value.strip_prefix("GoogleLogin auth=")?;
-    AuthToken::new(token).ok()
 }
 
 /// A decoded answer of the send endpoint.
@@ -382,61 +293,6 @@ mod tests {
             b"registration_id=first&collapse_key=k&data.m=a%26b&delay_while_idle=1"
         );
     }
-
-    #[test]
-    fn parses_delay_while_idle_as_the_emulator_decides() {
-        for (body, set) in [
-            ("delay_while_idle=1", true),
-            ("delay_while_idle=true", true),
-            ("delay_while_idle=", true),
-            ("delay_while_idle", true),
-            ("delay_while_idle=True", true),
-            ("delay_while_idle=yes", true),
-            ("delay_while_idle=0", false),
-            ("delay_while_idle=false", false),
-            ("delay_while_idle=FALSE", false),
-            ("delay_while_idle=False", false),
-            ("", false),
-        ] {
-            assert_eq!(
-                SendForm::parse(body.as_bytes()).delay_while_idle,
-                set,
-                "{body}"
-            );
-        }
-    }
-
-    /// The original article's Python sender, byte for byte: `urllib.urlencode` of its dict,
-    /// with the boolean `True` for `delay_while_idle`.
-    #[test]
-    fn reads_the_original_python_senders_body() {
-        let body = b"registration_id=APA91bH-device&collapse_key=score&data.message=Hello+World&delay_while_idle=True";
-        let form = SendForm::parse(body);
-        assert!(form.delay_while_idle);
-        assert_eq!(form.registration_id.as_deref(), Some("APA91bH-device"));
-        assert_eq!(
-            form.data,
-            vec![("message".to_string(), "Hello World".to_string())]
-        );
-    }
-
-    #[test]
-    fn an_empty_data_key_is_ignored_not_delivered() {
-        let form = SendForm::parse(b"registration_id=r&collapse_key=k&data.=x&data.a=1&other=2");
-        assert_eq!(form.data, vec![("a".to_string(), "1".to_string())]);
-        assert_eq!(form.ignored_fields, 2);
-        assert_eq!(form.payload_size(), 2);
-    }
-
-    #[test]
-    fn reads_the_auth_header_back() {
-        let m = Message::builder("r").collapse_key("k").build().unwrap();
-        let req = encode_send_request(&m, &token(), &default_send_uri());
-        assert_eq!(auth_token_of(req.headers()), Some(token()));
-        assert_eq!(auth_token_of(&HeaderMap::new()), None);
-    }
-
-    // One test per row of the protocol's response table.
 
     #[test]
     fn row_accepted_with_id() {
