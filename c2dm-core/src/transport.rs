@@ -56,13 +56,36 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     }
 }
 
+/// A closure from a request to a future of its answer is a transport, as in oauth2-rs: a test
+/// or an example need not write a struct.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use bytes::Bytes;
+/// use c2dm_core::{AuthToken, Message, Sender, StaticToken};
+///
+/// let accept_all = |request: http::Request<Bytes>| async move {
+///     assert_eq!(request.uri(), "https://android.apis.google.com/c2dm/send");
+///     Ok(http::Response::new(Bytes::from_static(b"id=0:42")))
+/// };
+/// let sender = Sender::new(accept_all, StaticToken::new(AuthToken::new("token")?));
+/// let sent = sender.send(Message::builder("device").collapse_key("k").build()?).await?;
+/// assert_eq!(sent.message_id.as_str(), "0:42");
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
-impl<T: Transport + ?Sized> Transport for Box<T> {
+impl<F, Fut> Transport for F
+where
+    F: Fn(http::Request<Bytes>) -> Fut + Send + Sync,
+    Fut: std::future::Future<Output = Result<http::Response<Bytes>, TransportError>> + Send,
+{
     async fn execute(
         &self,
         request: http::Request<Bytes>,
     ) -> Result<http::Response<Bytes>, TransportError> {
-        (**self).execute(request).await
+        self(request).await
     }
 }
 

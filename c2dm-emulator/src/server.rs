@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -162,21 +162,16 @@ async fn route(
             if answer.drop {
                 return Err(Dropped);
             }
-            let mut resp = text(answer.status, answer.body);
-            if let Some(v) = answer
-                .retry_after
-                .and_then(|v| HeaderValue::from_str(&v).ok())
-            {
-                resp.headers_mut().insert(RETRY_AFTER, v);
-            }
-            if let Some(v) = answer
+            let rotated = answer
                 .rotated_token
-                .and_then(|v| HeaderValue::from_str(&v).ok())
-            {
-                resp.headers_mut()
-                    .insert(c2dm_core::codec::UPDATE_CLIENT_AUTH, v);
-            }
-            Ok(resp)
+                .and_then(|t| c2dm_core::AuthToken::new(t).ok());
+            Ok(c2dm_core::codec::encode_send_answer(
+                answer.status,
+                answer.body,
+                answer.retry_after.as_deref(),
+                rotated.as_ref(),
+            )
+            .map(Full::new))
         }
         (Method::POST, "/accounts/ClientLogin") => {
             let body = match read_body(req).await {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use c2dm_core::ErrorCode;
-use c2dm_core::codec::SendForm;
+use c2dm_core::codec::{self, SendForm};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -179,7 +179,7 @@ impl SendAnswer {
     }
 
     fn error(code: &ErrorCode) -> Self {
-        Self::text(200, format!("Error={code}"))
+        Self::text(200, codec::rejected_body(code))
     }
 }
 
@@ -423,13 +423,10 @@ impl Service {
                 ..SendAnswer::text(503, "")
             };
         }
-        let token = authorization.and_then(|v| v.strip_prefix("GoogleLogin auth="));
+        let token = authorization.and_then(|v| v.strip_prefix(codec::AUTH_SCHEME));
         let Some(entry) = self.authorize(token) else {
             c.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return SendAnswer::text(
-                401,
-                "<HTML>\n<HEAD>\n<TITLE>Unauthorized</TITLE>\n</HEAD>\n<BODY>\n<H1>Unauthorized</H1>\n<H2>Error 401</H2>\n</BODY>\n</HTML>\n",
-            );
+            return SendAnswer::text(401, codec::UNAUTHORIZED_BODY);
         };
         let form = SendForm::parse(body);
         let rejected = |code: ErrorCode| {
@@ -468,7 +465,7 @@ impl Service {
         c.accepted.fetch_add(1, Ordering::Relaxed);
         let mut answer = SendAnswer::text(
             200,
-            format!("id={}", crate::inbox::message_id(number, self.inbox_tag())),
+            codec::accepted_body(&crate::inbox::message_id(number, self.inbox_tag())),
         );
         let accepted = session.accepted.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(every) = self.config.rotate_token_every.filter(|e| *e > 0) {

@@ -433,6 +433,54 @@ impl RecordingTransport {
         self.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// What was scripted and never used: queued send and login replies still waiting, and
+    /// per-device replies scripted for a number of times that did not all come. Replies
+    /// scripted for every send (no count) are never "unused".
+    pub fn unused_replies(&self) -> Vec<String> {
+        let script = self.lock();
+        let mut unused: Vec<String> = script
+            .queued
+            .iter()
+            .map(|reply| format!("queued send reply {reply:?}"))
+            .collect();
+        unused.extend(
+            script
+                .queued_logins
+                .iter()
+                .map(|reply| format!("queued login reply {reply:?}")),
+        );
+        let mut rules: Vec<String> = script
+            .rules
+            .iter()
+            .filter_map(|(id, rule)| match rule.remaining {
+                Some(n) if n > 0 => Some(format!("{n} more {:?} for {id:?}", rule.reply)),
+                _ => None,
+            })
+            .collect();
+        rules.sort();
+        unused.extend(rules);
+        unused
+    }
+
+    /// Panics, naming them, if some scripted replies were never used: a test whose script
+    /// says more than happened is a test that checks less than it seems to.
+    ///
+    /// ```should_panic
+    /// use c2dm_core::ErrorCode;
+    /// use c2dm_mock::RecordingTransport;
+    /// let fake = RecordingTransport::new().reply_to_times("phone", ErrorCode::DeviceQuotaExceeded, 2);
+    /// fake.assert_all_replies_used(); // nothing was sent to "phone"
+    /// ```
+    #[track_caller]
+    pub fn assert_all_replies_used(&self) {
+        let unused = self.unused_replies();
+        assert!(
+            unused.is_empty(),
+            "scripted replies never used:\n{}",
+            unused.join("\n")
+        );
+    }
+
     fn answer_send(
         &self,
         request: http::Request<Bytes>,
@@ -479,26 +527,22 @@ impl RecordingTransport {
             Reply::Accept => {
                 script.next_id += 1;
                 let message_id = format!("0:{}%fake{:08x}", script.next_id, script.next_id);
-                let body = format!("id={message_id}");
+                let body = codec::accepted_body(&message_id);
                 accepted = Some(message_id);
                 Some(text(StatusCode::OK, body))
             }
-            Reply::Error(code) => Some(text(StatusCode::OK, format!("Error={code}"))),
+            Reply::Error(code) => Some(text(StatusCode::OK, codec::rejected_body(code))),
             Reply::Unauthorized => Some(text(
                 StatusCode::UNAUTHORIZED,
-                "<HTML><BODY>Unauthorized</BODY></HTML>".into(),
+                codec::UNAUTHORIZED_BODY.into(),
             )),
             Reply::Unavailable(retry_after) => {
-                let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, String::new());
                 let value = match retry_after {
                     Some(RetryAfter::Seconds(s)) => Some(s.to_string()),
                     Some(RetryAfter::Date(d)) => Some(httpdate::fmt_http_date(*d)),
                     None => None,
                 };
-                if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                    resp.headers_mut().insert(http::header::RETRY_AFTER, v);
-                }
-                Some(resp)
+                Some(codec::encode_send_answer(503, "", value.as_deref(), None))
             }
             Reply::Raw { status, body } => Some(text(
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -609,13 +653,7 @@ impl RecordingTransport {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Bytes> {
-    let mut resp = Response::new(Bytes::from(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=UTF-8"),
-    );
-    resp
+    codec::encode_send_answer(status.as_u16(), body, None, None)
 }
 
 struct InFlight<'a>(&'a AtomicUsize);

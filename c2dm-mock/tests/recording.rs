@@ -356,3 +356,18 @@ async fn default_reply_and_allowed_tokens() {
     fake.set_default_reply(None);
     assert!(send(&fake, "anyone", "later").await.result.is_ok());
 }
+
+#[tokio::test]
+async fn every_scripted_reply_is_used_or_named() {
+    let fake = RecordingTransport::new().reply_to_times("d", ErrorCode::DeviceQuotaExceeded, 2);
+    fake.enqueue(Reply::Unavailable(None));
+    let unused = fake.unused_replies();
+    assert_eq!(unused.len(), 2, "{unused:?}");
+    assert!(unused[1].contains("2 more"), "{unused:?}");
+    // The queued 503, then the device's two refusals: all used.
+    for _ in 0..3 {
+        assert!(send(&fake, "d", "t").await.result.is_err());
+    }
+    fake.assert_all_replies_used();
+    assert!(send(&fake, "d", "t").await.result.is_ok());
+}
