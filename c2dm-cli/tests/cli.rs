@@ -122,6 +122,24 @@ async fn login_with_a_password_file_and_json() {
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert!(json["token"].as_str().unwrap().starts_with("EMU"));
+    // Readable by others: it still works, with a warning; readable by its owner only: silence.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let args = ["login", "--email", DEFAULT_EMAIL, "--password-file", &file];
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = env.run_with(&args, &[]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("can be read by other users"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains(DEFAULT_PASSWORD));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let out = env.run_with(&args, &[]).await;
+        assert!(!stderr(&out).contains("can be read"), "{}", stderr(&out));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
