@@ -1,6 +1,6 @@
 //! `c2dm demo`: the whole system on one machine, and a check that nothing was lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,17 +109,47 @@ fn verify(
     problems
 }
 
-/// `c2dm demo`.
+/// `c2dm demo`: start the emulator, log in, send one message, broadcast to generated devices
+/// under faults, and check every delivery against the emulator's record.
 pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> {
-    let devices = args.devices;
-    let sends_expected = u64::from(devices);
+    let emulator = start_emulator(&args).await?;
+    let sender = log_in(global, &emulator).await?;
+    let (first, sent) = send_one(&sender).await?;
+    let ids = device_ids(args.devices);
+    let (report, deliveries) = broadcast(&sender, &first, &ids).await?;
+    let mut problems = verify(&emulator, &ids, &deliveries);
+    if !emulator
+        .inbox("device-demo")
+        .iter()
+        .any(|m| m.message_id == sent.message_id.as_str())
+    {
+        problems.push("the first message is not in device-demo's inbox".into());
+    }
+    print_verdict(
+        global,
+        args.devices,
+        &report,
+        &emulator.counters(),
+        &problems,
+    );
+    emulator.shutdown().await;
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The emulator over TLS, with faults sized to the broadcast: a few 503s with Retry-After, a
+/// token rotation or more, and an expiry on the way.
+async fn start_emulator(args: &DemoArgs) -> Result<Emulator, CliError> {
+    let sends_expected = u64::from(args.devices);
     let config = Config {
         devices: c2dm_emulator::DeviceRules {
             not_registered_prefixes: vec!["gone-".into()],
             invalid_prefixes: vec!["bad-".into()],
             ..Default::default()
         },
-        // A few 503s with Retry-After, one token rotation or more, and one expiry on the way.
         unavailable: FaultRate::Every((sends_expected / 4).max(50)),
         retry_after: Duration::from_secs(args.retry_after_secs),
         rotate_token_every: Some((sends_expected / 3).max(10)),
@@ -134,41 +164,44 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
         "emulator: {} (TLS, trusting only its own certificate)",
         emulator.base_url()
     );
+    Ok(emulator)
+}
 
+/// A sender over TLS that trusts only the emulator's certificate, logged in through
+/// ClientLogin.
+async fn log_in(global: &Global, emulator: &Emulator) -> Result<Sender, CliError> {
     let pem = emulator.cert_pem().unwrap_or_default();
     let transport = HyperTransport::builder()
         .only_added_roots()
         .add_root_certificates_pem(pem.as_bytes())
         .and_then(|b| b.build())
         .map_err(failed("TLS setup"))?;
+    let url = |text: String, what: &'static str| {
+        text.parse::<http::Uri>()
+            .map_err(failed::<http::uri::InvalidUri>(what))
+    };
     let login = Arc::new(
         ClientLogin::builder(
             Credentials::new(DEFAULT_EMAIL, DEFAULT_PASSWORD, c2dm_auth::DEFAULT_SOURCE),
             transport.clone(),
         )
-        .endpoint(
-            emulator
-                .login_url()
-                .parse()
-                .map_err(failed::<http::uri::InvalidUri>("login URL"))?,
-        )
+        .endpoint(url(emulator.login_url(), "login URL")?)
         .build(),
     );
     login.login_now().await.map_err(failed("ClientLogin"))?;
     println!("logged in as {DEFAULT_EMAIL} through ClientLogin");
-
-    let sender = Sender::builder(transport, Arc::clone(&login))
+    Ok(Sender::builder(transport, login)
         .retry_policy(
             RetryPolicy::default()
                 .with_initial_backoff(Duration::from_secs_f64(global.initial_backoff)),
         )
-        .endpoint(
-            emulator
-                .send_url()
-                .parse()
-                .map_err(failed::<http::uri::InvalidUri>("send URL"))?,
-        )
-        .build();
+        .endpoint(url(emulator.send_url(), "send URL")?)
+        .build())
+}
+
+/// The article's first message, to one device; returns it (the broadcast's template) and
+/// what the service said.
+async fn send_one(sender: &Sender) -> Result<(Message, c2dm_core::Sent), CliError> {
     let first = Message::builder("device-demo")
         .collapse_key("demo")
         .data("message", "test")
@@ -183,19 +216,27 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
         "sent message=test sound=test to device-demo: id {}",
         sent.message_id
     );
+    Ok((first, sent))
+}
 
-    let ids = device_ids(devices);
+/// Broadcasts `template` to `ids` with a progress bar; every delivery, by device.
+async fn broadcast(
+    sender: &Sender,
+    template: &Message,
+    ids: &[RegistrationId],
+) -> Result<(DeliveryReport, HashMap<RegistrationId, Delivery>), CliError> {
     println!(
-        "broadcasting to {devices} devices (about 2% not registered, 1% invalid) while the emulator injects 503s, a token rotation and an expiry"
+        "broadcasting to {} devices (about 2% not registered, 1% invalid) while the emulator injects 503s, a token rotation and an expiry",
+        ids.len()
     );
     let mut stream = sender
         .broadcast_to(
-            futures::stream::iter(ids.clone()),
-            &first,
+            futures::stream::iter(ids.to_vec()),
+            template,
             BroadcastOptions::default(),
         )
         .map_err(failed("broadcast"))?;
-    let bar = progress_bar(u64::from(devices));
+    let bar = progress_bar(ids.len() as u64);
     let mut report = DeliveryReport::new();
     let mut deliveries = HashMap::with_capacity(ids.len());
     while let Some(delivery) = stream.next().await {
@@ -205,17 +246,17 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
     }
     bar.finish_and_clear();
     report.finish();
+    Ok((report, deliveries))
+}
 
-    let mut problems = verify(&emulator, &ids, &deliveries);
-    let demo_inbox = emulator.inbox("device-demo");
-    if !demo_inbox
-        .iter()
-        .any(|m| m.message_id == sent.message_id.as_str())
-    {
-        problems.push("the first message is not in device-demo's inbox".into());
-    }
-    let gone: HashSet<&str> = report.to_remove().iter().map(|id| id.as_str()).collect();
-    let stats = emulator.counters();
+/// Prints what happened and whether it was verified: text, or one JSON object with `--json`.
+fn print_verdict(
+    global: &Global,
+    devices: u32,
+    report: &DeliveryReport,
+    stats: &c2dm_emulator::Stats,
+    problems: &[String],
+) {
     if global.json {
         let verdict = serde_json::json!({
             "devices": devices,
@@ -223,7 +264,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
             "rejected": report.rejected(),
             "failed": report.failed(),
             "not_attempted": report.not_attempted(),
-            "to_remove": gone.len(),
+            "to_remove": report.to_remove().len(),
             "by_code": report.by_code(),
             "elapsed_secs": report.elapsed().as_secs_f64(),
             "rate": report.rate(),
@@ -235,32 +276,26 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
             "problems": problems,
         });
         println!("{verdict}");
-    } else {
-        println!("{report}");
+        return;
+    }
+    println!("{report}");
+    println!(
+        "emulator saw {} sends: {} accepted, {} answered 503, {} token rotations, {} expiries, {} logins",
+        stats.sends,
+        stats.accepted,
+        stats.unavailable,
+        stats.rotations,
+        stats.expiries,
+        stats.logins
+    );
+    if problems.is_empty() {
         println!(
-            "emulator saw {} sends: {} accepted, {} answered 503, {} token rotations, {} expiries, {} logins",
-            stats.sends,
-            stats.accepted,
-            stats.unavailable,
-            stats.rotations,
-            stats.expiries,
-            stats.logins
+            "verified: every accepted message is in its device's inbox exactly once, every removed id is gone, nothing is missing"
         );
-        if problems.is_empty() {
-            println!(
-                "verified: every accepted message is in its device's inbox exactly once, every removed id is gone, nothing is missing"
-            );
-        } else {
-            println!("NOT verified:");
-            for problem in &problems {
-                println!("  - {problem}");
-            }
+    } else {
+        println!("NOT verified:");
+        for problem in problems {
+            println!("  - {problem}");
         }
     }
-    emulator.shutdown().await;
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
 }

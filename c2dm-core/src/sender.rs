@@ -305,7 +305,13 @@ impl Sender {
                 }
                 Err(_) => {}
             }
-            let unit: f64 = lock(&inner.rng).random();
+            // The jitter source is shared by every send: drawn from only when there is a
+            // delay to jitter, not for each accepted message.
+            let unit: f64 = if reply.is_err() {
+                lock(&inner.rng).random()
+            } else {
+                0.0
+            };
             let step = machine.on_reply(reply, worked, Instant::now(), unit);
             match step.pause {
                 Some(Pause::Everyone { until }) => self.pause_all_until(until),
