@@ -233,7 +233,7 @@ async fn hundred_concurrent_sends_hitting_401_cause_one_login() {
         .collect();
     for task in tasks {
         let sent = task.await.unwrap().unwrap();
-        assert_eq!(sent.attempts, 2);
+        assert_eq!(sent.tally.attempts, 2);
     }
     assert_eq!(fake.successful_logins(), 1);
     assert_eq!(login.login_count(), 1);

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorCode};
 use crate::message::{Message, MessageId, RegistrationId};
 use crate::sender::Sender;
-use crate::sent::{SendError, Sent};
+use crate::sent::{SendError, Sent, Tally};
 
 /// How a broadcast runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,9 +205,7 @@ impl std::fmt::Display for OutcomeKind {
 pub struct Delivery {
     registration_id: RegistrationId,
     outcome: Outcome,
-    attempts: u32,
-    waited: Duration,
-    possible_duplicates: u32,
+    tally: Tally,
 }
 
 impl Delivery {
@@ -221,20 +219,25 @@ impl Delivery {
         &self.outcome
     }
 
+    /// What the send cost: attempts, time waited, possible duplicates.
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
     /// Attempts made (0 when not attempted).
     pub fn attempts(&self) -> u32 {
-        self.attempts
+        self.tally.attempts
     }
 
     /// Time spent waiting for this message.
     pub fn waited(&self) -> Duration {
-        self.waited
+        self.tally.waited
     }
 
     /// Resends after failures that may have reached the service: the device may have the message
     /// more than once (or, when it failed, at all).
     pub fn possible_duplicates(&self) -> u32 {
-        self.possible_duplicates
+        self.tally.possible_duplicates
     }
 
     /// Whether the message was accepted.
@@ -273,9 +276,7 @@ impl Delivery {
         Self {
             registration_id,
             outcome: Outcome::NotAttempted(why),
-            attempts: 0,
-            waited: Duration::ZERO,
-            possible_duplicates: 0,
+            tally: Tally::default(),
         }
     }
 
@@ -288,15 +289,14 @@ impl Delivery {
                 outcome: Outcome::Accepted {
                     message_id: sent.message_id,
                 },
-                attempts: sent.attempts,
-                waited: sent.waited,
-                possible_duplicates: sent.possible_duplicates,
+                tally: sent.tally,
             },
             Err(failure)
-                if failure.attempts == 0 && matches!(failure.error, Error::Cancelled { .. }) =>
+                if failure.tally.attempts == 0
+                    && matches!(failure.error, Error::Cancelled { .. }) =>
             {
                 Self {
-                    waited: failure.waited,
+                    tally: failure.tally,
                     ..Self::not_attempted(registration_id, NotAttempted::Cancelled)
                 }
             }
@@ -309,12 +309,14 @@ impl Delivery {
                     },
                     error => Outcome::Failed { error },
                 };
+                let tally = Tally {
+                    possible_duplicates: failure.tally.possible_duplicates.max(u32::from(possibly)),
+                    ..failure.tally
+                };
                 Self {
                     registration_id,
                     outcome,
-                    attempts: failure.attempts,
-                    waited: failure.waited,
-                    possible_duplicates: failure.possible_duplicates.max(u32::from(possibly)),
+                    tally,
                 }
             }
         }
@@ -566,9 +568,10 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> SendError {
     tracing::error!(%message, "a send panicked");
     SendError {
         error: Error::Panicked { message },
-        attempts: 1,
-        waited: Duration::ZERO,
-        possible_duplicates: 0,
+        tally: Tally {
+            attempts: 1,
+            ..Tally::default()
+        },
     }
 }
 

@@ -47,7 +47,7 @@ pub use message::{
 pub use report::DeliveryReport;
 pub use retry::{RetryDecision, RetryPolicy};
 pub use sender::{Sender, SenderBuilder};
-pub use sent::{SendError, Sent};
+pub use sent::{SendError, Sent, Tally};
 #[cfg(any(test, feature = "mock"))]
 pub use token::MockTokenProvider;
 pub use token::{AuthToken, InvalidToken, StaticToken, TokenError, TokenProvider};

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorCode};
 use crate::message::MessageId;
 use crate::retry::RetryPolicy;
+pub use crate::sent::Tally;
 use crate::sent::{SendError, Sent};
 
 /// Who must wait because of an answer.
@@ -88,17 +89,6 @@ pub struct Step {
     pub action: Action,
     /// Whom to pause, and until when.
     pub pause: Option<Pause>,
-}
-
-/// What one message's send has cost so far, as reported in [`Sent`] and [`SendError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Tally {
-    /// Requests made.
-    pub attempts: u32,
-    /// Time spent waiting: backoff, `Retry-After`, and pauses set by other sends.
-    pub waited: Duration,
-    /// Resends after a failure that may have reached the server.
-    pub possible_duplicates: u32,
 }
 
 /// The rules for one message's send, with no I/O: see the [module docs](self).
@@ -164,9 +154,7 @@ impl<'p> SendMachine<'p> {
     fn fail(&self, error: Error) -> SendError {
         SendError {
             error,
-            attempts: self.tally.attempts,
-            waited: self.tally.waited,
-            possible_duplicates: self.tally.possible_duplicates,
+            tally: self.tally,
         }
     }
 
@@ -233,9 +221,7 @@ impl<'p> SendMachine<'p> {
                 return Step {
                     action: Action::Finish(Ok(Sent {
                         message_id,
-                        attempts: self.tally.attempts,
-                        waited: self.tally.waited,
-                        possible_duplicates: self.tally.possible_duplicates,
+                        tally: self.tally,
                     })),
                     pause: None,
                 };

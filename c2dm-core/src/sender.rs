@@ -64,7 +64,7 @@ type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 /// let message = Message::builder("device-1").collapse_key("orders").build()?;
 /// let sent = sender.send(message).await?;
 /// assert_eq!(sent.message_id.as_str(), "0:42");
-/// assert_eq!(sent.attempts, 1);
+/// assert_eq!(sent.tally.attempts, 1);
 /// # Ok(())
 /// # }
 /// ```

@@ -1,16 +1,15 @@
-//! What one send comes to: [`Sent`] or [`SendError`], with what it took.
+//! What one send comes to: [`Sent`] or [`SendError`], and the bookkeeping both carry, [`Tally`].
 
 use std::time::Duration;
 
 use crate::error::Error;
 use crate::message::MessageId;
 
-/// A message the service accepted, and what it took.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    /// The id the service gave the message.
-    pub message_id: MessageId,
-    /// Attempts made, this one included.
+/// What one message's send cost: the bookkeeping that [`Sent`], [`SendError`] and a
+/// broadcast's [`Delivery`](crate::Delivery) all carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tally {
+    /// Requests made (0 when the message was never sent).
     pub attempts: u32,
     /// Time spent waiting: backoff, `Retry-After`, and pauses set by other sends.
     pub waited: Duration,
@@ -19,23 +18,29 @@ pub struct Sent {
     pub possible_duplicates: u32,
 }
 
+/// A message the service accepted, and what it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The id the service gave the message.
+    pub message_id: MessageId,
+    /// Attempts made (this one included), time waited, possible duplicates.
+    pub tally: Tally,
+}
+
 /// A message that was not accepted, with the final error and what was tried.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "{error} (after {attempts} attempt{}{})",
-    if *.attempts == 1 { "" } else { "s" },
+    "{error} (after {} attempt{}{})",
+    .tally.attempts,
+    if .tally.attempts == 1 { "" } else { "s" },
     if self.possibly_delivered() { "; it may have been delivered" } else { "" }
 )]
 pub struct SendError {
     /// Why the last attempt failed.
     #[source]
     pub error: Error,
-    /// Attempts made.
-    pub attempts: u32,
-    /// Time spent waiting.
-    pub waited: Duration,
-    /// Resends after a failure that may have reached the server.
-    pub possible_duplicates: u32,
+    /// Attempts made, time waited, possible duplicates.
+    pub tally: Tally,
 }
 
 impl SendError {
@@ -51,6 +56,6 @@ impl SendError {
 
     /// Whether the device may have received the message even though it was not confirmed.
     pub fn possibly_delivered(&self) -> bool {
-        self.possible_duplicates > 0 || self.error.may_have_been_sent()
+        self.tally.possible_duplicates > 0 || self.error.may_have_been_sent()
     }
 }

@@ -295,7 +295,7 @@ fn the_401_rule() {
     let _ = machine.before_attempt(None, now);
     assert!(matches!(
         machine.on_reply(answer(200, &[], "id=1"), true, now, 0.5).action,
-        Action::Finish(Ok(ref sent)) if sent.attempts == 51
+        Action::Finish(Ok(ref sent)) if sent.tally.attempts == 51
     ));
     // ... within the renewals the policy allows.
     let few = policy.clone().with_max_token_renewals(2);
@@ -316,7 +316,7 @@ fn the_401_rule() {
     match machine.on_reply(unauthorized(), false, now, 0.5).action {
         Action::Finish(Err(e)) => {
             assert!(matches!(e.error, Error::Unauthorized));
-            assert_eq!(e.attempts, 2);
+            assert_eq!(e.tally.attempts, 2);
         }
         other => panic!("{other:?}"),
     }
@@ -351,7 +351,7 @@ fn pauses_are_waited_out_within_bounds() {
             assert!(matches!(e.error, Error::Paused { .. }));
             assert!(e.is_retryable());
             assert!(!e.possibly_delivered());
-            assert_eq!(e.attempts, 0);
+            assert_eq!(e.tally.attempts, 0);
         }
         other => panic!("{other:?}"),
     }

@@ -41,9 +41,9 @@ fn exact_sender(fake: &RecordingTransport) -> Sender {
 async fn accepted_on_the_first_attempt() {
     let fake = RecordingTransport::new();
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.attempts, 1);
-    assert_eq!(sent.waited, Duration::ZERO);
-    assert_eq!(sent.possible_duplicates, 0);
+    assert_eq!(sent.tally.attempts, 1);
+    assert_eq!(sent.tally.waited, Duration::ZERO);
+    assert_eq!(sent.tally.possible_duplicates, 0);
     assert_eq!(
         fake.accepted()[0].accepted_id(),
         Some(sent.message_id.as_str())
@@ -58,8 +58,8 @@ async fn unavailable_backs_off_exponentially() {
     }
     let start = Instant::now();
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.attempts, 4);
-    assert_eq!(sent.waited, Duration::from_secs(1 + 2 + 4));
+    assert_eq!(sent.tally.attempts, 4);
+    assert_eq!(sent.tally.waited, Duration::from_secs(1 + 2 + 4));
     assert_eq!(start.elapsed(), Duration::from_secs(7));
     assert_eq!(fake.send_count(), 4);
 }
@@ -77,8 +77,8 @@ async fn server_errors_and_malformed_answers_are_retried() {
         body: "garbage".into(),
     });
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.attempts, 4);
-    assert_eq!(sent.waited, Duration::from_secs(7));
+    assert_eq!(sent.tally.attempts, 4);
+    assert_eq!(sent.tally.waited, Duration::from_secs(7));
 }
 
 #[tokio::test(start_paused = true)]
@@ -90,7 +90,7 @@ async fn half_jitter_is_seeded_and_within_bounds() {
         let sender = Sender::builder(fake, StaticToken::new(token("t")))
             .jitter_seed(seed)
             .build();
-        sender.send(message("d")).await.unwrap().waited
+        sender.send(message("d")).await.unwrap().tally.waited
     };
     let a = run(1).await;
     assert_eq!(a, run(1).await, "same seed, same delays");
@@ -107,7 +107,7 @@ async fn a_longer_retry_after_wins_in_both_forms() {
     let fake = RecordingTransport::new();
     fake.enqueue(Reply::unavailable_for(30));
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.waited, Duration::from_secs(30));
+    assert_eq!(sent.tally.waited, Duration::from_secs(30));
 
     // An HTTP-date, read against the injected wall clock.
     let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
@@ -120,14 +120,14 @@ async fn a_longer_retry_after_wins_in_both_forms() {
         .wall_clock(move || now)
         .build();
     let sent = sender.send(message("d1")).await.unwrap();
-    assert_eq!(sent.waited, Duration::from_secs(45));
+    assert_eq!(sent.tally.waited, Duration::from_secs(45));
 
     // A Retry-After shorter than the backoff loses to it.
     let fake = RecordingTransport::new();
     fake.enqueue(Reply::Unavailable(None));
     fake.enqueue(Reply::unavailable_for(1));
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.waited, Duration::from_secs(1 + 2));
+    assert_eq!(sent.tally.waited, Duration::from_secs(1 + 2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -151,12 +151,12 @@ async fn a_503_holds_every_concurrent_send() {
         .collect();
     for other in others {
         let sent = other.await.unwrap().unwrap();
-        assert_eq!(sent.attempts, 1, "the others wait instead of failing");
-        assert_eq!(sent.waited, Duration::from_secs(29));
+        assert_eq!(sent.tally.attempts, 1, "the others wait instead of failing");
+        assert_eq!(sent.tally.waited, Duration::from_secs(29));
     }
     assert_eq!(start.elapsed(), Duration::from_secs(30));
     let first = first.await.unwrap().unwrap();
-    assert_eq!(first.attempts, 2);
+    assert_eq!(first.tally.attempts, 2);
     // Nothing was sent during the pause: one 503, then six accepted at t = 30 s.
     assert_eq!(fake.send_count(), 6);
 }
@@ -174,8 +174,8 @@ async fn quota_exceeded_pauses_everyone() {
     let start = Instant::now();
     let other = sender.send(message("d2")).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(1));
-    assert_eq!(other.attempts, 1);
-    assert_eq!(first.await.unwrap().unwrap().attempts, 2);
+    assert_eq!(other.tally.attempts, 1);
+    assert_eq!(first.await.unwrap().unwrap().tally.attempts, 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -189,7 +189,7 @@ async fn device_quota_pauses_only_that_device() {
     });
     tokio::task::yield_now().await;
     let fast = sender.send(message("fast")).await.unwrap();
-    assert_eq!(fast.waited, Duration::ZERO);
+    assert_eq!(fast.tally.waited, Duration::ZERO);
     assert_eq!(
         start.elapsed(),
         Duration::ZERO,
@@ -204,13 +204,13 @@ async fn device_quota_pauses_only_that_device() {
     tokio::task::yield_now().await;
     assert_eq!(sender.paused_devices(), 1);
     let slow = slow.await.unwrap().unwrap();
-    assert_eq!(slow.attempts, 3);
-    assert_eq!(slow.waited, Duration::from_secs(1 + 2));
+    assert_eq!(slow.tally.attempts, 3);
+    assert_eq!(slow.tally.waited, Duration::from_secs(1 + 2));
     let second = second.await.unwrap().unwrap();
     assert!(
-        second.waited >= Duration::from_secs(1),
+        second.tally.waited >= Duration::from_secs(1),
         "{:?}",
-        second.waited
+        second.tally.waited
     );
     assert!(sender.paused_until().is_none());
     assert_eq!(sender.paused_devices(), 0);
@@ -260,9 +260,9 @@ async fn a_401_logs_in_again_once_and_retries() {
         .retry_policy(exact())
         .build();
     let sent = sender.send(message("d1")).await.unwrap();
-    assert_eq!(sent.attempts, 2);
+    assert_eq!(sent.tally.attempts, 2);
     assert_eq!(
-        sent.waited,
+        sent.tally.waited,
         Duration::ZERO,
         "a refreshed token is tried at once"
     );
@@ -291,7 +291,7 @@ async fn hundred_concurrent_sends_meeting_one_401_cause_one_login() {
         })
         .collect();
     for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap().attempts, 2);
+        assert_eq!(task.await.unwrap().unwrap().tally.attempts, 2);
     }
     assert_eq!(tokens.login_count(), 1, "one login for all hundred");
     assert_eq!(fake.accepted().len(), 100);
@@ -306,7 +306,7 @@ async fn a_second_401_in_a_row_is_final() {
         .build();
     let err = sender.send(message("d1")).await.unwrap_err();
     assert!(matches!(err.error, Error::Unauthorized));
-    assert_eq!(err.attempts, 2);
+    assert_eq!(err.tally.attempts, 2);
     assert_eq!(fake.send_count(), 2);
 }
 
@@ -315,7 +315,7 @@ async fn a_static_token_that_is_refused_is_a_final_token_error() {
     let fake = RecordingTransport::new().accept_only_tokens([]);
     let err = exact_sender(&fake).send(message("d1")).await.unwrap_err();
     assert!(matches!(err.error, Error::Token(TokenError::Refused)));
-    assert_eq!(err.attempts, 1);
+    assert_eq!(err.tally.attempts, 1);
     assert!(!err.is_retryable());
 }
 
@@ -324,9 +324,9 @@ async fn transport_failures_not_sent_are_retried_without_duplicates() {
     let fake = RecordingTransport::new();
     fake.enqueue(Reply::connect_failure());
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.attempts, 2);
-    assert_eq!(sent.possible_duplicates, 0);
-    assert_eq!(sent.waited, Duration::from_secs(1));
+    assert_eq!(sent.tally.attempts, 2);
+    assert_eq!(sent.tally.possible_duplicates, 0);
+    assert_eq!(sent.tally.waited, Duration::from_secs(1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -334,8 +334,8 @@ async fn possibly_sent_failures_are_retried_and_counted_by_default() {
     let fake = RecordingTransport::new();
     fake.enqueue(Reply::timeout_after_write());
     let sent = exact_sender(&fake).send(message("d1")).await.unwrap();
-    assert_eq!(sent.attempts, 2);
-    assert_eq!(sent.possible_duplicates, 1);
+    assert_eq!(sent.tally.attempts, 2);
+    assert_eq!(sent.tally.possible_duplicates, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -346,7 +346,7 @@ async fn possibly_sent_failures_are_final_when_the_policy_says_so() {
         .retry_policy(exact().with_retry_possible_duplicates(false))
         .build();
     let err = sender.send(message("d1")).await.unwrap_err();
-    assert_eq!(err.attempts, 1);
+    assert_eq!(err.tally.attempts, 1);
     assert!(err.possibly_delivered());
     match err.error {
         Error::Transport(t) => {
@@ -370,7 +370,7 @@ async fn permanent_rejections_are_never_retried() {
     ] {
         let fake = RecordingTransport::new().reply_to("d", code.clone());
         let err = exact_sender(&fake).send(message("d")).await.unwrap_err();
-        assert_eq!(err.attempts, 1, "{code}");
+        assert_eq!(err.tally.attempts, 1, "{code}");
         assert_eq!(fake.send_count(), 1, "{code}");
         assert_eq!(err.error.code(), Some(&code));
         assert_eq!(
@@ -391,9 +391,9 @@ async fn the_attempt_bound_holds() {
         .retry_policy(exact().with_max_attempts(4))
         .build();
     let err = sender.send(message("d")).await.unwrap_err();
-    assert_eq!(err.attempts, 4);
+    assert_eq!(err.tally.attempts, 4);
     assert_eq!(fake.send_count(), 4);
-    assert_eq!(err.waited, Duration::from_secs(1 + 2 + 4));
+    assert_eq!(err.tally.waited, Duration::from_secs(1 + 2 + 4));
     assert!(err.is_retryable(), "the caller may try again later");
     assert_eq!(
         err.to_string(),
@@ -434,8 +434,8 @@ async fn a_bare_500_pauses_every_send() {
         let start = Instant::now();
         let other = sender.send(message("d2")).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(1), "{status}");
-        assert_eq!(other.waited, Duration::from_secs(1));
-        assert_eq!(first.await.unwrap().unwrap().attempts, 2);
+        assert_eq!(other.tally.waited, Duration::from_secs(1));
+        assert_eq!(first.await.unwrap().unwrap().tally.attempts, 2);
     }
 }
 
@@ -468,7 +468,7 @@ async fn running_out_of_attempts_on_503_leaves_the_pause() {
     let start = Instant::now();
     let other = sender.send(message("d2")).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(5));
-    assert_eq!(other.waited, Duration::from_secs(5));
+    assert_eq!(other.tally.waited, Duration::from_secs(5));
 }
 
 /// A send dropped while it waits out its device's pause takes the pause with it: before the
@@ -499,7 +499,7 @@ async fn the_deadline_ends_a_send_to_a_server_that_never_answers() {
     let err = sender.send(message("d1")).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(120));
     assert!(matches!(err.error, Error::DeadlineExceeded { .. }), "{err}");
-    assert_eq!(err.attempts, 1);
+    assert_eq!(err.tally.attempts, 1);
     assert!(err.possibly_delivered());
     assert!(err.to_string().contains("may have been delivered"), "{err}");
 }
