@@ -30,6 +30,7 @@
 
 pub mod codec;
 mod credentials;
+pub mod server;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

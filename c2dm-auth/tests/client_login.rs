@@ -98,7 +98,7 @@ async fn every_login_error_code_is_typed_and_only_unavailable_is_retried() {
         }
         let fake = fake();
         for _ in 0..3 {
-            fake.enqueue_login(LoginReply::error(code.as_str()));
+            fake.enqueue_login(LoginReply::error(code.clone()));
         }
         let login = login_over(&fake);
         let err = login.login_now().await.unwrap_err();
@@ -115,7 +115,7 @@ async fn every_login_error_code_is_typed_and_only_unavailable_is_retried() {
 #[tokio::test(start_paused = true)]
 async fn service_unavailable_is_retried_with_backoff_then_succeeds() {
     let fake = fake();
-    fake.enqueue_login(LoginReply::error("ServiceUnavailable"));
+    fake.enqueue_login(LoginReply::error(LoginErrorCode::ServiceUnavailable));
     fake.enqueue_login(LoginReply::Raw {
         status: 503,
         body: String::new(),
@@ -143,7 +143,7 @@ async fn bad_authentication_is_final_and_says_why() {
 async fn invalid_second_factor_hints_at_app_passwords() {
     let fake = fake();
     fake.enqueue_login(LoginReply::Error {
-        code: "BadAuthentication".into(),
+        code: c2dm_auth::LoginErrorCode::BadAuthentication,
         info: Some("InvalidSecondFactor".into()),
     });
     let err = login_over(&fake).login_now().await.unwrap_err();

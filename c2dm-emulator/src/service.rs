@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use c2dm_auth::LoginErrorCode;
+use c2dm_auth::server as login_server;
 use c2dm_core::ErrorCode;
 use c2dm_core::codec::{self, SendForm};
 use serde::{Deserialize, Serialize};
@@ -509,7 +511,7 @@ impl Service {
             self.counters.login_failures.fetch_add(1, Ordering::Relaxed);
             (
                 403,
-                format!("Url=https://www.google.com/accounts/ErrorMsg\nError={code}\n"),
+                login_server::login_refusal(&LoginErrorCode::parse(code), None),
             )
         };
         let (Some(email), Some(password), Some(service)) = (
@@ -547,12 +549,7 @@ impl Service {
                     && fields.get("logincaptcha") == Some(answer);
                 if !answered {
                     self.counters.login_failures.fetch_add(1, Ordering::Relaxed);
-                    return (
-                        403,
-                        format!(
-                            "Url=http://www.google.com/login/captcha\nError=CaptchaRequired\nCaptchaToken={token}\nCaptchaUrl=Captcha?ctoken={token}\n"
-                        ),
-                    );
+                    return (403, login_server::captcha_challenge(token));
                 }
                 solved.insert(index);
             }
@@ -562,7 +559,7 @@ impl Service {
         let n = self.counters.logins.load(Ordering::Relaxed);
         (
             200,
-            format!("SID=EMUSID{n}\nLSID=EMULSID{n}\nAuth={token}\n"),
+            login_server::login_success(&format!("EMUSID{n}"), &format!("EMULSID{n}"), &token),
         )
     }
 

@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use c2dm_auth::LoginErrorCode;
+use c2dm_auth::server as login_server;
 use c2dm_core::codec::{self, SendForm};
 use c2dm_core::{AuthToken, ErrorCode, RequestSent, Transport, TransportError, TransportErrorKind};
 use http::{HeaderValue, Response, StatusCode};
@@ -95,7 +97,7 @@ pub enum LoginReply {
     /// HTTP 403 with `Error=<code>` and optional `Url` and `Info` lines.
     Error {
         /// The error code, e.g. `BadAuthentication`.
-        code: String,
+        code: LoginErrorCode,
         /// The optional `Info=` line, e.g. `InvalidSecondFactor`.
         info: Option<String>,
     },
@@ -118,11 +120,8 @@ pub enum LoginReply {
 
 impl LoginReply {
     /// HTTP 403 `Error=<code>`.
-    pub fn error(code: impl Into<String>) -> Self {
-        Self::Error {
-            code: code.into(),
-            info: None,
-        }
+    pub fn error(code: LoginErrorCode) -> Self {
+        Self::Error { code, info: None }
     }
 }
 
@@ -600,7 +599,7 @@ impl RecordingTransport {
         script.logins.push(record.clone());
         let reply = match script.queued_logins.pop_front() {
             Some(reply) => reply,
-            None if !password_matched => LoginReply::error("BadAuthentication"),
+            None if !password_matched => LoginReply::error(LoginErrorCode::BadAuthentication),
             None => match script.captchas.get(&email).cloned() {
                 Some((token, answer)) => {
                     let answered = record.login_token.as_deref() == Some(token.as_str())
@@ -628,21 +627,20 @@ impl RecordingTransport {
                 }
                 text(
                     StatusCode::OK,
-                    format!("SID=fake-sid-{n}\nLSID=fake-lsid-{n}\nAuth={auth}\n"),
+                    login_server::login_success(
+                        &format!("fake-sid-{n}"),
+                        &format!("fake-lsid-{n}"),
+                        &auth,
+                    ),
                 )
             }
-            LoginReply::Error { code, info } => {
-                let mut body = format!("Url=https://www.google.com/login/error\nError={code}\n");
-                if let Some(info) = info {
-                    body.push_str(&format!("Info={info}\n"));
-                }
-                text(StatusCode::FORBIDDEN, body)
-            }
+            LoginReply::Error { code, info } => text(
+                StatusCode::FORBIDDEN,
+                login_server::login_refusal(&code, info.as_deref()),
+            ),
             LoginReply::Captcha { token, .. } => text(
                 StatusCode::FORBIDDEN,
-                format!(
-                    "Url=http://www.google.com/login/captcha\nError=CaptchaRequired\nCaptchaToken={token}\nCaptchaUrl=Captcha?ctoken={token}\n"
-                ),
+                login_server::captcha_challenge(&token),
             ),
             LoginReply::Raw { status, body } => text(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

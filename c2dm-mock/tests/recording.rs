@@ -264,7 +264,7 @@ async fn client_login_errors_and_captcha() {
         .account("me@example.com", "pw")
         .require_captcha("me@example.com", "CT0KEN", "answer");
     fake.enqueue_login(LoginReply::Error {
-        code: "BadAuthentication".into(),
+        code: c2dm_auth::LoginErrorCode::BadAuthentication,
         info: Some("InvalidSecondFactor".into()),
     });
     let resp = fake
