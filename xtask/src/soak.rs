@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,6 +19,8 @@ fn id(i: u64) -> String {
     }
 }
 
+/// `cargo xtask soak`: the ids, the emulator, the broadcast, the emulator's record, the checks,
+/// the figures.
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let n: u64 = match args {
         [] => 100_000,
@@ -28,19 +30,50 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let bin = crate::build_release(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let (cert, stats_path, ids_path, journal_path) = (
-        dir.join("cert.pem"),
-        dir.join("stats.json"),
-        dir.join("ids"),
-        dir.join("journal.jsonl"),
-    );
-    {
-        let mut out =
-            std::io::BufWriter::new(std::fs::File::create(&ids_path).map_err(|e| e.to_string())?);
-        for i in 0..n {
-            writeln!(out, "{}", id(i)).map_err(|e| e.to_string())?;
+    let files = Files {
+        cert: dir.join("cert.pem"),
+        stats: dir.join("stats.json"),
+        ids: dir.join("ids"),
+        journal: dir.join("journal.jsonl"),
+    };
+    write_ids(&files.ids, n)?;
+    let (mut emulator, base) = start_emulator(&bin, &files)?;
+    eprintln!("soak: {n} messages over TLS against {base}");
+    let run = broadcast(&bin, &files, &base)?;
+    let stats = stop_emulator(&mut emulator, &files.stats)?;
+    let checked = check(&files.journal, &stats, n)?;
+    print_figures(n, &run, &stats, &checked);
+    let _ = std::fs::remove_dir_all(&dir);
+    if checked.problems.is_empty() {
+        println!("soak: every check holds");
+        Ok(())
+    } else {
+        for p in checked.problems.iter().take(20) {
+            println!("  PROBLEM: {p}");
         }
+        Err(format!("{} problems", checked.problems.len()))
     }
+}
+
+/// Where the run keeps its files.
+struct Files {
+    cert: PathBuf,
+    stats: PathBuf,
+    ids: PathBuf,
+    journal: PathBuf,
+}
+
+/// `n` generated ids, one per line.
+fn write_ids(path: &Path, n: u64) -> Result<(), String> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| e.to_string())?);
+    for i in 0..n {
+        writeln!(out, "{}", id(i)).map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+/// The emulator over TLS with every fault on, writing its record on Ctrl-C; and its base URL.
+fn start_emulator(bin: &Path, files: &Files) -> Result<(Child, String), String> {
     let mut emulator = Command::new(bin.join("c2dm-emulator"))
         .args([
             "--tls",
@@ -66,9 +99,9 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             "42",
             "--cert-out",
         ])
-        .arg(&cert)
+        .arg(&files.cert)
         .arg("--stats-out")
-        .arg(&stats_path)
+        .arg(&files.stats)
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("c2dm-emulator: {e}"))?;
@@ -80,7 +113,19 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     // Keep reading what it prints, so it never writes into a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
     let base = first.rsplit(' ').next().unwrap_or_default().to_owned();
-    eprintln!("soak: {n} messages over TLS against {base}");
+    Ok((emulator, base))
+}
+
+/// What the broadcast did: its exit, its time, its memory over time, its summary.
+struct Run {
+    status: std::process::ExitStatus,
+    elapsed: Duration,
+    rss_samples: Vec<u64>,
+    summary: String,
+}
+
+/// `c2dm broadcast` of the ids with a journal, sampling its memory as it goes.
+fn broadcast(bin: &Path, files: &Files, base: &str) -> Result<Run, String> {
     let start = Instant::now();
     let mut sender = Command::new(bin.join("c2dm"))
         .args([
@@ -92,11 +137,11 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             "message=test",
             "--ids",
         ])
-        .arg(&ids_path)
+        .arg(&files.ids)
         .arg("--journal")
-        .arg(&journal_path)
+        .arg(&files.journal)
         .arg("--ca-cert")
-        .arg(&cert)
+        .arg(&files.cert)
         .args([
             "--send-url",
             &format!("{base}/c2dm/send"),
@@ -108,13 +153,13 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("c2dm: {e}"))?;
-    let mut samples = Vec::new();
+    let mut rss_samples = Vec::new();
     let status = loop {
         if let Some(status) = sender.try_wait().map_err(|e| e.to_string())? {
             break status;
         }
         if let Some(rss) = crate::rss_kib(sender.id()) {
-            samples.push(rss);
+            rss_samples.push(rss);
         }
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -123,19 +168,41 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     if let Some(mut out) = sender.stdout.take() {
         let _ = std::io::Read::read_to_string(&mut out, &mut summary);
     }
-    // Stop the emulator with Ctrl-C, so it writes its record.
+    Ok(Run {
+        status,
+        elapsed,
+        rss_samples,
+        summary,
+    })
+}
+
+/// Stops the emulator with Ctrl-C, so it writes its record, and reads that record.
+fn stop_emulator(emulator: &mut Child, stats: &Path) -> Result<Value, String> {
     // SAFETY: sending SIGINT to our own child process.
     #[allow(unsafe_code)]
     unsafe {
         libc::kill(emulator.id() as libc::pid_t, libc::SIGINT);
     }
     emulator.wait().map_err(|e| e.to_string())?;
-    let stats: Value =
-        serde_json::from_slice(&std::fs::read(&stats_path).map_err(|e| format!("stats: {e}"))?)
-            .map_err(|e| format!("stats: {e}"))?;
+    serde_json::from_slice(&std::fs::read(stats).map_err(|e| format!("stats: {e}"))?)
+        .map_err(|e| format!("stats: {e}"))
+}
 
+/// What the checks found, with the counts the figures quote.
+struct Checked {
+    problems: Vec<String>,
+    lines: usize,
+    accepted: u64,
+    rejected: u64,
+    duplicates_reported: u64,
+    duplicated: u64,
+}
+
+/// The journal against the emulator's record: one line per id, every accepted message in its
+/// inbox, no unreported duplicate, no send after a permanent rejection, one login per expiry.
+fn check(journal: &Path, stats: &Value, n: u64) -> Result<Checked, String> {
     let mut problems = Vec::new();
-    let journal = std::fs::read_to_string(&journal_path).map_err(|e| e.to_string())?;
+    let journal = std::fs::read_to_string(journal).map_err(|e| e.to_string())?;
     let mut lines: HashMap<String, Value> = HashMap::new();
     for line in journal.lines() {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("journal: {e}"))?;
@@ -199,6 +266,20 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             count("expiries")
         ));
     }
+    Ok(Checked {
+        problems,
+        lines: lines.len(),
+        accepted,
+        rejected,
+        duplicates_reported,
+        duplicated,
+    })
+}
+
+/// The figures docs/RELIABILITY.md quotes.
+fn print_figures(n: u64, run: &Run, stats: &Value, checked: &Checked) {
+    let count = |key: &str| stats[key].as_u64().unwrap_or(0);
+    let samples = &run.rss_samples;
     let (min_rss, max_rss) = (
         samples
             .iter()
@@ -209,13 +290,14 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         samples.iter().max().copied().unwrap_or(0),
     );
     println!(
-        "soak: {n} messages in {:.1} s ({:.0}/s), exit {status}",
-        elapsed.as_secs_f64(),
-        n as f64 / elapsed.as_secs_f64()
+        "soak: {n} messages in {:.1} s ({:.0}/s), exit {}",
+        run.elapsed.as_secs_f64(),
+        n as f64 / run.elapsed.as_secs_f64(),
+        run.status
     );
     println!(
-        "  journal: {accepted} accepted, {rejected} rejected (removed), {} lines",
-        lines.len()
+        "  journal: {} accepted, {} rejected (removed), {} lines",
+        checked.accepted, checked.rejected, checked.lines
     );
     println!(
         "  faults survived: {} x 503 with Retry-After, {} x 500, {} dropped connections, {} rotations, {} expiries ({} logins), {} x DeviceQuotaExceeded",
@@ -228,8 +310,10 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         stats["errors"]["DeviceQuotaExceeded"].as_u64().unwrap_or(0)
     );
     println!(
-        "  sends seen by the emulator: {}; possible duplicates reported: {duplicates_reported}; devices that got a message twice: {duplicated}",
-        count("sends")
+        "  sends seen by the emulator: {}; possible duplicates reported: {}; devices that got a message twice: {}",
+        count("sends"),
+        checked.duplicates_reported,
+        checked.duplicated
     );
     println!(
         "  sender RSS: {:.1} MiB after warm-up, {:.1} MiB at most ({} samples)",
@@ -237,15 +321,5 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         max_rss as f64 / 1024.0,
         samples.len()
     );
-    println!("  summary: {}", summary.trim());
-    let _ = std::fs::remove_dir_all(&dir);
-    if problems.is_empty() {
-        println!("soak: every check holds");
-        Ok(())
-    } else {
-        for p in problems.iter().take(20) {
-            println!("  PROBLEM: {p}");
-        }
-        Err(format!("{} problems", problems.len()))
-    }
+    println!("  summary: {}", run.summary.trim());
 }
