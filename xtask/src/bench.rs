@@ -362,28 +362,60 @@ fn machine() -> String {
 }
 
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let write = args.contains(&"--write");
     let quick = args.contains(&"--quick");
+    let settings = Settings {
+        quick,
+        rounds: rounds_of(args, quick)?,
+        scale: if quick { 10 } else { 1 },
+        has_wrk: have("wrk"),
+    };
     let bin = crate::build_release(root, &["--bins", "-p", "c2dm-hyper", "--example", "load"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let has_wrk = have("wrk");
-    if !has_wrk {
+    if !settings.has_wrk {
         eprintln!("note: wrk is not installed (apt-get install -y wrk): its columns stay empty");
     }
-    let scale = if quick { 10 } else { 1 };
-    let rounds = rounds_of(args, quick)?;
-    let mut rows = Vec::new();
-    rows.push("| path | conc. | c2dm rate (msg/s) | CPU µs/msg | wrk rate (req/s) | wrk CPU µs/req | rate / wrk | CPU / wrk |".to_owned());
-    rows.push("|---|---:|---:|---:|---:|---:|---:|---:|".to_owned());
+    let throughput = throughput(&bin, &dir, &settings)?;
+    let memory = memory(&bin, &dir, &settings)?;
+    let report = render(&settings, &throughput, &memory);
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+    if args.contains(&"--write") {
+        write_into_doc(root, &report)?;
+    }
+    Ok(())
+}
+
+/// How this run measures.
+struct Settings {
+    quick: bool,
+    rounds: usize,
+    /// The work is divided by this (10 with `--quick`).
+    scale: u64,
+    has_wrk: bool,
+}
+
+/// The throughput table's rows, the sequential baseline, and the best broadcast rate.
+struct Throughput {
+    rows: Vec<String>,
+    baseline: Option<f64>,
+    best_rate: f64,
+}
+
+/// Every path beside wrk, plain and TLS, at concurrency 1 and 64, round after round.
+fn throughput(bin: &Path, dir: &Path, settings: &Settings) -> Result<Throughput, String> {
+    let mut rows = vec![
+        "| path | conc. | c2dm rate (msg/s) | CPU µs/msg | wrk rate (req/s) | wrk CPU µs/req | rate / wrk | CPU / wrk |".to_owned(),
+        "|---|---:|---:|---:|---:|---:|---:|---:|".to_owned(),
+    ];
     let mut baseline = None;
     let mut best_rate = 0.0f64;
     for tls in [false, true] {
-        let emulator = Emulator::start(&bin, &dir, tls, true)?;
+        let emulator = Emulator::start(bin, dir, tls, true)?;
         let scheme = if tls { "HTTPS" } else { "HTTP" };
         for concurrency in [1u32, 64] {
-            let n = if concurrency == 1 { 20_000 } else { 200_000 } / scale;
-            let wrk_seconds = if quick { 2 } else { 5 };
+            let n = if concurrency == 1 { 20_000 } else { 200_000 } / settings.scale;
+            let wrk_seconds = if settings.quick { 2 } else { 5 };
             // The paths, and wrk, take turns round after round, so that a slow spell of this
             // shared machine weighs on all of them alike; each ratio is taken within a round.
             let mut wrk_runs = Vec::new();
@@ -394,17 +426,17 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             }
             paths.push((format!("HyperTransport, {scheme}"), Vec::new()));
             paths.push((format!("c2dm broadcast, {scheme}"), Vec::new()));
-            for _ in 0..rounds {
-                if has_wrk {
-                    wrk_runs.push(wrk(&dir, &emulator, concurrency, wrk_seconds)?);
+            for _ in 0..settings.rounds {
+                if settings.has_wrk {
+                    wrk_runs.push(wrk(dir, &emulator, concurrency, wrk_seconds)?);
                 }
                 for (name, samples) in &mut paths {
                     let sample = if name.starts_with("bare") {
-                        transport_load(&bin, &emulator, n, concurrency, true)?
+                        transport_load(bin, &emulator, n, concurrency, true)?
                     } else if name.starts_with("HyperTransport") {
-                        transport_load(&bin, &emulator, n, concurrency, false)?
+                        transport_load(bin, &emulator, n, concurrency, false)?
                     } else {
-                        let (rate, cpu, _) = broadcast(&bin, &dir, &emulator, n, concurrency)?;
+                        let (rate, cpu, _) = broadcast(bin, dir, &emulator, n, concurrency)?;
                         Sample { rate, cpu }
                     };
                     samples.push(sample);
@@ -432,37 +464,72 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             }
         }
         if !tls && have("python3") {
-            baseline = Some(python_baseline(&emulator, 2000 / scale as u32)?);
+            baseline = Some(python_baseline(&emulator, 2000 / settings.scale as u32)?);
         }
     }
-    // Memory: peak RSS of the sending process, and the emulator's inbox cost per message.
-    let emulator = Emulator::start(&bin, &dir, false, true)?;
-    let (_, _, rss_10k) = broadcast(&bin, &dir, &emulator, 10_000, 64)?;
-    let big = 1_000_000 / scale;
-    let (_, _, rss_big) = broadcast(&bin, &dir, &emulator, big, 64)?;
+    Ok(Throughput {
+        rows,
+        baseline,
+        best_rate,
+    })
+}
+
+/// Peak RSS of the sending process at two sizes, and the emulator's own figures.
+struct Memory {
+    rss_10k: u64,
+    big: u64,
+    rss_big: u64,
+    inbox_bytes: f64,
+    emulator_wrk: Option<f64>,
+}
+
+/// The sender's memory for 10,000 and a million ids, the emulator's inbox cost per message,
+/// and the emulator's own rate under wrk.
+fn memory(bin: &Path, dir: &Path, settings: &Settings) -> Result<Memory, String> {
+    let emulator = Emulator::start(bin, dir, false, true)?;
+    let (_, _, rss_10k) = broadcast(bin, dir, &emulator, 10_000, 64)?;
+    let big = 1_000_000 / settings.scale;
+    let (_, _, rss_big) = broadcast(bin, dir, &emulator, big, 64)?;
     drop(emulator);
-    let full = Emulator::start(&bin, &dir, false, false)?;
+    let full = Emulator::start(bin, dir, false, false)?;
     let before = full.rss_kib();
-    let (_, _, _) = broadcast(&bin, &dir, &full, big, 64)?;
+    let (_, _, _) = broadcast(bin, dir, &full, big, 64)?;
     let inbox_bytes = (full.rss_kib().saturating_sub(before) * 1024) as f64 / big as f64;
     drop(full);
-    let emulator_wrk = if has_wrk {
-        let e = Emulator::start(&bin, &dir, false, false)?;
-        Some(wrk(&dir, &e, 64, if quick { 2 } else { 5 })?.rate)
+    let emulator_wrk = if settings.has_wrk {
+        let e = Emulator::start(bin, dir, false, false)?;
+        Some(wrk(dir, &e, 64, if settings.quick { 2 } else { 5 })?.rate)
     } else {
         None
     };
+    Ok(Memory {
+        rss_10k,
+        big,
+        rss_big,
+        inbox_bytes,
+        emulator_wrk,
+    })
+}
 
-    let mut table = rows.join("\n");
+/// The report: a header naming the machine, the throughput table, the memory table.
+fn render(settings: &Settings, throughput: &Throughput, memory: &Memory) -> String {
+    let Memory {
+        rss_10k,
+        big,
+        rss_big,
+        inbox_bytes,
+        emulator_wrk,
+    } = memory;
+    let mut table = throughput.rows.join("\n");
     table.push_str("\n\n| memory and baselines | value |\n|---|---:|\n");
     table.push_str(&format!(
         "| peak RSS of `c2dm broadcast`, 10,000 ids | {:.1} MiB |\n",
-        rss_10k as f64 / 1024.0
+        *rss_10k as f64 / 1024.0
     ));
     table.push_str(&format!(
         "| peak RSS of `c2dm broadcast`, {big} ids | {:.1} MiB ({:.2}× the 10,000 run) |\n",
-        rss_big as f64 / 1024.0,
-        rss_big as f64 / rss_10k.max(1) as f64
+        *rss_big as f64 / 1024.0,
+        *rss_big as f64 / (*rss_10k).max(1) as f64
     ));
     table.push_str(&format!(
         "| emulator inbox, bytes per recorded message | {inbox_bytes:.0} |\n"
@@ -472,15 +539,16 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             "| emulator under `wrk -t1 -c64`, inbox on | {rate:.0} sends/s |\n"
         ));
     }
-    if let Some(base) = baseline {
+    if let Some(base) = throughput.baseline {
         table.push_str(&format!(
             "| sequential one-POST-per-message sender (python urllib) | {base:.0} msg/s; best c2dm rate is {:.0}× that |\n",
-            best_rate / base
+            throughput.best_rate / base
         ));
     }
+    let rounds = settings.rounds;
     let header = format!(
         "Measured by `cargo xtask bench{}` on {}: medians of {rounds} round{}{}.\n\n",
-        if quick { " --quick" } else { "" },
+        if settings.quick { " --quick" } else { "" },
         machine(),
         if rounds == 1 { "" } else { "s" },
         if rounds > 1 {
@@ -489,20 +557,20 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             ""
         },
     );
-    let report = format!("{header}{table}");
-    println!("{report}");
-    let _ = std::fs::remove_dir_all(&dir);
-    if write {
-        let path = root.join("docs/PERFORMANCE.md");
-        let doc = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
-        let (Some(a), Some(b)) = (doc.find(start), doc.find(end)) else {
-            return Err(format!("{}: no {start} … {end} markers", path.display()));
-        };
-        let updated = format!("{}{start}\n{report}\n{}", &doc[..a], &doc[b..]);
-        std::fs::write(&path, updated).map_err(|e| e.to_string())?;
-        eprintln!("wrote {}", path.display());
-    }
+    format!("{header}{table}")
+}
+
+/// Puts the report between docs/PERFORMANCE.md's bench markers.
+fn write_into_doc(root: &Path, report: &str) -> Result<(), String> {
+    let path = root.join("docs/PERFORMANCE.md");
+    let doc = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
+    let (Some(a), Some(b)) = (doc.find(start), doc.find(end)) else {
+        return Err(format!("{}: no {start} … {end} markers", path.display()));
+    };
+    let updated = format!("{}{start}\n{report}\n{}", &doc[..a], &doc[b..]);
+    std::fs::write(&path, updated).map_err(|e| e.to_string())?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 
