@@ -15,7 +15,7 @@ pub const UNAUTHORIZED_BODY: &str = "<HTML>\n<HEAD>\n<TITLE>Unauthorized</TITLE>
 
 /// The fields of a send request's form body, read as the service reads them.
 ///
-/// Unlike [`Message`], nothing is validated: a missing field stays `None`, so a server (the
+/// Unlike [`Message`](crate::Message), nothing is validated: a missing field stays `None`, so a server (the
 /// emulator) can answer `MissingRegistration` or `MissingCollapseKey`, and a test fake can show
 /// exactly what was sent. Unknown fields are ignored, as the service ignores them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
