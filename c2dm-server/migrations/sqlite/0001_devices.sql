@@ -1,0 +1,26 @@
+-- The device registry. Times are milliseconds since the Unix epoch.
+CREATE TABLE devices (
+    id INTEGER PRIMARY KEY,
+    registration_id TEXT NOT NULL UNIQUE,
+    device_id TEXT,
+    user_id TEXT,
+    app_version TEXT,
+    -- 'active', 'unregistered' (by the app) or 'gone' (by C2DM)
+    state TEXT NOT NULL CHECK (state IN ('active', 'unregistered', 'gone')),
+    -- the C2DM code that made it gone
+    reason TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    state_changed_at INTEGER NOT NULL
+);
+
+CREATE INDEX devices_by_user ON devices (user_id, id);
+CREATE INDEX devices_by_state ON devices (state, id);
+
+CREATE TABLE device_tags (
+    tag TEXT NOT NULL,
+    device INTEGER NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    PRIMARY KEY (tag, device)
+);
+
+CREATE INDEX device_tags_by_device ON device_tags (device);

@@ -1,0 +1,478 @@
+//! The HTTP API: JSON in and out, keys in `Authorization: Bearer`, errors as
+//! `{"error": {"code", "message", "field"}}`, never a 500 for bad input.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Device, DeviceFilter, DeviceState, NewDevice, Store, Upserted};
+
+/// The largest request body taken, in bytes (a larger one is refused with 413).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The most devices one page lists.
+pub const MAX_PAGE: u32 = 1000;
+
+/// A key that authorises requests. Compared in constant time; its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Key(Arc<str>);
+
+/// A key given is unusable: empty, or with characters a header cannot carry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a key must be non-empty visible ASCII")]
+pub struct InvalidKey;
+
+impl Key {
+    /// Wraps a key; it must be non-empty visible ASCII (it travels in a header).
+    pub fn new(key: impl AsRef<str>) -> Result<Self, InvalidKey> {
+        let key = key.as_ref().trim();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidKey);
+        }
+        Ok(Self(key.into()))
+    }
+
+    /// Whether `given` is this key, in time that does not depend on where they differ.
+    fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        let mut differ = a.len() ^ b.len();
+        for (i, x) in a.iter().enumerate() {
+            differ |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+        }
+        differ == 0
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(<redacted>)")
+    }
+}
+
+/// The two keys: the admin token (every route) and the device key (the device routes only).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// Lets operators list devices and send pushes.
+    pub admin: Key,
+    /// Lets apps register and unregister their devices.
+    pub device: Key,
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: Arc<dyn Store>,
+    keys: Keys,
+}
+
+/// The API over `store`, authorised by `keys`.
+///
+/// | method and path | key | what |
+/// |---|---|---|
+/// | `POST /v1/devices` | device or admin | register (201) or update (200) a device |
+/// | `DELETE /v1/devices/{registration_id}` | device or admin | the app unregisters it (200, or 404) |
+/// | `GET /v1/devices?state=&user_id=&tag=&after=&limit=` | admin | a page of devices and the `next` cursor |
+/// | `GET /healthz` | none | 200 when the database answers, else 503 |
+pub fn router(store: Arc<dyn Store>, keys: Keys) -> Router {
+    Router::new()
+        .route("/v1/devices", post(register).get(list))
+        .route("/v1/devices/{registration_id}", delete(unregister))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(AppState { store, keys })
+}
+
+/// What a request gets when it cannot be served.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// A field of the request that is not acceptable (422).
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+        }
+    }
+
+    /// A query parameter that is not acceptable (400).
+    fn query(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+        }
+    }
+
+    fn internal(err: impl fmt::Display) -> Self {
+        tracing::error!(%err, "the request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server could not complete the request",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            field: Option<&'a str>,
+        }
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+                field: self.field,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        Self::internal(err)
+    }
+}
+
+/// A JSON body, its rejections answered as [`ApiError`]s (400 malformed, 413 too large, 422
+/// a field of the wrong type).
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let text = rejection.body_text();
+    match rejection {
+        JsonRejection::JsonDataError(_) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", text)
+        }
+        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is over {BODY_LIMIT} bytes"),
+        ),
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            "the body must be JSON (Content-Type: application/json)",
+        ),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", text),
+    }
+}
+
+/// Query parameters, their rejections answered as 400.
+struct QueryParams<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(query_rejection(rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+        rejection.body_text(),
+    )
+}
+
+/// Who a request is from, by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Admin,
+    Device,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let unauthorized = || {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid key is required: Authorization: Bearer <key>",
+            )
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(unauthorized)?;
+        // Both compared, whichever matches: the time taken does not tell which key it was.
+        let admin = state.keys.admin.matches(given);
+        let device = state.keys.device.matches(given);
+        match (admin, device) {
+            (true, _) => Ok(Self::Admin),
+            (false, true) => Ok(Self::Device),
+            (false, false) => Err(unauthorized()),
+        }
+    }
+}
+
+impl Caller {
+    fn require_admin(self) -> Result<(), ApiError> {
+        match self {
+            Self::Admin => Ok(()),
+            Self::Device => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this route needs the admin token, not the device key",
+            )),
+        }
+    }
+}
+
+/// `POST /v1/devices`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    registration_id: String,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    app_version: Option<String>,
+}
+
+/// The longest text field taken (ids, versions, tags).
+const MAX_TEXT: usize = 256;
+/// The most tags a device may have.
+const MAX_TAGS: usize = 32;
+
+fn text_field(field: &'static str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.is_empty() => Err(ApiError::field(field, format!("{field} is empty"))),
+        Some(v) if v.len() > MAX_TEXT => Err(ApiError::field(
+            field,
+            format!("{field} is over {MAX_TEXT} bytes"),
+        )),
+        Some(v) if v.chars().any(char::is_control) => Err(ApiError::field(
+            field,
+            format!("{field} has control characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+impl Registration {
+    /// Every rule, before anything is stored.
+    fn check(self) -> Result<NewDevice, ApiError> {
+        let id = c2dm_core::RegistrationId::new(&self.registration_id)
+            .map_err(|e| ApiError::field("registration_id", e.to_string()))?;
+        if self.tags.len() > MAX_TAGS {
+            return Err(ApiError::field("tags", format!("at most {MAX_TAGS} tags")));
+        }
+        let mut tags = Vec::with_capacity(self.tags.len());
+        for tag in self.tags {
+            tags.extend(text_field("tags", Some(tag))?);
+        }
+        tags.sort();
+        tags.dedup();
+        Ok(NewDevice {
+            registration_id: id.as_str().to_owned(),
+            device_id: text_field("device_id", self.device_id)?,
+            user_id: text_field("user_id", self.user_id)?,
+            tags,
+            app_version: text_field("app_version", self.app_version)?,
+        })
+    }
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Serialize)]
+struct DeviceView {
+    registration_id: String,
+    device_id: Option<String>,
+    user_id: Option<String>,
+    tags: Vec<String>,
+    app_version: Option<String>,
+    state: DeviceState,
+    reason: Option<String>,
+    created_at: String,
+    updated_at: String,
+    state_changed_at: String,
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+impl From<Device> for DeviceView {
+    fn from(d: Device) -> Self {
+        Self {
+            registration_id: d.registration_id,
+            device_id: d.device_id,
+            user_id: d.user_id,
+            tags: d.tags,
+            app_version: d.app_version,
+            state: d.state,
+            reason: d.reason,
+            created_at: rfc3339(d.created_at),
+            updated_at: rfc3339(d.updated_at),
+            state_changed_at: rfc3339(d.state_changed_at),
+        }
+    }
+}
+
+async fn register(
+    State(state): State<AppState>,
+    _caller: Caller,
+    JsonBody(registration): JsonBody<Registration>,
+) -> Result<(StatusCode, Json<DeviceView>), ApiError> {
+    let device = registration.check()?;
+    let (upserted, stored) = state.store.upsert_device(&device).await?;
+    let status = match upserted {
+        Upserted::Created => StatusCode::CREATED,
+        Upserted::Updated => StatusCode::OK,
+    };
+    tracing::debug!(?upserted, "device registered");
+    Ok((status, Json(stored.into())))
+}
+
+async fn unregister(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(registration_id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    match state.store.unregister_device(&registration_id).await? {
+        Some(device) => Ok(Json(device.into())),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no device has this registration id",
+        )),
+    }
+}
+
+/// `GET /v1/devices` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    user_id: Option<String>,
+    tag: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// A page of devices.
+#[derive(Debug, Serialize)]
+struct DevicePage {
+    devices: Vec<DeviceView>,
+    next: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<ListQuery>,
+) -> Result<Json<DevicePage>, ApiError> {
+    caller.require_admin()?;
+    let bad = ApiError::query;
+    let filter = DeviceFilter {
+        state: match query.state.as_deref() {
+            None => None,
+            Some(s) => Some(
+                DeviceState::parse(s)
+                    .ok_or_else(|| bad("state", "state is one of active, unregistered, gone"))?,
+            ),
+        },
+        user_id: query.user_id,
+        tag: query.tag,
+    };
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(cursor) => Some(
+            cursor
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad("after", "after is a cursor from an earlier page's next"))?,
+        ),
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(bad("limit", "limit is between 1 and 1000"));
+    }
+    let page = state.store.list_devices(&filter, after, limit).await?;
+    Ok(Json(DevicePage {
+        devices: page.items.into_iter().map(DeviceView::from).collect(),
+        next: page.next.map(|n| n.to_string()),
+    }))
+}
+
+/// The answer to `GET /healthz`.
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(Health { status: "ok" }).into_response(),
+        Err(err) => {
+            tracing::warn!(%err, "health check: the database does not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(Health {
+                    status: "database unavailable",
+                }),
+            )
+                .into_response()
+        }
+    }
+}
