@@ -342,10 +342,10 @@ pub async fn broadcast(
                 }
             }
         }
-        if delivery.should_remove() {
-            if let Some(list) = &mut remove_list {
-                list.write_line(delivery.registration_id().as_str())?;
-            }
+        if delivery.should_remove()
+            && let Some(list) = &mut remove_list
+        {
+            list.write_line(delivery.registration_id().as_str())?;
         }
         bar.inc(1);
     }

@@ -198,10 +198,11 @@ impl RetryPolicy {
         if attempt >= self.max_attempts || !error.is_retryable() {
             return false;
         }
-        if let Error::Transport(err) = error {
-            if err.may_have_been_sent() && !self.retry_possible_duplicates {
-                return false;
-            }
+        if let Error::Transport(err) = error
+            && err.may_have_been_sent()
+            && !self.retry_possible_duplicates
+        {
+            return false;
         }
         error
             .retry_after()

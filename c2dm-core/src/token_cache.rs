@@ -136,25 +136,25 @@ impl<L: Login> TokenCache<L> {
     ) -> Result<AuthToken, TokenError> {
         let seen = {
             let state = self.read();
-            if usable(&state) {
-                if let Some(token) = &state.current {
-                    return Ok(token.clone());
-                }
+            if usable(&state)
+                && let Some(token) = &state.current
+            {
+                return Ok(token.clone());
             }
             state.logins
         };
         let _turn = self.gate.lock().await;
         {
             let state = self.read();
-            if usable(&state) {
-                if let Some(token) = &state.current {
-                    return Ok(token.clone());
-                }
+            if usable(&state)
+                && let Some(token) = &state.current
+            {
+                return Ok(token.clone());
             }
-            if state.logins != seen {
-                if let Some(err) = &state.last_error {
-                    return Err(err.clone());
-                }
+            if state.logins != seen
+                && let Some(err) = &state.last_error
+            {
+                return Err(err.clone());
             }
         }
         let result = self.login.login().await;

@@ -259,7 +259,7 @@ impl Service {
     fn fault(&self, rate: FaultRate, n: u64, salt: u64) -> bool {
         match rate {
             FaultRate::Never => false,
-            FaultRate::Every(k) => k > 0 && n % k == 0,
+            FaultRate::Every(k) => k > 0 && n.is_multiple_of(k),
             FaultRate::Probability(p) => {
                 let draw = mix(self.config.seed ^ mix(n ^ salt)) >> 11;
                 (draw as f64 / (1u64 << 53) as f64) < p
@@ -414,7 +414,7 @@ impl Service {
         if self.fault(self.config.unavailable, n, 3) {
             let k = c.unavailable.fetch_add(1, Ordering::Relaxed);
             let secs = self.config.retry_after.as_secs();
-            let retry_after = if k % 2 == 0 || secs == 0 {
+            let retry_after = if k.is_multiple_of(2) || secs == 0 {
                 secs.to_string()
             } else {
                 // An HTTP-date has whole seconds: one more, so the wait is never shorter.
@@ -470,10 +470,10 @@ impl Service {
             codec::accepted_body(&crate::inbox::message_id(number, self.inbox_tag())),
         );
         let accepted = session.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(every) = self.config.rotate_token_every.filter(|e| *e > 0) {
-            if accepted % every == 0 {
-                answer.rotated_token = Some(self.rotate(session));
-            }
+        if let Some(every) = self.config.rotate_token_every.filter(|e| *e > 0)
+            && accepted % every == 0
+        {
+            answer.rotated_token = Some(self.rotate(session));
         }
         answer
     }

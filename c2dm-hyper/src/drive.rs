@@ -104,14 +104,14 @@ pub(crate) async fn drive<F: Future>(
         loop {
             conn.relay.state.store(POLLING, Ordering::Release);
             // The I/O first: a read that completes an answer makes `fut` ready in this round.
-            if let Some(connection) = conn.io.as_mut() {
-                if let Poll::Ready(result) = Pin::new(&mut **connection).poll(&mut relayed) {
-                    if let Err(err) = result {
-                        tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
-                    }
-                    // Dropping it fails whatever still waits on it, so `fut` cannot hang.
-                    *conn.io = None;
+            if let Some(connection) = conn.io.as_mut()
+                && let Poll::Ready(result) = Pin::new(&mut **connection).poll(&mut relayed)
+            {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "HTTP/1.1 connection ended with an error");
                 }
+                // Dropping it fails whatever still waits on it, so `fut` cannot hang.
+                *conn.io = None;
             }
             let output = fut.as_mut().poll(&mut relayed);
             let woken = conn

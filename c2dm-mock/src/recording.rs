@@ -548,14 +548,14 @@ impl RecordingTransport {
                 body.clone(),
             )),
         };
-        if let Some(resp) = response.as_mut() {
-            if let Some(rotated) = script.rotate_next.take() {
-                if let Ok(v) = HeaderValue::from_str(rotated.expose_secret()) {
-                    resp.headers_mut().insert(codec::UPDATE_CLIENT_AUTH, v);
-                }
-                if let Some(valid) = script.valid_tokens.as_mut() {
-                    valid.insert(rotated);
-                }
+        if let Some(resp) = response.as_mut()
+            && let Some(rotated) = script.rotate_next.take()
+        {
+            if let Ok(v) = HeaderValue::from_str(rotated.expose_secret()) {
+                resp.headers_mut().insert(codec::UPDATE_CLIENT_AUTH, v);
+            }
+            if let Some(valid) = script.valid_tokens.as_mut() {
+                valid.insert(rotated);
             }
         }
         let failure = match reply {

@@ -135,10 +135,10 @@ impl Emulator {
         let child = cmd.spawn().map_err(|e| format!("c2dm-emulator: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let port = loop {
-            if let Ok(port) = std::fs::read_to_string(&port_file) {
-                if !port.trim().is_empty() {
-                    break port.trim().to_owned();
-                }
+            if let Ok(port) = std::fs::read_to_string(&port_file)
+                && !port.trim().is_empty()
+            {
+                break port.trim().to_owned();
             }
             if Instant::now() > deadline {
                 return Err("the emulator did not start".into());

@@ -339,10 +339,10 @@ fn check_no_import_cycles(root: &Path, problems: &mut Vec<String>) {
                     .map(|(_, l)| l)
                     .collect();
                 for target in crate_paths(&code.join("\n")) {
-                    if let Some((other, _)) = modules.get_key_value(&target) {
-                        if other != name {
-                            targets.insert(other.as_str());
-                        }
+                    if let Some((other, _)) = modules.get_key_value(&target)
+                        && other != name
+                    {
+                        targets.insert(other.as_str());
                     }
                 }
             }
