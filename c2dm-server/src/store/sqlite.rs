@@ -86,7 +86,11 @@ impl SqliteStore {
             })
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/sqlite")
+        // Our own table of applied migrations: the job queue (apalis) keeps its own in sqlx's
+        // default table, and each migrator refuses versions it does not know.
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        migrator.dangerous_set_table_name("c2dm_migrations");
+        migrator
             .run(&pool)
             .await
             .map_err(|e| StoreError(e.into()))?;
