@@ -15,7 +15,11 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Device, DeviceFilter, DeviceState, NewDevice, Store, Upserted};
+use crate::jobs::Queues;
+use crate::store::{
+    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, MessageState,
+    NewDevice, NewMessage, Store, Upserted,
+};
 
 /// The largest request body taken, in bytes (a larger one is refused with 413).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -71,6 +75,7 @@ pub struct Keys {
 #[derive(Clone)]
 struct AppState {
     store: Arc<dyn Store>,
+    queues: Queues,
     keys: Keys,
 }
 
@@ -81,15 +86,30 @@ struct AppState {
 /// | `POST /v1/devices` | device or admin | register (201) or update (200) a device |
 /// | `DELETE /v1/devices/{registration_id}` | device or admin | the app unregisters it (200, or 404) |
 /// | `GET /v1/devices?state=&user_id=&tag=&after=&limit=` | admin | a page of devices and the `next` cursor |
+/// | `POST /v1/messages` | admin | a push to ids, a user, a tag or `"all"`, with an optional `Idempotency-Key` header: 202 `{id, state}` (200 for a replayed key) |
+/// | `GET /v1/messages/{id}` | admin | its state and counts per outcome |
+/// | `GET /v1/messages/{id}/deliveries?outcome=&after=&limit=` | admin | a page of its rows, one per device |
+/// | `POST /v1/messages/{id}/cancel` | admin | batches not started are not sent; every device still gets a row |
 /// | `GET /healthz` | none | 200 when the database answers, else 503 |
-pub fn router(store: Arc<dyn Store>, keys: Keys) -> Router {
+///
+/// A push is stored and its job enqueued before the answer; workers
+/// ([`run_workers`](crate::jobs::run_workers)) do the sending.
+pub fn router(store: Arc<dyn Store>, queues: Queues, keys: Keys) -> Router {
     Router::new()
         .route("/v1/devices", post(register).get(list))
         .route("/v1/devices/{registration_id}", delete(unregister))
+        .route("/v1/messages", post(push))
+        .route("/v1/messages/{id}", get(status))
+        .route("/v1/messages/{id}/deliveries", get(deliveries))
+        .route("/v1/messages/{id}/cancel", post(cancel))
         .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(AppState { store, keys })
+        .with_state(AppState {
+            store,
+            queues,
+            keys,
+        })
 }
 
 /// What a request gets when it cannot be served.
@@ -452,6 +472,256 @@ async fn list(
     Ok(Json(DevicePage {
         devices: page.items.into_iter().map(DeviceView::from).collect(),
         next: page.next.map(|n| n.to_string()),
+    }))
+}
+
+/// `POST /v1/messages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Push {
+    to: Audience,
+    collapse_key: String,
+    #[serde(default)]
+    data: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    delay_while_idle: bool,
+}
+
+/// The most registration ids one push may list.
+const MAX_LISTED: usize = 10_000;
+
+impl Push {
+    /// Every rule of the protocol (the message builds), before anything is stored.
+    fn check(self, idempotency_key: Option<String>) -> Result<NewMessage, ApiError> {
+        let mut builder = c2dm_core::Message::builder("audience-placeholder")
+            .collapse_key(&self.collapse_key)
+            .delay_while_idle(self.delay_while_idle);
+        for (key, value) in &self.data {
+            builder = builder.data(key, value);
+        }
+        builder.build().map_err(|e| {
+            let field = match e {
+                c2dm_core::MessageError::MissingCollapseKey
+                | c2dm_core::MessageError::EmptyCollapseKey => "collapse_key",
+                _ => "data",
+            };
+            ApiError::field(field, e.to_string())
+        })?;
+        match &self.to {
+            Audience::RegistrationIds { registration_ids } => {
+                if registration_ids.len() > MAX_LISTED {
+                    return Err(ApiError::field(
+                        "to",
+                        format!(
+                            "at most {MAX_LISTED} registration ids; use a user, a tag or \"all\""
+                        ),
+                    ));
+                }
+                for id in registration_ids {
+                    c2dm_core::RegistrationId::new(id)
+                        .map_err(|e| ApiError::field("to", format!("{id:?}: {e}")))?;
+                }
+            }
+            Audience::User { user_id } => {
+                text_field("to", Some(user_id.clone()))?;
+            }
+            Audience::Tag { tag } => {
+                text_field("to", Some(tag.clone()))?;
+            }
+            Audience::All(_) => {}
+        }
+        Ok(NewMessage {
+            idempotency_key,
+            audience: self.to,
+            collapse_key: self.collapse_key,
+            data: self.data.into_iter().collect(),
+            delay_while_idle: self.delay_while_idle,
+        })
+    }
+}
+
+/// A push as the API shows it.
+#[derive(Debug, Serialize)]
+struct MessageView {
+    id: String,
+    state: MessageState,
+    to: Audience,
+    collapse_key: String,
+    cancel_requested: bool,
+    total: Option<u64>,
+    counts: Counts,
+    created_at: String,
+    finished_at: Option<String>,
+}
+
+impl From<MessageRecord> for MessageView {
+    fn from(m: MessageRecord) -> Self {
+        Self {
+            id: m.id.to_string(),
+            state: m.state,
+            to: m.audience,
+            collapse_key: m.collapse_key,
+            cancel_requested: m.cancel_requested,
+            total: m.total,
+            counts: m.counts,
+            created_at: rfc3339(m.created_at),
+            finished_at: m.finished_at.map(rfc3339),
+        }
+    }
+}
+
+async fn push(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+    JsonBody(push): JsonBody<Push>,
+) -> Result<(StatusCode, Json<MessageView>), ApiError> {
+    caller.require_admin()?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    text_field("Idempotency-Key", Some(v.to_owned()))
+                        .ok()
+                        .flatten()
+                })
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_header",
+                        "Idempotency-Key is visible text of at most 256 bytes",
+                    )
+                })?,
+        ),
+    };
+    let message = push.check(key)?;
+    let (created, stored) = state.store.create_message(&message).await?;
+    if !created {
+        return Ok((StatusCode::OK, Json(stored.into())));
+    }
+    state
+        .queues
+        .enqueue_push(stored.id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::ACCEPTED, Json(stored.into())))
+}
+
+fn message_id(text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))
+}
+
+async fn find(state: &AppState, id: &str) -> Result<MessageRecord, ApiError> {
+    state
+        .store
+        .message(message_id(id)?)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))
+}
+
+async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<MessageView>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(find(&state, &id).await?.into()))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<MessageView>, ApiError> {
+    caller.require_admin()?;
+    let message = find(&state, &id).await?;
+    let cancelled = state
+        .store
+        .request_cancel(message.id)
+        .await?
+        .unwrap_or(message);
+    Ok(Json(cancelled.into()))
+}
+
+/// `GET /v1/messages/{id}/deliveries` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveriesQuery {
+    outcome: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// One row as the API shows it.
+#[derive(Debug, Serialize)]
+struct DeliveryView {
+    registration_id: String,
+    outcome: c2dm_core::OutcomeKind,
+    c2dm_message_id: Option<String>,
+    error: Option<String>,
+    attempts: u32,
+    possible_duplicates: u32,
+    at: String,
+}
+
+impl From<DeliveryRow> for DeliveryView {
+    fn from(r: DeliveryRow) -> Self {
+        Self {
+            registration_id: r.registration_id,
+            outcome: r.outcome,
+            c2dm_message_id: r.c2dm_message_id,
+            error: r.error,
+            attempts: r.attempts,
+            possible_duplicates: r.possible_duplicates,
+            at: rfc3339(r.at),
+        }
+    }
+}
+
+/// A page of rows.
+#[derive(Debug, Serialize)]
+struct DeliveryPage {
+    deliveries: Vec<DeliveryView>,
+    next: Option<String>,
+}
+
+async fn deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    QueryParams(query): QueryParams<DeliveriesQuery>,
+) -> Result<Json<DeliveryPage>, ApiError> {
+    caller.require_admin()?;
+    let message = find(&state, &id).await?;
+    let outcome = match query.outcome.as_deref() {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_value::<c2dm_core::OutcomeKind>(serde_json::Value::from(text))
+                .map_err(|_| {
+                    ApiError::query(
+                        "outcome",
+                        "outcome is one of accepted, rejected, failed, not_attempted",
+                    )
+                })?,
+        ),
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::query("limit", "limit is between 1 and 1000"));
+    }
+    let (rows, next) = state
+        .store
+        .deliveries(message.id, outcome, query.after.as_deref(), limit)
+        .await?;
+    Ok(Json(DeliveryPage {
+        deliveries: rows.into_iter().map(DeliveryView::from).collect(),
+        next,
     }))
 }
 

@@ -27,12 +27,13 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
         let store = SqliteStore::open(&url).await.unwrap();
+        let queues = c2dm_server::jobs::Queues::open(store.pool()).await.unwrap();
         let keys = Keys {
             admin: Key::new(ADMIN).unwrap(),
             device: Key::new(DEVICE).unwrap(),
         };
         Self {
-            app: router(Arc::new(store.clone()), keys),
+            app: router(Arc::new(store.clone()), queues, keys),
             store,
             _dir: dir,
         }

@@ -115,6 +115,180 @@ pub struct Page<T> {
     pub next: Option<i64>,
 }
 
+/// Who a push goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum Audience {
+    /// These registration ids (registered or not; known ones that are no longer active get a
+    /// `not_attempted` row instead of a send).
+    RegistrationIds {
+        /// The ids.
+        registration_ids: Vec<String>,
+    },
+    /// Every active device of this user.
+    User {
+        /// The user.
+        user_id: String,
+    },
+    /// Every active device with this tag.
+    Tag {
+        /// The tag.
+        tag: String,
+    },
+    /// Every active device.
+    All(Everyone),
+}
+
+/// The one word for "every active device": `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Everyone {
+    /// Every active device.
+    All,
+}
+
+/// A push as the API takes it (validated before it gets here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<String>,
+    /// Who it goes to.
+    pub audience: Audience,
+    /// The collapse key.
+    pub collapse_key: String,
+    /// The `data.<key>` pairs, in order.
+    pub data: Vec<(String, String)>,
+    /// Deliver only when the device wakes.
+    pub delay_while_idle: bool,
+}
+
+/// Where a push is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Stored; its job has not started.
+    Queued,
+    /// Its devices are being sent to.
+    Sending,
+    /// Every device has its final row.
+    Done,
+    /// Cancelled; every device still has its final row (`not_attempted: cancelled` for those
+    /// not sent).
+    Cancelled,
+}
+
+impl MessageState {
+    /// As stored and as the API writes it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Sending => "sending",
+            Self::Done => "done",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Reads a state as [`MessageState::as_str`] writes it.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "queued" => Some(Self::Queued),
+            "sending" => Some(Self::Sending),
+            "done" => Some(Self::Done),
+            "cancelled" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// How many devices of a push came to each outcome so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Accepted by C2DM.
+    pub accepted: u64,
+    /// Refused for good, by C2DM error code.
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Not accepted after retrying.
+    pub failed: u64,
+    /// Never sent, by reason (`cancelled`, `gone`, …).
+    pub not_attempted: std::collections::BTreeMap<String, u64>,
+    /// Devices of the audience without a final row yet (known once the audience is walked).
+    pub pending: Option<u64>,
+}
+
+/// A stored push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// Its id.
+    pub id: i64,
+    /// Who it goes to.
+    pub audience: Audience,
+    /// The collapse key.
+    pub collapse_key: String,
+    /// The data pairs.
+    pub data: Vec<(String, String)>,
+    /// Deliver only when the device wakes.
+    pub delay_while_idle: bool,
+    /// Where it is.
+    pub state: MessageState,
+    /// Whether a cancel was asked for.
+    pub cancel_requested: bool,
+    /// How many devices the audience has, once walked.
+    pub total: Option<u64>,
+    /// Its rows so far, counted.
+    pub counts: Counts,
+    /// When it was stored.
+    pub created_at: SystemTime,
+    /// When its last row was written.
+    pub finished_at: Option<SystemTime>,
+}
+
+/// What became of a push on one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRow {
+    /// The device.
+    pub registration_id: String,
+    /// Accepted, rejected, failed or not attempted.
+    pub outcome: c2dm_core::OutcomeKind,
+    /// The id C2DM gave the message, when accepted.
+    pub c2dm_message_id: Option<String>,
+    /// The C2DM code, the error, or why it was not attempted.
+    pub error: Option<String>,
+    /// Requests made.
+    pub attempts: u32,
+    /// Sends that may have reached the device without an answer saying so.
+    pub possible_duplicates: u32,
+    /// When the row was written.
+    pub at: SystemTime,
+}
+
+impl DeliveryRow {
+    /// The row of one delivery of a broadcast.
+    pub fn of(delivery: &c2dm_core::Delivery, at: SystemTime) -> Self {
+        Self {
+            registration_id: delivery.registration_id().to_string(),
+            outcome: delivery.outcome().kind(),
+            c2dm_message_id: delivery.message_id().map(ToString::to_string),
+            error: delivery.error_text(),
+            attempts: delivery.attempts(),
+            possible_duplicates: delivery.possible_duplicates(),
+            at,
+        }
+    }
+
+    /// A device that was never sent to, and why.
+    pub fn not_attempted(registration_id: &str, why: &str, at: SystemTime) -> Self {
+        Self {
+            registration_id: registration_id.to_owned(),
+            outcome: c2dm_core::OutcomeKind::NotAttempted,
+            c2dm_message_id: None,
+            error: Some(why.to_owned()),
+            attempts: 0,
+            possible_duplicates: 0,
+            at,
+        }
+    }
+}
+
 /// A store failed. Never holds a secret; the message is for the log, not for API clients.
 #[derive(Debug, thiserror::Error)]
 #[error("database: {0}")]
@@ -152,4 +326,69 @@ pub trait Store: Send + Sync {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Page<Device>, StoreError>;
+
+    /// One page of the registration ids of the active devices a user, tag or `all` audience
+    /// names, in position order after `after` (an id list is not walked here).
+    async fn audience_page(
+        &self,
+        audience: &Audience,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<String>, StoreError>;
+
+    /// The states of those of `registration_ids` that are known.
+    async fn device_states(
+        &self,
+        registration_ids: &[String],
+    ) -> Result<Vec<(String, DeviceState)>, StoreError>;
+
+    /// Stores a push, queued. With an idempotency key already used, stores nothing and
+    /// returns the push stored under it: `(false, that push)`.
+    async fn create_message(
+        &self,
+        message: &NewMessage,
+    ) -> Result<(bool, MessageRecord), StoreError>;
+
+    /// One push with its counts, if it exists.
+    async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError>;
+
+    /// A queued push starts sending (a push in any other state stays as it is).
+    async fn start_sending(&self, id: i64) -> Result<(), StoreError>;
+
+    /// The push's audience has been walked: `total` devices. When every one has its row
+    /// already (none at all, say), the push is finished now.
+    async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError>;
+
+    /// Asks to cancel a push: batches not started write `not_attempted: cancelled` rows.
+    /// `None` for an unknown push.
+    async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError>;
+
+    /// Those of `registration_ids` that already have a row for push `id` (a batch run again
+    /// after a crash skips them).
+    async fn recorded(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError>;
+
+    /// One batch of push `id` is over: its rows, and the devices C2DM reported gone (with
+    /// the code), in one transaction; a row a device already has is kept (a batch run twice
+    /// writes nothing twice). Finishes the push when every device of its walked audience has
+    /// its row.
+    async fn record_batch(
+        &self,
+        id: i64,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` rows of push `id` (only those with `outcome`, if given), in registration
+    /// id order after `after`; the next page's cursor is the last id.
+    async fn deliveries(
+        &self,
+        id: i64,
+        outcome: Option<c2dm_core::OutcomeKind>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError>;
 }

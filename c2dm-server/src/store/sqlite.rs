@@ -7,7 +7,14 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row, SqlitePool};
 
-use super::{Device, DeviceFilter, DeviceState, NewDevice, Page, Store, StoreError, Upserted};
+use std::collections::HashSet;
+
+use c2dm_core::OutcomeKind;
+
+use super::{
+    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, MessageState,
+    NewDevice, NewMessage, Page, Store, StoreError, Upserted,
+};
 
 /// `SELECT` of a device's columns, in the order [`device_of`] reads them, from `devices d`: a
 /// macro, so that every query stays one literal string.
@@ -28,6 +35,9 @@ macro_rules! select_device {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Counts the batches and walks recorded through this store: what a waiter in the same
+    /// process watches instead of polling.
+    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn millis(at: SystemTime) -> i64 {
@@ -58,6 +68,85 @@ fn device_of(row: &SqliteRow) -> Result<Device, sqlx::Error> {
             .map(|t| t.split('\u{1f}').map(str::to_owned).collect())
             .unwrap_or_default(),
     })
+}
+
+/// `SELECT` of a message's columns, in the order [`message_of`] reads them.
+const SELECT_MESSAGE: &str = "SELECT id, audience, collapse_key, data, delay_while_idle, state, \
+     cancel_requested, total, created_at, finished_at FROM messages WHERE id = ?";
+
+fn json_error(e: serde_json::Error) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(e))
+}
+
+fn message_of(row: &SqliteRow, counts: Counts) -> Result<MessageRecord, sqlx::Error> {
+    let audience: String = row.try_get(1)?;
+    let data: String = row.try_get(3)?;
+    let state: String = row.try_get(5)?;
+    let total: Option<i64> = row.try_get(7)?;
+    let finished: Option<i64> = row.try_get(9)?;
+    Ok(MessageRecord {
+        id: row.try_get(0)?,
+        audience: serde_json::from_str(&audience).map_err(json_error)?,
+        collapse_key: row.try_get(2)?,
+        data: serde_json::from_str(&data).map_err(json_error)?,
+        delay_while_idle: row.try_get(4)?,
+        state: MessageState::parse(&state).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown message state {state:?}").into())
+        })?,
+        cancel_requested: row.try_get(6)?,
+        total: total.map(|t| u64::try_from(t).unwrap_or(0)),
+        counts,
+        created_at: time_of(row.try_get(8)?),
+        finished_at: finished.map(time_of),
+    })
+}
+
+fn outcome_of(text: &str) -> Result<OutcomeKind, sqlx::Error> {
+    match text {
+        "accepted" => Ok(OutcomeKind::Accepted),
+        "rejected" => Ok(OutcomeKind::Rejected),
+        "failed" => Ok(OutcomeKind::Failed),
+        "not_attempted" => Ok(OutcomeKind::NotAttempted),
+        other => Err(sqlx::Error::Decode(
+            format!("unknown outcome {other:?}").into(),
+        )),
+    }
+}
+
+fn delivery_of(row: &SqliteRow) -> Result<DeliveryRow, sqlx::Error> {
+    let outcome: String = row.try_get(1)?;
+    let attempts: i64 = row.try_get(4)?;
+    let duplicates: i64 = row.try_get(5)?;
+    Ok(DeliveryRow {
+        registration_id: row.try_get(0)?,
+        outcome: outcome_of(&outcome)?,
+        c2dm_message_id: row.try_get(2)?,
+        error: row.try_get(3)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        possible_duplicates: u32::try_from(duplicates).unwrap_or(u32::MAX),
+        at: time_of(row.try_get(6)?),
+    })
+}
+
+/// Marks a push finished if its audience is walked and every device has its row:
+/// `cancelled` if a cancel was asked for, `done` otherwise.
+async fn finish_if_complete(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET \
+         state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'done' END, \
+         finished_at = ?1 \
+         WHERE id = ?2 AND total IS NOT NULL AND recorded >= total \
+         AND state IN ('queued', 'sending')",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 impl SqliteStore {
@@ -94,12 +183,52 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError(e.into()))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+        })
+    }
+
+    /// Changes each time a batch or a walk of a push is recorded through this store (in this
+    /// process): wait on it, then look at the push again.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// The connection pool, shared with whatever else keeps its tables in the same file.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    async fn counts(&self, id: i64, total: Option<u64>) -> Result<Counts, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT outcome, error, COUNT(*) FROM deliveries WHERE message_id = ? \
+             GROUP BY outcome, error",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = Counts::default();
+        let mut recorded = 0u64;
+        for row in &rows {
+            let outcome: String = row.try_get(0)?;
+            let error: Option<String> = row.try_get(1)?;
+            let n = u64::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0);
+            recorded += n;
+            let why = error.unwrap_or_default();
+            match outcome_of(&outcome)? {
+                OutcomeKind::Accepted => counts.accepted += n,
+                OutcomeKind::Failed => counts.failed += n,
+                OutcomeKind::Rejected => *counts.rejected.entry(why).or_default() += n,
+                OutcomeKind::NotAttempted => *counts.not_attempted.entry(why).or_default() += n,
+            }
+        }
+        counts.pending = total.map(|t| t.saturating_sub(recorded));
+        Ok(counts)
     }
 
     async fn set_state(
@@ -249,5 +378,265 @@ impl Store for SqliteStore {
             None
         };
         Ok(Page { items, next })
+    }
+
+    async fn audience_page(
+        &self,
+        audience: &Audience,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<String>, StoreError> {
+        let (user, tag, everyone) = match audience {
+            Audience::User { user_id } => (Some(user_id.as_str()), None, false),
+            Audience::Tag { tag } => (None, Some(tag.as_str()), false),
+            Audience::All(_) => (None, None, true),
+            Audience::RegistrationIds { .. } => {
+                return Ok(Page {
+                    items: Vec::new(),
+                    next: None,
+                });
+            }
+        };
+        let rows = sqlx::query(
+            "SELECT d.id, d.registration_id FROM devices d \
+             WHERE d.id > ?1 AND d.state = 'active' \
+             AND (?2 IS NULL OR d.user_id = ?2) \
+             AND (?3 IS NULL OR EXISTS \
+             (SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = ?3)) \
+             AND (?4 OR ?2 IS NOT NULL OR ?3 IS NOT NULL) \
+             ORDER BY d.id LIMIT ?5",
+        )
+        .bind(after.unwrap_or(0))
+        .bind(user)
+        .bind(tag)
+        .bind(everyone)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in &rows {
+            last = Some(row.try_get::<i64, _>(0)?);
+            items.push(row.try_get(1)?);
+        }
+        let next = if items.len() == limit as usize {
+            last
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn device_states(
+        &self,
+        registration_ids: &[String],
+    ) -> Result<Vec<(String, DeviceState)>, StoreError> {
+        let mut states = Vec::new();
+        // A statement per chunk: SQLite takes at most 32,766 parameters.
+        for chunk in registration_ids.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT registration_id, state FROM devices WHERE registration_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(id);
+            }
+            query.push(")");
+            for row in query.build().fetch_all(&self.pool).await? {
+                let state: String = row.try_get(1)?;
+                if let Some(state) = DeviceState::parse(&state) {
+                    states.push((row.try_get(0)?, state));
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    async fn create_message(
+        &self,
+        message: &NewMessage,
+    ) -> Result<(bool, MessageRecord), StoreError> {
+        let now = millis(SystemTime::now());
+        let audience = serde_json::to_string(&message.audience).map_err(json_error)?;
+        let data = serde_json::to_string(&message.data).map_err(json_error)?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO messages (idempotency_key, audience, collapse_key, data, \
+             delay_while_idle, state, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(&message.idempotency_key)
+        .bind(audience)
+        .bind(&message.collapse_key)
+        .bind(data)
+        .bind(message.delay_while_idle)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (created, id) = match inserted {
+            Some(id) => (true, id),
+            None => (
+                false,
+                sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = ?")
+                    .bind(&message.idempotency_key)
+                    .fetch_one(&self.pool)
+                    .await?,
+            ),
+        };
+        let stored = self
+            .message(id)
+            .await?
+            .ok_or_else(|| StoreError(sqlx::Error::RowNotFound))?;
+        Ok((created, stored))
+    }
+
+    async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
+        let Some(row) = sqlx::query(SELECT_MESSAGE)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let total: Option<i64> = row.try_get(7)?;
+        let counts = self
+            .counts(id, total.map(|t| u64::try_from(t).unwrap_or(0)))
+            .await?;
+        Ok(Some(message_of(&row, counts)?))
+    }
+
+    async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE messages SET state = 'sending' WHERE id = ? AND state = 'queued'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError> {
+        let now = millis(SystemTime::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("UPDATE messages SET total = ? WHERE id = ?")
+            .bind(i64::try_from(total).unwrap_or(i64::MAX))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        finish_if_complete(&mut tx, id, now).await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(())
+    }
+
+    async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
+        sqlx::query("UPDATE messages SET cancel_requested = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.message(id).await
+    }
+
+    async fn recorded(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut recorded = HashSet::new();
+        for chunk in registration_ids.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT registration_id FROM deliveries WHERE message_id = ",
+            );
+            query.push_bind(id);
+            query.push(" AND registration_id IN (");
+            let mut list = query.separated(", ");
+            for rid in chunk {
+                list.push_bind(rid);
+            }
+            query.push(")");
+            for row in query.build().fetch_all(&self.pool).await? {
+                recorded.insert(row.try_get(0)?);
+            }
+        }
+        Ok(recorded)
+    }
+
+    async fn record_batch(
+        &self,
+        id: i64,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let now = millis(SystemTime::now());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut written = 0u64;
+        for row in rows {
+            written += sqlx::query(
+                "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
+                 error, attempts, possible_duplicates, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (message_id, registration_id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(&row.registration_id)
+            .bind(row.outcome.as_str())
+            .bind(&row.c2dm_message_id)
+            .bind(&row.error)
+            .bind(i64::from(row.attempts))
+            .bind(i64::from(row.possible_duplicates))
+            .bind(millis(row.at))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        for (registration_id, code) in gone {
+            sqlx::query(
+                "UPDATE devices SET state = 'gone', reason = ?1, updated_at = ?2, \
+                 state_changed_at = CASE WHEN state <> 'gone' THEN ?2 ELSE state_changed_at END \
+                 WHERE registration_id = ?3",
+            )
+            .bind(code)
+            .bind(now)
+            .bind(registration_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE messages SET recorded = recorded + ? WHERE id = ?")
+            .bind(i64::try_from(written).unwrap_or(i64::MAX))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        finish_if_complete(&mut tx, id, now).await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(())
+    }
+
+    async fn deliveries(
+        &self,
+        id: i64,
+        outcome: Option<OutcomeKind>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
+             possible_duplicates, at FROM deliveries \
+             WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2) AND registration_id > ?3 \
+             ORDER BY registration_id LIMIT ?4",
+        )
+        .bind(id)
+        .bind(outcome.map(|o| o.as_str()))
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = rows
+            .iter()
+            .map(delivery_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|d| d.registration_id.clone())
+        } else {
+            None
+        };
+        Ok((items, next))
     }
 }

@@ -1,0 +1,448 @@
+//! Pushes end to end: the API on a real SQLite file, the workers' durable jobs, and the
+//! emulator standing in for C2DM. Waits follow the store's change signal, never a clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use c2dm_core::{AuthToken, Sender, StaticToken};
+use c2dm_emulator::{Config, Emulator};
+use c2dm_server::api::{Key, Keys, router};
+use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
+use c2dm_server::store::SqliteStore;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const ADMIN: &str = "admin-token-for-tests";
+const DEVICE: &str = "device-key-for-tests";
+
+struct Server {
+    app: Router,
+    store: SqliteStore,
+    queues: Queues,
+    emulator: Emulator,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let queues = Queues::open(store.pool()).await.unwrap();
+        let config = Config {
+            static_tokens: vec!["server-token".into()],
+            devices: c2dm_emulator::DeviceRules {
+                not_registered_prefixes: vec!["gone-".into()],
+                invalid_prefixes: vec!["bad-".into()],
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let emulator = Emulator::start(config).await.unwrap();
+        let keys = Keys {
+            admin: Key::new(ADMIN).unwrap(),
+            device: Key::new(DEVICE).unwrap(),
+        };
+        Self {
+            app: router(Arc::new(store.clone()), queues.clone(), keys),
+            store,
+            queues,
+            emulator,
+            _dir: dir,
+        }
+    }
+
+    /// Runs this process's workers until the returned sender is dropped or fired.
+    fn workers(&self, options: WorkerOptions) -> tokio::sync::oneshot::Sender<()> {
+        let sender = Sender::builder(
+            c2dm_hyper::HyperTransport::new().unwrap(),
+            StaticToken::new(AuthToken::new("server-token").unwrap()),
+        )
+        .endpoint(self.emulator.send_url().parse().unwrap())
+        .build();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let store = Arc::new(self.store.clone());
+        tokio::spawn(run_workers(
+            store,
+            sender,
+            self.queues.clone(),
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        stop
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(method, uri, key, body, &[]).await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        uri: &str,
+        key: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {key}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header("content-type", "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = self
+            .app
+            .clone()
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn register(&self, id: &str, user: Option<&str>, tags: &[&str]) {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/devices",
+                DEVICE,
+                Some(json!({"registration_id": id, "user_id": user, "tags": tags})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    async fn push(&self, to: Value) -> String {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/messages",
+                ADMIN,
+                Some(json!({"to": to, "collapse_key": "news", "data": {"message": "hello"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The push's status once it is finished (done or cancelled), waiting on the store's
+    /// change signal; a watchdog fails the test rather than letting it hang.
+    async fn finished(&self, id: &str) -> Value {
+        let mut changes = self.store.changes();
+        loop {
+            let (status, message) = self
+                .call("GET", &format!("/v1/messages/{id}"), ADMIN, None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{message}");
+            if matches!(message["state"].as_str(), Some("done" | "cancelled")) {
+                return message;
+            }
+            tokio::time::timeout(Duration::from_secs(60), changes.changed())
+                .await
+                .expect("the push finishes")
+                .unwrap();
+        }
+    }
+
+    /// Every row of a push, page after page.
+    async fn rows(&self, id: &str, query: &str) -> Vec<Value> {
+        let mut rows = Vec::new();
+        let mut after = String::new();
+        loop {
+            let uri = format!("/v1/messages/{id}/deliveries?limit=7{query}{after}");
+            let (status, page) = self.call("GET", &uri, ADMIN, None).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            rows.extend(page["deliveries"].as_array().unwrap().iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => return rows,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone() {
+    let server = Server::start().await;
+    for i in 0..40 {
+        let id = match i % 10 {
+            3 => format!("gone-{i}"),
+            7 => format!("bad-{i}"),
+            _ => format!("phone-{i:02}"),
+        };
+        server.register(&id, Some("alice"), &[]).await;
+    }
+    server
+        .call("DELETE", "/v1/devices/phone-00", DEVICE, None)
+        .await;
+    let _workers = server.workers(WorkerOptions {
+        batch_size: 9,
+        ..WorkerOptions::default()
+    });
+    let id = server.push(json!("all")).await;
+    let message = server.finished(&id).await;
+    assert_eq!(message["state"], "done", "{message}");
+    assert_eq!(
+        message["total"], 39,
+        "the unregistered device is not in the audience"
+    );
+    assert_eq!(message["counts"]["accepted"], 31, "{message}");
+    assert_eq!(
+        message["counts"]["rejected"]["NotRegistered"], 4,
+        "{message}"
+    );
+    assert_eq!(
+        message["counts"]["rejected"]["InvalidRegistration"], 4,
+        "{message}"
+    );
+    assert_eq!(message["counts"]["pending"], 0);
+
+    let rows = server.rows(&id, "").await;
+    assert_eq!(rows.len(), 39, "one row per device");
+    for row in &rows {
+        let device = row["registration_id"].as_str().unwrap();
+        let inbox = server.emulator.inbox(device);
+        match row["outcome"].as_str().unwrap() {
+            "accepted" => {
+                assert_eq!(inbox.len(), 1, "{device}: exactly once");
+                assert_eq!(
+                    row["c2dm_message_id"].as_str(),
+                    Some(inbox[0].message_id.as_str())
+                );
+            }
+            "rejected" => assert!(inbox.is_empty(), "{device}"),
+            other => panic!("{device}: {other}"),
+        }
+    }
+    let rejected = server.rows(&id, "&outcome=rejected").await;
+    assert_eq!(rejected.len(), 8);
+
+    // The gone devices are gone, with their code, and the next push skips them.
+    let (_, gone) = server
+        .call("GET", "/v1/devices?state=gone", ADMIN, None)
+        .await;
+    let gone = gone["devices"].as_array().unwrap();
+    assert_eq!(gone.len(), 8);
+    assert!(gone.iter().any(|d| d["reason"] == "NotRegistered"));
+    let again = server.push(json!("all")).await;
+    let message = server.finished(&again).await;
+    assert_eq!(message["total"], 31);
+    assert_eq!(message["counts"]["accepted"], 31);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_a_user_a_tag_and_a_list_of_ids() {
+    let server = Server::start().await;
+    server.register("a-1", Some("alice"), &["news"]).await;
+    server.register("a-2", Some("alice"), &[]).await;
+    server.register("b-1", Some("bob"), &["news"]).await;
+    server.register("b-2", Some("bob"), &[]).await;
+    server.call("DELETE", "/v1/devices/b-2", DEVICE, None).await;
+    let _workers = server.workers(WorkerOptions::default());
+
+    let alice = server.push(json!({"user_id": "alice"})).await;
+    let news = server.push(json!({"tag": "news"})).await;
+    let listed = server
+        .push(json!({"registration_ids": ["a-1", "b-2", "never-registered", "a-1"]}))
+        .await;
+    let nobody = server.push(json!({"user_id": "carol"})).await;
+
+    let ids = |rows: Vec<Value>| -> Vec<String> {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{}:{}",
+                    r["registration_id"].as_str().unwrap(),
+                    r["outcome"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    server.finished(&alice).await;
+    assert_eq!(
+        ids(server.rows(&alice, "").await),
+        ["a-1:accepted", "a-2:accepted"]
+    );
+    server.finished(&news).await;
+    assert_eq!(
+        ids(server.rows(&news, "").await),
+        ["a-1:accepted", "b-1:accepted"]
+    );
+    let message = server.finished(&listed).await;
+    assert_eq!(
+        ids(server.rows(&listed, "").await),
+        [
+            "a-1:accepted",
+            "b-2:not_attempted",
+            "never-registered:accepted"
+        ],
+        "listed ids are sent once each; one the app unregistered is not"
+    );
+    assert_eq!(message["counts"]["not_attempted"]["unregistered"], 1);
+    // An empty audience finishes with zero counts.
+    let message = server.finished(&nobody).await;
+    assert_eq!(
+        (message["state"].as_str(), &message["total"]),
+        (Some("done"), &json!(0))
+    );
+    assert_eq!(message["counts"]["accepted"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one() {
+    let server = Server::start().await;
+    server.register("phone", None, &[]).await;
+    let _workers = server.workers(WorkerOptions::default());
+    let body = json!({"to": "all", "collapse_key": "k"});
+    let key = [("idempotency-key", "order-1234")];
+    let (status, first) = server
+        .call_with("POST", "/v1/messages", ADMIN, Some(body.clone()), &key)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, second) = server
+        .call_with("POST", "/v1/messages", ADMIN, Some(body), &key)
+        .await;
+    assert_eq!(status, StatusCode::OK, "a replay");
+    assert_eq!(first["id"], second["id"]);
+    server.finished(first["id"].as_str().unwrap()).await;
+    assert_eq!(server.emulator.inbox("phone").len(), 1, "sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_push_still_gives_every_device_a_row() {
+    let server = Server::start().await;
+    for i in 0..25 {
+        server.register(&format!("phone-{i:02}"), None, &[]).await;
+    }
+    // Cancelled before any worker runs: nothing is sent, every device gets its row.
+    let id = server.push(json!("all")).await;
+    let (status, message) = server
+        .call("POST", &format!("/v1/messages/{id}/cancel"), ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(message["cancel_requested"], true);
+    let _workers = server.workers(WorkerOptions {
+        batch_size: 10,
+        ..WorkerOptions::default()
+    });
+    let message = server.finished(&id).await;
+    assert_eq!(message["state"], "cancelled");
+    assert_eq!(message["counts"]["not_attempted"]["cancelled"], 25);
+    assert_eq!(server.rows(&id, "&outcome=not_attempted").await.len(), 25);
+    assert_eq!(server.emulator.counters().accepted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pushes_are_refused_before_anything_is_stored() {
+    let server = Server::start().await;
+    let cases = [
+        (
+            json!({"to": "all"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            None,
+        ),
+        (
+            json!({"to": "all", "collapse_key": ""}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("collapse_key"),
+        ),
+        (
+            json!({"to": "all", "collapse_key": "k", "data": {"m": "x".repeat(2000)}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("data"),
+        ),
+        (
+            json!({"to": "all", "collapse_key": "k", "data": {"from": "x"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("data"),
+        ),
+        (
+            json!({"to": "everyone", "collapse_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            None,
+        ),
+        (
+            json!({"to": {"registration_ids": ["has space"]}, "collapse_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("to"),
+        ),
+        (
+            json!({"to": {"user_id": ""}, "collapse_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("to"),
+        ),
+    ];
+    for (body, status, code, field) in cases {
+        let (got, answer) = server
+            .call("POST", "/v1/messages", ADMIN, Some(body.clone()))
+            .await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+        assert_eq!(answer["error"]["field"].as_str(), field, "{body}: {answer}");
+    }
+    let (status, _) = server
+        .call(
+            "POST",
+            "/v1/messages",
+            DEVICE,
+            Some(json!({"to": "all", "collapse_key": "k"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "the device key cannot push");
+    for uri in [
+        "/v1/messages/999",
+        "/v1/messages/abc",
+        "/v1/messages/999/deliveries",
+    ] {
+        let (status, answer) = server.call("GET", uri, ADMIN, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}: {answer}");
+    }
+    let (status, _) = server
+        .call("POST", "/v1/messages/999/cancel", ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let id = server.push(json!("all")).await;
+    let (status, answer) = server
+        .call(
+            "GET",
+            &format!("/v1/messages/{id}/deliveries?outcome=lost"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("outcome"))
+    );
+}
