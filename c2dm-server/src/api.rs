@@ -625,13 +625,44 @@ async fn find(state: &AppState, id: &str) -> Result<MessageRecord, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))
 }
 
+/// `GET /v1/messages/{id}` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    /// Hold the answer until the push is finished, for at most this many seconds (up to 60).
+    wait: Option<u64>,
+}
+
+/// The longest `wait` a status request may ask for, in seconds.
+const MAX_WAIT: u64 = 60;
+
 async fn status(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    QueryParams(query): QueryParams<StatusQuery>,
 ) -> Result<Json<MessageView>, ApiError> {
     caller.require_admin()?;
-    Ok(Json(find(&state, &id).await?.into()))
+    let wait = query.wait.unwrap_or(0);
+    if wait > MAX_WAIT {
+        return Err(ApiError::query("wait", "wait is at most 60 seconds"));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut changes = state.store.changes();
+    loop {
+        let message = find(&state, &id).await?;
+        let finished = matches!(message.state, MessageState::Done | MessageState::Cancelled);
+        if finished || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(message.into()));
+        }
+        // Woken by a batch recorded in this process, or after a while for one recorded by
+        // another process.
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
 }
 
 async fn cancel(

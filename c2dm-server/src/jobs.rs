@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use apalis::prelude::{BoxDynError, Data, TaskSink, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{BackendExt, BoxDynError, Data, TaskSink, WorkerBuilder, WorkerBuilderExt};
 use apalis_sqlite::SqliteStorage;
 use c2dm_core::{BroadcastOptions, Message, RegistrationId, Sender};
 use futures::StreamExt;
@@ -101,6 +101,10 @@ impl Default for WorkerOptions {
     }
 }
 
+/// How often an idle worker looks for jobs. Left to itself, apalis-sqlite's backend looked
+/// again only at its heartbeat (30 s), so a job enqueued while a worker idled waited that long.
+const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the job handlers share.
 struct Runner {
     store: Arc<dyn Store>,
@@ -133,13 +137,13 @@ pub async fn run_workers(
         }
     };
     let pushes = WorkerBuilder::new("c2dm-pushes")
-        .backend(queues.pushes.clone())
+        .backend(queues.pushes.clone().poll_with_interval(POLL))
         .data(Arc::clone(&runner))
         .concurrency(1)
         .build(run_push)
         .run_until(signal(&stop));
     let batches = WorkerBuilder::new("c2dm-batches")
-        .backend(queues.batches.clone())
+        .backend(queues.batches.clone().poll_with_interval(POLL))
         .data(Arc::clone(&runner))
         .concurrency(runner.options.workers.max(1))
         .build(run_batch)

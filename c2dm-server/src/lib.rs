@@ -6,6 +6,7 @@
 //!   file, WAL, migrated when opened).
 //! - [`api`]: the axum [`router`](api::router) with its keys and JSON errors.
 //! - [`jobs`]: the push and batch jobs on apalis, and [`run_workers`](jobs::run_workers).
+//! - [`serve`]: one process, the API, the workers or both, until told to stop (`c2dm serve`).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -25,9 +26,10 @@
 //! # }
 //! ```
 //!
-//! PostgreSQL, the shared pause and budget, metrics and the `c2dm serve` command build on this;
+//! PostgreSQL, the shared pause and budget and metrics build on this;
 //! see the repository's `docs/SERVER.md` for what exists so far.
 
 pub mod api;
 pub mod jobs;
+pub mod serve;
 pub mod store;

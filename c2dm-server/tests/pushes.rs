@@ -2,7 +2,6 @@
 //! emulator standing in for C2DM. Waits follow the store's change signal, never a clock.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -149,23 +148,19 @@ impl Server {
         body["id"].as_str().unwrap().to_owned()
     }
 
-    /// The push's status once it is finished (done or cancelled), waiting on the store's
-    /// change signal; a watchdog fails the test rather than letting it hang.
+    /// The push's status once it is finished (done or cancelled): the server holds the
+    /// answer until then (`?wait=`), up to a minute, after which the test fails rather than
+    /// hangs.
     async fn finished(&self, id: &str) -> Value {
-        let mut changes = self.store.changes();
-        loop {
-            let (status, message) = self
-                .call("GET", &format!("/v1/messages/{id}"), ADMIN, None)
-                .await;
-            assert_eq!(status, StatusCode::OK, "{message}");
-            if matches!(message["state"].as_str(), Some("done" | "cancelled")) {
-                return message;
-            }
-            tokio::time::timeout(Duration::from_secs(60), changes.changed())
-                .await
-                .expect("the push finishes")
-                .unwrap();
-        }
+        let (status, message) = self
+            .call("GET", &format!("/v1/messages/{id}?wait=60"), ADMIN, None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{message}");
+        assert!(
+            matches!(message["state"].as_str(), Some("done" | "cancelled")),
+            "not finished within a minute: {message}"
+        );
+        message
     }
 
     /// Every row of a push, page after page.

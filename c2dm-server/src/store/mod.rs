@@ -300,6 +300,10 @@ pub trait Store: Send + Sync {
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Changes each time a batch or a walk is recorded through this store in this process: what
+    /// a waiter watches between its looks at a push.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Registers a device, or updates a known one and makes it active again, in one
     /// transaction; returns which, and the device as stored.
     async fn upsert_device(&self, device: &NewDevice) -> Result<(Upserted, Device), StoreError>;

@@ -189,12 +189,6 @@ impl SqliteStore {
         })
     }
 
-    /// Changes each time a batch or a walk of a push is recorded through this store (in this
-    /// process): wait on it, then look at the push again.
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
     fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
@@ -258,6 +252,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

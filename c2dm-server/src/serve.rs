@@ -1,0 +1,107 @@
+//! One server process: the API, the workers, or both, on one database, until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use c2dm_core::Sender;
+
+use crate::api::{Keys, router};
+use crate::jobs::{JobError, Queues, WorkerOptions, run_workers};
+use crate::store::{SqliteStore, StoreError};
+
+/// What one process does.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The database: `sqlite://c2dm.db` (a file, created if missing).
+    pub database: String,
+    /// Serve the API on this address, with these keys; `None` for a worker-only process.
+    pub api: Option<(SocketAddr, Keys)>,
+    /// Write the API's bound port here once it listens (useful with port 0).
+    pub port_file: Option<PathBuf>,
+    /// Run workers with these options; `None` for an API-only process.
+    pub workers: Option<WorkerOptions>,
+}
+
+/// Why a server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The database URL names a database this build does not support.
+    #[error("unsupported database {0:?}: only sqlite:// for now (PostgreSQL is planned)")]
+    UnsupportedDatabase(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The job queue failed.
+    #[error(transparent)]
+    Jobs(#[from] JobError),
+    /// The listening socket or the port file failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the API and the workers as `options` says, until `shutdown` completes: then the API
+/// stops taking connections and finishes the requests under way, and the workers finish the
+/// jobs in hand. `on_listening` is told the API's address once it listens.
+pub async fn serve(
+    options: ServeOptions,
+    sender: Sender,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if !options.database.starts_with("sqlite:") {
+        return Err(ServeError::UnsupportedDatabase(options.database));
+    }
+    let store = SqliteStore::open(&options.database).await?;
+    let queues = Queues::open(store.pool()).await?;
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stopped = |stop: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = stop.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    };
+    let api = match options.api {
+        Some((address, keys)) => {
+            let listener = tokio::net::TcpListener::bind(address).await?;
+            let bound = listener.local_addr()?;
+            if let Some(path) = &options.port_file {
+                std::fs::write(path, format!("{}\n", bound.port()))?;
+            }
+            on_listening(bound);
+            tracing::info!(%bound, "API listening");
+            let app = router(Arc::new(store.clone()), queues.clone(), keys);
+            let signal = stopped(&stop);
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }))
+        }
+        None => None,
+    };
+    let workers = options.workers.map(|worker_options| {
+        let signal = stopped(&stop);
+        tokio::spawn(run_workers(
+            Arc::new(store.clone()),
+            sender,
+            queues.clone(),
+            worker_options,
+            signal,
+        ))
+    });
+    shutdown.await;
+    tracing::info!("stopping: finishing the requests and jobs in hand");
+    let _ = stop.send(());
+    if let Some(api) = api {
+        api.await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
+    if let Some(workers) = workers {
+        workers
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
+    Ok(())
+}
