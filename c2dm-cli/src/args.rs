@@ -93,6 +93,8 @@ pub enum Command {
     Send(SendArgs),
     /// Send one message to every registration id of a list, with a journal.
     Broadcast(BroadcastArgs),
+    /// Run the application server: device registry and pushes over HTTP, workers that send.
+    Serve(ServeArgs),
     /// Run the local C2DM and ClientLogin emulator.
     Emulator(Box<c2dm_emulator::cli::EmulatorArgs>),
     /// Run everything locally: emulator, login, a send, a broadcast, and verify delivery.
@@ -159,6 +161,45 @@ pub struct BroadcastArgs {
     #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     pub abort_after: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The database: a SQLite file, created if missing.
+    #[arg(
+        long,
+        env = "C2DM_DATABASE_URL",
+        default_value = "sqlite://c2dm.db",
+        value_name = "URL"
+    )]
+    pub database: String,
+    /// Where the API listens.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Write the API's port here once it listens (useful with port 0).
+    #[arg(long, value_name = "FILE")]
+    pub port_file: Option<PathBuf>,
+    /// A file whose first line is the admin token (else C2DM_SERVER_ADMIN_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// A file whose first line is the device key (else C2DM_SERVER_DEVICE_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub device_key_file: Option<PathBuf>,
+    /// Batch jobs run at once in this process.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: u32,
+    /// Sends at once within one batch.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Devices per batch job.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+    /// A worker process only: no API.
+    #[arg(long, conflicts_with = "no_workers")]
+    pub no_api: bool,
+    /// An API process only: no workers.
+    #[arg(long)]
+    pub no_workers: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ mod error;
 mod journal;
 mod login;
 mod send;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
             Command::Login(args) => login::login(&cli.global, args).await,
             Command::Send(args) => send::send(&cli.global, args).await,
             Command::Broadcast(args) => broadcast::run(&cli.global, args).await,
+            Command::Serve(args) => serve::run(&cli.global, args).await,
             Command::Emulator(args) => c2dm_emulator::cli::run(*args)
                 .await
                 .map(|()| ExitCode::SUCCESS)

@@ -970,3 +970,159 @@ async fn send_ends_at_its_deadline_against_a_server_that_never_answers() {
     assert!(err.contains("may have been delivered"), "{err}");
     assert!(err.contains("attempts"), "{err}");
 }
+
+/// One HTTP exchange with a `c2dm serve` process, over loopback.
+async fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use c2dm_core::Transport;
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("authorization", format!("Bearer {key}"));
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            bytes::Bytes::from(body.to_string())
+        }
+        None => bytes::Bytes::new(),
+    };
+    let transport = c2dm_hyper::HyperTransport::new().unwrap();
+    let response = transport
+        .execute(request.body(body).unwrap())
+        .await
+        .unwrap();
+    (
+        response.status().as_u16(),
+        serde_json::from_slice(response.body()).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `c2dm serve` end to end: devices register over HTTP, a push goes out through the workers,
+/// every device gets its row and the gone one is disabled; SIGTERM stops it cleanly.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
+    let mut config = Config::default();
+    config.static_tokens = vec!["server-token".into()];
+    config.devices.not_registered_prefixes = vec!["gone-".into()];
+    let env = Env::new(config).await;
+    let database = format!("sqlite://{}", env.path("c2dm.db"));
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
+    cmd.args([
+        "--token",
+        "server-token",
+        "--send-url",
+        &env.emulator.send_url(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        &database,
+    ])
+    .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key")
+    .env("C2DM_SERVER_DEVICE_KEY", "device-key")
+    .env_remove("C2DM_LOG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Wait (reading, not sleeping) for the line that says where it listens.
+    let base = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let base = base.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+
+    for id in ["phone-1", "phone-2", "gone-3"] {
+        let (status, body) = http(
+            &base,
+            "POST",
+            "/v1/devices",
+            "device-key",
+            Some(serde_json::json!({"registration_id": id})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, push) = http(
+        &base,
+        "POST",
+        "/v1/messages",
+        "admin-key",
+        Some(serde_json::json!({"to": "all", "collapse_key": "news", "data": {"m": "hi"}})),
+    )
+    .await;
+    assert_eq!(status, 202, "{push}");
+    let id = push["id"].as_str().unwrap();
+    let (status, done) = http(
+        &base,
+        "GET",
+        &format!("/v1/messages/{id}?wait=60"),
+        "admin-key",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["counts"]["accepted"], 2, "{done}");
+    assert_eq!(done["counts"]["rejected"]["NotRegistered"], 1, "{done}");
+    assert_eq!(env.emulator.delivered_count("phone-1"), 1);
+    let (_, gone) = http(&base, "GET", "/v1/devices?state=gone", "admin-key", None).await;
+    assert_eq!(gone["devices"][0]["registration_id"], "gone-3");
+
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_keys_or_with_an_unsupported_database_exits_2() {
+    let env = Env::new(Config::default()).await;
+    let out = env.run(&["serve", "--listen", "127.0.0.1:0"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("C2DM_SERVER_ADMIN_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env
+        .run_with(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                "postgres://localhost/c2dm",
+            ],
+            &[
+                ("C2DM_EMAIL", DEFAULT_EMAIL),
+                ("C2DM_PASSWORD", DEFAULT_PASSWORD),
+                ("C2DM_SERVER_ADMIN_TOKEN", "a"),
+                ("C2DM_SERVER_DEVICE_KEY", "d"),
+            ],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unsupported database"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 use std::process::{Command, Output, Stdio};
 
 /// Environment variables `c2dm` reads, cleared so the caller's environment never leaks in.
-const CLEARED: [&str; 8] = [
+const CLEARED: [&str; 11] = [
     "C2DM_SEND_URL",
     "C2DM_LOGIN_URL",
     "C2DM_AUTH_TOKEN",
@@ -13,6 +13,9 @@ const CLEARED: [&str; 8] = [
     "C2DM_SOURCE",
     "C2DM_LOG",
     "RUST_LOG",
+    "C2DM_SERVER_ADMIN_TOKEN",
+    "C2DM_SERVER_DEVICE_KEY",
+    "C2DM_DATABASE_URL",
 ];
 
 /// Runs `c2dm` with `args` and exactly `env`, on a blocking thread so the emulator (on the test's

@@ -1,0 +1,83 @@
+//! `c2dm serve`: the application server, until SIGTERM or Ctrl-C.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use c2dm_server::api::{Key, Keys};
+use c2dm_server::jobs::WorkerOptions;
+use c2dm_server::serve::{ServeError, ServeOptions, serve};
+
+use crate::args::{Global, ServeArgs};
+use crate::client;
+use crate::error::CliError;
+
+/// A key from `--…-file` (its first line) or the environment; missing or unusable is a usage
+/// error, before anything starts.
+fn key(flag: &str, file: Option<&Path>, env: &str) -> Result<Key, CliError> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| CliError::Usage(format!("{flag}: cannot read {}: {e}", path.display())))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => std::env::var(env)
+            .map_err(|_| CliError::Usage(format!("the server needs {flag} FILE or {env}")))?,
+    };
+    Key::new(text).map_err(|e| CliError::Usage(format!("{flag} ({env}): {e}")))
+}
+
+/// `c2dm serve`.
+pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError> {
+    let api = if args.no_api {
+        None
+    } else {
+        let keys = Keys {
+            admin: key(
+                "--admin-token-file",
+                args.admin_token_file.as_deref(),
+                "C2DM_SERVER_ADMIN_TOKEN",
+            )?,
+            device: key(
+                "--device-key-file",
+                args.device_key_file.as_deref(),
+                "C2DM_SERVER_DEVICE_KEY",
+            )?,
+        };
+        Some((args.listen, keys))
+    };
+    let workers = (!args.no_workers).then_some(WorkerOptions {
+        workers: args.workers as usize,
+        concurrency: args.concurrency as usize,
+        batch_size: args.batch_size as usize,
+    });
+    let sender = client::sender(global, None)?;
+    let options = ServeOptions {
+        database: args.database,
+        api,
+        port_file: args.port_file,
+        workers,
+    };
+    let shutdown = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match terminate.as_mut() {
+                    Some(signal) => { signal.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    };
+    let on_listening = |address| println!("c2dm serve: API on http://{address}");
+    match serve(options, sender, on_listening, shutdown).await {
+        Ok(()) => {
+            eprintln!("c2dm serve: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err @ ServeError::UnsupportedDatabase(_)) => Err(CliError::Usage(err.to_string())),
+        Err(err) => Err(CliError::Failure(err.to_string())),
+    }
+}
