@@ -210,6 +210,9 @@ pub struct DemoArgs {
     /// The Retry-After of the emulator's injected 503s, in seconds.
     #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
+    /// How many devices register with the application server in its act.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub server_devices: u32,
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {

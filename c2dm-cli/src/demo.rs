@@ -125,6 +125,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
     {
         problems.push("the first message is not in device-demo's inbox".into());
     }
+    problems.extend(server_act(&emulator, &sender, args.server_devices).await?);
     print_verdict(
         global,
         args.devices,
@@ -247,6 +248,212 @@ async fn broadcast(
     bar.finish_and_clear();
     report.finish();
     Ok((report, deliveries))
+}
+
+/// The application server's act: `c2dm serve` on a temporary SQLite file, `devices` phones
+/// registering over HTTP (one in fifty gone), one push to all, and every row checked against
+/// the emulator's inbox and every gone device's state. Returns what does not hold.
+async fn server_act(
+    emulator: &Emulator,
+    sender: &Sender,
+    devices: u32,
+) -> Result<Vec<String>, CliError> {
+    use c2dm_server::api::{Key, Keys};
+    use c2dm_server::serve::{ServeOptions, serve};
+
+    let dir = std::env::temp_dir().join(format!(
+        "c2dm-demo-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir).map_err(failed("a folder for the server"))?;
+    let keys = Keys {
+        admin: Key::new(DEMO_ADMIN).map_err(failed("key"))?,
+        device: Key::new(DEMO_DEVICE).map_err(failed("key"))?,
+    };
+    let options = ServeOptions {
+        database: format!("sqlite://{}", dir.join("c2dm.db").display()),
+        api: Some(("127.0.0.1:0".parse().expect("a loopback address"), keys)),
+        port_file: None,
+        workers: Some(c2dm_server::jobs::WorkerOptions::default()),
+    };
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        options,
+        sender.clone(),
+        move |address| {
+            let _ = bound_tx.send(address);
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let base = match bound_rx.await {
+        Ok(address) => format!("http://{address}"),
+        Err(_) => {
+            let err = server.await.map_err(failed("the server"))?.err();
+            return Err(CliError::Failure(format!(
+                "the application server did not start: {}",
+                err.map_or_else(|| "no reason".to_owned(), |e| e.to_string())
+            )));
+        }
+    };
+    println!("application server: {base} (SQLite in {})", dir.display());
+    let result = server_checks(emulator, &base, devices).await;
+    let _ = stop_tx.send(());
+    server
+        .await
+        .map_err(failed("the server"))?
+        .map_err(failed("the server"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The demo server's keys: it listens on loopback only, for the length of the act.
+const DEMO_ADMIN: &str = "demo-admin-token";
+const DEMO_DEVICE: &str = "demo-device-key";
+
+/// One exchange with the demo's server.
+async fn call(
+    http: &HyperTransport,
+    base: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value), CliError> {
+    use c2dm_core::Transport;
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("authorization", format!("Bearer {key}"));
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            bytes::Bytes::from(body.to_string())
+        }
+        None => bytes::Bytes::new(),
+    };
+    let request = request.body(body).map_err(failed("a request"))?;
+    let response = http
+        .execute(request)
+        .await
+        .map_err(failed("the server's API"))?;
+    let value = serde_json::from_slice(response.body()).unwrap_or(serde_json::Value::Null);
+    Ok((response.status().as_u16(), value))
+}
+
+/// Registers the devices, pushes to all, waits for the push, and checks every row.
+async fn server_checks(
+    emulator: &Emulator,
+    base: &str,
+    devices: u32,
+) -> Result<Vec<String>, CliError> {
+    let http = HyperTransport::new().map_err(failed("HTTP client"))?;
+    let ids: Vec<String> = (0..devices)
+        .map(|i| {
+            if i % 50 == 7 {
+                format!("gone-server-{i:05}")
+            } else {
+                format!("server-device-{i:05}")
+            }
+        })
+        .collect();
+    println!(
+        "{devices} devices register with it over HTTP (one in fifty gone), and it pushes to all"
+    );
+    let bar = progress_bar(u64::from(devices));
+    // Sixteen registrations at once, each its own task.
+    let mut registrations = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(ids.len().div_ceil(16).max(1)) {
+        let (http, base, chunk, bar) = (http.clone(), base.to_owned(), chunk.to_vec(), bar.clone());
+        registrations.spawn(async move {
+            for id in chunk {
+                let body = serde_json::json!({"registration_id": id, "tags": ["demo"]});
+                let (status, answer) =
+                    call(&http, &base, "POST", "/v1/devices", DEMO_DEVICE, Some(body)).await?;
+                if status != 201 {
+                    return Err(CliError::Failure(format!(
+                        "registering a device: {status} {answer}"
+                    )));
+                }
+                bar.inc(1);
+            }
+            Ok::<(), CliError>(())
+        });
+    }
+    while let Some(done) = registrations.join_next().await {
+        done.map_err(failed("a registration task"))??;
+    }
+    bar.finish_and_clear();
+    let push = serde_json::json!({
+        "to": "all", "collapse_key": "demo", "data": {"message": "from the server"}
+    });
+    let (status, message) =
+        call(&http, base, "POST", "/v1/messages", DEMO_ADMIN, Some(push)).await?;
+    if status != 202 {
+        return Err(CliError::Failure(format!("the push: {status} {message}")));
+    }
+    let id = message["id"].as_str().unwrap_or_default().to_owned();
+    let status_path = format!("/v1/messages/{id}?wait=60");
+    let (_, message) = call(&http, base, "GET", &status_path, DEMO_ADMIN, None).await?;
+    println!(
+        "push {id}: {}, {} accepted, {} rejected (NotRegistered)",
+        message["state"].as_str().unwrap_or("?"),
+        message["counts"]["accepted"],
+        message["counts"]["rejected"]["NotRegistered"]
+    );
+    let mut problems = Vec::new();
+    if message["state"] != "done" {
+        problems.push(format!(
+            "the server's push is {}, not done",
+            message["state"]
+        ));
+    }
+    // Every row, against the emulator's inbox and the device's state.
+    let mut rows = 0usize;
+    let mut after = String::new();
+    loop {
+        let path = format!("/v1/messages/{id}/deliveries?limit=1000{after}");
+        let (_, page) = call(&http, base, "GET", &path, DEMO_ADMIN, None).await?;
+        for row in page["deliveries"].as_array().cloned().unwrap_or_default() {
+            rows += 1;
+            let device = row["registration_id"].as_str().unwrap_or_default();
+            let inbox = emulator.inbox(device);
+            let holds = match row["outcome"].as_str() {
+                Some("accepted") => {
+                    inbox.len() == 1 && row["c2dm_message_id"] == inbox[0].message_id.as_str()
+                }
+                Some("rejected") => device.starts_with("gone-") && inbox.is_empty(),
+                _ => false,
+            };
+            if !holds {
+                problems.push(format!(
+                    "the server's row for {device} does not hold: {row}"
+                ));
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => break,
+        }
+    }
+    if rows != ids.len() {
+        problems.push(format!("{rows} server rows for {} devices", ids.len()));
+    }
+    let gone_path = "/v1/devices?state=gone&limit=1000";
+    let (_, gone) = call(&http, base, "GET", gone_path, DEMO_ADMIN, None).await?;
+    let disabled = gone["devices"].as_array().map_or(0, Vec::len);
+    let expected = ids.iter().filter(|id| id.starts_with("gone-")).count();
+    if disabled != expected {
+        problems.push(format!(
+            "{disabled} devices disabled by the server, {expected} gone"
+        ));
+    }
+    Ok(problems)
 }
 
 /// Prints what happened and whether it was verified: text, or one JSON object with `--json`.

@@ -767,6 +767,8 @@ async fn demo_verifies_delivery() {
             "0",
             "--initial-backoff",
             "0.005",
+            "--server-devices",
+            "200",
         ],
         NO_ENV,
     )
@@ -775,6 +777,14 @@ async fn demo_verifies_delivery() {
     let text = stdout(&out);
     assert!(text.contains("verified: every accepted message"), "{text}");
     assert!(text.contains("400 messages:"), "{text}");
+    assert!(
+        text.contains("application server: http://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("push 1: done, 196 accepted, 4 rejected"),
+        "{text}"
+    );
     let out = c2dm(
         &[
             "demo",
@@ -784,6 +794,8 @@ async fn demo_verifies_delivery() {
             "0",
             "--initial-backoff",
             "0.005",
+            "--server-devices",
+            "100",
             "--json",
         ],
         NO_ENV,
