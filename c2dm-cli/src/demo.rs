@@ -352,7 +352,11 @@ async fn server_checks(
     base: &str,
     devices: u32,
 ) -> Result<Vec<String>, CliError> {
-    let http = HyperTransport::new().map_err(failed("HTTP client"))?;
+    // A page of a thousand rows is over the 64 KiB a C2DM answer may be.
+    let http = HyperTransport::builder()
+        .max_response_bytes(4 << 20)
+        .build()
+        .map_err(failed("HTTP client"))?;
     let ids: Vec<String> = (0..devices)
         .map(|i| {
             if i % 50 == 7 {
