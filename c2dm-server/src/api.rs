@@ -21,8 +21,9 @@ use crate::store::{
     NewDevice, NewMessage, Store, Upserted,
 };
 
-/// The largest request body taken, in bytes (a larger one is refused with 413).
-pub const BODY_LIMIT: usize = 64 * 1024;
+/// The largest request body taken, in bytes (a larger one is refused with 413): room for a
+/// push listing its most registration ids.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// The most devices one page lists.
 pub const MAX_PAGE: u32 = 1000;

@@ -397,6 +397,16 @@ async fn bad_pushes_are_refused_before_anything_is_stored() {
             "invalid_field",
             Some("to"),
         ),
+        (
+            // More ids than one push may list (the body itself is within the limit).
+            json!({
+                "to": {"registration_ids": (0..10_001).map(|i| format!("phone-{i}")).collect::<Vec<_>>()},
+                "collapse_key": "k"
+            }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("to"),
+        ),
     ];
     for (body, status, code, field) in cases {
         let (got, answer) = server
