@@ -1,6 +1,8 @@
 //! The device registry's API on a real SQLite file: registration, unregistration, listing by
 //! page and filter, keys, and every bad input answered with a clear JSON error, never a 500.
 
+mod common;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -8,7 +10,6 @@ use axum::body::Body;
 use c2dm_server::api::{BODY_LIMIT, Key, Keys, router};
 use c2dm_server::store::{SqliteStore, Store};
 use http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -46,36 +47,7 @@ impl Server {
         key: Option<&str>,
         body: Option<Body>,
     ) -> (StatusCode, Value) {
-        let mut request = Request::builder().method(method).uri(uri);
-        if let Some(key) = key {
-            request = request.header("authorization", format!("Bearer {key}"));
-        }
-        let body = match body {
-            Some(body) => {
-                request = request.header("content-type", "application/json");
-                body
-            }
-            None => Body::empty(),
-        };
-        let response = self
-            .app
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!(
-                    "{status}: not JSON ({e}): {}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            })
-        };
-        (status, value)
+        common::call(&self.app, method, uri, key, body, &[]).await
     }
 
     async fn register(&self, body: Value) -> (StatusCode, Value) {

@@ -1,6 +1,8 @@
 //! Pushes end to end: the API on a real SQLite file, the workers' durable jobs, and the
 //! emulator standing in for C2DM. Waits follow the store's change signal, never a clock.
 
+mod common;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -10,10 +12,8 @@ use c2dm_emulator::{Config, Emulator};
 use c2dm_server::api::{Key, Keys, router};
 use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
 use c2dm_server::store::SqliteStore;
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 const ADMIN: &str = "admin-token-for-tests";
 const DEVICE: &str = "device-key-for-tests";
@@ -95,32 +95,8 @@ impl Server {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value) {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("authorization", format!("Bearer {key}"));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let body = match body {
-            Some(body) => {
-                request = request.header("content-type", "application/json");
-                Body::from(body.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = self
-            .app
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        let body = body.map(|b| Body::from(b.to_string()));
+        common::call(&self.app, method, uri, Some(key), body, headers).await
     }
 
     async fn register(&self, id: &str, user: Option<&str>, tags: &[&str]) {

@@ -232,22 +232,36 @@ impl SqliteStore {
         reason: Option<&str>,
     ) -> Result<Option<Device>, StoreError> {
         let now = millis(SystemTime::now());
-        let changed = sqlx::query(
-            "UPDATE devices SET state = ?1, reason = ?2, updated_at = ?3, \
-             state_changed_at = CASE WHEN state <> ?1 THEN ?3 ELSE state_changed_at END \
-             WHERE registration_id = ?4",
-        )
-        .bind(state.as_str())
-        .bind(reason)
-        .bind(now)
-        .bind(registration_id)
-        .execute(&self.pool)
-        .await?;
-        if changed.rows_affected() == 0 {
+        let mut conn = self.pool.acquire().await?;
+        if set_device_state(&mut conn, registration_id, state, reason, now).await? == 0 {
             return Ok(None);
         }
+        drop(conn);
         self.device(registration_id).await
     }
+}
+
+/// Sets a device's state and reason (its state-change time only if the state changes);
+/// returns how many devices changed (0 for an unknown id).
+async fn set_device_state(
+    conn: &mut sqlx::SqliteConnection,
+    registration_id: &str,
+    state: DeviceState,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE devices SET state = ?1, reason = ?2, updated_at = ?3, \
+         state_changed_at = CASE WHEN state <> ?1 THEN ?3 ELSE state_changed_at END \
+         WHERE registration_id = ?4",
+    )
+    .bind(state.as_str())
+    .bind(reason)
+    .bind(now)
+    .bind(registration_id)
+    .execute(conn)
+    .await?
+    .rows_affected())
 }
 
 #[async_trait]
@@ -584,16 +598,7 @@ impl Store for SqliteStore {
             .rows_affected();
         }
         for (registration_id, code) in gone {
-            sqlx::query(
-                "UPDATE devices SET state = 'gone', reason = ?1, updated_at = ?2, \
-                 state_changed_at = CASE WHEN state <> 'gone' THEN ?2 ELSE state_changed_at END \
-                 WHERE registration_id = ?3",
-            )
-            .bind(code)
-            .bind(now)
-            .bind(registration_id)
-            .execute(&mut *tx)
-            .await?;
+            set_device_state(&mut tx, registration_id, DeviceState::Gone, Some(code), now).await?;
         }
         sqlx::query("UPDATE messages SET recorded = recorded + ? WHERE id = ?")
             .bind(i64::try_from(written).unwrap_or(i64::MAX))
