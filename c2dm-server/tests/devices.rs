@@ -7,14 +7,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use c2dm_server::api::{BODY_LIMIT, Key, Keys, router};
+use c2dm_server::api::{BODY_LIMIT, Key, Keys};
 use c2dm_server::store::{SqliteStore, Store};
 use http::{Request, StatusCode};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-const ADMIN: &str = "admin-token-for-tests";
-const DEVICE: &str = "device-key-for-tests";
+use common::{ADMIN, DEVICE};
 
 struct Server {
     app: Router,
@@ -25,18 +24,11 @@ struct Server {
 impl Server {
     /// The API over a fresh SQLite file.
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
-        let queues = c2dm_server::jobs::Queues::open(store.pool()).await.unwrap();
-        let keys = Keys {
-            admin: Key::new(ADMIN).unwrap(),
-            device: Key::new(DEVICE).unwrap(),
-        };
+        let api = common::Api::start().await;
         Self {
-            app: router(Arc::new(store.clone()), queues, keys),
-            store,
-            _dir: dir,
+            app: api.app,
+            store: api.store,
+            _dir: api.dir,
         }
     }
 

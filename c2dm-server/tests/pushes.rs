@@ -9,14 +9,12 @@ use axum::Router;
 use axum::body::Body;
 use c2dm_core::{AuthToken, Sender, StaticToken};
 use c2dm_emulator::{Config, Emulator};
-use c2dm_server::api::{Key, Keys, router};
 use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
 use c2dm_server::store::SqliteStore;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-const ADMIN: &str = "admin-token-for-tests";
-const DEVICE: &str = "device-key-for-tests";
+use common::{ADMIN, DEVICE};
 
 struct Server {
     app: Router,
@@ -28,10 +26,7 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
-        let queues = Queues::open(store.pool()).await.unwrap();
+        let api = common::Api::start().await;
         let config = Config {
             static_tokens: vec!["server-token".into()],
             devices: c2dm_emulator::DeviceRules {
@@ -42,16 +37,12 @@ impl Server {
             ..Config::default()
         };
         let emulator = Emulator::start(config).await.unwrap();
-        let keys = Keys {
-            admin: Key::new(ADMIN).unwrap(),
-            device: Key::new(DEVICE).unwrap(),
-        };
         Self {
-            app: router(Arc::new(store.clone()), queues.clone(), keys),
-            store,
-            queues,
+            app: api.app,
+            store: api.store,
+            queues: api.queues,
             emulator,
-            _dir: dir,
+            _dir: api.dir,
         }
     }
 

@@ -1,8 +1,13 @@
 //! What the server's integration tests share: one request to the router, its answer as JSON.
 #![allow(dead_code)] // each test file uses its own part
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::body::Body;
+use c2dm_server::api::{Key, Keys, router};
+use c2dm_server::jobs::Queues;
+use c2dm_server::store::SqliteStore;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -49,4 +54,36 @@ pub async fn call(
         )
     });
     (status, value)
+}
+
+/// The admin token of the tests' servers.
+pub const ADMIN: &str = "admin-token-for-tests";
+/// The device key of the tests' servers.
+pub const DEVICE: &str = "device-key-for-tests";
+
+/// A fresh SQLite file, its store and queues, and the API over them with the tests' keys.
+pub struct Api {
+    pub app: Router,
+    pub store: SqliteStore,
+    pub queues: Queues,
+    pub dir: tempfile::TempDir,
+}
+
+impl Api {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let queues = Queues::open(store.pool()).await.unwrap();
+        let keys = Keys {
+            admin: Key::new(ADMIN).unwrap(),
+            device: Key::new(DEVICE).unwrap(),
+        };
+        Self {
+            app: router(Arc::new(store.clone()), queues.clone(), keys),
+            store,
+            queues,
+            dir,
+        }
+    }
 }
