@@ -92,10 +92,12 @@ struct AppState {
 /// | `GET /v1/messages/{id}/deliveries?outcome=&after=&limit=` | admin | a page of its rows, one per device |
 /// | `POST /v1/messages/{id}/cancel` | admin | batches not started are not sent; every device still gets a row |
 /// | `GET /healthz` | none | 200 when the database answers, else 503 |
+/// | `GET /metrics` | admin | Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices |
 ///
 /// A push is stored and its job enqueued before the answer; workers
 /// ([`run_workers`](crate::jobs::run_workers)) do the sending.
 pub fn router(store: Arc<dyn Store>, queues: Queues, keys: Keys) -> Router {
+    install_metrics();
     Router::new()
         .route("/v1/devices", post(register).get(list))
         .route("/v1/devices/{registration_id}", delete(unregister))
@@ -104,6 +106,7 @@ pub fn router(store: Arc<dyn Store>, queues: Queues, keys: Keys) -> Router {
         .route("/v1/messages/{id}/deliveries", get(deliveries))
         .route("/v1/messages/{id}/cancel", post(cancel))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(AppState {
@@ -396,10 +399,11 @@ async fn register(
 ) -> Result<(StatusCode, Json<DeviceView>), ApiError> {
     let device = registration.check()?;
     let (upserted, stored) = state.store.upsert_device(&device).await?;
-    let status = match upserted {
-        Upserted::Created => StatusCode::CREATED,
-        Upserted::Updated => StatusCode::OK,
+    let (status, result) = match upserted {
+        Upserted::Created => (StatusCode::CREATED, "created"),
+        Upserted::Updated => (StatusCode::OK, "updated"),
     };
+    metrics::counter!("c2dm_registrations_total", "result" => result).increment(1);
     tracing::debug!(?upserted, "device registered");
     Ok((status, Json(stored.into())))
 }
@@ -603,6 +607,7 @@ async fn push(
     if !created {
         return Ok((StatusCode::OK, Json(stored.into())));
     }
+    metrics::counter!("c2dm_pushes_total").increment(1);
     state
         .queues
         .enqueue_push(stored.id)
@@ -755,6 +760,37 @@ async fn deliveries(
         deliveries: rows.into_iter().map(DeliveryView::from).collect(),
         next,
     }))
+}
+
+/// The Prometheus recorder of this process: installed on first use as the global recorder of
+/// the `metrics` crate; if the embedding program installed another one, ours renders what it
+/// has (nothing), and theirs gets the figures.
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+        builder.install_recorder().unwrap_or_else(|err| {
+            tracing::warn!(%err, "another metrics recorder is installed: /metrics stays empty");
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle()
+        })
+    })
+}
+
+/// Makes sure the recorder is installed before the first figure is counted.
+pub fn install_metrics() {
+    prometheus();
+}
+
+async fn metrics_text(caller: Caller) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
+        .into_response())
 }
 
 /// The answer to `GET /healthz`.

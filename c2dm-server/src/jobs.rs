@@ -287,6 +287,11 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
         }
     }
     store.record_batch(job.message_id, &rows, &gone).await?;
+    metrics::counter!("c2dm_batches_total").increment(1);
+    metrics::counter!("c2dm_devices_gone_total").increment(gone.len() as u64);
+    for row in &rows {
+        metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str()).increment(1);
+    }
     Ok(())
 }
 

@@ -53,6 +53,7 @@ pub async fn serve(
     if !options.database.starts_with("sqlite:") {
         return Err(ServeError::UnsupportedDatabase(options.database));
     }
+    crate::api::install_metrics();
     let store = SqliteStore::open(&options.database).await?;
     let queues = Queues::open(store.pool()).await?;
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);

@@ -214,6 +214,50 @@ async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone() 
     let message = server.finished(&again).await;
     assert_eq!(message["total"], 31);
     assert_eq!(message["counts"]["accepted"], 31);
+
+    // The figures, for the admin only. Counters are per process, and other tests run in this
+    // one too: at least this test's figures are there.
+    let metrics = metrics_text(&server, ADMIN).await;
+    let figure = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    assert!(
+        figure("c2dm_deliveries_total{outcome=\"accepted\"}") >= 62,
+        "{metrics}"
+    );
+    assert!(
+        figure("c2dm_deliveries_total{outcome=\"rejected\"}") >= 8,
+        "{metrics}"
+    );
+    assert!(figure("c2dm_devices_gone_total") >= 8, "{metrics}");
+    assert!(figure("c2dm_pushes_total") >= 2, "{metrics}");
+    assert!(
+        figure("c2dm_registrations_total{result=\"created\"}") >= 40,
+        "{metrics}"
+    );
+    let (status, _) = server.call("GET", "/metrics", DEVICE, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// `GET /metrics` as text.
+async fn metrics_text(server: &Server, key: &str) -> String {
+    use tower::ServiceExt;
+    let request = http::Request::get("/metrics")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = server.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
