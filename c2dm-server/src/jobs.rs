@@ -161,7 +161,7 @@ pub async fn run_workers(
 /// A push job: walk the audience, page by page, into batch jobs; then record its size.
 async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
     let store = &runner.store;
-    let Some(message) = store.message(job.message_id).await? else {
+    let Some(message) = store.message_to_send(job.message_id).await? else {
         tracing::warn!(
             message_id = job.message_id,
             "a push job for an unknown message"
@@ -229,7 +229,7 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
 /// devices C2DM reported gone, in one transaction.
 async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
     let store = &runner.store;
-    let Some(message) = store.message(job.message_id).await? else {
+    let Some(message) = store.message_to_send(job.message_id).await? else {
         return Ok(());
     };
     let recorded = store

@@ -356,6 +356,10 @@ pub trait Store: Send + Sync {
     /// One push with its counts, if it exists.
     async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError>;
 
+    /// One push without its counts (left at zero), if it exists: what a job needs to send it,
+    /// at a cost that does not grow with the rows it has.
+    async fn message_to_send(&self, id: i64) -> Result<Option<MessageRecord>, StoreError>;
+
     /// A queued push starts sending (a push in any other state stays as it is).
     async fn start_sending(&self, id: i64) -> Result<(), StoreError>;
 

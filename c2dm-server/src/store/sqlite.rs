@@ -516,6 +516,17 @@ impl Store for SqliteStore {
         Ok(Some(message_of(&row, counts)?))
     }
 
+    async fn message_to_send(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
+        let row = sqlx::query(SELECT_MESSAGE)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .as_ref()
+            .map(|row| message_of(row, Counts::default()))
+            .transpose()?)
+    }
+
     async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE messages SET state = 'sending' WHERE id = ? AND state = 'queued'")
             .bind(id)
