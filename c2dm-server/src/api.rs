@@ -605,6 +605,17 @@ async fn push(
     let message = push.check(key)?;
     let (created, stored) = state.store.create_message(&message).await?;
     if !created {
+        let same = stored.audience == message.audience
+            && stored.collapse_key == message.collapse_key
+            && stored.data == message.data
+            && stored.delay_while_idle == message.delay_while_idle;
+        if !same {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for another push",
+            ));
+        }
         return Ok((StatusCode::OK, Json(stored.into())));
     }
     metrics::counter!("c2dm_pushes_total").increment(1);

@@ -334,6 +334,13 @@ async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one()
         .await;
     assert_eq!(status, StatusCode::OK, "a replay");
     assert_eq!(first["id"], second["id"]);
+    // The same key for another push is a conflict, and stores nothing.
+    let other = json!({"to": "all", "collapse_key": "another"});
+    let (status, answer) = server
+        .call_with("POST", "/v1/messages", ADMIN, Some(other), &key)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["code"], "idempotency_key_reused");
     server.finished(first["id"].as_str().unwrap()).await;
     assert_eq!(server.emulator.inbox("phone").len(), 1, "sent once");
 }
