@@ -165,7 +165,8 @@ pub struct BroadcastArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The database: a SQLite file, created if missing.
+    /// The database: sqlite://FILE (created if missing) or postgres://USER@HOST/DB (shared by
+    /// many processes).
     #[arg(
         long,
         env = "C2DM_DATABASE_URL",
@@ -194,6 +195,26 @@ pub struct ServeArgs {
     /// Devices per batch job.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// The sender account whose pause and daily budget the workers of every process share
+    /// (default: the C2DM account's email, else "default").
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// Messages the account may have accepted per day (UTC), by every worker together;
+    /// devices over it wait, unsent, for the next day.
+    #[arg(
+        long,
+        default_value_t = 200_000,
+        value_name = "N",
+        conflicts_with = "no_daily_budget"
+    )]
+    pub daily_budget: u64,
+    /// No daily budget.
+    #[arg(long)]
+    pub no_daily_budget: bool,
+    /// How often a worker tells the database it is alive, in seconds; one silent for three
+    /// heartbeats is taken for dead and its jobs go to the others.
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_seconds)]
+    pub heartbeat: f64,
     /// A worker process only: no API.
     #[arg(long, conflicts_with = "no_workers")]
     pub no_api: bool,

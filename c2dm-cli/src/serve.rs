@@ -50,6 +50,13 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
         workers: args.workers as usize,
         concurrency: args.concurrency as usize,
         batch_size: args.batch_size as usize,
+        account: args
+            .account
+            .clone()
+            .or_else(|| global.email.clone())
+            .unwrap_or_else(|| "default".to_owned()),
+        daily_budget: (!args.no_daily_budget).then_some(args.daily_budget),
+        heartbeat: std::time::Duration::from_secs_f64(args.heartbeat),
     });
     let sender = client::sender(global, None)?;
     let options = ServeOptions {
@@ -77,7 +84,7 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
             eprintln!("c2dm serve: stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Err(err @ ServeError::UnsupportedDatabase(_)) => Err(CliError::Usage(err.to_string())),
+        Err(err @ ServeError::UnsupportedDatabase) => Err(CliError::Usage(err.to_string())),
         Err(err) => Err(CliError::Failure(err.to_string())),
     }
 }

@@ -1121,7 +1121,7 @@ async fn serve_without_keys_or_with_an_unsupported_database_exits_2() {
                 "--listen",
                 "127.0.0.1:0",
                 "--database",
-                "postgres://localhost/c2dm",
+                "mysql://localhost/c2dm",
             ],
             &[
                 ("C2DM_EMAIL", DEFAULT_EMAIL),

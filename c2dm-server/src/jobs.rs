@@ -3,16 +3,22 @@
 //! rows in one transaction. A batch run again (a crashed worker's job, taken over) skips the
 //! devices that have a row, so only sends that were in flight can repeat.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use apalis::prelude::{BackendExt, BoxDynError, Data, TaskSink, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, TaskBuilder, TaskSink, WorkerBuilder, WorkerBuilderExt,
+};
+use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
-use c2dm_core::{BroadcastOptions, Message, RegistrationId, Sender};
+use c2dm_core::{
+    BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, RegistrationId, Sender,
+};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+use sqlx::{PgPool, SqlitePool};
+use tokio::time::Instant;
 
 use crate::store::{Audience, DeliveryRow, DeviceState, Store, StoreError};
 
@@ -43,44 +49,188 @@ pub enum JobError {
     Store(#[from] StoreError),
 }
 
-/// The two queues, on the store's SQLite pool.
+/// The two queues, in the store's database and on its pool.
 #[derive(Debug, Clone)]
 pub struct Queues {
-    pushes: SqliteStorage<PushJob>,
-    batches: SqliteStorage<BatchJob>,
+    backend: QueueBackend,
+}
+
+#[derive(Clone)]
+enum QueueBackend {
+    Sqlite {
+        pushes: SqliteStorage<PushJob>,
+        batches: SqliteStorage<BatchJob>,
+    },
+    Postgres {
+        pushes: PostgresStorage<PushJob>,
+        batches: PostgresStorage<BatchJob>,
+    },
+}
+
+impl std::fmt::Debug for QueueBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sqlite { .. } => "Sqlite",
+            Self::Postgres { .. } => "Postgres",
+        })
+    }
+}
+
+/// The push queue's name in the job tables.
+const PUSH_QUEUE: &str = "c2dm-pushes";
+/// The batch queue's name in the job tables.
+const BATCH_QUEUE: &str = "c2dm-batches";
+
+fn queue_error(e: impl std::fmt::Display) -> JobError {
+    JobError::Queue(e.to_string())
+}
+
+/// Runs `$body` with `$pushes` and `$batches` bound to the queues of whichever database
+/// they are in: one body for two storage types that share no trait object.
+macro_rules! on_queues {
+    ($queues:expr, |$pushes:ident, $batches:ident| $body:expr) => {
+        match &$queues.backend {
+            QueueBackend::Sqlite { pushes, batches } => {
+                let ($pushes, $batches) = (pushes.clone(), batches.clone());
+                $body
+            }
+            QueueBackend::Postgres { pushes, batches } => {
+                let ($pushes, $batches) = (pushes.clone(), batches.clone());
+                $body
+            }
+        }
+    };
 }
 
 impl Queues {
-    /// The queues' tables on `pool` (created or migrated now).
+    /// The queues' tables in the SQLite file of `pool` (created or migrated now), with the
+    /// default heartbeat.
     pub async fn open(pool: &SqlitePool) -> Result<Self, JobError> {
-        SqliteStorage::setup(pool)
+        Self::open_sqlite(pool, &WorkerOptions::default()).await
+    }
+
+    /// The queues in a SQLite file, with `options`' heartbeat.
+    pub async fn open_sqlite(pool: &SqlitePool, options: &WorkerOptions) -> Result<Self, JobError> {
+        // Only the queue's migrations: `SqliteStorage::setup` would also turn off `synchronous`
+        // on whichever connection of the shared pool it ran on, and the store's writes on that
+        // connection could then be lost to a power cut.
+        SqliteStorage::<()>::migrations()
+            .run(pool)
             .await
-            .map_err(|e| JobError::Queue(e.to_string()))?;
+            .map_err(queue_error)?;
+        let config = |queue: &str| {
+            apalis_sqlite::Config::default()
+                .queue(queue)
+                .batch_size(options.workers.max(1))
+                .heartbeat_interval(options.heartbeat)
+                .missed_heartbeats(MISSED_HEARTBEATS)
+        };
         Ok(Self {
-            pushes: SqliteStorage::new(pool),
-            batches: SqliteStorage::new(pool),
+            backend: QueueBackend::Sqlite {
+                pushes: SqliteStorage::new(pool).with_config(config(PUSH_QUEUE)),
+                batches: SqliteStorage::new(pool).with_config(config(BATCH_QUEUE)),
+            },
+        })
+    }
+
+    /// The queues in a PostgreSQL database (created or migrated now, under a lock, so many
+    /// processes may start at once), with `options`' heartbeat.
+    pub async fn open_postgres(pool: &PgPool, options: &WorkerOptions) -> Result<Self, JobError> {
+        PostgresStorage::setup(pool).await.map_err(queue_error)?;
+        let config = |queue: &str| {
+            apalis_postgres::Config::default()
+                .queue(queue)
+                .batch_size(options.workers.max(1))
+                .heartbeat_interval(options.heartbeat)
+                .missed_heartbeats(MISSED_HEARTBEATS)
+        };
+        Ok(Self {
+            backend: QueueBackend::Postgres {
+                pushes: PostgresStorage::new(pool).with_config(config(PUSH_QUEUE)),
+                batches: PostgresStorage::new(pool).with_config(config(BATCH_QUEUE)),
+            },
         })
     }
 
     /// Enqueues the job that sends push `message_id`.
     pub async fn enqueue_push(&self, message_id: i64) -> Result<(), JobError> {
-        self.pushes
-            .clone()
-            .push(PushJob { message_id })
-            .await
-            .map_err(|e| JobError::Queue(e.to_string()))
+        on_queues!(self, |pushes, _batches| {
+            let mut pushes = pushes;
+            pushes
+                .push(PushJob { message_id })
+                .await
+                .map_err(queue_error)
+        })
     }
 
-    async fn enqueue_batch(&self, job: BatchJob) -> Result<(), JobError> {
-        self.batches
-            .clone()
-            .push(job)
-            .await
-            .map_err(|e| JobError::Queue(e.to_string()))
+    /// Enqueues batch jobs, to run at once or from `at` on.
+    async fn enqueue_batches(
+        &self,
+        jobs: Vec<BatchJob>,
+        at: Option<SystemTime>,
+    ) -> Result<(), JobError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        on_queues!(self, |_pushes, batches| {
+            let mut batches = batches;
+            match at {
+                None => batches.push_bulk(jobs).await.map_err(queue_error),
+                Some(at) => {
+                    for job in jobs {
+                        let task = TaskBuilder::new(job).run_at_time(at).build();
+                        batches.push_task(task).await.map_err(queue_error)?;
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Jobs of each queue not finished yet (waiting, taken or running): `(pushes, batches)`.
+    pub async fn depth(&self) -> Result<(u64, u64), JobError> {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        match &self.backend {
+            QueueBackend::Sqlite { pushes, .. } => {
+                let pool = pushes.pool();
+                let mut depth = [0; 2];
+                for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM Jobs WHERE job_type = ? \
+                         AND status IN ('Pending', 'Queued', 'Running')",
+                    )
+                    .bind(queue)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(queue_error)?;
+                    *slot = count(n);
+                }
+                Ok((depth[0], depth[1]))
+            }
+            QueueBackend::Postgres { pushes, .. } => {
+                let pool = pushes.pool();
+                let mut depth = [0; 2];
+                for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 \
+                         AND status IN ('Pending', 'Queued', 'Running')",
+                    )
+                    .bind(queue)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(queue_error)?;
+                    *slot = count(n);
+                }
+                Ok((depth[0], depth[1]))
+            }
+        }
     }
 }
 
-/// How the workers of one process send.
+/// Heartbeats a worker may miss before its jobs go to another worker.
+const MISSED_HEARTBEATS: usize = 3;
+
+/// How one process's workers send.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Batch jobs run at once in this process (default 2).
@@ -89,6 +239,16 @@ pub struct WorkerOptions {
     pub concurrency: usize,
     /// Devices per batch job (default 1,000): the queue's cost is per job, not per device.
     pub batch_size: usize,
+    /// The sender account whose pause and daily budget the workers share, across processes
+    /// (default `default`): one name per C2DM sender.
+    pub account: String,
+    /// Messages the account may have accepted per day (UTC), by all workers together
+    /// (default 200,000, the real service's quota); `None` for no budget. Batches reserve
+    /// their share before sending; devices over the budget wait for the next day, unsent.
+    pub daily_budget: Option<u64>,
+    /// How often a worker tells the database it is alive (default 5 s). A worker silent
+    /// for three heartbeats is taken for dead, and its jobs go to the others.
+    pub heartbeat: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -97,13 +257,20 @@ impl Default for WorkerOptions {
             workers: 2,
             concurrency: 64,
             batch_size: 1000,
+            account: "default".to_owned(),
+            daily_budget: Some(200_000),
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
 
 /// How often an idle worker looks for jobs. Left to itself, apalis-sqlite's backend looked
 /// again only at its heartbeat (30 s), so a job enqueued while a worker idled waited that long.
-const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(100);
+
+/// How often the workers compare their pause with the account's in the database, and how
+/// often a batch looks whether its push was cancelled.
+const LOOK: Duration = Duration::from_millis(200);
 
 /// What the job handlers share.
 struct Runner {
@@ -113,8 +280,20 @@ struct Runner {
     options: WorkerOptions,
 }
 
+/// A name no other worker has, in this process or another: apalis tells a dead worker's jobs
+/// by the name that locked them, so two processes sharing a name would never see each other
+/// die.
+fn worker_name(queue: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{queue}-{}-{nanos:09}", std::process::id())
+}
+
 /// Runs this process's workers until `shutdown` completes: one takes push jobs, and
-/// `options.workers` batch jobs run at once.
+/// `options.workers` batch jobs run at once. Beside them, the sender's pause is shared with
+/// every other worker of the account through the database, and the queues' depth is kept
+/// in the metrics.
 pub async fn run_workers(
     store: Arc<dyn Store>,
     sender: Sender,
@@ -136,26 +315,107 @@ pub async fn run_workers(
             Ok::<(), std::io::Error>(())
         }
     };
-    let pushes = WorkerBuilder::new("c2dm-pushes")
-        .backend(queues.pushes.clone().poll_with_interval(POLL))
-        .data(Arc::clone(&runner))
-        .concurrency(1)
-        .build(run_push)
-        .run_until(signal(&stop));
-    let batches = WorkerBuilder::new("c2dm-batches")
-        .backend(queues.batches.clone().poll_with_interval(POLL))
-        .data(Arc::clone(&runner))
-        .concurrency(runner.options.workers.max(1))
-        .build(run_batch)
-        .run_until(signal(&stop));
-    let stopper = async move {
-        shutdown.await;
-        let _ = stop.send(());
-    };
-    let (pushes, batches, ()) = tokio::join!(pushes, batches, stopper);
-    pushes.map_err(|e| JobError::Queue(e.to_string()))?;
-    batches.map_err(|e| JobError::Queue(e.to_string()))?;
+    let watcher = tokio::spawn(watch_account(Arc::clone(&runner)));
+    let workers = on_queues!(queues, |pushes, batches| {
+        let pushes = WorkerBuilder::new(worker_name(PUSH_QUEUE))
+            .backend(pushes.poll_with_interval(POLL))
+            .data(Arc::clone(&runner))
+            .concurrency(1)
+            .build(run_push)
+            .run_until(signal(&stop));
+        let batches = WorkerBuilder::new(worker_name(BATCH_QUEUE))
+            .backend(batches.poll_with_interval(POLL))
+            .data(Arc::clone(&runner))
+            .concurrency(runner.options.workers.max(1))
+            .build(run_batch)
+            .run_until(signal(&stop));
+        let stopper = async {
+            shutdown.await;
+            let _ = stop.send(());
+        };
+        let (pushes, batches, ()) = tokio::join!(pushes, batches, stopper);
+        pushes
+            .map_err(queue_error)
+            .and(batches.map_err(queue_error))
+    });
+    watcher.abort();
+    workers
+}
+
+/// The wall-clock time an instant of the sender's clock stands for.
+fn wall_time_of(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+/// The sender's clock's instant for a wall-clock time.
+fn instant_of(at: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    match at.duration_since(now) {
+        Ok(ahead) => Instant::now() + ahead,
+        Err(behind) => Instant::now()
+            .checked_sub(behind.duration())
+            .unwrap_or_else(Instant::now),
+    }
+}
+
+/// Takes the account's pause from the database into the sender, now: what a batch does
+/// before it sends, so that it never starts during a pause another worker learned of.
+async fn adopt_shared_pause(runner: &Runner) -> Result<(), StoreError> {
+    if let Some(until) = runner.store.shared_pause(&runner.options.account).await? {
+        runner.sender.pause_all_until(instant_of(until));
+    }
     Ok(())
+}
+
+/// Keeps the sender's pause and the account's in the database the same, both ways, and
+/// the queue depth in the metrics, until aborted.
+async fn watch_account(runner: Arc<Runner>) {
+    let mut shared: Option<SystemTime> = None;
+    let mut ticks = 0u64;
+    loop {
+        tokio::time::sleep(LOOK).await;
+        ticks += 1;
+        let mine = runner.sender.paused_until().map(wall_time_of);
+        let store = &runner.store;
+        let account = runner.options.account.as_str();
+        // Ours is later than the database's by more than the clocks' rounding: tell the
+        // others.
+        if let Some(mine) = mine
+            && shared.is_none_or(|s| mine > s + Duration::from_millis(5))
+        {
+            match store.pause_account(account, mine).await {
+                Ok(()) => {
+                    metrics::counter!("c2dm_pauses_total").increment(1);
+                    tracing::info!(account, until = ?mine, "pausing every worker of the account");
+                }
+                Err(e) => tracing::warn!(error = %e, "could not share a pause"),
+            }
+        }
+        match store.shared_pause(account).await {
+            Ok(until) => {
+                if let Some(until) = until {
+                    runner.sender.pause_all_until(instant_of(until));
+                }
+                metrics::gauge!("c2dm_paused").set(if until.is_some() { 1.0 } else { 0.0 });
+                shared = until;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the account's pause"),
+        }
+        if ticks.is_multiple_of(5) {
+            match runner.queues.depth().await {
+                Ok((pushes, batches)) => {
+                    metrics::gauge!("c2dm_queue_depth", "queue" => PUSH_QUEUE).set(pushes as f64);
+                    metrics::gauge!("c2dm_queue_depth", "queue" => BATCH_QUEUE).set(batches as f64);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not count the queues"),
+            }
+        }
+    }
 }
 
 /// A push job: walk the audience, page by page, into batch jobs; then record its size.
@@ -182,16 +442,15 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
                 .filter(|id| seen.insert(id.as_str()))
                 .cloned()
                 .collect();
-            for chunk in ids.chunks(batch) {
-                total += chunk.len() as u64;
-                runner
-                    .queues
-                    .enqueue_batch(BatchJob {
-                        message_id: job.message_id,
-                        registration_ids: chunk.to_vec(),
-                    })
-                    .await?;
-            }
+            total = ids.len() as u64;
+            let jobs = ids
+                .chunks(batch)
+                .map(|chunk| BatchJob {
+                    message_id: job.message_id,
+                    registration_ids: chunk.to_vec(),
+                })
+                .collect();
+            runner.queues.enqueue_batches(jobs, None).await?;
         }
         audience => {
             let mut after = None;
@@ -201,13 +460,11 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
                     .await?;
                 if !page.items.is_empty() {
                     total += page.items.len() as u64;
-                    runner
-                        .queues
-                        .enqueue_batch(BatchJob {
-                            message_id: job.message_id,
-                            registration_ids: page.items,
-                        })
-                        .await?;
+                    let batch = BatchJob {
+                        message_id: job.message_id,
+                        registration_ids: page.items,
+                    };
+                    runner.queues.enqueue_batches(vec![batch], None).await?;
                 }
                 match page.next {
                     Some(next) => after = Some(next),
@@ -225,8 +482,24 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
     Ok(())
 }
 
+/// The day (UTC, days since the epoch) a budget counts, and when the next one starts.
+fn budget_day(now: SystemTime) -> (i64, SystemTime) {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let day = secs / 86_400;
+    let next = std::time::UNIX_EPOCH + Duration::from_secs((day + 1) * 86_400);
+    (i64::try_from(day).unwrap_or(i64::MAX), next)
+}
+
+/// How long devices left unsent because the service kept answering `QuotaExceeded` wait
+/// before their batch runs again.
+const QUOTA_RETRY: Duration = Duration::from_secs(15 * 60);
+
 /// A batch job: one broadcast to the devices that have no row yet, and their rows, with the
-/// devices C2DM reported gone, in one transaction.
+/// devices C2DM reported gone, in one transaction. Devices the account's daily budget does
+/// not cover, or that the service's quota kept from being sent, go back to the queue for
+/// later, unsent and without a row.
 async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
     let store = &runner.store;
     let Some(message) = store.message_to_send(job.message_id).await? else {
@@ -243,6 +516,7 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
     let now = SystemTime::now();
     let mut rows = Vec::with_capacity(todo.len());
     let mut gone = Vec::new();
+    let mut later: Vec<(String, SystemTime)> = Vec::new();
     if message.cancel_requested {
         rows.extend(
             todo.iter()
@@ -250,7 +524,7 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
         );
     } else {
         let owned: Vec<String> = todo.iter().map(|id| (*id).clone()).collect();
-        let inactive: std::collections::HashMap<String, DeviceState> = store
+        let inactive: HashMap<String, DeviceState> = store
             .device_states(&owned)
             .await?
             .into_iter()
@@ -268,24 +542,79 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
                 )),
             }
         }
+        let (day, tomorrow) = budget_day(now);
+        let granted = match runner.options.daily_budget {
+            Some(daily) if !send.is_empty() => {
+                let wanted = send.len() as u64;
+                let account = runner.options.account.as_str();
+                let granted = store.reserve_budget(account, day, daily, wanted).await?;
+                if granted < wanted {
+                    tracing::info!(
+                        message_id = job.message_id,
+                        unsent = wanted - granted,
+                        "the account's daily budget is spent: the rest waits for tomorrow"
+                    );
+                    metrics::counter!("c2dm_budget_deferred_total").increment(wanted - granted);
+                }
+                Some(granted)
+            }
+            _ => None,
+        };
+        if let Some(granted) = granted {
+            let keep = usize::try_from(granted)
+                .unwrap_or(usize::MAX)
+                .min(send.len());
+            later.extend(
+                send.split_off(keep)
+                    .into_iter()
+                    .map(|id| (id.as_str().to_owned(), tomorrow)),
+            );
+        }
         if let Some(first) = send.first().cloned() {
+            adopt_shared_pause(&runner).await?;
             let template = template(&message, first)?;
             let mut deliveries = runner.sender.broadcast_to(
                 futures::stream::iter(send),
                 &template,
                 BroadcastOptions::default().concurrency(runner.options.concurrency.max(1)),
             )?;
+            let watching = tokio::spawn(cancel_when_asked(
+                Arc::clone(store),
+                job.message_id,
+                deliveries.cancel_handle(),
+            ));
+            let mut accepted = 0u64;
             while let Some(delivery) = deliveries.next().await {
+                let id = delivery.registration_id().to_string();
+                match delivery.outcome() {
+                    Outcome::NotAttempted(NotAttempted::BudgetExhausted) => {
+                        later.push((id, tomorrow));
+                        continue;
+                    }
+                    Outcome::NotAttempted(NotAttempted::QuotaExhausted) => {
+                        later.push((id, SystemTime::now() + QUOTA_RETRY));
+                        continue;
+                    }
+                    Outcome::Accepted { .. } => accepted += 1,
+                    _ => {}
+                }
                 if delivery.should_remove() {
-                    gone.push((
-                        delivery.registration_id().to_string(),
-                        delivery.error_text().unwrap_or_default(),
-                    ));
+                    gone.push((id, delivery.error_text().unwrap_or_default()));
                 }
                 rows.push(DeliveryRow::of(&delivery, SystemTime::now()));
             }
+            watching.abort();
+            if let Some(granted) = granted {
+                let account = runner.options.account.as_str();
+                store
+                    .release_budget(account, day, granted.saturating_sub(accepted))
+                    .await?;
+            }
         }
     }
+    // The devices left for later go back first: were this process to die between the two,
+    // the batch would run again and skip whatever has a row.
+    requeue(&runner.queues, job.message_id, later).await?;
     store.record_batch(job.message_id, &rows, &gone).await?;
     metrics::counter!("c2dm_batches_total").increment(1);
     metrics::counter!("c2dm_devices_gone_total").increment(gone.len() as u64);
@@ -293,6 +622,44 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
         metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str()).increment(1);
     }
     Ok(())
+}
+
+/// Enqueues the devices left for later as batches that run when each is due.
+async fn requeue(
+    queues: &Queues,
+    message_id: i64,
+    mut later: Vec<(String, SystemTime)>,
+) -> Result<(), JobError> {
+    later.sort_by_key(|(_, at)| *at);
+    while let Some((_, at)) = later.first().cloned() {
+        let split = later.partition_point(|(_, due)| *due <= at);
+        let rest = later.split_off(split);
+        let ids = later.into_iter().map(|(id, _)| id).collect();
+        let job = BatchJob {
+            message_id,
+            registration_ids: ids,
+        };
+        queues.enqueue_batches(vec![job], Some(at)).await?;
+        later = rest;
+    }
+    Ok(())
+}
+
+/// Cancels a batch's broadcast as soon as a cancel of its push is asked for: sends under way
+/// finish, the others are not made, and their devices get `not_attempted: cancelled` rows.
+async fn cancel_when_asked(store: Arc<dyn Store>, message_id: i64, cancel: CancelHandle) {
+    loop {
+        tokio::time::sleep(LOOK).await;
+        match store.message_to_send(message_id).await {
+            Ok(Some(message)) if message.cancel_requested => {
+                tracing::info!(message_id, "push cancelled: stopping its batch");
+                cancel.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not look for a cancel"),
+        }
+    }
 }
 
 /// The message of a stored push, addressed to `to` (a broadcast copies it to each device).

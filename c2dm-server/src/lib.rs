@@ -7,6 +7,7 @@
 //! - [`api`]: the axum [`router`](api::router) with its keys and JSON errors.
 //! - [`jobs`]: the push and batch jobs on apalis, and [`run_workers`](jobs::run_workers).
 //! - [`serve`]: one process, the API, the workers or both, until told to stop (`c2dm serve`).
+//! - [`throwaway`]: a PostgreSQL cluster of its own for tests and benchmarks.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -33,3 +34,4 @@ pub mod api;
 pub mod jobs;
 pub mod serve;
 pub mod store;
+pub mod throwaway;

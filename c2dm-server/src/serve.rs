@@ -9,12 +9,13 @@ use c2dm_core::Sender;
 
 use crate::api::{Keys, router};
 use crate::jobs::{JobError, Queues, WorkerOptions, run_workers};
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 
 /// What one process does.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// The database: `sqlite://c2dm.db` (a file, created if missing).
+    /// The database: `sqlite://c2dm.db` (a file, created if missing) or
+    /// `postgres://user@host/db` (shared by many processes).
     pub database: String,
     /// Serve the API on this address, with these keys; `None` for a worker-only process.
     pub api: Option<(SocketAddr, Keys)>,
@@ -27,9 +28,9 @@ pub struct ServeOptions {
 /// Why a server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The database URL names a database this build does not support.
-    #[error("unsupported database {0:?}: only sqlite:// for now (PostgreSQL is planned)")]
-    UnsupportedDatabase(String),
+    /// The database URL names no database the server knows.
+    #[error("unsupported database URL: it starts with sqlite: or postgres:")]
+    UnsupportedDatabase,
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -50,12 +51,9 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    if !options.database.starts_with("sqlite:") {
-        return Err(ServeError::UnsupportedDatabase(options.database));
-    }
     crate::api::install_metrics();
-    let store = SqliteStore::open(&options.database).await?;
-    let queues = Queues::open(store.pool()).await?;
+    let worker_options = options.workers.clone().unwrap_or_default();
+    let (store, queues) = open_database(&options.database, &worker_options).await?;
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let stopped = |stop: &tokio::sync::broadcast::Sender<()>| {
         let mut rx = stop.subscribe();
@@ -72,7 +70,7 @@ pub async fn serve(
             }
             on_listening(bound);
             tracing::info!(%bound, "API listening");
-            let app = router(Arc::new(store.clone()), queues.clone(), keys);
+            let app = router(Arc::clone(&store), queues.clone(), keys);
             let signal = stopped(&stop);
             Some(tokio::spawn(async move {
                 axum::serve(listener, app)
@@ -85,7 +83,7 @@ pub async fn serve(
     let workers = options.workers.map(|worker_options| {
         let signal = stopped(&stop);
         tokio::spawn(run_workers(
-            Arc::new(store.clone()),
+            Arc::clone(&store),
             sender,
             queues.clone(),
             worker_options,
@@ -105,4 +103,27 @@ pub async fn serve(
             .map_err(|e| std::io::Error::other(e.to_string()))??;
     }
     Ok(())
+}
+
+/// The store and the queues in the database at `url`: `sqlite:…` or `postgres:…` (also
+/// `postgresql:…`), created or migrated now; the queues' heartbeat is `options`'.
+pub async fn open_database(
+    url: &str,
+    options: &WorkerOptions,
+) -> Result<(Arc<dyn Store>, Queues), ServeError> {
+    if url.starts_with("sqlite:") {
+        let store = SqliteStore::open(url).await?;
+        let queues = Queues::open_sqlite(store.pool(), options).await?;
+        Ok((Arc::new(store), queues))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        // The batches at once, the push walker, the API's requests and the account watcher.
+        let connections = u32::try_from(options.workers)
+            .unwrap_or(64)
+            .saturating_add(8);
+        let store = PostgresStore::open(url, connections).await?;
+        let queues = Queues::open_postgres(store.pool(), options).await?;
+        Ok((Arc::new(store), queues))
+    } else {
+        Err(ServeError::UnsupportedDatabase)
+    }
 }

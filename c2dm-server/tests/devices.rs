@@ -1,6 +1,7 @@
 //! The device registry's API on a real SQLite file: registration, unregistration, listing by
 //! page and filter, keys, and every bad input answered with a clear JSON error, never a 500.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -8,27 +9,27 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use c2dm_server::api::{BODY_LIMIT, Key, Keys};
-use c2dm_server::store::{SqliteStore, Store};
+use c2dm_server::store::Store;
 use http::{Request, StatusCode};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use common::{ADMIN, DEVICE};
+use common::{ADMIN, DEVICE, Db};
 
 struct Server {
     app: Router,
-    store: SqliteStore,
-    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    _database: common::Database,
 }
 
 impl Server {
     /// The API over a fresh SQLite file.
-    async fn start() -> Self {
-        let api = common::Api::start().await;
+    async fn start(db: Db) -> Self {
+        let api = common::Api::start(db).await;
         Self {
             app: api.app,
             store: api.store,
-            _dir: api.dir,
+            _database: api.database,
         }
     }
 
@@ -76,9 +77,8 @@ fn error_of(value: &Value) -> (&str, Option<&str>) {
     )
 }
 
-#[tokio::test]
-async fn register_update_unregister_and_register_again() {
-    let server = Server::start().await;
+async fn register_update_unregister_and_register_again(db: Db) {
+    let server = Server::start(db).await;
     let (status, device) = server
         .register(json!({
             "registration_id": "APA91b-phone-1",
@@ -123,9 +123,8 @@ async fn register_update_unregister_and_register_again() {
     );
 }
 
-#[tokio::test]
-async fn a_gone_device_stays_gone_until_registered_again() {
-    let server = Server::start().await;
+async fn a_gone_device_stays_gone_until_registered_again(db: Db) {
+    let server = Server::start(db).await;
     server
         .register(json!({"registration_id": "old-phone"}))
         .await;
@@ -159,9 +158,8 @@ async fn a_gone_device_stays_gone_until_registered_again() {
     );
 }
 
-#[tokio::test]
-async fn listing_pages_through_everything_once_and_filters() {
-    let server = Server::start().await;
+async fn listing_pages_through_everything_once_and_filters(db: Db) {
+    let server = Server::start(db).await;
     for i in 0..250 {
         let user = format!("user-{}", i % 5);
         let tags = if i % 10 == 0 {
@@ -205,9 +203,8 @@ async fn listing_pages_through_everything_once_and_filters() {
     assert_eq!(page["next"], Value::Null, "the last page says so");
 }
 
-#[tokio::test]
-async fn keys_are_checked_on_every_route_but_healthz() {
-    let server = Server::start().await;
+async fn keys_are_checked_on_every_route_but_healthz(db: Db) {
+    let server = Server::start(db).await;
     let body = || Some(Body::from(json!({"registration_id": "p"}).to_string()));
     for (key, expected) in [
         (None, StatusCode::UNAUTHORIZED),
@@ -243,9 +240,8 @@ async fn keys_are_checked_on_every_route_but_healthz() {
     assert!(Key::new("").is_err() && Key::new("has space").is_err());
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_clear_error_and_is_not_stored() {
-    let server = Server::start().await;
+async fn bad_input_gets_a_clear_error_and_is_not_stored(db: Db) {
+    let server = Server::start(db).await;
     let long = "x".repeat(300);
     let cases: Vec<(&str, String, StatusCode, &str, Option<&str>)> = vec![
         ("malformed JSON", "{\"registration_id\": ".into(), StatusCode::BAD_REQUEST, "malformed_body", None),
@@ -301,9 +297,8 @@ async fn bad_input_gets_a_clear_error_and_is_not_stored() {
 }
 
 /// Fifty registrations of one id at once: exactly one creates it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simultaneous_registrations_of_one_id_create_it_once() {
-    let server = Arc::new(Server::start().await);
+async fn simultaneous_registrations_of_one_id_create_it_once(db: Db) {
+    let server = Arc::new(Server::start(db).await);
     let tasks: Vec<_> = (0..50)
         .map(|i| {
             let server = Arc::clone(&server);
@@ -328,3 +323,12 @@ async fn simultaneous_registrations_of_one_id_create_it_once() {
     assert_eq!(created, 1);
     assert_eq!(server.list_all("", 10).await.len(), 1);
 }
+
+on_each_database!(
+    register_update_unregister_and_register_again,
+    a_gone_device_stays_gone_until_registered_again,
+    listing_pages_through_everything_once_and_filters,
+    keys_are_checked_on_every_route_but_healthz,
+    bad_input_gets_a_clear_error_and_is_not_stored,
+    simultaneous_registrations_of_one_id_create_it_once,
+);

@@ -1,6 +1,7 @@
 //! Pushes end to end: the API on a real SQLite file, the workers' durable jobs, and the
 //! emulator standing in for C2DM. Waits follow the store's change signal, never a clock.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -10,23 +11,23 @@ use axum::body::Body;
 use c2dm_core::{AuthToken, Sender, StaticToken};
 use c2dm_emulator::{Config, Emulator};
 use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
-use c2dm_server::store::SqliteStore;
+use c2dm_server::store::Store;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use common::{ADMIN, DEVICE};
+use common::{ADMIN, DEVICE, Db};
 
 struct Server {
     app: Router,
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     queues: Queues,
     emulator: Emulator,
-    _dir: tempfile::TempDir,
+    _database: common::Database,
 }
 
 impl Server {
-    async fn start() -> Self {
-        let api = common::Api::start().await;
+    async fn start(db: Db) -> Self {
+        let api = common::Api::start(db).await;
         let config = Config {
             static_tokens: vec!["server-token".into()],
             devices: c2dm_emulator::DeviceRules {
@@ -42,7 +43,7 @@ impl Server {
             store: api.store,
             queues: api.queues,
             emulator,
-            _dir: api.dir,
+            _database: api.database,
         }
     }
 
@@ -55,7 +56,7 @@ impl Server {
         .endpoint(self.emulator.send_url().parse().unwrap())
         .build();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let store = Arc::new(self.store.clone());
+        let store = Arc::clone(&self.store);
         tokio::spawn(run_workers(
             store,
             sender,
@@ -147,9 +148,8 @@ impl Server {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone() {
-    let server = Server::start().await;
+async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db: Db) {
+    let server = Server::start(db).await;
     for i in 0..40 {
         let id = match i % 10 {
             3 => format!("gone-{i}"),
@@ -260,9 +260,8 @@ async fn metrics_text(server: &Server, key: &str) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pushes_to_a_user_a_tag_and_a_list_of_ids() {
-    let server = Server::start().await;
+async fn pushes_to_a_user_a_tag_and_a_list_of_ids(db: Db) {
+    let server = Server::start(db).await;
     server.register("a-1", Some("alice"), &["news"]).await;
     server.register("a-2", Some("alice"), &[]).await;
     server.register("b-1", Some("bob"), &["news"]).await;
@@ -318,9 +317,8 @@ async fn pushes_to_a_user_a_tag_and_a_list_of_ids() {
     assert_eq!(message["counts"]["accepted"], 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one() {
-    let server = Server::start().await;
+async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one(db: Db) {
+    let server = Server::start(db).await;
     server.register("phone", None, &[]).await;
     let _workers = server.workers(WorkerOptions::default());
     let body = json!({"to": "all", "collapse_key": "k"});
@@ -345,9 +343,8 @@ async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one()
     assert_eq!(server.emulator.inbox("phone").len(), 1, "sent once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_push_still_gives_every_device_a_row() {
-    let server = Server::start().await;
+async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
+    let server = Server::start(db).await;
     for i in 0..25 {
         server.register(&format!("phone-{i:02}"), None, &[]).await;
     }
@@ -369,9 +366,8 @@ async fn a_cancelled_push_still_gives_every_device_a_row() {
     assert_eq!(server.emulator.counters().accepted, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_pushes_are_refused_before_anything_is_stored() {
-    let server = Server::start().await;
+async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
+    let server = Server::start(db).await;
     let cases = [
         (
             json!({"to": "all"}),
@@ -469,3 +465,11 @@ async fn bad_pushes_are_refused_before_anything_is_stored() {
         (StatusCode::BAD_REQUEST, Some("outcome"))
     );
 }
+
+on_each_database!(
+    a_push_to_all_reaches_every_active_device_once_and_disables_the_gone,
+    pushes_to_a_user_a_tag_and_a_list_of_ids,
+    a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one,
+    a_cancelled_push_still_gives_every_device_a_row,
+    bad_pushes_are_refused_before_anything_is_stored,
+);

@@ -1,6 +1,8 @@
 //! Where the server keeps its devices: the [`Store`] trait, with one implementation per
-//! database ([`SqliteStore`] today).
+//! database: [`SqliteStore`] (a file, the default) and [`PostgresStore`] (for many processes).
 
+mod postgres;
+mod rows;
 mod sqlite;
 
 use std::time::SystemTime;
@@ -8,6 +10,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// What a device is to the server.
@@ -399,4 +402,32 @@ pub trait Store: Send + Sync {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError>;
+
+    /// Until when every worker of `account` must not send (a 503 or `QuotaExceeded` one of
+    /// them saw), if that is still to come.
+    async fn shared_pause(&self, account: &str) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Every worker of `account` pauses until `until` (extends, never shortens, a pause).
+    async fn pause_account(&self, account: &str, until: SystemTime) -> Result<(), StoreError>;
+
+    /// Reserves up to `wanted` messages of `account`'s budget for `day` (days since the
+    /// epoch, UTC), of which `daily` may be used in all; returns how many it got (0 once the
+    /// day's budget is spent). A new day starts from zero.
+    async fn reserve_budget(
+        &self,
+        account: &str,
+        day: i64,
+        daily: u64,
+        wanted: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// Gives back `unused` messages of a reservation made for `day` (nothing if the day is
+    /// over).
+    async fn release_budget(&self, account: &str, day: i64, unused: u64) -> Result<(), StoreError>;
+}
+
+/// How much of a reservation a budget grants: what is left of `daily` after `used`, at most
+/// `wanted`.
+pub(crate) fn grant(daily: u64, used: u64, wanted: u64) -> u64 {
+    daily.saturating_sub(used).min(wanted)
 }

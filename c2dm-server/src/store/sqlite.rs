@@ -1,19 +1,20 @@
 //! [`Store`] on SQLite: one file, WAL, nothing to start.
 
+use std::collections::HashSet;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use c2dm_core::OutcomeKind;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
 
-use std::collections::HashSet;
-
-use c2dm_core::OutcomeKind;
-
+use super::rows::{
+    counts_of, delivery_of, device_of, json_error, message_of, millis, time_of, trim_page,
+};
 use super::{
-    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, MessageState,
-    NewDevice, NewMessage, Page, Store, StoreError, Upserted,
+    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, NewDevice,
+    NewMessage, Page, Store, StoreError, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order [`device_of`] reads them, from `devices d`: a
@@ -40,93 +41,9 @@ pub struct SqliteStore {
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-fn millis(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn time_of(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-fn device_of(row: &SqliteRow) -> Result<Device, sqlx::Error> {
-    let state: String = row.try_get(5)?;
-    let tags: Option<String> = row.try_get(10)?;
-    Ok(Device {
-        position: row.try_get(0)?,
-        registration_id: row.try_get(1)?,
-        device_id: row.try_get(2)?,
-        user_id: row.try_get(3)?,
-        app_version: row.try_get(4)?,
-        state: DeviceState::parse(&state)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown device state {state:?}").into()))?,
-        reason: row.try_get(6)?,
-        created_at: time_of(row.try_get(7)?),
-        updated_at: time_of(row.try_get(8)?),
-        state_changed_at: time_of(row.try_get(9)?),
-        tags: tags
-            .map(|t| t.split('\u{1f}').map(str::to_owned).collect())
-            .unwrap_or_default(),
-    })
-}
-
 /// `SELECT` of a message's columns, in the order [`message_of`] reads them.
 const SELECT_MESSAGE: &str = "SELECT id, audience, collapse_key, data, delay_while_idle, state, \
      cancel_requested, total, created_at, finished_at FROM messages WHERE id = ?";
-
-fn json_error(e: serde_json::Error) -> sqlx::Error {
-    sqlx::Error::Decode(Box::new(e))
-}
-
-fn message_of(row: &SqliteRow, counts: Counts) -> Result<MessageRecord, sqlx::Error> {
-    let audience: String = row.try_get(1)?;
-    let data: String = row.try_get(3)?;
-    let state: String = row.try_get(5)?;
-    let total: Option<i64> = row.try_get(7)?;
-    let finished: Option<i64> = row.try_get(9)?;
-    Ok(MessageRecord {
-        id: row.try_get(0)?,
-        audience: serde_json::from_str(&audience).map_err(json_error)?,
-        collapse_key: row.try_get(2)?,
-        data: serde_json::from_str(&data).map_err(json_error)?,
-        delay_while_idle: row.try_get(4)?,
-        state: MessageState::parse(&state).ok_or_else(|| {
-            sqlx::Error::Decode(format!("unknown message state {state:?}").into())
-        })?,
-        cancel_requested: row.try_get(6)?,
-        total: total.map(|t| u64::try_from(t).unwrap_or(0)),
-        counts,
-        created_at: time_of(row.try_get(8)?),
-        finished_at: finished.map(time_of),
-    })
-}
-
-fn outcome_of(text: &str) -> Result<OutcomeKind, sqlx::Error> {
-    match text {
-        "accepted" => Ok(OutcomeKind::Accepted),
-        "rejected" => Ok(OutcomeKind::Rejected),
-        "failed" => Ok(OutcomeKind::Failed),
-        "not_attempted" => Ok(OutcomeKind::NotAttempted),
-        other => Err(sqlx::Error::Decode(
-            format!("unknown outcome {other:?}").into(),
-        )),
-    }
-}
-
-fn delivery_of(row: &SqliteRow) -> Result<DeliveryRow, sqlx::Error> {
-    let outcome: String = row.try_get(1)?;
-    let attempts: i64 = row.try_get(4)?;
-    let duplicates: i64 = row.try_get(5)?;
-    Ok(DeliveryRow {
-        registration_id: row.try_get(0)?,
-        outcome: outcome_of(&outcome)?,
-        c2dm_message_id: row.try_get(2)?,
-        error: row.try_get(3)?,
-        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-        possible_duplicates: u32::try_from(duplicates).unwrap_or(u32::MAX),
-        at: time_of(row.try_get(6)?),
-    })
-}
 
 /// Marks a push finished if its audience is walked and every device has its row:
 /// `cancelled` if a cancel was asked for, `done` otherwise.
@@ -199,30 +116,14 @@ impl SqliteStore {
     }
 
     async fn counts(&self, id: i64, total: Option<u64>) -> Result<Counts, sqlx::Error> {
-        let rows = sqlx::query(
+        let groups = sqlx::query(
             "SELECT outcome, error, COUNT(*) FROM deliveries WHERE message_id = ? \
              GROUP BY outcome, error",
         )
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        let mut counts = Counts::default();
-        let mut recorded = 0u64;
-        for row in &rows {
-            let outcome: String = row.try_get(0)?;
-            let error: Option<String> = row.try_get(1)?;
-            let n = u64::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0);
-            recorded += n;
-            let why = error.unwrap_or_default();
-            match outcome_of(&outcome)? {
-                OutcomeKind::Accepted => counts.accepted += n,
-                OutcomeKind::Failed => counts.failed += n,
-                OutcomeKind::Rejected => *counts.rejected.entry(why).or_default() += n,
-                OutcomeKind::NotAttempted => *counts.not_attempted.entry(why).or_default() += n,
-            }
-        }
-        counts.pending = total.map(|t| t.saturating_sub(recorded));
-        Ok(counts)
+        counts_of(&groups, total)
     }
 
     async fn set_state(
@@ -382,13 +283,8 @@ impl Store for SqliteStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows.iter().map(device_of).collect::<Result<Vec<_>, _>>()?;
-        let next = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|d| d.position)
-        } else {
-            None
-        };
+        let items = rows.iter().map(device_of).collect::<Result<Vec<_>, _>>()?;
+        let (items, next) = trim_page(items, limit, |d| d.position);
         Ok(Page { items, next })
     }
 
@@ -641,16 +537,77 @@ impl Store for SqliteStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(delivery_of)
             .collect::<Result<Vec<_>, _>>()?;
-        let next = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|d| d.registration_id.clone())
-        } else {
-            None
+        Ok(trim_page(items, limit, |d| d.registration_id.clone()))
+    }
+
+    async fn shared_pause(&self, account: &str) -> Result<Option<SystemTime>, StoreError> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT paused_until FROM sender_accounts WHERE account = ?")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
+        let now = SystemTime::now();
+        Ok(until.flatten().map(time_of).filter(|until| *until > now))
+    }
+
+    async fn pause_account(&self, account: &str, until: SystemTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sender_accounts (account, paused_until) VALUES (?1, ?2) \
+             ON CONFLICT (account) DO UPDATE SET paused_until = \
+             MAX(COALESCE(paused_until, 0), excluded.paused_until)",
+        )
+        .bind(account)
+        .bind(millis(until))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn reserve_budget(
+        &self,
+        account: &str,
+        day: i64,
+        daily: u64,
+        wanted: u64,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT budget_day, budget_used FROM sender_accounts WHERE account = ?")
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let used = match row {
+            Some((stored_day, used)) if stored_day == day => u64::try_from(used).unwrap_or(0),
+            _ => 0,
         };
-        Ok((items, next))
+        let granted = super::grant(daily, used, wanted);
+        sqlx::query(
+            "INSERT INTO sender_accounts (account, budget_day, budget_used) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (account) DO UPDATE SET budget_day = ?2, budget_used = ?3",
+        )
+        .bind(account)
+        .bind(day)
+        .bind(i64::try_from(used + granted).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(granted)
+    }
+
+    async fn release_budget(&self, account: &str, day: i64, unused: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sender_accounts SET budget_used = MAX(budget_used - ?1, 0) \
+             WHERE account = ?2 AND budget_day = ?3",
+        )
+        .bind(i64::try_from(unused).unwrap_or(i64::MAX))
+        .bind(account)
+        .bind(day)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }

@@ -1,0 +1,607 @@
+//! [`Store`] on PostgreSQL: one database shared by any number of server processes.
+//!
+//! Where SQLite takes the database's one write lock (`BEGIN IMMEDIATE`), PostgreSQL locks rows:
+//! an upsert is one `INSERT … ON CONFLICT`, a batch's rows go in as arrays (`UNNEST`), and the
+//! push's counter is one `UPDATE` that serialises the batches of a push on its row.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use c2dm_core::OutcomeKind;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+
+use super::rows::{
+    counts_of, delivery_of, device_of, json_error, message_of, millis, time_of, trim_page,
+};
+use super::{
+    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, NewDevice,
+    NewMessage, Page, Store, StoreError, Upserted,
+};
+
+/// `SELECT` of a device's columns, in the order `device_of` reads them, from `devices d`: a
+/// macro, so that every query stays one literal string.
+macro_rules! select_device {
+    ($($rest:literal)*) => {
+        concat!(
+            "SELECT d.id, d.registration_id, d.device_id, d.user_id, d.app_version, ",
+            "d.state, d.reason, d.created_at, d.updated_at, d.state_changed_at, ",
+            "(SELECT string_agg(tag, chr(31) ORDER BY tag) FROM device_tags WHERE device = d.id) ",
+            "FROM devices d ",
+            $($rest),*
+        )
+    };
+}
+
+/// `SELECT` of a message's columns, in the order `message_of` reads them.
+const SELECT_MESSAGE: &str = "SELECT id, audience, collapse_key, data, delay_while_idle, state, \
+     cancel_requested, total, created_at, finished_at FROM messages WHERE id = $1";
+
+/// The store on a PostgreSQL database, migrated when opened.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// Counts the batches and walks recorded through this store: what a waiter in the same
+    /// process watches (other processes' work is seen when the waiter looks again).
+    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Marks a push finished if its audience is walked and every device has its row.
+async fn finish_if_complete(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET \
+         state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'done' END, \
+         finished_at = $1 \
+         WHERE id = $2 AND total IS NOT NULL AND recorded >= total \
+         AND state IN ('queued', 'sending')",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets a device's state and reason (its state-change time only if the state changes);
+/// returns how many devices changed (0 for an unknown id).
+async fn set_device_state(
+    conn: &mut sqlx::PgConnection,
+    registration_id: &str,
+    state: DeviceState,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE devices SET state = $1, reason = $2, updated_at = $3, \
+         state_changed_at = CASE WHEN state <> $1 THEN $3 ELSE state_changed_at END \
+         WHERE registration_id = $4",
+    )
+    .bind(state.as_str())
+    .bind(reason)
+    .bind(now)
+    .bind(registration_id)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// A count as PostgreSQL's `BIGINT` keeps it.
+fn big(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user@host/db`) with at most
+    /// `max_connections` connections, and brings its tables up to date. Many processes may
+    /// open one database at once: the migrations take a lock.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        migrator.dangerous_set_table_name("c2dm_migrations");
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError(e.into()))?;
+        Ok(Self {
+            pool,
+            changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+        })
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// The connection pool, shared with the job queues.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn counts(&self, id: i64, total: Option<u64>) -> Result<Counts, sqlx::Error> {
+        let groups = sqlx::query(
+            "SELECT outcome, error, COUNT(*) FROM deliveries WHERE message_id = $1 \
+             GROUP BY outcome, error",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        counts_of(&groups, total)
+    }
+
+    async fn set_state(
+        &self,
+        registration_id: &str,
+        state: DeviceState,
+        reason: Option<&str>,
+    ) -> Result<Option<Device>, StoreError> {
+        let now = millis(SystemTime::now());
+        let mut conn = self.pool.acquire().await?;
+        if set_device_state(&mut conn, registration_id, state, reason, now).await? == 0 {
+            return Ok(None);
+        }
+        drop(conn);
+        self.device(registration_id).await
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn upsert_device(&self, device: &NewDevice) -> Result<(Upserted, Device), StoreError> {
+        let now = millis(SystemTime::now());
+        let mut tx = self.pool.begin().await?;
+        // One statement: two registrations of one id wait for each other on its row.
+        // `xmax = 0` holds for a row this statement inserted.
+        let (id, created): (i64, bool) = sqlx::query_as(
+            "INSERT INTO devices (registration_id, device_id, user_id, app_version, state, \
+             created_at, updated_at, state_changed_at) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $5, $5) \
+             ON CONFLICT (registration_id) DO UPDATE SET device_id = EXCLUDED.device_id, \
+             user_id = EXCLUDED.user_id, app_version = EXCLUDED.app_version, state = 'active', \
+             reason = NULL, updated_at = EXCLUDED.updated_at, \
+             state_changed_at = CASE WHEN devices.state <> 'active' \
+             THEN EXCLUDED.updated_at ELSE devices.state_changed_at END \
+             RETURNING id, (xmax = 0)",
+        )
+        .bind(&device.registration_id)
+        .bind(&device.device_id)
+        .bind(&device.user_id)
+        .bind(&device.app_version)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !created {
+            sqlx::query("DELETE FROM device_tags WHERE device = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !device.tags.is_empty() {
+            sqlx::query(
+                "INSERT INTO device_tags (tag, device) SELECT t, $2 FROM UNNEST($1::text[]) t \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&device.tags)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let row = sqlx::query(select_device!("WHERE d.id = $1"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let stored = device_of(&row)?;
+        tx.commit().await?;
+        let upserted = if created {
+            Upserted::Created
+        } else {
+            Upserted::Updated
+        };
+        Ok((upserted, stored))
+    }
+
+    async fn unregister_device(&self, registration_id: &str) -> Result<Option<Device>, StoreError> {
+        self.set_state(registration_id, DeviceState::Unregistered, None)
+            .await
+    }
+
+    async fn mark_gone(
+        &self,
+        registration_id: &str,
+        reason: &str,
+    ) -> Result<Option<Device>, StoreError> {
+        self.set_state(registration_id, DeviceState::Gone, Some(reason))
+            .await
+    }
+
+    async fn device(&self, registration_id: &str) -> Result<Option<Device>, StoreError> {
+        let row = sqlx::query(select_device!("WHERE d.registration_id = $1"))
+            .bind(registration_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(device_of).transpose()?)
+    }
+
+    async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Device>, StoreError> {
+        let rows = sqlx::query(select_device!(
+            "WHERE d.id > $1 "
+            "AND ($2::text IS NULL OR d.state = $2) "
+            "AND ($3::text IS NULL OR d.user_id = $3) "
+            "AND ($4::text IS NULL OR EXISTS "
+            "(SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = $4)) "
+            "ORDER BY d.id LIMIT $5"
+        ))
+        .bind(after.unwrap_or(0))
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(&filter.user_id)
+        .bind(&filter.tag)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows.iter().map(device_of).collect::<Result<Vec<_>, _>>()?;
+        let (items, next) = trim_page(items, limit, |d| d.position);
+        Ok(Page { items, next })
+    }
+
+    async fn audience_page(
+        &self,
+        audience: &Audience,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<String>, StoreError> {
+        let (user, tag) = match audience {
+            Audience::User { user_id } => (Some(user_id.as_str()), None),
+            Audience::Tag { tag } => (None, Some(tag.as_str())),
+            Audience::All(_) => (None, None),
+            Audience::RegistrationIds { .. } => {
+                return Ok(Page {
+                    items: Vec::new(),
+                    next: None,
+                });
+            }
+        };
+        let rows = sqlx::query(
+            "SELECT d.id, d.registration_id FROM devices d \
+             WHERE d.id > $1 AND d.state = 'active' \
+             AND ($2::text IS NULL OR d.user_id = $2) \
+             AND ($3::text IS NULL OR EXISTS \
+             (SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = $3)) \
+             ORDER BY d.id LIMIT $4",
+        )
+        .bind(after.unwrap_or(0))
+        .bind(user)
+        .bind(tag)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in &rows {
+            last = Some(row.try_get::<i64, _>(0)?);
+            items.push(row.try_get(1)?);
+        }
+        let next = if items.len() == limit as usize {
+            last
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn device_states(
+        &self,
+        registration_ids: &[String],
+    ) -> Result<Vec<(String, DeviceState)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT registration_id, state FROM devices WHERE registration_id = ANY($1)",
+        )
+        .bind(registration_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, state)| DeviceState::parse(&state).map(|state| (id, state)))
+            .collect())
+    }
+
+    async fn create_message(
+        &self,
+        message: &NewMessage,
+    ) -> Result<(bool, MessageRecord), StoreError> {
+        let now = millis(SystemTime::now());
+        let audience = serde_json::to_string(&message.audience).map_err(json_error)?;
+        let data = serde_json::to_string(&message.data).map_err(json_error)?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO messages (idempotency_key, audience, collapse_key, data, \
+             delay_while_idle, state, created_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(&message.idempotency_key)
+        .bind(audience)
+        .bind(&message.collapse_key)
+        .bind(data)
+        .bind(message.delay_while_idle)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (created, id) = match inserted {
+            Some(id) => (true, id),
+            None => (
+                false,
+                sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
+                    .bind(&message.idempotency_key)
+                    .fetch_one(&self.pool)
+                    .await?,
+            ),
+        };
+        let stored = self
+            .message(id)
+            .await?
+            .ok_or_else(|| StoreError(sqlx::Error::RowNotFound))?;
+        Ok((created, stored))
+    }
+
+    async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
+        let Some(row) = sqlx::query(SELECT_MESSAGE)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let total: Option<i64> = row.try_get(7)?;
+        let counts = self
+            .counts(id, total.map(|t| u64::try_from(t).unwrap_or(0)))
+            .await?;
+        Ok(Some(message_of(&row, counts)?))
+    }
+
+    async fn message_to_send(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
+        let row = sqlx::query(SELECT_MESSAGE)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .as_ref()
+            .map(|row| message_of(row, Counts::default()))
+            .transpose()?)
+    }
+
+    async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE messages SET state = 'sending' WHERE id = $1 AND state = 'queued'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError> {
+        let now = millis(SystemTime::now());
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE messages SET total = $1 WHERE id = $2")
+            .bind(big(total))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        finish_if_complete(&mut tx, id, now).await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(())
+    }
+
+    async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
+        sqlx::query("UPDATE messages SET cancel_requested = TRUE WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.message(id).await
+    }
+
+    async fn recorded(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<HashSet<String>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT registration_id FROM deliveries \
+             WHERE message_id = $1 AND registration_id = ANY($2)",
+        )
+        .bind(id)
+        .bind(registration_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn record_batch(
+        &self,
+        id: i64,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let now = millis(SystemTime::now());
+        let ids: Vec<&str> = rows.iter().map(|r| r.registration_id.as_str()).collect();
+        let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+        let message_ids: Vec<Option<&str>> =
+            rows.iter().map(|r| r.c2dm_message_id.as_deref()).collect();
+        let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
+        let attempts: Vec<i64> = rows.iter().map(|r| i64::from(r.attempts)).collect();
+        let duplicates: Vec<i64> = rows
+            .iter()
+            .map(|r| i64::from(r.possible_duplicates))
+            .collect();
+        let at: Vec<i64> = rows.iter().map(|r| millis(r.at)).collect();
+        // Devices in one order in every transaction, so that two batches never wait on each
+        // other's rows the other way round.
+        let mut gone: Vec<&(String, String)> = gone.iter().collect();
+        gone.sort();
+        let gone_ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
+        let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
+
+        let mut tx = self.pool.begin().await?;
+        let written = sqlx::query(
+            "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
+             error, attempts, possible_duplicates, at) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::bigint[]) \
+             ON CONFLICT (message_id, registration_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(&ids)
+        .bind(&outcomes)
+        .bind(&message_ids)
+        .bind(&errors)
+        .bind(&attempts)
+        .bind(&duplicates)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if !gone.is_empty() {
+            sqlx::query(
+                "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \
+                 state_changed_at = CASE WHEN devices.state <> 'gone' THEN $3 \
+                 ELSE devices.state_changed_at END \
+                 FROM UNNEST($1::text[], $2::text[]) AS g(id, code) \
+                 WHERE devices.registration_id = g.id",
+            )
+            .bind(&gone_ids)
+            .bind(&gone_codes)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE messages SET recorded = recorded + $1 WHERE id = $2")
+            .bind(big(written))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        finish_if_complete(&mut tx, id, now).await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(())
+    }
+
+    async fn deliveries(
+        &self,
+        id: i64,
+        outcome: Option<OutcomeKind>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
+             possible_duplicates, at FROM deliveries \
+             WHERE message_id = $1 AND ($2::text IS NULL OR outcome = $2) \
+             AND registration_id > $3 \
+             ORDER BY registration_id LIMIT $4",
+        )
+        .bind(id)
+        .bind(outcome.map(|o| o.as_str()))
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(delivery_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(trim_page(items, limit, |d| d.registration_id.clone()))
+    }
+
+    async fn shared_pause(&self, account: &str) -> Result<Option<SystemTime>, StoreError> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT paused_until FROM sender_accounts WHERE account = $1")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
+        let now = SystemTime::now();
+        Ok(until.flatten().map(time_of).filter(|until| *until > now))
+    }
+
+    async fn pause_account(&self, account: &str, until: SystemTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sender_accounts (account, paused_until) VALUES ($1, $2) \
+             ON CONFLICT (account) DO UPDATE SET paused_until = \
+             GREATEST(COALESCE(sender_accounts.paused_until, 0), EXCLUDED.paused_until)",
+        )
+        .bind(account)
+        .bind(millis(until))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn reserve_budget(
+        &self,
+        account: &str,
+        day: i64,
+        daily: u64,
+        wanted: u64,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO sender_accounts (account) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+        let (stored_day, used): (i64, i64) = sqlx::query_as(
+            "SELECT budget_day, budget_used FROM sender_accounts WHERE account = $1 FOR UPDATE",
+        )
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+        let used = if stored_day == day {
+            u64::try_from(used).unwrap_or(0)
+        } else {
+            0
+        };
+        let granted = super::grant(daily, used, wanted);
+        sqlx::query(
+            "UPDATE sender_accounts SET budget_day = $2, budget_used = $3 WHERE account = $1",
+        )
+        .bind(account)
+        .bind(day)
+        .bind(big(used + granted))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(granted)
+    }
+
+    async fn release_budget(&self, account: &str, day: i64, unused: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sender_accounts SET budget_used = GREATEST(budget_used - $1, 0) \
+             WHERE account = $2 AND budget_day = $3",
+        )
+        .bind(big(unused))
+        .bind(account)
+        .bind(day)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
