@@ -496,10 +496,92 @@ fn budget_day(now: SystemTime) -> (i64, SystemTime) {
 /// before their batch runs again.
 const QUOTA_RETRY: Duration = Duration::from_secs(15 * 60);
 
-/// A batch job: one broadcast to the devices that have no row yet, and their rows, with the
-/// devices C2DM reported gone, in one transaction. Devices the account's daily budget does
-/// not cover, or that the service's quota kept from being sent, go back to the queue for
-/// later, unsent and without a row.
+/// Rows are written at least this often while a batch sends, so that a worker that dies
+/// leaves little for the batch's next run to send again.
+const FLUSH_ROWS: usize = 100;
+/// …and at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// The rows of a batch not written yet, with the devices found gone among them.
+struct Pending {
+    message_id: i64,
+    /// Devices a dead worker may have sent to: their rows count one possible duplicate more.
+    resent: HashSet<String>,
+    rows: Vec<DeliveryRow>,
+    gone: Vec<(String, String)>,
+    flushed_at: Instant,
+}
+
+impl Pending {
+    fn push(&mut self, mut row: DeliveryRow) {
+        if self.resent.contains(&row.registration_id) {
+            row.possible_duplicates = row.possible_duplicates.saturating_add(1);
+        }
+        self.rows.push(row);
+    }
+
+    /// Writes the rows held, in one transaction.
+    async fn flush(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+        if self.rows.is_empty() && self.gone.is_empty() {
+            return Ok(());
+        }
+        store
+            .record_batch(self.message_id, &self.rows, &self.gone)
+            .await?;
+        metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
+        for row in &self.rows {
+            metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str())
+                .increment(1);
+        }
+        self.rows.clear();
+        self.gone.clear();
+        self.flushed_at = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the rows held if there are many, or they have waited long.
+    async fn flush_if_due(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+        if self.rows.len() >= FLUSH_ROWS || self.flushed_at.elapsed() >= FLUSH_EVERY {
+            self.flush(store).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The devices of `send`, each chunk of `chunk` marked as about to be sent before it is
+/// handed to the broadcast; the stream ends early (and the batch fails, to run again) if a
+/// mark cannot be written.
+fn marked(
+    store: Arc<dyn Store>,
+    message_id: i64,
+    send: &[RegistrationId],
+    chunk: usize,
+) -> impl futures::Stream<Item = RegistrationId> + Send + 'static {
+    let chunks: Vec<Vec<RegistrationId>> = send.chunks(chunk.max(1)).map(<[_]>::to_vec).collect();
+    futures::stream::iter(chunks)
+        .then(move |chunk| {
+            let store = Arc::clone(&store);
+            async move {
+                let ids: Vec<String> = chunk.iter().map(|id| id.as_str().to_owned()).collect();
+                match store.mark_attempting(message_id, &ids).await {
+                    Ok(()) => Some(chunk),
+                    Err(e) => {
+                        tracing::warn!(error = %e, message_id, "could not mark sends: stopping the batch");
+                        None
+                    }
+                }
+            }
+        })
+        .take_while(|chunk| std::future::ready(chunk.is_some()))
+        .flat_map(|chunk| futures::stream::iter(chunk.unwrap_or_default()))
+}
+
+/// A batch job: one broadcast to the devices that have no row yet; their rows, with the
+/// devices C2DM reported gone, are written as they come, in transactions of up to
+/// [`FLUSH_ROWS`]. Each device is marked before it is sent to, so that a run after a crash
+/// counts a possible duplicate for it. Devices the account's daily budget does not cover, or
+/// that the service's quota kept from being sent, go back to the queue for later, unsent and
+/// without a row.
 async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
     let store = &runner.store;
     let Some(message) = store.message_to_send(job.message_id).await? else {
@@ -508,34 +590,48 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
     let recorded = store
         .recorded(job.message_id, &job.registration_ids)
         .await?;
-    let todo: Vec<&String> = job
+    let todo: Vec<String> = job
         .registration_ids
         .iter()
         .filter(|id| !recorded.contains(*id))
+        .cloned()
         .collect();
     let now = SystemTime::now();
-    let mut rows = Vec::with_capacity(todo.len());
-    let mut gone = Vec::new();
-    let mut later: Vec<(String, SystemTime)> = Vec::new();
-    if message.cancel_requested {
-        rows.extend(
-            todo.iter()
-                .map(|id| DeliveryRow::not_attempted(id, "cancelled", now)),
+    let mut pending = Pending {
+        message_id: job.message_id,
+        resent: store.attempted(job.message_id, &todo).await?,
+        rows: Vec::with_capacity(todo.len().min(FLUSH_ROWS)),
+        gone: Vec::new(),
+        flushed_at: Instant::now(),
+    };
+    if !pending.resent.is_empty() {
+        tracing::info!(
+            message_id = job.message_id,
+            devices = pending.resent.len(),
+            "a batch runs again after its worker died: its sends under way may be duplicated"
         );
+    }
+    let mut later: Vec<(String, SystemTime)> = Vec::new();
+    let mut unsent = 0usize;
+    if message.cancel_requested {
+        for id in &todo {
+            pending.push(DeliveryRow::not_attempted(id, "cancelled", now));
+        }
     } else {
-        let owned: Vec<String> = todo.iter().map(|id| (*id).clone()).collect();
         let inactive: HashMap<String, DeviceState> = store
-            .device_states(&owned)
+            .device_states(&todo)
             .await?
             .into_iter()
             .filter(|(_, state)| *state != DeviceState::Active)
             .collect();
         let mut send = Vec::with_capacity(todo.len());
-        for id in todo {
+        for id in &todo {
             match (inactive.get(id.as_str()), RegistrationId::new(id.as_str())) {
-                (Some(state), _) => rows.push(DeliveryRow::not_attempted(id, state.as_str(), now)),
+                (Some(state), _) => {
+                    pending.push(DeliveryRow::not_attempted(id, state.as_str(), now))
+                }
                 (None, Ok(rid)) => send.push(rid),
-                (None, Err(_)) => rows.push(DeliveryRow::not_attempted(
+                (None, Err(_)) => pending.push(DeliveryRow::not_attempted(
                     id,
                     "invalid_registration_id",
                     now,
@@ -573,10 +669,11 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
         if let Some(first) = send.first().cloned() {
             adopt_shared_pause(&runner).await?;
             let template = template(&message, first)?;
+            let concurrency = runner.options.concurrency.max(1);
             let mut deliveries = runner.sender.broadcast_to(
-                futures::stream::iter(send),
+                marked(Arc::clone(store), job.message_id, &send, concurrency),
                 &template,
-                BroadcastOptions::default().concurrency(runner.options.concurrency.max(1)),
+                BroadcastOptions::default().concurrency(concurrency),
             )?;
             let watching = tokio::spawn(cancel_when_asked(
                 Arc::clone(store),
@@ -584,7 +681,9 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
                 deliveries.cancel_handle(),
             ));
             let mut accepted = 0u64;
+            let mut delivered = 0usize;
             while let Some(delivery) = deliveries.next().await {
+                delivered += 1;
                 let id = delivery.registration_id().to_string();
                 match delivery.outcome() {
                     Outcome::NotAttempted(NotAttempted::BudgetExhausted) => {
@@ -599,11 +698,15 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
                     _ => {}
                 }
                 if delivery.should_remove() {
-                    gone.push((id, delivery.error_text().unwrap_or_default()));
+                    pending
+                        .gone
+                        .push((id, delivery.error_text().unwrap_or_default()));
                 }
-                rows.push(DeliveryRow::of(&delivery, SystemTime::now()));
+                pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
+                pending.flush_if_due(store.as_ref()).await?;
             }
             watching.abort();
+            unsent = send.len().saturating_sub(delivered);
             if let Some(granted) = granted {
                 let account = runner.options.account.as_str();
                 store
@@ -612,14 +715,14 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
             }
         }
     }
-    // The devices left for later go back first: were this process to die between the two,
-    // the batch would run again and skip whatever has a row.
+    // The devices left for later go back first: were this process to die before its rows
+    // are written, the batch would run again and skip whatever has a row.
     requeue(&runner.queues, job.message_id, later).await?;
-    store.record_batch(job.message_id, &rows, &gone).await?;
+    pending.flush(store.as_ref()).await?;
     metrics::counter!("c2dm_batches_total").increment(1);
-    metrics::counter!("c2dm_devices_gone_total").increment(gone.len() as u64);
-    for row in &rows {
-        metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str()).increment(1);
+    if unsent > 0 {
+        // Marks could not be written: what was not sent is sent when the batch runs again.
+        return Err(format!("{unsent} devices of the batch were not sent: it runs again").into());
     }
     Ok(())
 }
@@ -648,8 +751,14 @@ async fn requeue(
 /// Cancels a batch's broadcast as soon as a cancel of its push is asked for: sends under way
 /// finish, the others are not made, and their devices get `not_attempted: cancelled` rows.
 async fn cancel_when_asked(store: Arc<dyn Store>, message_id: i64, cancel: CancelHandle) {
+    // A cancel through this process's API is seen at once; one through another's, at the
+    // next look.
+    let mut changes = store.changes();
     loop {
-        tokio::time::sleep(LOOK).await;
+        tokio::select! {
+            _ = tokio::time::sleep(LOOK) => {}
+            _ = changes.changed() => {}
+        }
         match store.message_to_send(message_id).await {
             Ok(Some(message)) if message.cancel_requested => {
                 tracing::info!(message_id, "push cancelled: stopping its batch");

@@ -4,149 +4,13 @@
 #[macro_use]
 mod common;
 
-use std::sync::Arc;
-
-use axum::Router;
-use axum::body::Body;
-use c2dm_core::{AuthToken, Sender, StaticToken};
-use c2dm_emulator::{Config, Emulator};
-use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
-use c2dm_server::store::Store;
+use c2dm_server::jobs::WorkerOptions;
 use http::StatusCode;
 use serde_json::{Value, json};
 
 use common::{ADMIN, DEVICE, Db};
 
-struct Server {
-    app: Router,
-    store: Arc<dyn Store>,
-    queues: Queues,
-    emulator: Emulator,
-    _database: common::Database,
-}
-
-impl Server {
-    async fn start(db: Db) -> Self {
-        let api = common::Api::start(db).await;
-        let config = Config {
-            static_tokens: vec!["server-token".into()],
-            devices: c2dm_emulator::DeviceRules {
-                not_registered_prefixes: vec!["gone-".into()],
-                invalid_prefixes: vec!["bad-".into()],
-                ..Default::default()
-            },
-            ..Config::default()
-        };
-        let emulator = Emulator::start(config).await.unwrap();
-        Self {
-            app: api.app,
-            store: api.store,
-            queues: api.queues,
-            emulator,
-            _database: api.database,
-        }
-    }
-
-    /// Runs this process's workers until the returned sender is dropped or fired.
-    fn workers(&self, options: WorkerOptions) -> tokio::sync::oneshot::Sender<()> {
-        let sender = Sender::builder(
-            c2dm_hyper::HyperTransport::new().unwrap(),
-            StaticToken::new(AuthToken::new("server-token").unwrap()),
-        )
-        .endpoint(self.emulator.send_url().parse().unwrap())
-        .build();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let store = Arc::clone(&self.store);
-        tokio::spawn(run_workers(
-            store,
-            sender,
-            self.queues.clone(),
-            options,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        stop
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        uri: &str,
-        key: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        self.call_with(method, uri, key, body, &[]).await
-    }
-
-    async fn call_with(
-        &self,
-        method: &str,
-        uri: &str,
-        key: &str,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> (StatusCode, Value) {
-        let body = body.map(|b| Body::from(b.to_string()));
-        common::call(&self.app, method, uri, Some(key), body, headers).await
-    }
-
-    async fn register(&self, id: &str, user: Option<&str>, tags: &[&str]) {
-        let (status, body) = self
-            .call(
-                "POST",
-                "/v1/devices",
-                DEVICE,
-                Some(json!({"registration_id": id, "user_id": user, "tags": tags})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-    }
-
-    async fn push(&self, to: Value) -> String {
-        let (status, body) = self
-            .call(
-                "POST",
-                "/v1/messages",
-                ADMIN,
-                Some(json!({"to": to, "collapse_key": "news", "data": {"message": "hello"}})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        body["id"].as_str().unwrap().to_owned()
-    }
-
-    /// The push's status once it is finished (done or cancelled): the server holds the
-    /// answer until then (`?wait=`), up to a minute, after which the test fails rather than
-    /// hangs.
-    async fn finished(&self, id: &str) -> Value {
-        let (status, message) = self
-            .call("GET", &format!("/v1/messages/{id}?wait=60"), ADMIN, None)
-            .await;
-        assert_eq!(status, StatusCode::OK, "{message}");
-        assert!(
-            matches!(message["state"].as_str(), Some("done" | "cancelled")),
-            "not finished within a minute: {message}"
-        );
-        message
-    }
-
-    /// Every row of a push, page after page.
-    async fn rows(&self, id: &str, query: &str) -> Vec<Value> {
-        let mut rows = Vec::new();
-        let mut after = String::new();
-        loop {
-            let uri = format!("/v1/messages/{id}/deliveries?limit=7{query}{after}");
-            let (status, page) = self.call("GET", &uri, ADMIN, None).await;
-            assert_eq!(status, StatusCode::OK, "{page}");
-            rows.extend(page["deliveries"].as_array().unwrap().iter().cloned());
-            match page["next"].as_str() {
-                Some(next) => after = format!("&after={next}"),
-                None => return rows,
-            }
-        }
-    }
-}
+use common::Server;
 
 async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db: Db) {
     let server = Server::start(db).await;
@@ -249,7 +113,7 @@ async fn metrics_text(server: &Server, key: &str) -> String {
     use tower::ServiceExt;
     let request = http::Request::get("/metrics")
         .header("authorization", format!("Bearer {key}"))
-        .body(Body::empty())
+        .body(axum::body::Body::empty())
         .unwrap();
     let response = server.app.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);

@@ -303,8 +303,8 @@ pub trait Store: Send + Sync {
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Changes each time a batch or a walk is recorded through this store in this process: what
-    /// a waiter watches between its looks at a push.
+    /// Changes each time a batch, a walk or a cancel is recorded through this store in this
+    /// process: what a waiter watches between its looks at a push.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Registers a device, or updates a known one and makes it active again, in one
@@ -382,8 +382,22 @@ pub trait Store: Send + Sync {
         registration_ids: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError>;
 
-    /// One batch of push `id` is over: its rows, and the devices C2DM reported gone (with
-    /// the code), in one transaction; a row a device already has is kept (a batch run twice
+    /// Marks `registration_ids` as about to be sent push `id`, before the sends start: were
+    /// the worker to die, the batch run again knows they may have been sent.
+    async fn mark_attempting(&self, id: i64, registration_ids: &[String])
+    -> Result<(), StoreError>;
+
+    /// Those of `registration_ids` marked as about to be sent push `id` whose row has not
+    /// been written: devices a dead worker may have sent to.
+    async fn attempted(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError>;
+
+    /// Rows of a batch of push `id` (all of them, or those done so far), and the devices
+    /// C2DM reported gone (with the code), in one transaction, which also clears their marks
+    /// of [`Store::mark_attempting`]; a row a device already has is kept (a batch run twice
     /// writes nothing twice). Finishes the push when every device of its walked audience has
     /// its row.
     async fn record_batch(

@@ -418,6 +418,7 @@ impl Store for PostgresStore {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        self.changed();
         self.message(id).await
     }
 
@@ -428,6 +429,38 @@ impl Store for PostgresStore {
     ) -> Result<HashSet<String>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT registration_id FROM deliveries \
+             WHERE message_id = $1 AND registration_id = ANY($2)",
+        )
+        .bind(id)
+        .bind(registration_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn mark_attempting(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO attempts (message_id, registration_id) \
+             SELECT $1, r FROM UNNEST($2::text[]) r ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(registration_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn attempted(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<HashSet<String>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT registration_id FROM attempts \
              WHERE message_id = $1 AND registration_id = ANY($2)",
         )
         .bind(id)
@@ -481,6 +514,11 @@ impl Store for PostgresStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        sqlx::query("DELETE FROM attempts WHERE message_id = $1 AND registration_id = ANY($2)")
+            .bind(id)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
         if !gone.is_empty() {
             sqlx::query(
                 "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \

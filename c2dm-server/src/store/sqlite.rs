@@ -142,6 +142,33 @@ impl SqliteStore {
     }
 }
 
+/// Those of `registration_ids` that `table` (`deliveries` or `attempts`) holds for push `id`.
+async fn ids_of(
+    pool: &SqlitePool,
+    table: &'static str,
+    id: i64,
+    registration_ids: &[String],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut found = HashSet::new();
+    // A statement per chunk: SQLite takes at most 32,766 parameters.
+    for chunk in registration_ids.chunks(500) {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT registration_id FROM ");
+        query.push(table);
+        query.push(" WHERE message_id = ");
+        query.push_bind(id);
+        query.push(" AND registration_id IN (");
+        let mut list = query.separated(", ");
+        for rid in chunk {
+            list.push_bind(rid);
+        }
+        query.push(")");
+        for row in query.build().fetch_all(pool).await? {
+            found.insert(row.try_get(0)?);
+        }
+    }
+    Ok(found)
+}
+
 /// Sets a device's state and reason (its state-change time only if the state changes);
 /// returns how many devices changed (0 for an unknown id).
 async fn set_device_state(
@@ -450,6 +477,7 @@ impl Store for SqliteStore {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        self.changed();
         self.message(id).await
     }
 
@@ -458,23 +486,34 @@ impl Store for SqliteStore {
         id: i64,
         registration_ids: &[String],
     ) -> Result<HashSet<String>, StoreError> {
-        let mut recorded = HashSet::new();
-        for chunk in registration_ids.chunks(500) {
+        Ok(ids_of(&self.pool, "deliveries", id, registration_ids).await?)
+    }
+
+    async fn mark_attempting(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in registration_ids.chunks(400) {
             let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT registration_id FROM deliveries WHERE message_id = ",
+                "INSERT OR IGNORE INTO attempts (message_id, registration_id) ",
             );
-            query.push_bind(id);
-            query.push(" AND registration_id IN (");
-            let mut list = query.separated(", ");
-            for rid in chunk {
-                list.push_bind(rid);
-            }
-            query.push(")");
-            for row in query.build().fetch_all(&self.pool).await? {
-                recorded.insert(row.try_get(0)?);
-            }
+            query.push_values(chunk, |mut row, rid| {
+                row.push_bind(id).push_bind(rid);
+            });
+            query.build().execute(&mut *tx).await?;
         }
-        Ok(recorded)
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn attempted(
+        &self,
+        id: i64,
+        registration_ids: &[String],
+    ) -> Result<HashSet<String>, StoreError> {
+        Ok(ids_of(&self.pool, "attempts", id, registration_ids).await?)
     }
 
     async fn record_batch(
@@ -503,6 +542,18 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        }
+        for chunk in rows.chunks(500) {
+            let mut query =
+                sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM attempts WHERE message_id = ");
+            query.push_bind(id);
+            query.push(" AND registration_id IN (");
+            let mut list = query.separated(", ");
+            for row in chunk {
+                list.push_bind(&row.registration_id);
+            }
+            query.push(")");
+            query.build().execute(&mut *tx).await?;
         }
         for (registration_id, code) in gone {
             set_device_state(&mut tx, registration_id, DeviceState::Gone, Some(code), now).await?;

@@ -5,14 +5,16 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use c2dm_core::{AuthToken, Sender, StaticToken};
+use c2dm_emulator::{Config, Emulator};
 use c2dm_server::api::{Key, Keys, router};
-use c2dm_server::jobs::{Queues, WorkerOptions};
+use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
 use c2dm_server::serve::open_database;
 use c2dm_server::store::Store;
 use c2dm_server::throwaway::PostgresCluster;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tower::ServiceExt;
 
 /// Sends one request to `app`: with `key` as a Bearer key, `body` as JSON, and `headers`. An
@@ -152,6 +154,164 @@ impl Api {
             store,
             queues,
             database,
+        }
+    }
+}
+
+/// An API over a fresh database, with the emulator standing in for C2DM and workers on
+/// demand.
+pub struct Server {
+    pub app: Router,
+    pub store: Arc<dyn Store>,
+    pub queues: Queues,
+    pub emulator: Emulator,
+    pub database: Database,
+}
+
+impl Server {
+    pub async fn start(db: Db) -> Self {
+        Self::start_with(db, |_| {}, &WorkerOptions::default()).await
+    }
+
+    /// With the emulator's configuration changed by `configure`, and the queues' heartbeat of
+    /// `options`.
+    pub async fn start_with(
+        db: Db,
+        configure: impl FnOnce(&mut Config),
+        options: &WorkerOptions,
+    ) -> Self {
+        let api = Api::start_with(db, options).await;
+        let mut config = Config {
+            static_tokens: vec!["server-token".into()],
+            devices: c2dm_emulator::DeviceRules {
+                not_registered_prefixes: vec!["gone-".into()],
+                invalid_prefixes: vec!["bad-".into()],
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        configure(&mut config);
+        let emulator = Emulator::start(config).await.unwrap();
+        Self {
+            app: api.app,
+            store: api.store,
+            queues: api.queues,
+            emulator,
+            database: api.database,
+        }
+    }
+
+    /// A sender to the emulator, over `transport`.
+    pub fn sender_over(&self, transport: impl c2dm_core::Transport + 'static) -> Sender {
+        Sender::builder(
+            transport,
+            StaticToken::new(AuthToken::new("server-token").unwrap()),
+        )
+        .endpoint(self.emulator.send_url().parse().unwrap())
+        .build()
+    }
+
+    /// Runs this process's workers until the returned sender is dropped or fired.
+    pub fn workers(&self, options: WorkerOptions) -> tokio::sync::oneshot::Sender<()> {
+        let sender = self.sender_over(c2dm_hyper::HyperTransport::new().unwrap());
+        self.workers_with(sender, options)
+    }
+
+    /// Runs workers with `sender` until the returned sender is dropped or fired.
+    pub fn workers_with(
+        &self,
+        sender: Sender,
+        options: WorkerOptions,
+    ) -> tokio::sync::oneshot::Sender<()> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let store = Arc::clone(&self.store);
+        tokio::spawn(run_workers(
+            store,
+            sender,
+            self.queues.clone(),
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        stop
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(method, uri, key, body, &[]).await
+    }
+
+    pub async fn call_with(
+        &self,
+        method: &str,
+        uri: &str,
+        key: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let body = body.map(|b| Body::from(b.to_string()));
+        call(&self.app, method, uri, Some(key), body, headers).await
+    }
+
+    pub async fn register(&self, id: &str, user: Option<&str>, tags: &[&str]) {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/devices",
+                DEVICE,
+                Some(json!({"registration_id": id, "user_id": user, "tags": tags})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    pub async fn push(&self, to: Value) -> String {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/messages",
+                ADMIN,
+                Some(json!({"to": to, "collapse_key": "news", "data": {"message": "hello"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The push's status once it is finished (done or cancelled): the server holds the
+    /// answer until then (`?wait=`), up to a minute, after which the test fails rather than
+    /// hangs.
+    pub async fn finished(&self, id: &str) -> Value {
+        let (status, message) = self
+            .call("GET", &format!("/v1/messages/{id}?wait=60"), ADMIN, None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{message}");
+        assert!(
+            matches!(message["state"].as_str(), Some("done" | "cancelled")),
+            "not finished within a minute: {message}"
+        );
+        message
+    }
+
+    /// Every row of a push, page after page.
+    pub async fn rows(&self, id: &str, query: &str) -> Vec<Value> {
+        let mut rows = Vec::new();
+        let mut after = String::new();
+        loop {
+            let uri = format!("/v1/messages/{id}/deliveries?limit=7{query}{after}");
+            let (status, page) = self.call("GET", &uri, ADMIN, None).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            rows.extend(page["deliveries"].as_array().unwrap().iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => return rows,
+            }
         }
     }
 }

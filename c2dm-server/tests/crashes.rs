@@ -1,0 +1,323 @@
+//! What the durable jobs promise when things go wrong: a worker killed in the middle of a
+//! batch, a cancel while a batch sends, and an account's daily budget spent half way.
+//! Each runs on SQLite and on PostgreSQL, against the emulator.
+
+#[macro_use]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
+use c2dm_server::jobs::{WorkerOptions, run_workers};
+use c2dm_server::serve::open_database;
+use c2dm_server::store::Store;
+use serde_json::{Value, json};
+
+use common::{Db, Server};
+
+/// A transport that forwards requests to the emulator until it has forwarded `pass`, then
+/// forwards each later request without giving its answer back: the send stays under way
+/// forever. `reached` fires when the first such request has been forwarded.
+fn stalling_after(
+    pass: usize,
+    reached: tokio::sync::oneshot::Sender<()>,
+) -> impl c2dm_core::Transport + 'static {
+    let inner = Arc::new(c2dm_hyper::HyperTransport::new().unwrap());
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reached = Arc::new(Mutex::new(Some(reached)));
+    move |request: http::Request<Bytes>| {
+        let inner = Arc::clone(&inner);
+        let count = Arc::clone(&count);
+        let reached = Arc::clone(&reached);
+        async move {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = c2dm_core::Transport::execute(&*inner, request).await;
+            if n < pass {
+                return answer;
+            }
+            if let Some(reached) = reached.lock().unwrap().take() {
+                let _ = reached.send(());
+            }
+            std::future::pending::<Result<http::Response<Bytes>, TransportError>>().await
+        }
+    }
+}
+
+/// A transport that forwards requests to the emulator until it has forwarded `pass`; each
+/// later request waits until `release` turns true, then fails without having been sent.
+/// `reached` fires when the first of those arrives.
+fn holding_after(
+    pass: usize,
+    reached: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::watch::Receiver<bool>,
+) -> impl c2dm_core::Transport + 'static {
+    let inner = Arc::new(c2dm_hyper::HyperTransport::new().unwrap());
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reached = Arc::new(Mutex::new(Some(reached)));
+    move |request: http::Request<Bytes>| {
+        let inner = Arc::clone(&inner);
+        let count = Arc::clone(&count);
+        let reached = Arc::clone(&reached);
+        let mut release = release.clone();
+        async move {
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < pass {
+                return c2dm_core::Transport::execute(&*inner, request).await;
+            }
+            if let Some(reached) = reached.lock().unwrap().take() {
+                let _ = reached.send(());
+            }
+            let _ = release.wait_for(|released| *released).await;
+            Err(TransportError::new(
+                TransportErrorKind::Connect,
+                RequestSent::No,
+            ))
+        }
+    }
+}
+
+/// Waits, as the store records work in this process, until the push's status passes `test`
+/// (a minute at most, then the test fails).
+async fn until(server: &Server, id: &str, test: impl Fn(&Value) -> bool) -> Value {
+    let mut changes = server.store.changes();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, message) = server
+            .call("GET", &format!("/v1/messages/{id}"), common::ADMIN, None)
+            .await;
+        if test(&message) {
+            return message;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => panic!("still {message}"),
+        }
+    }
+}
+
+async fn register_phones(server: &Server, n: usize) {
+    for i in 0..n {
+        server.register(&format!("phone-{i:03}"), None, &[]).await;
+    }
+}
+
+async fn a_worker_killed_mid_batch_leaves_its_batch_to_another(db: Db) {
+    // Heartbeats of a second: the dead worker's batch goes to the other after three.
+    let options = WorkerOptions {
+        workers: 1,
+        concurrency: 4,
+        batch_size: 200,
+        heartbeat: Duration::from_secs(1),
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    register_phones(&server, 200).await;
+
+    // The first worker, in a runtime of its own, as a process would be: its own pool, its
+    // own sender, whose sends after the 150th reach the emulator but never come back.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (reached, stalled) = tokio::sync::oneshot::channel();
+    let sender = server.sender_over(stalling_after(150, reached));
+    let url = server.database.url.clone();
+    let doomed_options = options.clone();
+    doomed.spawn(async move {
+        let (store, queues) = open_database(&url, &doomed_options).await.unwrap();
+        run_workers(
+            store,
+            sender,
+            queues,
+            doomed_options,
+            std::future::pending(),
+        )
+        .await
+    });
+    let id = server.push(json!("all")).await;
+    stalled.await.unwrap();
+    // Killed: every task of its runtime dropped where it stood, its rows not all written.
+    doomed.shutdown_background();
+    let before = server
+        .store
+        .message(id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    // Rows are written every 100 devices (or quarter second): those of the sends under
+    // way cannot have been.
+    let unwritten = before.counts.pending.unwrap();
+    assert!(unwritten >= 4, "{before:?}");
+
+    let _survivor = server.workers(options);
+    let message = server.finished(&id).await;
+    assert_eq!(message["state"], "done", "{message}");
+    assert_eq!(message["counts"]["accepted"], 200, "{message}");
+
+    let rows = server.rows(&id, "").await;
+    assert_eq!(rows.len(), 200, "exactly one row per device");
+    let mut copies_beyond_one = 0;
+    let mut marked = 0;
+    let mut by_id: HashMap<&str, &Value> = HashMap::new();
+    for row in &rows {
+        let device = row["registration_id"].as_str().unwrap();
+        assert!(by_id.insert(device, row).is_none(), "{device} twice");
+        let copies = server.emulator.inbox(device).len() as u64;
+        let possible = row["possible_duplicates"].as_u64().unwrap();
+        assert!(copies >= 1, "{device}: accepted, so delivered");
+        assert!(
+            copies <= 1 + possible,
+            "{device}: {copies} copies, but only {possible} possible duplicates in {row}"
+        );
+        copies_beyond_one += copies - 1;
+        marked += possible;
+    }
+    // The sends under way when the worker died (4 at most, one per slot) reached the
+    // emulator and were sent again: second copies, each marked.
+    // The sends under way when the worker died (4, one per slot) reached the emulator and
+    // were sent again: second copies, each marked. So were the sends answered whose rows
+    // were not written yet; and no device with a row before the kill was marked.
+    assert!(copies_beyond_one >= 4, "{copies_beyond_one}");
+    assert!(copies_beyond_one <= marked);
+    assert!(
+        marked <= unwritten,
+        "{marked} marked, {unwritten} without a row"
+    );
+}
+
+async fn a_cancel_stops_a_batch_under_way(db: Db) {
+    let options = WorkerOptions {
+        workers: 1,
+        concurrency: 2,
+        batch_size: 300,
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    register_phones(&server, 300).await;
+    // Sends after the 20th are held, so the batch is surely under way when the cancel
+    // comes; released, they fail unsent, and their retries wait until the cancel ends it.
+    let (reached, held) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let sender = server.sender_over(holding_after(20, reached, released));
+    let _workers = server.workers_with(sender, options);
+    let id = server.push(json!("all")).await;
+    held.await.unwrap();
+    let (status, _) = server
+        .call(
+            "POST",
+            &format!("/v1/messages/{id}/cancel"),
+            common::ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(status, http::StatusCode::OK);
+    release.send(true).unwrap();
+    let message = server.finished(&id).await;
+    assert_eq!(message["state"], "cancelled", "{message}");
+    let counts = &message["counts"];
+    assert_eq!(counts["accepted"], 20, "{message}");
+    // Each of the two slots may take one device more before the cancel reaches it; the
+    // rest are never tried.
+    let cancelled = counts["not_attempted"]["cancelled"].as_u64().unwrap_or(0);
+    assert!(cancelled >= 300 - 20 - 4, "{message}");
+    assert_eq!(server.rows(&id, "").await.len(), 300);
+    assert_eq!(server.emulator.counters().accepted, 20);
+}
+
+async fn a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent(db: Db) {
+    let options = WorkerOptions {
+        daily_budget: Some(10),
+        batch_size: 30,
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    register_phones(&server, 30).await;
+    let _workers = server.workers(options);
+    let id = server.push(json!("all")).await;
+    let message = until(&server, &id, |m| m["counts"]["accepted"] == 10).await;
+    assert_eq!(message["state"], "sending", "{message}");
+    assert_eq!(message["counts"]["pending"], 20, "{message}");
+    // The 20 others wait, unsent and without a row, in a batch due tomorrow.
+    let (_, batches) = server.queues.depth().await.unwrap();
+    assert!(batches >= 1, "a batch waits for tomorrow");
+    assert_eq!(server.rows(&id, "").await.len(), 10);
+    assert_eq!(server.emulator.counters().accepted, 10);
+
+    // The budget is the account's, not the push's: the next push gets nothing today.
+    let next = server
+        .push(json!({"registration_ids": ["phone-000"]}))
+        .await;
+    let message = until(&server, &next, |m| m["total"] == 1).await;
+    assert_eq!(message["counts"]["pending"], 1, "{message}");
+    assert_eq!(server.emulator.counters().accepted, 10);
+}
+
+async fn budget_reservations_never_exceed_the_day_together(db: Db) {
+    let database = db.fresh().await;
+    let (store, _) = open_database(&database.url, &WorkerOptions::default())
+        .await
+        .unwrap();
+    // 40 reservations of 7 at once against a budget of 100: 100 granted, not one more.
+    let grants = futures::future::join_all((0..40).map(|_| {
+        let store = Arc::clone(&store);
+        async move { store.reserve_budget("acct", 20_000, 100, 7).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(grants.iter().sum::<u64>(), 100, "{grants:?}");
+    // What is given back can be reserved again, the same day only; a new day starts at 0.
+    store.release_budget("acct", 20_000, 30).await.unwrap();
+    assert_eq!(
+        store.reserve_budget("acct", 20_000, 100, 50).await.unwrap(),
+        30
+    );
+    store.release_budget("acct", 19_999, 30).await.unwrap();
+    assert_eq!(
+        store.reserve_budget("acct", 20_000, 100, 50).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store.reserve_budget("acct", 20_001, 100, 50).await.unwrap(),
+        50
+    );
+    // Another account has its own budget.
+    assert_eq!(
+        store.reserve_budget("other", 20_001, 100, 5).await.unwrap(),
+        5
+    );
+}
+
+async fn an_accounts_pause_is_extended_never_shortened(db: Db) {
+    let database = db.fresh().await;
+    let (store, _) = open_database(&database.url, &WorkerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.shared_pause("acct").await.unwrap(), None);
+    let now = std::time::SystemTime::now();
+    let later = now + Duration::from_secs(120);
+    store.pause_account("acct", later).await.unwrap();
+    store
+        .pause_account("acct", now + Duration::from_secs(60))
+        .await
+        .unwrap();
+    let until = store.shared_pause("acct").await.unwrap().unwrap();
+    let off = until.duration_since(later).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_millis(2), "{until:?} vs {later:?}");
+    assert_eq!(store.shared_pause("other").await.unwrap(), None);
+    // A pause that has ended is no pause.
+    store
+        .pause_account("past", now - Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(store.shared_pause("past").await.unwrap(), None);
+}
+
+on_each_database!(
+    a_worker_killed_mid_batch_leaves_its_batch_to_another,
+    a_cancel_stops_a_batch_under_way,
+    a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
+    budget_reservations_never_exceed_the_day_together,
+    an_accounts_pause_is_extended_never_shortened,
+);
