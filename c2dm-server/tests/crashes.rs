@@ -13,7 +13,6 @@ use bytes::Bytes;
 use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use c2dm_server::serve::open_database;
-use c2dm_server::store::Store;
 use serde_json::{Value, json};
 
 use common::{Db, Server};
