@@ -263,6 +263,10 @@ impl TokenProvider for ClientLogin {
     async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {
         self.cache.refresh(refused).await
     }
+
+    fn logins(&self) -> Option<u64> {
+        Some(self.login_count())
+    }
 }
 
 /// The [`LoginError`] behind a [`TokenError`] from [`ClientLogin`], if that is what it is: how a

@@ -215,6 +215,9 @@ pub struct ServeArgs {
     /// heartbeats is taken for dead and its jobs go to the others.
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_seconds)]
     pub heartbeat: f64,
+    /// Also serve GET /metrics, without a key, here (for a worker process with --no-api).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// A worker process only: no API.
     #[arg(long, conflicts_with = "no_workers")]
     pub no_api: bool,

@@ -278,6 +278,7 @@ async fn server_act(
         api: Some(("127.0.0.1:0".parse().expect("a loopback address"), keys)),
         port_file: None,
         workers: Some(c2dm_server::jobs::WorkerOptions::default()),
+        metrics: None,
     };
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -64,6 +64,7 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
         api,
         port_file: args.port_file,
         workers,
+        metrics: args.metrics_listen,
     };
     let shutdown = async {
         let mut terminate =

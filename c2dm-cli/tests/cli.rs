@@ -1014,6 +1014,142 @@ async fn http(
     )
 }
 
+/// Starts `c2dm serve` on `database` with `args`, against the emulator, with the keys
+/// `admin-key` and `device-key`; with the API, waits (reading, not sleeping) for the line
+/// that says where it listens and returns its base URL.
+async fn spawn_serve(
+    env: &Env,
+    database: &str,
+    args: &[&str],
+) -> (std::process::Child, Option<String>) {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
+    cmd.args([
+        "--token",
+        "server-token",
+        "--send-url",
+        &env.emulator.send_url(),
+        "serve",
+        "--database",
+        database,
+    ])
+    .args(args)
+    .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key")
+    .env("C2DM_SERVER_DEVICE_KEY", "device-key")
+    .env_remove("C2DM_LOG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if args.contains(&"--no-api") {
+        return (child, None);
+    }
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    (child, Some(base))
+}
+
+/// Sends SIGTERM and waits: the process must stop cleanly, saying so.
+async fn terminate(child: std::process::Child) {
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+}
+
+/// Two worker processes and an API process on one PostgreSQL database (a throwaway cluster
+/// the test starts): the push's batches are shared between the workers, every device gets
+/// one row and one message, and each process stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_on_one_postgres_share_a_push() {
+    let mut config = Config::default();
+    config.static_tokens = vec!["server-token".into()];
+    // Sends take a while, so that neither worker can take every batch before the other looks.
+    config.latency = std::time::Duration::from_millis(10);
+    let env = Env::new(config).await;
+    let cluster =
+        c2dm_server::throwaway::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
+    let database = cluster.create_database("cli").await.unwrap();
+    let (api, base) = spawn_serve(
+        &env,
+        &database,
+        &["--listen", "127.0.0.1:0", "--no-workers"],
+    )
+    .await;
+    let base = base.unwrap();
+    let worker_args = [
+        "--no-api",
+        "--workers",
+        "1",
+        "--concurrency",
+        "4",
+        "--batch-size",
+        "20",
+    ];
+    let (first, _) = spawn_serve(&env, &database, &worker_args).await;
+    let (second, _) = spawn_serve(&env, &database, &worker_args).await;
+
+    for i in 0..400 {
+        let id = format!("phone-{i:03}");
+        let body = serde_json::json!({ "registration_id": id });
+        let (status, body) = http(&base, "POST", "/v1/devices", "device-key", Some(body)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let push = serde_json::json!({"to": "all", "collapse_key": "news", "data": {"m": "hi"}});
+    let (status, push) = http(&base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    assert_eq!(status, 202, "{push}");
+    let id = push["id"].as_str().unwrap();
+    // The API process learns of the workers' rows by looking again: no signal crosses
+    // processes.
+    let (_, done) = http(
+        &base,
+        "GET",
+        &format!("/v1/messages/{id}?wait=60"),
+        "admin-key",
+        None,
+    )
+    .await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["counts"]["accepted"], 400, "{done}");
+    for i in 0..400 {
+        assert_eq!(env.emulator.delivered_count(&format!("phone-{i:03}")), 1);
+    }
+    // Who ran the batches: the queue keeps the name (with the process id) of the worker
+    // that took each.
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(&database).await.unwrap();
+    let takers: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT split_part(lock_by, '-', 3) FROM apalis.jobs \
+         WHERE job_type = 'c2dm-batches' AND status = 'Done'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let pids = [first.id().to_string(), second.id().to_string()];
+    assert_eq!(takers.len(), 2, "both workers took batches: {takers:?}");
+    assert!(
+        takers.iter().all(|t| pids.contains(t)),
+        "{takers:?} {pids:?}"
+    );
+
+    for child in [first, second, api] {
+        terminate(child).await;
+    }
+}
+
 /// `c2dm serve` end to end: devices register over HTTP, a push goes out through the workers,
 /// every device gets its row and the gone one is disabled; SIGTERM stops it cleanly.
 #[cfg(unix)]
@@ -1024,36 +1160,8 @@ async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
     config.devices.not_registered_prefixes = vec!["gone-".into()];
     let env = Env::new(config).await;
     let database = format!("sqlite://{}", env.path("c2dm.db"));
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
-    cmd.args([
-        "--token",
-        "server-token",
-        "--send-url",
-        &env.emulator.send_url(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--database",
-        &database,
-    ])
-    .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key")
-    .env("C2DM_SERVER_DEVICE_KEY", "device-key")
-    .env_remove("C2DM_LOG")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    // Wait (reading, not sleeping) for the line that says where it listens.
-    let base = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let base = base.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    let (child, base) = spawn_serve(&env, &database, &["--listen", "127.0.0.1:0"]).await;
+    let base = base.unwrap();
 
     for id in ["phone-1", "phone-2", "gone-3"] {
         let (status, body) = http(
@@ -1092,16 +1200,7 @@ async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
     let (_, gone) = http(&base, "GET", "/v1/devices?state=gone", "admin-key", None).await;
     assert_eq!(gone["devices"][0]["registration_id"], "gone-3");
 
-    let signalled = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+    terminate(child).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

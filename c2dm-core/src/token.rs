@@ -175,6 +175,12 @@ pub trait TokenProvider: Send + Sync {
     /// Implementations should be single-flight: callers that all saw the same refused token share
     /// one refresh, and a caller whose refused token was already replaced gets the replacement.
     async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError>;
+
+    /// How many logins this provider has attempted, for a process's metrics; `None` (the
+    /// default) for a provider that never logs in.
+    fn logins(&self) -> Option<u64> {
+        None
+    }
 }
 
 #[async_trait]
@@ -187,6 +193,9 @@ impl<P: TokenProvider + ?Sized> TokenProvider for Arc<P> {
     }
     async fn refresh(&self, refused: &AuthToken) -> Result<AuthToken, TokenError> {
         (**self).refresh(refused).await
+    }
+    fn logins(&self) -> Option<u64> {
+        (**self).logins()
     }
 }
 

@@ -194,6 +194,10 @@ impl<L: Login> TokenProvider for TokenCache<L> {
         self.login_unless(|state| state.has_newer_than(refused))
             .await
     }
+
+    fn logins(&self) -> Option<u64> {
+        Some(self.login_count())
+    }
 }
 
 #[cfg(test)]

@@ -666,11 +666,13 @@ async fn status(
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
     let mut changes = state.store.changes();
+    let mut message = find(&state, &id).await?;
     loop {
-        let message = find(&state, &id).await?;
         let finished = matches!(message.state, MessageState::Done | MessageState::Cancelled);
         if finished || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(message.into()));
+            // Counted once, at the answer: counting a push's rows costs what it has.
+            let counted = state.store.message(message.id).await?.unwrap_or(message);
+            return Ok(Json(counted.into()));
         }
         // Woken by a batch recorded in this process, or after a while for one recorded by
         // another process.
@@ -679,6 +681,16 @@ async fn status(
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
+        message = match state.store.message_to_send(message.id).await? {
+            Some(now) => now,
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such message",
+                ));
+            }
+        };
     }
 }
 
@@ -797,11 +809,25 @@ pub fn install_metrics() {
 
 async fn metrics_text(caller: Caller) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    Ok((
+    Ok(rendered_metrics())
+}
+
+fn rendered_metrics() -> Response {
+    (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         prometheus().render(),
     )
-        .into_response())
+        .into_response()
+}
+
+/// `GET /metrics` alone, without a key: for a listener of its own (`c2dm serve
+/// --metrics-listen`), where a worker process without the API is scraped. Keep it on an
+/// address only the scraper reaches.
+pub fn metrics_router() -> Router {
+    install_metrics();
+    Router::new()
+        .route("/metrics", get(|| async { rendered_metrics() }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
 }
 
 /// The answer to `GET /healthz`.

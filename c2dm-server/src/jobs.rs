@@ -380,31 +380,9 @@ async fn watch_account(runner: Arc<Runner>) {
     loop {
         tokio::time::sleep(LOOK).await;
         ticks += 1;
-        let mine = runner.sender.paused_until().map(wall_time_of);
-        let store = &runner.store;
-        let account = runner.options.account.as_str();
-        // Ours is later than the database's by more than the clocks' rounding: tell the
-        // others.
-        if let Some(mine) = mine
-            && shared.is_none_or(|s| mine > s + Duration::from_millis(5))
-        {
-            match store.pause_account(account, mine).await {
-                Ok(()) => {
-                    metrics::counter!("c2dm_pauses_total").increment(1);
-                    tracing::info!(account, until = ?mine, "pausing every worker of the account");
-                }
-                Err(e) => tracing::warn!(error = %e, "could not share a pause"),
-            }
-        }
-        match store.shared_pause(account).await {
-            Ok(until) => {
-                if let Some(until) = until {
-                    runner.sender.pause_all_until(instant_of(until));
-                }
-                metrics::gauge!("c2dm_paused").set(if until.is_some() { 1.0 } else { 0.0 });
-                shared = until;
-            }
-            Err(e) => tracing::warn!(error = %e, "could not read the account's pause"),
+        shared = share_pause(&runner, shared).await;
+        if let Some(logins) = runner.sender.token_provider().logins() {
+            metrics::counter!("c2dm_logins_total").absolute(logins);
         }
         if ticks.is_multiple_of(5) {
             match runner.queues.depth().await {
@@ -414,6 +392,40 @@ async fn watch_account(runner: Arc<Runner>) {
                 }
                 Err(e) => tracing::warn!(error = %e, "could not count the queues"),
             }
+        }
+    }
+}
+
+/// One look at the pauses: the sender's, if later than the account's (`shared`, as last
+/// read), goes to the database; then the account's comes back into the sender. Returns the
+/// account's pause as read now.
+async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<SystemTime> {
+    let store = &runner.store;
+    let account = runner.options.account.as_str();
+    let mine = runner.sender.paused_until().map(wall_time_of);
+    // Later than the database's by more than the clocks' rounding: tell the others.
+    if let Some(mine) = mine
+        && shared.is_none_or(|s| mine > s + Duration::from_millis(5))
+    {
+        match store.pause_account(account, mine).await {
+            Ok(()) => {
+                metrics::counter!("c2dm_pauses_total").increment(1);
+                tracing::info!(account, until = ?mine, "pausing every worker of the account");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not share a pause"),
+        }
+    }
+    match store.shared_pause(account).await {
+        Ok(until) => {
+            if let Some(until) = until {
+                runner.sender.pause_all_until(instant_of(until));
+            }
+            metrics::gauge!("c2dm_paused").set(if until.is_some() { 1.0 } else { 0.0 });
+            until
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the account's pause");
+            shared
         }
     }
 }
@@ -783,4 +795,71 @@ fn template(
         builder = builder.data(key, value);
     }
     builder.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    /// A sender whose sends would fail: these tests never send.
+    fn sender() -> Sender {
+        let transport = |_request: http::Request<bytes::Bytes>| async {
+            Err(c2dm_core::TransportError::new(
+                c2dm_core::TransportErrorKind::Connect,
+                c2dm_core::RequestSent::No,
+            ))
+        };
+        let token = c2dm_core::AuthToken::new("token").unwrap();
+        Sender::new(transport, c2dm_core::StaticToken::new(token))
+    }
+
+    #[tokio::test]
+    async fn a_pause_one_worker_learns_reaches_the_others_of_its_account_only() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let queues = Queues::open(store.pool()).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let runner = |account: &str| Runner {
+            store: Arc::clone(&store),
+            sender: sender(),
+            queues: queues.clone(),
+            options: WorkerOptions {
+                account: account.to_owned(),
+                ..WorkerOptions::default()
+            },
+        };
+        let (first, second, elsewhere) = (runner("acct"), runner("acct"), runner("other"));
+        assert_eq!(share_pause(&second, None).await, None);
+
+        // The first worker's sender is paused (a 503 with Retry-After: 30, say).
+        let until = Instant::now() + Duration::from_secs(30);
+        first.sender.pause_all_until(until);
+        let shared = share_pause(&first, None).await.expect("shared");
+        // The second learns it at its next look, to the millisecond; the other account not.
+        assert_eq!(share_pause(&second, None).await, Some(shared));
+        let learned = second.sender.paused_until().expect("paused");
+        let off = if learned > until {
+            learned - until
+        } else {
+            until - learned
+        };
+        assert!(off < Duration::from_millis(5), "{off:?}");
+        assert_eq!(share_pause(&elsewhere, None).await, None);
+        assert_eq!(elsewhere.sender.paused_until(), None);
+
+        // Looking again changes nothing: the pause is not extended by being read back.
+        assert_eq!(share_pause(&first, Some(shared)).await, Some(shared));
+        assert_eq!(share_pause(&second, Some(shared)).await, Some(shared));
+    }
+
+    #[test]
+    fn a_budget_day_is_a_utc_day() {
+        let noon = std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 43_200);
+        let (day, next) = budget_day(noon);
+        assert_eq!(day, 20_000);
+        assert_eq!(
+            next,
+            std::time::UNIX_EPOCH + Duration::from_secs(20_001 * 86_400)
+        );
+    }
 }

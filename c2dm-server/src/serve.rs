@@ -23,6 +23,9 @@ pub struct ServeOptions {
     pub port_file: Option<PathBuf>,
     /// Run workers with these options; `None` for an API-only process.
     pub workers: Option<WorkerOptions>,
+    /// Also serve `GET /metrics`, without a key, on this address (for a worker-only process,
+    /// whose figures the API's `/metrics` of another process does not show).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Why a server could not run.
@@ -80,6 +83,19 @@ pub async fn serve(
         }
         None => None,
     };
+    let metrics = match options.metrics {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address).await?;
+            tracing::info!(bound = %listener.local_addr()?, "metrics listening");
+            let signal = stopped(&stop);
+            Some(tokio::spawn(async move {
+                axum::serve(listener, crate::api::metrics_router())
+                    .with_graceful_shutdown(signal)
+                    .await
+            }))
+        }
+        None => None,
+    };
     let workers = options.workers.map(|worker_options| {
         let signal = stopped(&stop);
         tokio::spawn(run_workers(
@@ -95,6 +111,11 @@ pub async fn serve(
     let _ = stop.send(());
     if let Some(api) = api {
         api.await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
+    if let Some(metrics) = metrics {
+        metrics
+            .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
     }
     if let Some(workers) = workers {
