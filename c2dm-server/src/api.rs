@@ -15,7 +15,6 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::Queues;
 use crate::store::{
     Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, MessageState,
     NewDevice, NewMessage, Store, Upserted,
@@ -76,7 +75,6 @@ pub struct Keys {
 #[derive(Clone)]
 struct AppState {
     store: Arc<dyn Store>,
-    queues: Queues,
     keys: Keys,
 }
 
@@ -90,13 +88,13 @@ struct AppState {
 /// | `POST /v1/messages` | admin | a push to ids, a user, a tag or `"all"`, with an optional `Idempotency-Key` header: 202 `{id, state}` (200 for a replayed key) |
 /// | `GET /v1/messages/{id}` | admin | its state and counts per outcome |
 /// | `GET /v1/messages/{id}/deliveries?outcome=&after=&limit=` | admin | a page of its rows, one per device |
-/// | `POST /v1/messages/{id}/cancel` | admin | batches not started are not sent; every device still gets a row |
+/// | `POST /v1/messages/{id}/cancel` | admin | batches not started are not sent, batches under way stop; every device still gets a row |
 /// | `GET /healthz` | none | 200 when the database answers, else 503 |
 /// | `GET /metrics` | admin | Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices |
 ///
-/// A push is stored and its job enqueued before the answer; workers
+/// A push is stored with its job, in one transaction, before the answer; workers
 /// ([`run_workers`](crate::jobs::run_workers)) do the sending.
-pub fn router(store: Arc<dyn Store>, queues: Queues, keys: Keys) -> Router {
+pub fn router(store: Arc<dyn Store>, keys: Keys) -> Router {
     install_metrics();
     Router::new()
         .route("/v1/devices", post(register).get(list))
@@ -109,11 +107,7 @@ pub fn router(store: Arc<dyn Store>, queues: Queues, keys: Keys) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(AppState {
-            store,
-            queues,
-            keys,
-        })
+        .with_state(AppState { store, keys })
 }
 
 /// What a request gets when it cannot be served.
@@ -619,11 +613,6 @@ async fn push(
         return Ok((StatusCode::OK, Json(stored.into())));
     }
     metrics::counter!("c2dm_pushes_total").increment(1);
-    state
-        .queues
-        .enqueue_push(stored.id)
-        .await
-        .map_err(ApiError::internal)?;
     Ok((StatusCode::ACCEPTED, Json(stored.into())))
 }
 

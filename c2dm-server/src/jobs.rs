@@ -16,27 +16,13 @@ use c2dm_core::{
     BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, RegistrationId, Sender,
 };
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, SqlitePool};
 use tokio::time::Instant;
 
 use crate::store::{Audience, DeliveryRow, DeviceState, Store, StoreError};
 
-/// Walk the audience of push `message_id` and enqueue its batches.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PushJob {
-    /// The push.
-    pub message_id: i64,
-}
-
-/// Send push `message_id` to these devices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchJob {
-    /// The push.
-    pub message_id: i64,
-    /// The devices of this batch.
-    pub registration_ids: Vec<String>,
-}
+use crate::queue::{BATCH_QUEUE, PUSH_QUEUE};
+pub use crate::queue::{BatchJob, PushJob};
 
 /// Why a job could not be enqueued or run.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +61,6 @@ impl std::fmt::Debug for QueueBackend {
         })
     }
 }
-
-/// The push queue's name in the job tables.
-const PUSH_QUEUE: &str = "c2dm-pushes";
-/// The batch queue's name in the job tables.
-const BATCH_QUEUE: &str = "c2dm-batches";
 
 fn queue_error(e: impl std::fmt::Display) -> JobError {
     JobError::Queue(e.to_string())
@@ -149,17 +130,6 @@ impl Queues {
                 pushes: PostgresStorage::new(pool).with_config(config(PUSH_QUEUE)),
                 batches: PostgresStorage::new(pool).with_config(config(BATCH_QUEUE)),
             },
-        })
-    }
-
-    /// Enqueues the job that sends push `message_id`.
-    pub async fn enqueue_push(&self, message_id: i64) -> Result<(), JobError> {
-        on_queues!(self, |pushes, _batches| {
-            let mut pushes = pushes;
-            pushes
-                .push(PushJob { message_id })
-                .await
-                .map_err(queue_error)
         })
     }
 
@@ -284,10 +254,12 @@ struct Runner {
 /// by the name that locked them, so two processes sharing a name would never see each other
 /// die.
 fn worker_name(queue: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    format!("{queue}-{}-{nanos:09}", std::process::id())
+    format!("{queue}-{}-{nanos:09}-{n}", std::process::id())
 }
 
 /// Runs this process's workers until `shutdown` completes: one takes push jobs, and
@@ -445,7 +417,10 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
     }
     store.start_sending(job.message_id).await?;
     let batch = runner.options.batch_size.max(1);
-    let mut total = 0u64;
+    // A walk that died goes on where its last page left it.
+    let mut from = message.walk_after;
+    let mut total = message.walked;
+    let moved_on = || -> BoxDynError { "another walker moved this push's walk on".into() };
     match &message.audience {
         Audience::RegistrationIds { registration_ids } => {
             let mut seen = HashSet::new();
@@ -454,36 +429,43 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
                 .filter(|id| seen.insert(id.as_str()))
                 .cloned()
                 .collect();
-            total = ids.len() as u64;
-            let jobs = ids
-                .chunks(batch)
-                .map(|chunk| BatchJob {
-                    message_id: job.message_id,
-                    registration_ids: chunk.to_vec(),
-                })
-                .collect();
-            runner.queues.enqueue_batches(jobs, None).await?;
-        }
-        audience => {
-            let mut after = None;
-            loop {
-                let page = store
-                    .audience_page(audience, after, u32::try_from(batch).unwrap_or(u32::MAX))
-                    .await?;
-                if !page.items.is_empty() {
-                    total += page.items.len() as u64;
-                    let batch = BatchJob {
-                        message_id: job.message_id,
-                        registration_ids: page.items,
-                    };
-                    runner.queues.enqueue_batches(vec![batch], None).await?;
+            let mut start = from
+                .map_or(0, |f| usize::try_from(f).unwrap_or(usize::MAX))
+                .min(ids.len());
+            while start < ids.len() {
+                let end = (start + batch).min(ids.len());
+                let to = i64::try_from(end).unwrap_or(i64::MAX);
+                if !store
+                    .walk_page(job.message_id, from, to, &ids[start..end])
+                    .await?
+                {
+                    return Err(moved_on());
                 }
-                match page.next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
+                total += (end - start) as u64;
+                (from, start) = (Some(to), end);
             }
         }
+        audience => loop {
+            let page = store
+                .audience_page(audience, from, u32::try_from(batch).unwrap_or(u32::MAX))
+                .await?;
+            if page.items.is_empty() {
+                break;
+            }
+            // The last page has no cursor of its own: nothing comes after it.
+            let to = page.next.unwrap_or(i64::MAX);
+            if !store
+                .walk_page(job.message_id, from, to, &page.items)
+                .await?
+            {
+                return Err(moved_on());
+            }
+            total += page.items.len() as u64;
+            from = Some(to);
+            if page.next.is_none() {
+                break;
+            }
+        },
     }
     store.finish_walk(job.message_id, total).await?;
     tracing::info!(

@@ -2,8 +2,9 @@
 //! keeps them in a database, and sends pushes through durable jobs, with a row for what became
 //! of each push on each device.
 //!
-//! - [`store`]: the [`Store`](store::Store) trait and [`SqliteStore`](store::SqliteStore) (one
-//!   file, WAL, migrated when opened).
+//! - [`store`]: the [`Store`](store::Store) trait, [`SqliteStore`](store::SqliteStore) (one
+//!   file, WAL) and [`PostgresStore`](store::PostgresStore) (one database for many processes),
+//!   migrated when opened.
 //! - [`api`]: the axum [`router`](api::router) with its keys and JSON errors.
 //! - [`jobs`]: the push and batch jobs on apalis, and [`run_workers`](jobs::run_workers).
 //! - [`serve`]: one process, the API, the workers or both, until told to stop (`c2dm serve`).
@@ -14,24 +15,29 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use c2dm_server::api::{Key, Keys, router};
-//! use c2dm_server::jobs::Queues;
+//! use c2dm_server::jobs::{Queues, WorkerOptions};
 //! use c2dm_server::store::SqliteStore;
 //!
 //! let store = SqliteStore::open("sqlite::memory:").await?;
-//! let queues = Queues::open(store.pool()).await?;
+//! // The queues' tables, in the same database: the API enqueues into them.
+//! let queues = Queues::open_sqlite(store.pool(), &WorkerOptions::default()).await?;
 //! let keys = Keys { admin: Key::new("admin-secret")?, device: Key::new("device-secret")? };
-//! let app = router(Arc::new(store), queues, keys);
+//! let app = router(Arc::new(store), keys);
+//! // jobs::run_workers(store, sender, queues, WorkerOptions::default(), shutdown) sends.
+//! # let _ = queues;
 //! // axum::serve(listener, app).await?;
 //! # let _ = app;
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! PostgreSQL, the shared pause and budget and metrics build on this;
-//! see the repository's `docs/SERVER.md` for what exists so far.
+//! [`serve::open_database`] opens either database, with its queues, by its URL. The repository's
+//! `docs/SERVER.md` has the API with examples, the life of one push, and what many processes on
+//! one PostgreSQL database share and guarantee.
 
 pub mod api;
 pub mod jobs;
+pub mod queue;
 pub mod serve;
 pub mod store;
 pub mod throwaway;

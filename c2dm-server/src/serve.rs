@@ -73,7 +73,7 @@ pub async fn serve(
             }
             on_listening(bound);
             tracing::info!(%bound, "API listening");
-            let app = router(Arc::clone(&store), queues.clone(), keys);
+            let app = router(Arc::clone(&store), keys);
             let signal = stopped(&stop);
             Some(tokio::spawn(async move {
                 axum::serve(listener, app)

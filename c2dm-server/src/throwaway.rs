@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub struct PostgresCluster {
     port: u16,
     folder: PathBuf,
+    bin: PathBuf,
 }
 
 /// Why the cluster could not start.
@@ -40,7 +41,11 @@ fn programs() -> Result<PathBuf, ClusterError> {
         .unwrap_or_default();
     for dir in on_path {
         if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
-            return Ok(dir);
+            // Debian links a few programs onto PATH; the others sit beside the real ones.
+            let real = std::fs::canonicalize(dir.join("initdb")).ok();
+            return Ok(real
+                .and_then(|initdb| initdb.parent().map(Path::to_path_buf))
+                .unwrap_or(dir));
         }
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -216,7 +221,7 @@ impl PostgresCluster {
             .recv()
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(format!("setpriv sh (the server's wrapper): {e}")))?;
-        let cluster = PostgresCluster { port, folder };
+        let cluster = PostgresCluster { port, folder, bin };
         cluster.wait_until_ready()?;
         Ok(cluster)
     }
@@ -242,6 +247,39 @@ impl PostgresCluster {
         }
     }
 
+    /// One of PostgreSQL's programs (`psql`, `createdb`, …) of the version this cluster runs.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    /// [`PostgresCluster::create_database`] without a runtime: through `createdb`.
+    pub fn create_database_blocking(&self, prefix: &str) -> Result<String, ClusterError> {
+        let name = Self::fresh_name(prefix);
+        let mut createdb = Command::new(self.program("createdb"));
+        createdb
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg(&name);
+        run(createdb, "createdb")?;
+        Ok(self.url(&name))
+    }
+
+    /// A database name no other call of this process gets.
+    fn fresh_name(prefix: &str) -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{prefix}_{n}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
     /// The port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
@@ -256,18 +294,7 @@ impl PostgresCluster {
     /// its URL.
     pub async fn create_database(&self, prefix: &str) -> Result<String, ClusterError> {
         use sqlx::Connection;
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name: String = format!("{prefix}_{n}")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let name = Self::fresh_name(prefix);
         let mut admin = sqlx::PgConnection::connect(&self.url("postgres"))
             .await
             .map_err(|e| fail(e.to_string()))?;

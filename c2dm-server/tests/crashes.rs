@@ -254,6 +254,43 @@ async fn a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent(db: Db) {
     assert_eq!(server.emulator.counters().accepted, 10);
 }
 
+async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db) {
+    let options = WorkerOptions {
+        batch_size: 3,
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    let ids: Vec<String> = (0..10).map(|i| format!("phone-{i:03}")).collect();
+    let id = server.push(json!({ "registration_ids": ids })).await;
+    let message_id: i64 = id.parse().unwrap();
+    // A walker enqueued the first page, then died: the walk is at 3.
+    let store = &server.store;
+    assert!(
+        store
+            .walk_page(message_id, None, 3, &ids[..3])
+            .await
+            .unwrap()
+    );
+    // A second walker that read the walk before that cannot enqueue the page again.
+    assert!(
+        !store
+            .walk_page(message_id, None, 3, &ids[..3])
+            .await
+            .unwrap()
+    );
+    let record = store.message(message_id).await.unwrap().unwrap();
+    assert_eq!((record.walk_after, record.walked), (Some(3), 3));
+
+    // The push's own job (stored with the push) goes on from there.
+    let _workers = server.workers(options);
+    let message = server.finished(&id).await;
+    assert_eq!(message["total"], 10, "{message}");
+    assert_eq!(message["counts"]["accepted"], 10, "{message}");
+    for device in &ids {
+        assert_eq!(server.emulator.inbox(device).len(), 1, "{device}");
+    }
+}
+
 async fn budget_reservations_never_exceed_the_day_together(db: Db) {
     let database = db.fresh().await;
     let (store, _) = open_database(&database.url, &WorkerOptions::default())
@@ -317,6 +354,7 @@ on_each_database!(
     a_worker_killed_mid_batch_leaves_its_batch_to_another,
     a_cancel_stops_a_batch_under_way,
     a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
+    a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
     budget_reservations_never_exceed_the_day_together,
     an_accounts_pause_is_extended_never_shortened,
 );

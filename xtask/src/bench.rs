@@ -101,7 +101,15 @@ fn rounds_of(args: &[&str], quick: bool) -> Result<usize, String> {
     }
 }
 
-fn json_number(text: &str, key: &str) -> Option<f64> {
+/// The string value of `"key":"…"` in compact JSON (the last one).
+pub(crate) fn json_string(text: &str, key: &str) -> Option<String> {
+    let pattern = format!("\"{key}\":\"");
+    let start = text.rfind(&pattern)? + pattern.len();
+    let rest = &text[start..];
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+pub(crate) fn json_number(text: &str, key: &str) -> Option<f64> {
     let pattern = format!("\"{key}\":");
     let start = text.rfind(&pattern)? + pattern.len();
     let rest = &text[start..];
@@ -111,14 +119,19 @@ fn json_number(text: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-struct Emulator {
+pub(crate) struct Emulator {
     child: Child,
     base: String,
     cert: Option<PathBuf>,
 }
 
 impl Emulator {
-    fn start(bin: &Path, dir: &Path, tls: bool, counts_only: bool) -> Result<Self, String> {
+    pub(crate) fn start(
+        bin: &Path,
+        dir: &Path,
+        tls: bool,
+        counts_only: bool,
+    ) -> Result<Self, String> {
         let port_file = dir.join(format!("port-{tls}-{counts_only}"));
         let cert = dir.join("emulator.pem");
         let _ = std::fs::remove_file(&port_file);
@@ -153,7 +166,7 @@ impl Emulator {
         })
     }
 
-    fn send_url(&self) -> String {
+    pub(crate) fn send_url(&self) -> String {
         format!("{}/c2dm/send", self.base)
     }
 
@@ -180,7 +193,7 @@ fn write_ids(path: &Path, n: u64) -> Result<(), String> {
 
 /// `c2dm broadcast` of `n` ids: (messages/s as the command reports it, CPU µs per message,
 /// peak RSS KiB).
-fn broadcast(
+pub(crate) fn broadcast(
     bin: &Path,
     dir: &Path,
     emulator: &Emulator,
@@ -331,7 +344,7 @@ print({n} / (time.time() - start))
         .map_err(|_| format!("python: {}", usage.stdout))
 }
 
-fn have(program: &str) -> bool {
+pub(crate) fn have(program: &str) -> bool {
     Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
@@ -340,7 +353,7 @@ fn have(program: &str) -> bool {
         .is_ok()
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -362,6 +375,9 @@ fn machine() -> String {
 }
 
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
+    if args.contains(&"--server") {
+        return crate::bench_server::run(root, args);
+    }
     let quick = args.contains(&"--quick");
     let settings = Settings {
         quick,
@@ -562,10 +578,18 @@ fn render(settings: &Settings, throughput: &Throughput, memory: &Memory) -> Stri
 
 /// Puts the report between docs/PERFORMANCE.md's bench markers.
 fn write_into_doc(root: &Path, report: &str) -> Result<(), String> {
+    write_between(root, "bench", report)
+}
+
+/// Puts `report` between docs/PERFORMANCE.md's `<!-- {name}:start -->` and `<!-- {name}:end -->`.
+pub(crate) fn write_between(root: &Path, name: &str, report: &str) -> Result<(), String> {
     let path = root.join("docs/PERFORMANCE.md");
     let doc = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
-    let (Some(a), Some(b)) = (doc.find(start), doc.find(end)) else {
+    let (start, end) = (
+        format!("<!-- {name}:start -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let (Some(a), Some(b)) = (doc.find(&start), doc.find(&end)) else {
         return Err(format!("{}: no {start} … {end} markers", path.display()));
     };
     let updated = format!("{}{start}\n{report}\n{}", &doc[..a], &doc[b..]);

@@ -2,11 +2,13 @@
 //!
 //! - `cargo xtask ci`: everything CI checks, in order, stopping at the first failure.
 //! - `cargo xtask tidy`: the repository's own rules (also run as a test).
-//! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator.
+//! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator;
+//!   `--server`: the application server's pushes on SQLite and PostgreSQL, and registrations.
 //! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
 //! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
 
 mod bench;
+mod bench_server;
 mod release;
 mod soak;
 mod tidy;
@@ -18,12 +20,13 @@ use std::process::{Command, ExitCode};
 const HELP: &str = concat!(
     "  ci       everything CI checks, in order, stopping at the first failure\n",
     "  tidy     the repository's own rules (also run as a test)\n",
-    "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI)\n",
+    "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
+    "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations\n",
     "  soak     a long broadcast under every fault, checked afterwards (not in CI)\n",
     "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
 );
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--server] [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {

@@ -237,6 +237,11 @@ pub struct MessageRecord {
     pub cancel_requested: bool,
     /// How many devices the audience has, once walked.
     pub total: Option<u64>,
+    /// Where the walk of the audience goes on from (the last page's cursor), while it is
+    /// under way.
+    pub walk_after: Option<i64>,
+    /// Devices the walk has put into batch jobs so far.
+    pub walked: u64,
     /// Its rows so far, counted.
     pub counts: Counts,
     /// When it was stored.
@@ -349,7 +354,8 @@ pub trait Store: Send + Sync {
         registration_ids: &[String],
     ) -> Result<Vec<(String, DeviceState)>, StoreError>;
 
-    /// Stores a push, queued. With an idempotency key already used, stores nothing and
+    /// Stores a push, queued, with the job that will send it, in one transaction: a push is
+    /// never stored without its job. With an idempotency key already used, stores nothing and
     /// returns the push stored under it: `(false, that push)`.
     async fn create_message(
         &self,
@@ -365,6 +371,18 @@ pub trait Store: Send + Sync {
 
     /// A queued push starts sending (a push in any other state stays as it is).
     async fn start_sending(&self, id: i64) -> Result<(), StoreError>;
+
+    /// One page of the walk of push `id`'s audience: enqueues a batch job for
+    /// `registration_ids` and moves the walk on from `from` to `to`, in one transaction, so
+    /// that a walk that dies goes on where it was, never enqueuing a page twice. Does nothing
+    /// and returns false if the walk is no longer at `from` (another walker moved it).
+    async fn walk_page(
+        &self,
+        id: i64,
+        from: Option<i64>,
+        to: i64,
+        registration_ids: &[String],
+    ) -> Result<bool, StoreError>;
 
     /// The push's audience has been walked: `total` devices. When every one has its row
     /// already (none at all, say), the push is finished now.

@@ -13,6 +13,8 @@ use c2dm_core::OutcomeKind;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
+use crate::queue::{self, BatchJob, PushJob};
+
 use super::rows::{
     counts_of, delivery_of, device_of, json_error, message_of, millis, time_of, trim_page,
 };
@@ -37,7 +39,8 @@ macro_rules! select_device {
 
 /// `SELECT` of a message's columns, in the order `message_of` reads them.
 const SELECT_MESSAGE: &str = "SELECT id, audience, collapse_key, data, delay_while_idle, state, \
-     cancel_requested, total, created_at, finished_at FROM messages WHERE id = $1";
+     cancel_requested, total, created_at, finished_at, walk_after, walked FROM messages \
+     WHERE id = $1";
 
 /// The store on a PostgreSQL database, migrated when opened.
 #[derive(Debug, Clone)]
@@ -335,6 +338,7 @@ impl Store for PostgresStore {
         let now = millis(SystemTime::now());
         let audience = serde_json::to_string(&message.audience).map_err(json_error)?;
         let data = serde_json::to_string(&message.data).map_err(json_error)?;
+        let mut tx = self.pool.begin().await?;
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO messages (idempotency_key, audience, collapse_key, data, \
              delay_while_idle, state, created_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6) \
@@ -346,23 +350,64 @@ impl Store for PostgresStore {
         .bind(data)
         .bind(message.delay_while_idle)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         let (created, id) = match inserted {
-            Some(id) => (true, id),
+            Some(id) => {
+                let job = queue::task(&PushJob { message_id: id }, None).map_err(json_error)?;
+                apalis_postgres::queries::push_tasks(&mut *tx, queue::PUSH_QUEUE, vec![job])
+                    .await
+                    .map_err(queue::queue_failure)?;
+                (true, id)
+            }
             None => (
                 false,
                 sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = $1")
                     .bind(&message.idempotency_key)
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *tx)
                     .await?,
             ),
         };
+        tx.commit().await?;
         let stored = self
             .message(id)
             .await?
             .ok_or_else(|| StoreError(sqlx::Error::RowNotFound))?;
         Ok((created, stored))
+    }
+
+    async fn walk_page(
+        &self,
+        id: i64,
+        from: Option<i64>,
+        to: i64,
+        registration_ids: &[String],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE messages SET walk_after = $1, walked = walked + $2 \
+             WHERE id = $3 AND walk_after IS NOT DISTINCT FROM $4",
+        )
+        .bind(to)
+        .bind(big(registration_ids.len() as u64))
+        .bind(id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            return Ok(false);
+        }
+        let batch = BatchJob {
+            message_id: id,
+            registration_ids: registration_ids.to_vec(),
+        };
+        let job = queue::task(&batch, None).map_err(json_error)?;
+        apalis_postgres::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, vec![job])
+            .await
+            .map_err(queue::queue_failure)?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {

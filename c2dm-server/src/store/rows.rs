@@ -93,7 +93,7 @@ pub(super) fn device_of(row: &impl Columns) -> Result<Device, sqlx::Error> {
 }
 
 /// A push from `id, audience, collapse_key, data, delay_while_idle, state, cancel_requested,
-/// total, created_at, finished_at`, with `counts`.
+/// total, created_at, finished_at, walk_after, walked`, with `counts`.
 pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRecord, sqlx::Error> {
     let state = row.text(5)?;
     Ok(MessageRecord {
@@ -109,6 +109,8 @@ pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRe
         counts,
         created_at: time_of(row.int(8)?),
         finished_at: row.maybe_int(9)?.map(time_of),
+        walk_after: row.maybe_int(10)?,
+        walked: u64::try_from(row.int(11)?).unwrap_or(0),
     })
 }
 

@@ -150,7 +150,7 @@ impl Api {
             device: Key::new(DEVICE).unwrap(),
         };
         Self {
-            app: router(Arc::clone(&store), queues.clone(), keys),
+            app: router(Arc::clone(&store), keys),
             store,
             queues,
             database,

@@ -1,0 +1,48 @@
+//! The jobs as the queue keeps them: what the store enqueues in its own transactions and the
+//! workers take. Its own module, so that the store (which enqueues) and the jobs (which run)
+//! share it without importing each other.
+
+use std::time::SystemTime;
+
+use apalis::prelude::{Task, TaskBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Walk the audience of push `message_id` and enqueue its batches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushJob {
+    /// The push.
+    pub message_id: i64,
+}
+
+/// Send push `message_id` to these devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchJob {
+    /// The push.
+    pub message_id: i64,
+    /// The devices of this batch.
+    pub registration_ids: Vec<String>,
+}
+
+/// The push queue's name in the job tables.
+pub(crate) const PUSH_QUEUE: &str = "c2dm-pushes";
+/// The batch queue's name in the job tables.
+pub(crate) const BATCH_QUEUE: &str = "c2dm-batches";
+
+/// A job as both queues' backends store it (JSON, as their codec writes it), due at once or
+/// from `at` on.
+pub(crate) fn task(
+    job: &impl Serialize,
+    at: Option<SystemTime>,
+) -> Result<Task<Vec<u8>>, serde_json::Error> {
+    let builder = TaskBuilder::new(serde_json::to_vec(job)?);
+    Ok(match at {
+        Some(at) => builder.run_at_time(at),
+        None => builder,
+    }
+    .build())
+}
+
+/// A queue's failure, as the store reports failures.
+pub(crate) fn queue_failure(e: impl std::fmt::Display) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("job queue: {e}"))
+}

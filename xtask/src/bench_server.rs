@@ -1,0 +1,359 @@
+//! `cargo xtask bench --server`: the application server end to end, against the emulator, on
+//! SQLite and on PostgreSQL (a throwaway cluster), beside `c2dm broadcast` of the same ids in
+//! the same run: a push's rate, the POST's latency, the process's peak memory at two audience
+//! sizes, and device registrations per second under wrk. Not part of CI.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "bench-admin";
+const DEVICE: &str = "bench-device";
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, body, time to the whole answer).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<&str>,
+) -> Result<(u16, String, Duration), String> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let elapsed = started.elapsed();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {answer:?}"))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body, elapsed))
+}
+
+/// A `c2dm serve` process.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(bin: &Path, dir: &Path, database: &str, send_url: &str) -> Result<Self, String> {
+        let port_file = dir.join("server-port");
+        let _ = std::fs::remove_file(&port_file);
+        let child = Command::new(bin.join("c2dm"))
+            .args(["--token", "BENCH", "--send-url", send_url, "serve"])
+            .args(["--database", database, "--listen", "127.0.0.1:0"])
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(["--no-daily-budget", "--workers", "4", "--concurrency", "64"])
+            .env("C2DM_SERVER_ADMIN_TOKEN", ADMIN)
+            .env("C2DM_SERVER_DEVICE_KEY", DEVICE)
+            .env("C2DM_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("c2dm serve: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break port;
+            }
+            if Instant::now() > deadline {
+                return Err("c2dm serve did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Self { child, port })
+    }
+
+    /// The peak resident memory so far.
+    fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the devices are kept.
+enum Database {
+    Sqlite(PathBuf),
+    Postgres(String, PathBuf),
+}
+
+impl Database {
+    fn url(&self) -> String {
+        match self {
+            Self::Sqlite(file) => format!("sqlite://{}", file.display()),
+            Self::Postgres(url, _) => url.clone(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "SQLite",
+            Self::Postgres(..) => "PostgreSQL",
+        }
+    }
+
+    /// Registers devices `device-00000000` … straight into the table (registering a million
+    /// over HTTP is measured apart, by wrk): one statement.
+    fn insert_devices(&self, n: u64) -> Result<(), String> {
+        let sql = format!(
+            "INSERT INTO devices (registration_id, state, created_at, updated_at, state_changed_at) \
+             SELECT {id}, 'active', 0, 0, 0 FROM {series};",
+            id = match self {
+                Self::Sqlite(_) => "printf('device-%08d', value)",
+                Self::Postgres(..) => "'device-' || lpad(value::text, 8, '0')",
+            },
+            series = match self {
+                Self::Sqlite(_) => format!(
+                    "(WITH RECURSIVE s(value) AS (SELECT 0 UNION ALL SELECT value + 1 FROM s \
+                     WHERE value + 1 < {n}) SELECT value FROM s)"
+                ),
+                Self::Postgres(..) => format!("generate_series(0, {}) AS g(value)", n - 1),
+            },
+        );
+        let mut command = match self {
+            Self::Sqlite(file) => {
+                let mut c = Command::new("sqlite3");
+                c.arg(file);
+                c
+            }
+            Self::Postgres(url, psql) => {
+                let mut c = Command::new(psql);
+                c.args(["-q", "-v", "ON_ERROR_STOP=1"]).arg(url);
+                c
+            }
+        };
+        let mut child = command
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{command:?}: {e}"))?;
+        child
+            .stdin
+            .take()
+            .ok_or("no stdin")?
+            .write_all(sql.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let status = child.wait().map_err(|e| e.to_string())?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("inserting devices failed: {status}"))
+    }
+}
+
+/// One push to `n` fresh devices through a fresh server: (messages/s from the POST to done,
+/// the POST's latency, the server's peak RSS in KiB).
+fn push(
+    bin: &Path,
+    dir: &Path,
+    database: &Database,
+    send_url: &str,
+    n: u64,
+) -> Result<(f64, Duration, u64), String> {
+    let server = Server::start(bin, dir, &database.url(), send_url)?;
+    database.insert_devices(n)?;
+    let body = r#"{"to": "all", "collapse_key": "k", "data": {"message": "test", "sound": "t"}}"#;
+    let started = Instant::now();
+    let (status, answer, latency) = http(server.port, "POST", "/v1/messages", ADMIN, Some(body))?;
+    if status != 202 {
+        return Err(format!("POST /v1/messages: {status} {answer}"));
+    }
+    let id = crate::bench::json_string(&answer, "id").ok_or("no id")?;
+    let done = loop {
+        let path = format!("/v1/messages/{id}?wait=60");
+        let (_, status, _) = http(server.port, "GET", &path, ADMIN, None)?;
+        if status.contains(r#""state":"done""#) {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            return Err(format!("not done within an hour: {status}"));
+        }
+    };
+    let elapsed = started.elapsed();
+    let accepted = crate::bench::json_number(&done, "accepted").unwrap_or(0.0) as u64;
+    if accepted != n {
+        return Err(format!("{accepted} of {n} accepted: {done}"));
+    }
+    Ok((
+        n as f64 / elapsed.as_secs_f64(),
+        latency,
+        server.peak_rss_kib(),
+    ))
+}
+
+const REGISTER_SCRIPT: &str = r#"wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench-device"
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/v1/devices", nil, '{"registration_id": "wrk-device-' .. counter .. '", "user_id": "u' .. (counter % 1000) .. '", "tags": ["news"]}')
+end
+"#;
+
+/// Registrations per second over HTTP on SQLite with `wrk -t1 -c16`, and the p99 latency
+/// in ms.
+fn registrations(
+    bin: &Path,
+    dir: &Path,
+    send_url: &str,
+    seconds: u32,
+) -> Result<(f64, f64), String> {
+    let database = Database::Sqlite(dir.join("registrations.db"));
+    let server = Server::start(bin, dir, &database.url(), send_url)?;
+    let script = dir.join("register.lua");
+    std::fs::write(&script, REGISTER_SCRIPT).map_err(|e| e.to_string())?;
+    let out = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}/", server.port))
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if text.contains("Non-2xx") {
+        return Err(format!("registrations failed:\n{text}"));
+    }
+    let rate = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no rate from wrk:\n{text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(str::trim)
+        .and_then(parse_wrk_duration)
+        .ok_or_else(|| format!("no p99 from wrk:\n{text}"))?;
+    Ok((rate, p99))
+}
+
+/// wrk's `1.23ms`, `456.00us` or `1.02s`, in milliseconds.
+fn parse_wrk_duration(text: &str) -> Option<f64> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let value: f64 = number.parse().ok()?;
+    match unit {
+        "us" => Some(value / 1000.0),
+        "ms" => Some(value),
+        "s" => Some(value * 1000.0),
+        "m" => Some(value * 60_000.0),
+        _ => None,
+    }
+}
+
+/// `cargo xtask bench --server [--quick] [--write]`.
+pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
+    let quick = args.contains(&"--quick");
+    let big: u64 = if quick { 100_000 } else { 1_000_000 };
+    let small: u64 = 10_000;
+    let bin = crate::build_release(root, &["--bins"])?;
+    let dir = std::env::temp_dir().join(format!("c2dm-bench-server-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let emulator = crate::bench::Emulator::start(&bin, &dir, false, true)?;
+    let send_url = emulator.send_url();
+    let cluster = c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
+
+    let mut rows = vec![
+        "| path | devices | rate (msg/s) | rate / `c2dm broadcast` | POST answered in | peak RSS |"
+            .to_owned(),
+        "|---|---:|---:|---:|---:|---:|".to_owned(),
+    ];
+    for size in [small, big] {
+        let (broadcast_rate, _, broadcast_rss) =
+            crate::bench::broadcast(&bin, &dir, &emulator, size, 64)?;
+        rows.push(format!(
+            "| `c2dm broadcast` | {size} | {broadcast_rate:.0} | 1.00 | | {:.1} MiB |",
+            broadcast_rss as f64 / 1024.0
+        ));
+        let databases = [
+            Database::Sqlite(dir.join(format!("push-{size}.db"))),
+            Database::Postgres(
+                cluster
+                    .create_database_blocking("bench")
+                    .map_err(|e| e.to_string())?,
+                cluster.program("psql"),
+            ),
+        ];
+        for database in &databases {
+            eprintln!("== a push to {size} devices on {}", database.name());
+            let (rate, latency, rss) = push(&bin, &dir, database, &send_url, size)?;
+            rows.push(format!(
+                "| `c2dm serve`, {} (4 batches × 64 sends) | {size} | {rate:.0} | {:.2} | {:.1} ms | {:.1} MiB |",
+                database.name(),
+                rate / broadcast_rate,
+                latency.as_secs_f64() * 1000.0,
+                rss as f64 / 1024.0
+            ));
+        }
+    }
+    let mut report = format!(
+        "Measured by `cargo xtask bench --server{}` on {}: one run each; the push's rate runs from \
+         the POST to the status saying done; the devices were written straight into the table.\n\n",
+        if quick { " --quick" } else { "" },
+        crate::bench::machine(),
+    );
+    report.push_str(&rows.join("\n"));
+    if crate::bench::have("wrk") {
+        let (rate, p99) = registrations(&bin, &dir, &send_url, if quick { 3 } else { 10 })?;
+        report.push_str(&format!(
+            "\n\n| registrations over HTTP, SQLite, `wrk -t1 -c16` | value |\n|---|---:|\n\
+             | registrations per second | {rate:.0} |\n| p99 latency | {p99:.2} ms |\n"
+        ));
+    } else {
+        eprintln!("note: wrk is not installed (apt-get install -y wrk): no registration figures");
+    }
+    println!("{report}");
+    drop(emulator);
+    let _ = std::fs::remove_dir_all(&dir);
+    if args.contains(&"--write") {
+        crate::bench::write_between(root, "server", &report)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_wrk_durations() {
+        use super::parse_wrk_duration;
+        assert_eq!(parse_wrk_duration("1.50ms"), Some(1.5));
+        assert_eq!(parse_wrk_duration("250.00us"), Some(0.25));
+        assert_eq!(parse_wrk_duration("1.02s"), Some(1020.0));
+        assert_eq!(parse_wrk_duration("fast"), None);
+    }
+}
