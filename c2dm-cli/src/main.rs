@@ -31,12 +31,21 @@ fn init_tracing(verbose: u8, quiet: bool) {
         }
         (false, _) => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("C2DM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `target=level` directives, comma-separated, and a bare level for the rest (a `Targets`
+    // filter: EnvFilter's span and field directives would bring a regex engine into the build).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("C2DM_LOG")
+        .ok()
+        .and_then(|directives| directives.parse().ok())
+        .unwrap_or_else(|| default.parse().unwrap_or_default());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
         .init();
 }
 
