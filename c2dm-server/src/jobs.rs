@@ -552,10 +552,13 @@ fn marked(
     chunk: usize,
 ) -> impl futures::Stream<Item = RegistrationId> + Send + 'static {
     let chunks: Vec<Vec<RegistrationId>> = send.chunks(chunk.max(1)).map(<[_]>::to_vec).collect();
+    // The next chunk is marked while this one is sent, so the sending slots never wait on
+    // it; each mark is a task of its own, driven to its end even while nobody reads the
+    // stream (a mark left half done would hold the store's write turn).
     futures::stream::iter(chunks)
-        .then(move |chunk| {
+        .map(move |chunk| {
             let store = Arc::clone(&store);
-            async move {
+            tokio::spawn(async move {
                 let ids: Vec<String> = chunk.iter().map(|id| id.as_str().to_owned()).collect();
                 match store.mark_attempting(message_id, &ids).await {
                     Ok(()) => Some(chunk),
@@ -564,8 +567,10 @@ fn marked(
                         None
                     }
                 }
-            }
+            })
         })
+        .buffered(2)
+        .map(|marked| marked.ok().flatten())
         .take_while(|chunk| std::future::ready(chunk.is_some()))
         .flat_map(|chunk| futures::stream::iter(chunk.unwrap_or_default()))
 }

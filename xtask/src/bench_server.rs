@@ -85,6 +85,20 @@ impl Server {
         Ok(Self { child, port })
     }
 
+    /// CPU time (user and system) so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        // After the command's name in parentheses: fields 14 and 15 are utime and stime.
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // Clock ticks of 1/100 s on Linux.
+        Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    }
+
     /// The peak resident memory so far.
     fn peak_rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -133,8 +147,13 @@ impl Database {
     /// over HTTP is measured apart, by wrk): one statement.
     fn insert_devices(&self, n: u64) -> Result<(), String> {
         let sql = format!(
-            "INSERT INTO devices (registration_id, state, created_at, updated_at, state_changed_at) \
+            "{wait}INSERT INTO devices (registration_id, state, created_at, updated_at, state_changed_at) \
              SELECT {id}, 'active', 0, 0, 0 FROM {series};",
+            // The server's workers write to the file too: wait for the lock, as they do.
+            wait = match self {
+                Self::Sqlite(_) => ".timeout 30000\n",
+                Self::Postgres(..) => "",
+            },
             id = match self {
                 Self::Sqlite(_) => "printf('device-%08d', value)",
                 Self::Postgres(..) => "'device-' || lpad(value::text, 8, '0')",
@@ -177,17 +196,29 @@ impl Database {
     }
 }
 
-/// One push to `n` fresh devices through a fresh server: (messages/s from the POST to done,
-/// the POST's latency, the server's peak RSS in KiB).
+/// One push to `n` fresh devices through a fresh server.
+struct Push {
+    /// Messages per second, from the POST to done.
+    rate: f64,
+    /// The POST's answer time.
+    latency: Duration,
+    /// The server's peak RSS, KiB.
+    rss_kib: u64,
+    /// The server's CPU time per message during the push, µs.
+    cpu_us: f64,
+}
+
+/// One push to `n` fresh devices through a fresh server.
 fn push(
     bin: &Path,
     dir: &Path,
     database: &Database,
     send_url: &str,
     n: u64,
-) -> Result<(f64, Duration, u64), String> {
+) -> Result<Push, String> {
     let server = Server::start(bin, dir, &database.url(), send_url)?;
     database.insert_devices(n)?;
+    let cpu_before = server.cpu();
     let body = r#"{"to": "all", "collapse_key": "k", "data": {"message": "test", "sound": "t"}}"#;
     let started = Instant::now();
     let (status, answer, latency) = http(server.port, "POST", "/v1/messages", ADMIN, Some(body))?;
@@ -210,11 +241,12 @@ fn push(
     if accepted != n {
         return Err(format!("{accepted} of {n} accepted: {done}"));
     }
-    Ok((
-        n as f64 / elapsed.as_secs_f64(),
+    Ok(Push {
+        rate: n as f64 / elapsed.as_secs_f64(),
         latency,
-        server.peak_rss_kib(),
-    ))
+        rss_kib: server.peak_rss_kib(),
+        cpu_us: (server.cpu() - cpu_before).as_secs_f64() * 1e6 / n as f64,
+    })
 }
 
 const REGISTER_SCRIPT: &str = r#"wrk.method = "POST"
@@ -289,15 +321,15 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let cluster = c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
 
     let mut rows = vec![
-        "| path | devices | rate (msg/s) | rate / `c2dm broadcast` | POST answered in | peak RSS |"
+        "| path | devices | rate (msg/s) | rate / `c2dm broadcast` | POST answered in | peak RSS | CPU µs/msg |"
             .to_owned(),
-        "|---|---:|---:|---:|---:|---:|".to_owned(),
+        "|---|---:|---:|---:|---:|---:|---:|".to_owned(),
     ];
     for size in [small, big] {
-        let (broadcast_rate, _, broadcast_rss) =
+        let (broadcast_rate, broadcast_cpu, broadcast_rss) =
             crate::bench::broadcast(&bin, &dir, &emulator, size, 64)?;
         rows.push(format!(
-            "| `c2dm broadcast` | {size} | {broadcast_rate:.0} | 1.00 | | {:.1} MiB |",
+            "| `c2dm broadcast` | {size} | {broadcast_rate:.0} | 1.00 | | {:.1} MiB | {broadcast_cpu:.1} |",
             broadcast_rss as f64 / 1024.0
         ));
         let databases = [
@@ -311,13 +343,15 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         ];
         for database in &databases {
             eprintln!("== a push to {size} devices on {}", database.name());
-            let (rate, latency, rss) = push(&bin, &dir, database, &send_url, size)?;
+            let push = push(&bin, &dir, database, &send_url, size)?;
             rows.push(format!(
-                "| `c2dm serve`, {} (4 batches × 64 sends) | {size} | {rate:.0} | {:.2} | {:.1} ms | {:.1} MiB |",
+                "| `c2dm serve`, {} (4 batches × 64 sends) | {size} | {:.0} | {:.2} | {:.1} ms | {:.1} MiB | {:.1} |",
                 database.name(),
-                rate / broadcast_rate,
-                latency.as_secs_f64() * 1000.0,
-                rss as f64 / 1024.0
+                push.rate,
+                push.rate / broadcast_rate,
+                push.latency.as_secs_f64() * 1000.0,
+                push.rss_kib as f64 / 1024.0,
+                push.cpu_us,
             ));
         }
     }
