@@ -62,7 +62,12 @@ impl Server {
             .args(["--database", database, "--listen", "127.0.0.1:0"])
             .arg("--port-file")
             .arg(&port_file)
-            .args(["--no-daily-budget", "--workers", "4", "--concurrency", "64"])
+            .arg("--no-daily-budget")
+            .args(
+                std::env::var("BENCH_EXTRA")
+                    .unwrap_or_else(|_| "--workers 4 --concurrency 64".into())
+                    .split_whitespace(),
+            )
             .env("C2DM_SERVER_ADMIN_TOKEN", ADMIN)
             .env("C2DM_SERVER_DEVICE_KEY", DEVICE)
             .env("C2DM_LOG", "warn")
@@ -87,14 +92,19 @@ impl Server {
 
     /// CPU time (user and system) so far.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // After the command's name in parentheses: fields 14 and 15 are utime and stime.
         let fields: Vec<&str> = stat
             .rsplit_once(") ")
             .map(|(_, rest)| rest.split_whitespace().collect())
             .unwrap_or_default();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         // Clock ticks of 1/100 s on Linux.
         Duration::from_millis((ticks(11) + ticks(12)) * 10)
     }

@@ -1,6 +1,6 @@
 -- Devices a batch is about to send a push to, written before the sends: a batch run again
 -- after its worker died sends to these again, and marks their rows as possible duplicates.
--- A device's mark goes when its row is written.
+-- A push's marks go when it finishes.
 CREATE TABLE attempts (
     message_id BIGINT NOT NULL REFERENCES messages (id),
     registration_id TEXT COLLATE "C" NOT NULL,

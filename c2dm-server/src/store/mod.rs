@@ -405,8 +405,9 @@ pub trait Store: Send + Sync {
     async fn mark_attempting(&self, id: i64, registration_ids: &[String])
     -> Result<(), StoreError>;
 
-    /// Those of `registration_ids` marked as about to be sent push `id` whose row has not
-    /// been written: devices a dead worker may have sent to.
+    /// Those of `registration_ids` marked as about to be sent push `id` (a push's marks are
+    /// kept until it finishes): with those that have a row left out, devices a dead worker
+    /// may have sent to.
     async fn attempted(
         &self,
         id: i64,
@@ -414,8 +415,7 @@ pub trait Store: Send + Sync {
     ) -> Result<std::collections::HashSet<String>, StoreError>;
 
     /// Rows of a batch of push `id` (all of them, or those done so far), and the devices
-    /// C2DM reported gone (with the code), in one transaction, which also clears their marks
-    /// of [`Store::mark_attempting`]; a row a device already has is kept (a batch run twice
+    /// C2DM reported gone (with the code), in one transaction; a row a device already has is kept (a batch run twice
     /// writes nothing twice). Finishes the push when every device of its walked audience has
     /// its row.
     async fn record_batch(

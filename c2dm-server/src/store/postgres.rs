@@ -57,7 +57,7 @@ async fn finish_if_complete(
     id: i64,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let finished = sqlx::query(
         "UPDATE messages SET \
          state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'done' END, \
          finished_at = $1 \
@@ -66,8 +66,15 @@ async fn finish_if_complete(
     )
     .bind(now)
     .bind(id)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    // A finished push has no use for its marks: they go at once, rather than row by row.
+    if finished.rows_affected() > 0 {
+        sqlx::query("DELETE FROM attempts WHERE message_id = $1")
+            .bind(id)
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 
@@ -559,11 +566,6 @@ impl Store for PostgresStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query("DELETE FROM attempts WHERE message_id = $1 AND registration_id = ANY($2)")
-            .bind(id)
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
         if !gone.is_empty() {
             sqlx::query(
                 "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \

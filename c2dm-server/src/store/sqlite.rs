@@ -60,7 +60,7 @@ async fn finish_if_complete(
     id: i64,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let finished = sqlx::query(
         "UPDATE messages SET \
          state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'done' END, \
          finished_at = ?1 \
@@ -69,8 +69,15 @@ async fn finish_if_complete(
     )
     .bind(now)
     .bind(id)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    // A finished push has no use for its marks: they go at once, rather than row by row.
+    if finished.rows_affected() > 0 {
+        sqlx::query("DELETE FROM attempts WHERE message_id = ?")
+            .bind(id)
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 
@@ -614,18 +621,6 @@ impl Store for SqliteStore {
             });
             query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING");
             written += query.build().execute(&mut *tx).await?.rows_affected();
-        }
-        for chunk in rows.chunks(500) {
-            let mut query =
-                sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM attempts WHERE message_id = ");
-            query.push_bind(id);
-            query.push(" AND registration_id IN (");
-            let mut list = query.separated(", ");
-            for row in chunk {
-                list.push_bind(&row.registration_id);
-            }
-            query.push(")");
-            query.build().execute(&mut *tx).await?;
         }
         for (registration_id, code) in gone {
             set_device_state(&mut tx, registration_id, DeviceState::Gone, Some(code), now).await?;
