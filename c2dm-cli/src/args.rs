@@ -163,7 +163,8 @@ pub struct BroadcastArgs {
     pub abort_after: Option<u64>,
 }
 
-#[derive(Debug, Args)]
+/// `c2dm serve`'s options; `Debug` hides the database URL's password.
+#[derive(Args)]
 pub struct ServeArgs {
     /// The database: sqlite://FILE (created if missing) or postgres://USER@HOST/DB (shared by
     /// many processes).
@@ -224,6 +225,31 @@ pub struct ServeArgs {
     /// An API process only: no workers.
     #[arg(long)]
     pub no_workers: bool,
+}
+
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field(
+                "database",
+                &c2dm_server::serve::redacted_url(&self.database),
+            )
+            .field("listen", &self.listen)
+            .field("port_file", &self.port_file)
+            .field("admin_token_file", &self.admin_token_file)
+            .field("device_key_file", &self.device_key_file)
+            .field("workers", &self.workers)
+            .field("concurrency", &self.concurrency)
+            .field("batch_size", &self.batch_size)
+            .field("account", &self.account)
+            .field("daily_budget", &self.daily_budget)
+            .field("no_daily_budget", &self.no_daily_budget)
+            .field("heartbeat", &self.heartbeat)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("no_api", &self.no_api)
+            .field("no_workers", &self.no_workers)
+            .finish()
+    }
 }
 
 #[derive(Debug, Args)]

@@ -11,8 +11,8 @@ use crate::api::{Keys, router};
 use crate::jobs::{JobError, Queues, WorkerOptions, run_workers};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 
-/// What one process does.
-#[derive(Debug, Clone)]
+/// What one process does. Its `Debug` hides the database URL's password.
+#[derive(Clone)]
 pub struct ServeOptions {
     /// The database: `sqlite://c2dm.db` (a file, created if missing) or
     /// `postgres://user@host/db` (shared by many processes).
@@ -26,6 +26,55 @@ pub struct ServeOptions {
     /// Also serve `GET /metrics`, without a key, on this address (for a worker-only process,
     /// whose figures the API's `/metrics` of another process does not show).
     pub metrics: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("database", &redacted_url(&self.database))
+            .field("api", &self.api)
+            .field("port_file", &self.port_file)
+            .field("workers", &self.workers)
+            .field("metrics", &self.metrics)
+            .finish()
+    }
+}
+
+/// `url` with its password, if it has one (`user:password@`, or `password=` among its
+/// parameters), replaced by `<redacted>`: what `Debug` and logs may show of a database URL.
+///
+/// ```
+/// use c2dm_server::serve::redacted_url;
+/// assert_eq!(
+///     redacted_url("postgres://c2dm:s3cret@db/c2dm?sslmode=require&password=s3cret"),
+///     "postgres://c2dm:<redacted>@db/c2dm?sslmode=require&password=<redacted>"
+/// );
+/// assert_eq!(redacted_url("sqlite://c2dm.db"), "sqlite://c2dm.db");
+/// ```
+pub fn redacted_url(url: &str) -> String {
+    let mut shown = url.to_owned();
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if let Some((userinfo, host)) = authority.rsplit_once('@')
+            && let Some((user, _)) = userinfo.split_once(':')
+        {
+            shown = format!("{scheme}://{user}:<redacted>@{host}{tail}");
+        }
+    }
+    if let Some((path, query)) = shown.clone().split_once('?') {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                    format!("{key}=<redacted>")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown = format!("{path}?{}", query.join("&"));
+    }
+    shown
 }
 
 /// Why a server could not run.
@@ -146,5 +195,43 @@ pub async fn open_database(
         Ok((Arc::new(store), queues))
     } else {
         Err(ServeError::UnsupportedDatabase)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_options_debug_hides_the_database_password() {
+        let options = ServeOptions {
+            database: "postgres://c2dm:hunter2@db:5432/c2dm?password=hunter2".into(),
+            api: None,
+            port_file: None,
+            workers: None,
+            metrics: None,
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("postgres://c2dm:<redacted>@db:5432/c2dm"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn urls_without_a_password_are_shown_whole() {
+        for url in [
+            "sqlite://c2dm.db",
+            "sqlite::memory:",
+            "postgres://c2dm@db/c2dm",
+            "postgres://db/c2dm?sslmode=require",
+        ] {
+            assert_eq!(redacted_url(url), url);
+        }
+        assert_eq!(
+            redacted_url("postgresql://u:p@h"),
+            "postgresql://u:<redacted>@h"
+        );
     }
 }
