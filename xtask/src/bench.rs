@@ -375,9 +375,6 @@ pub(crate) fn machine() -> String {
 }
 
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    if args.contains(&"--server") {
-        return crate::bench_server::run(root, args);
-    }
     let quick = args.contains(&"--quick");
     let settings = Settings {
         quick,

@@ -141,6 +141,7 @@ fn main() -> ExitCode {
                 Err(problems.join("\n"))
             }
         }
+        ["bench", rest @ ..] if rest.contains(&"--server") => bench_server::run(&root(), rest),
         ["bench", rest @ ..] => bench::run(&root(), rest),
         ["release", rest @ ..] => release::run(&root(), rest),
         ["soak", rest @ ..] => soak::run(&root(), rest),
