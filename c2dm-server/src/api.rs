@@ -90,7 +90,7 @@ struct AppState {
 /// | `GET /v1/messages/{id}/deliveries?outcome=&after=&limit=` | admin | a page of its rows, one per device |
 /// | `POST /v1/messages/{id}/cancel` | admin | batches not started are not sent, batches under way stop; every device still gets a row |
 /// | `GET /healthz` | none | 200 when the database answers, else 503 |
-/// | `GET /metrics` | admin | Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices |
+/// | `GET /metrics` | admin | Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices, queue depth, pauses, deferred devices, logins |
 ///
 /// A push is stored with its job, in one transaction, before the answer; workers
 /// ([`run_workers`](crate::jobs::run_workers)) do the sending.
@@ -655,11 +655,15 @@ async fn status(
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
     let mut changes = state.store.changes();
-    let mut message = find(&state, &id).await?;
+    // Read without its counts until the answer: counting a push's rows costs what it has.
+    let mut message = state
+        .store
+        .message_to_send(message_id(&id)?)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))?;
     loop {
         let finished = matches!(message.state, MessageState::Done | MessageState::Cancelled);
         if finished || tokio::time::Instant::now() >= deadline {
-            // Counted once, at the answer: counting a push's rows costs what it has.
             let counted = state.store.message(message.id).await?.unwrap_or(message);
             return Ok(Json(counted.into()));
         }
