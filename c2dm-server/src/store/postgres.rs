@@ -101,6 +101,21 @@ async fn set_device_state(
     .rows_affected())
 }
 
+/// The registration ids `query` (of push `$1` among the ids `$2`) finds.
+async fn ids_of(
+    pool: &PgPool,
+    query: &'static str,
+    id: i64,
+    registration_ids: &[String],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(query)
+        .bind(id)
+        .bind(registration_ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// A count as PostgreSQL's `BIGINT` keeps it.
 fn big(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -479,15 +494,14 @@ impl Store for PostgresStore {
         id: i64,
         registration_ids: &[String],
     ) -> Result<HashSet<String>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(
+        Ok(ids_of(
+            &self.pool,
             "SELECT registration_id FROM deliveries \
              WHERE message_id = $1 AND registration_id = ANY($2)",
+            id,
+            registration_ids,
         )
-        .bind(id)
-        .bind(registration_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(ids.into_iter().collect())
+        .await?)
     }
 
     async fn mark_attempting(
@@ -511,15 +525,14 @@ impl Store for PostgresStore {
         id: i64,
         registration_ids: &[String],
     ) -> Result<HashSet<String>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(
+        Ok(ids_of(
+            &self.pool,
             "SELECT registration_id FROM attempts \
              WHERE message_id = $1 AND registration_id = ANY($2)",
+            id,
+            registration_ids,
         )
-        .bind(id)
-        .bind(registration_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(ids.into_iter().collect())
+        .await?)
     }
 
     async fn record_batch(
