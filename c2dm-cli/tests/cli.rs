@@ -1056,6 +1056,20 @@ async fn spawn_serve(
     (child, Some(base))
 }
 
+/// POSTs one push to all the server's devices, then waits (`?wait=60`) for its status, which
+/// must say done.
+async fn push_to_all_and_wait(base: &str) -> serde_json::Value {
+    let push = serde_json::json!({"to": "all", "collapse_key": "news", "data": {"m": "hi"}});
+    let (status, push) = http(base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    assert_eq!(status, 202, "{push}");
+    let id = push["id"].as_str().unwrap();
+    let path = format!("/v1/messages/{id}?wait=60");
+    let (status, done) = http(base, "GET", &path, "admin-key", None).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "done", "{done}");
+    done
+}
+
 /// Sends SIGTERM and waits: the process must stop cleanly, saying so.
 async fn terminate(child: std::process::Child) {
     let signalled = Command::new("kill")
@@ -1108,21 +1122,9 @@ async fn two_worker_processes_on_one_postgres_share_a_push() {
         let (status, body) = http(&base, "POST", "/v1/devices", "device-key", Some(body)).await;
         assert_eq!(status, 201, "{body}");
     }
-    let push = serde_json::json!({"to": "all", "collapse_key": "news", "data": {"m": "hi"}});
-    let (status, push) = http(&base, "POST", "/v1/messages", "admin-key", Some(push)).await;
-    assert_eq!(status, 202, "{push}");
-    let id = push["id"].as_str().unwrap();
     // The API process learns of the workers' rows by looking again: no signal crosses
     // processes.
-    let (_, done) = http(
-        &base,
-        "GET",
-        &format!("/v1/messages/{id}?wait=60"),
-        "admin-key",
-        None,
-    )
-    .await;
-    assert_eq!(done["state"], "done", "{done}");
+    let done = push_to_all_and_wait(&base).await;
     assert_eq!(done["counts"]["accepted"], 400, "{done}");
     for i in 0..400 {
         assert_eq!(env.emulator.delivered_count(&format!("phone-{i:03}")), 1);
@@ -1174,26 +1176,7 @@ async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
         .await;
         assert_eq!(status, 201, "{body}");
     }
-    let (status, push) = http(
-        &base,
-        "POST",
-        "/v1/messages",
-        "admin-key",
-        Some(serde_json::json!({"to": "all", "collapse_key": "news", "data": {"m": "hi"}})),
-    )
-    .await;
-    assert_eq!(status, 202, "{push}");
-    let id = push["id"].as_str().unwrap();
-    let (status, done) = http(
-        &base,
-        "GET",
-        &format!("/v1/messages/{id}?wait=60"),
-        "admin-key",
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
-    assert_eq!(done["state"], "done", "{done}");
+    let done = push_to_all_and_wait(&base).await;
     assert_eq!(done["counts"]["accepted"], 2, "{done}");
     assert_eq!(done["counts"]["rejected"]["NotRegistered"], 1, "{done}");
     assert_eq!(env.emulator.delivered_count("phone-1"), 1);

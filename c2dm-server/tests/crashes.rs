@@ -17,62 +17,56 @@ use serde_json::{Value, json};
 
 use common::{Db, Server};
 
-/// A transport that forwards requests to the emulator until it has forwarded `pass`, then
-/// forwards each later request without giving its answer back: the send stays under way
-/// forever. `reached` fires when the first such request has been forwarded.
-fn stalling_after(
-    pass: usize,
-    reached: tokio::sync::oneshot::Sender<()>,
-) -> impl c2dm_core::Transport + 'static {
-    let inner = Arc::new(c2dm_hyper::HyperTransport::new().unwrap());
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let reached = Arc::new(Mutex::new(Some(reached)));
-    move |request: http::Request<Bytes>| {
-        let inner = Arc::clone(&inner);
-        let count = Arc::clone(&count);
-        let reached = Arc::clone(&reached);
-        async move {
-            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let answer = c2dm_core::Transport::execute(&*inner, request).await;
-            if n < pass {
-                return answer;
-            }
-            if let Some(reached) = reached.lock().unwrap().take() {
-                let _ = reached.send(());
-            }
-            std::future::pending::<Result<http::Response<Bytes>, TransportError>>().await
-        }
-    }
+/// What a transport made by [`passing`] does with the requests after the ones it passes.
+enum Then {
+    /// Forwards each to the emulator without giving its answer back: the send stays under
+    /// way forever.
+    Stall,
+    /// Holds each until the receiver turns true, then fails it without having sent it.
+    HoldUntil(tokio::sync::watch::Receiver<bool>),
 }
 
-/// A transport that forwards requests to the emulator until it has forwarded `pass`; each
-/// later request waits until `release` turns true, then fails without having been sent.
-/// `reached` fires when the first of those arrives.
-fn holding_after(
+/// A transport that forwards requests to the emulator until it has forwarded `pass`, then
+/// does as `then` says with each later one; `reached` fires when the first later one comes.
+fn passing(
     pass: usize,
     reached: tokio::sync::oneshot::Sender<()>,
-    release: tokio::sync::watch::Receiver<bool>,
+    then: Then,
 ) -> impl c2dm_core::Transport + 'static {
     let inner = Arc::new(c2dm_hyper::HyperTransport::new().unwrap());
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reached = Arc::new(Mutex::new(Some(reached)));
+    let then = Arc::new(then);
     move |request: http::Request<Bytes>| {
         let inner = Arc::clone(&inner);
         let count = Arc::clone(&count);
         let reached = Arc::clone(&reached);
-        let mut release = release.clone();
+        let then = Arc::clone(&then);
         async move {
-            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < pass {
+            let passed = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < pass;
+            if passed {
                 return c2dm_core::Transport::execute(&*inner, request).await;
             }
-            if let Some(reached) = reached.lock().unwrap().take() {
-                let _ = reached.send(());
+            let fire = || {
+                if let Some(reached) = reached.lock().unwrap().take() {
+                    let _ = reached.send(());
+                }
+            };
+            match &*then {
+                Then::Stall => {
+                    let _ = c2dm_core::Transport::execute(&*inner, request).await;
+                    fire();
+                    std::future::pending().await
+                }
+                Then::HoldUntil(release) => {
+                    fire();
+                    let _ = release.clone().wait_for(|released| *released).await;
+                    Err(TransportError::new(
+                        TransportErrorKind::Connect,
+                        RequestSent::No,
+                    ))
+                }
             }
-            let _ = release.wait_for(|released| *released).await;
-            Err(TransportError::new(
-                TransportErrorKind::Connect,
-                RequestSent::No,
-            ))
         }
     }
 }
@@ -122,7 +116,7 @@ async fn a_worker_killed_mid_batch_leaves_its_batch_to_another(db: Db) {
         .build()
         .unwrap();
     let (reached, stalled) = tokio::sync::oneshot::channel();
-    let sender = server.sender_over(stalling_after(150, reached));
+    let sender = server.sender_over(passing(150, reached, Then::Stall));
     let url = server.database.url.clone();
     let doomed_options = options.clone();
     doomed.spawn(async move {
@@ -200,7 +194,7 @@ async fn a_cancel_stops_a_batch_under_way(db: Db) {
     // comes; released, they fail unsent, and their retries wait until the cancel ends it.
     let (reached, held) = tokio::sync::oneshot::channel();
     let (release, released) = tokio::sync::watch::channel(false);
-    let sender = server.sender_over(holding_after(20, reached, released));
+    let sender = server.sender_over(passing(20, reached, Then::HoldUntil(released)));
     let _workers = server.workers_with(sender, options);
     let id = server.push(json!("all")).await;
     held.await.unwrap();
