@@ -298,15 +298,7 @@ fn wrk(dir: &Path, emulator: &Emulator, connections: u32, seconds: u32) -> Resul
     .arg(&script)
     .arg(format!("{}/", emulator.base));
     let usage = measure(cmd)?;
-    let line = |prefix: &str| {
-        usage
-            .stdout
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
-    };
-    let rate: f64 = line("Requests/sec:")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no rate from wrk:\n{}", usage.stdout))?;
+    let rate = wrk_rate(&usage.stdout)?;
     let total: f64 = usage
         .stdout
         .lines()
@@ -316,6 +308,15 @@ fn wrk(dir: &Path, emulator: &Emulator, connections: u32, seconds: u32) -> Resul
         rate,
         cpu: usage.cpu.as_secs_f64() * 1e6 / total,
     })
+}
+
+/// The `Requests/sec:` figure of wrk's report.
+pub(crate) fn wrk_rate(report: &str) -> Result<f64, String> {
+    report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no rate from wrk:\n{report}"))
 }
 
 /// The original article's sender: one HTTP POST per message, sequentially, a new connection

@@ -291,11 +291,7 @@ fn registrations(
     if text.contains("Non-2xx") {
         return Err(format!("registrations failed:\n{text}"));
     }
-    let rate = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("no rate from wrk:\n{text}"))?;
+    let rate = crate::bench::wrk_rate(&text)?;
     let p99 = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("99%"))
