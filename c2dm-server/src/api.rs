@@ -3,12 +3,13 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -26,6 +27,11 @@ pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// The most devices one page lists.
 pub const MAX_PAGE: u32 = 1000;
+
+/// The longest a request may take, body read and answer written, before it is answered 503
+/// `timeout` (a status request's `wait` comes on top). A request cut short changes nothing:
+/// its transaction is rolled back.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A key that authorises requests. Compared in constant time; its `Debug` never shows it.
 #[derive(Clone)]
@@ -96,18 +102,50 @@ struct AppState {
 /// ([`run_workers`](crate::jobs::run_workers)) do the sending.
 pub fn router(store: Arc<dyn Store>, keys: Keys) -> Router {
     install_metrics();
-    Router::new()
-        .route("/v1/devices", post(register).get(list))
-        .route("/v1/devices/{registration_id}", delete(unregister))
-        .route("/v1/messages", post(push))
-        .route("/v1/messages/{id}", get(status))
-        .route("/v1/messages/{id}/deliveries", get(deliveries))
-        .route("/v1/messages/{id}/cancel", post(cancel))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
+    // A status request may wait for its push to finish: its bound is longer by that wait.
+    let waiting = with_timeout(
+        Router::new().route("/v1/messages/{id}", get(status)),
+        REQUEST_TIMEOUT + Duration::from_secs(MAX_WAIT),
+    );
+    let quick = with_timeout(
+        Router::new()
+            .route("/v1/devices", post(register).get(list))
+            .route("/v1/devices/{registration_id}", delete(unregister))
+            .route("/v1/messages", post(push))
+            .route("/v1/messages/{id}/deliveries", get(deliveries))
+            .route("/v1/messages/{id}/cancel", post(cancel))
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics_text)),
+        REQUEST_TIMEOUT,
+    );
+    quick
+        .merge(waiting)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(AppState { store, keys })
+}
+
+/// `router`'s routes, each request answered 503 `timeout` if it takes longer than `limit`.
+fn with_timeout<S: Clone + Send + Sync + 'static>(router: Router<S>, limit: Duration) -> Router<S> {
+    router.layer(middleware::from_fn(
+        move |request: Request, next: Next| async move {
+            match tokio::time::timeout(limit, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => {
+                    tracing::warn!(?limit, "a request took too long: answered 503");
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        format!(
+                            "the request took longer than {} s; nothing it asked was done",
+                            limit.as_secs()
+                        ),
+                    )
+                    .into_response()
+                }
+            }
+        },
+    ))
 }
 
 /// What a request gets when it cannot be served.
@@ -842,5 +880,41 @@ async fn healthz(State(state): State<AppState>) -> Response {
             )
                 .into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn answer(router: Router, path: &str) -> (StatusCode, serde_json::Value) {
+        let request = Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = router.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_takes_too_long_is_answered_503_timeout() {
+        let router = with_timeout(
+            Router::new()
+                .route("/stuck", get(std::future::pending::<&'static str>))
+                .route("/quick", get(|| async { "done" })),
+            REQUEST_TIMEOUT,
+        );
+        let started = tokio::time::Instant::now();
+        let (status, body) = answer(router.clone(), "/stuck").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"]["code"], "timeout");
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+        let (status, _) = answer(router, "/quick").await;
+        assert_eq!(status, StatusCode::OK);
     }
 }
