@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use apalis::prelude::{
-    BackendExt, BoxDynError, Data, TaskBuilder, TaskSink, WorkerBuilder, WorkerBuilderExt,
+    BackendExt, BoxDynError, Data, TaskBuilder, TaskId, TaskSink, WorkerBuilder, WorkerBuilderExt,
 };
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
@@ -542,25 +542,29 @@ impl Pending {
     }
 }
 
-/// The devices of `send`, each chunk of `chunk` marked as about to be sent before it is
-/// handed to the broadcast; the stream ends early (and the batch fails, to run again) if a
-/// mark cannot be written.
+/// The devices of `send` (each with its position in the batch's list), each chunk of
+/// `chunk` marked as about to be sent (the batch's mark moved past it) before it is handed
+/// to the broadcast; the stream ends early (and the batch fails, to run again) if a mark
+/// cannot be written.
 fn marked(
     store: Arc<dyn Store>,
     message_id: i64,
-    send: &[RegistrationId],
+    batch: Arc<str>,
+    send: &[(u64, RegistrationId)],
     chunk: usize,
 ) -> impl futures::Stream<Item = RegistrationId> + Send + 'static {
-    let chunks: Vec<Vec<RegistrationId>> = send.chunks(chunk.max(1)).map(<[_]>::to_vec).collect();
+    let chunks: Vec<Vec<(u64, RegistrationId)>> =
+        send.chunks(chunk.max(1)).map(<[_]>::to_vec).collect();
     // The next chunk is marked while this one is sent, so the sending slots never wait on
     // it; each mark is a task of its own, driven to its end even while nobody reads the
     // stream (a mark left half done would hold the store's write turn).
     futures::stream::iter(chunks)
         .map(move |chunk| {
             let store = Arc::clone(&store);
+            let batch = Arc::clone(&batch);
             tokio::spawn(async move {
-                let ids: Vec<String> = chunk.iter().map(|id| id.as_str().to_owned()).collect();
-                match store.mark_attempting(message_id, &ids).await {
+                let through = chunk.last().map_or(0, |(at, _)| at + 1);
+                match store.mark_sending(message_id, &batch, through).await {
                     Ok(()) => Some(chunk),
                     Err(e) => {
                         tracing::warn!(error = %e, message_id, "could not mark sends: stopping the batch");
@@ -572,33 +576,43 @@ fn marked(
         .buffered(2)
         .map(|marked| marked.ok().flatten())
         .take_while(|chunk| std::future::ready(chunk.is_some()))
-        .flat_map(|chunk| futures::stream::iter(chunk.unwrap_or_default()))
+        .flat_map(|chunk| futures::stream::iter(chunk.unwrap_or_default().into_iter().map(|(_, id)| id)))
 }
 
 /// A batch job: one broadcast to the devices that have no row yet; their rows, with the
 /// devices C2DM reported gone, are written as they come, in transactions of up to
-/// [`FLUSH_ROWS`]. Each device is marked before it is sent to, so that a run after a crash
-/// counts a possible duplicate for it. Devices the account's daily budget does not cover, or
-/// that the service's quota kept from being sent, go back to the queue for later, unsent and
-/// without a row.
-async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
+/// [`FLUSH_ROWS`]. The batch's mark (keyed by its job's id, which a run again keeps) moves
+/// down its list before the sends, so that a run after a crash counts a possible duplicate
+/// for each device below it without a row. Devices the account's daily budget does not
+/// cover, or that the service's quota kept from being sent, go back to the queue for later,
+/// unsent and without a row.
+async fn run_batch(
+    job: BatchJob,
+    task: TaskId,
+    runner: Data<Arc<Runner>>,
+) -> Result<(), BoxDynError> {
     let store = &runner.store;
     let Some(message) = store.message_to_send(job.message_id).await? else {
         return Ok(());
     };
+    let batch: Arc<str> = task.to_string().into();
     let recorded = store
         .recorded(job.message_id, &job.registration_ids)
         .await?;
-    let todo: Vec<String> = job
-        .registration_ids
-        .iter()
-        .filter(|id| !recorded.contains(*id))
-        .cloned()
+    let marked_through = store.marked_through(job.message_id, &batch).await?;
+    // Each device with its position in the list, which the mark counts in.
+    let todo: Vec<(u64, &String)> = (0u64..)
+        .zip(&job.registration_ids)
+        .filter(|(_, id)| !recorded.contains(*id))
         .collect();
     let now = SystemTime::now();
     let mut pending = Pending {
         message_id: job.message_id,
-        resent: store.attempted(job.message_id, &todo).await?,
+        resent: todo
+            .iter()
+            .filter(|(at, _)| *at < marked_through)
+            .map(|(_, id)| (*id).clone())
+            .collect(),
         rows: Vec::with_capacity(todo.len().min(FLUSH_ROWS)),
         gone: Vec::new(),
         flushed_at: Instant::now(),
@@ -613,23 +627,24 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
     let mut later: Vec<(String, SystemTime)> = Vec::new();
     let mut unsent = 0usize;
     if message.cancel_requested {
-        for id in &todo {
+        for (_, id) in &todo {
             pending.push(DeliveryRow::not_attempted(id, "cancelled", now));
         }
     } else {
+        let ids: Vec<String> = todo.iter().map(|(_, id)| (*id).clone()).collect();
         let inactive: HashMap<String, DeviceState> = store
-            .device_states(&todo)
+            .device_states(&ids)
             .await?
             .into_iter()
             .filter(|(_, state)| *state != DeviceState::Active)
             .collect();
         let mut send = Vec::with_capacity(todo.len());
-        for id in &todo {
+        for &(at, id) in &todo {
             match (inactive.get(id.as_str()), RegistrationId::new(id.as_str())) {
                 (Some(state), _) => {
                     pending.push(DeliveryRow::not_attempted(id, state.as_str(), now))
                 }
-                (None, Ok(rid)) => send.push(rid),
+                (None, Ok(rid)) => send.push((at, rid)),
                 (None, Err(_)) => pending.push(DeliveryRow::not_attempted(
                     id,
                     "invalid_registration_id",
@@ -662,15 +677,15 @@ async fn run_batch(job: BatchJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDy
             later.extend(
                 send.split_off(keep)
                     .into_iter()
-                    .map(|id| (id.as_str().to_owned(), tomorrow)),
+                    .map(|(_, id)| (id.as_str().to_owned(), tomorrow)),
             );
         }
-        if let Some(first) = send.first().cloned() {
+        if let Some((_, first)) = send.first().cloned() {
             adopt_shared_pause(&runner).await?;
             let template = template(&message, first)?;
             let concurrency = runner.options.concurrency.max(1);
             let mut deliveries = runner.sender.broadcast_to(
-                marked(Arc::clone(store), job.message_id, &send, concurrency),
+                marked(Arc::clone(store), job.message_id, batch, &send, concurrency),
                 &template,
                 BroadcastOptions::default().concurrency(concurrency),
             )?;

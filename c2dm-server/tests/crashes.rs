@@ -168,8 +168,6 @@ async fn a_worker_killed_mid_batch_leaves_its_batch_to_another(db: Db) {
         copies_beyond_one += copies - 1;
         marked += possible;
     }
-    // The sends under way when the worker died (4 at most, one per slot) reached the
-    // emulator and were sent again: second copies, each marked.
     // The sends under way when the worker died (4, one per slot) reached the emulator and
     // were sent again: second copies, each marked. So were the sends answered whose rows
     // were not written yet; and no device with a row before the kill was marked.
@@ -285,6 +283,29 @@ async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db
     }
 }
 
+async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
+    let options = WorkerOptions::default();
+    let server = Server::start_with(db, |_| {}, &options).await;
+    let id = server
+        .push(json!({ "registration_ids": ["phone-000"] }))
+        .await;
+    let message_id: i64 = id.parse().unwrap();
+    let store = &server.store;
+    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 0);
+    store.mark_sending(message_id, "b1", 5).await.unwrap();
+    // A late mark of a slot that lagged behind does not move it back.
+    store.mark_sending(message_id, "b1", 3).await.unwrap();
+    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 5);
+    assert_eq!(store.marked_through(message_id, "b2").await.unwrap(), 0);
+    store.mark_sending(message_id, "b1", 9).await.unwrap();
+    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 9);
+
+    let _workers = server.workers(options);
+    let message = server.finished(&id).await;
+    assert_eq!(message["counts"]["accepted"], 1, "{message}");
+    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 0);
+}
+
 async fn budget_reservations_never_exceed_the_day_together(db: Db) {
     let database = db.fresh().await;
     let (store, _) = open_database(&database.url, &WorkerOptions::default())
@@ -349,6 +370,7 @@ on_each_database!(
     a_cancel_stops_a_batch_under_way,
     a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
+    a_batch_mark_only_grows_is_its_own_and_goes_with_its_push,
     budget_reservations_never_exceed_the_day_together,
     an_accounts_pause_is_extended_never_shortened,
 );

@@ -400,19 +400,14 @@ pub trait Store: Send + Sync {
         registration_ids: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError>;
 
-    /// Marks `registration_ids` as about to be sent push `id`, before the sends start: were
-    /// the worker to die, the batch run again knows they may have been sent.
-    async fn mark_attempting(&self, id: i64, registration_ids: &[String])
-    -> Result<(), StoreError>;
+    /// Notes that batch `batch` (its job's id) of push `id` is about to send to the devices
+    /// at positions below `through` in its list, before those sends start (a mark only
+    /// grows): were the worker to die, the batch run again knows which of its devices without
+    /// a row may have been sent to. A push's marks go when it finishes.
+    async fn mark_sending(&self, id: i64, batch: &str, through: u64) -> Result<(), StoreError>;
 
-    /// Those of `registration_ids` marked as about to be sent push `id` (a push's marks are
-    /// kept until it finishes): with those that have a row left out, devices a dead worker
-    /// may have sent to.
-    async fn attempted(
-        &self,
-        id: i64,
-        registration_ids: &[String],
-    ) -> Result<std::collections::HashSet<String>, StoreError>;
+    /// How far batch `batch` of push `id` had marked its list: 0 if it never sent.
+    async fn marked_through(&self, id: i64, batch: &str) -> Result<u64, StoreError>;
 
     /// Rows of a batch of push `id` (all of them, or those done so far), and the devices
     /// C2DM reported gone (with the code), in one transaction; a row a device already has is kept (a batch run twice

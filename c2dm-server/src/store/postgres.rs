@@ -70,7 +70,7 @@ async fn finish_if_complete(
     .await?;
     // A finished push has no use for its marks: they go at once, rather than row by row.
     if finished.rows_affected() > 0 {
-        sqlx::query("DELETE FROM attempts WHERE message_id = $1")
+        sqlx::query("DELETE FROM batch_marks WHERE message_id = $1")
             .bind(id)
             .execute(conn)
             .await?;
@@ -99,21 +99,6 @@ async fn set_device_state(
     .execute(conn)
     .await?
     .rows_affected())
-}
-
-/// The registration ids `query` (of push `$1` among the ids `$2`) finds.
-async fn ids_of(
-    pool: &PgPool,
-    query: &'static str,
-    id: i64,
-    registration_ids: &[String],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let ids: Vec<String> = sqlx::query_scalar(query)
-        .bind(id)
-        .bind(registration_ids)
-        .fetch_all(pool)
-        .await?;
-    Ok(ids.into_iter().collect())
 }
 
 /// A count as PostgreSQL's `BIGINT` keeps it.
@@ -494,45 +479,40 @@ impl Store for PostgresStore {
         id: i64,
         registration_ids: &[String],
     ) -> Result<HashSet<String>, StoreError> {
-        Ok(ids_of(
-            &self.pool,
+        let ids: Vec<String> = sqlx::query_scalar(
             "SELECT registration_id FROM deliveries \
              WHERE message_id = $1 AND registration_id = ANY($2)",
-            id,
-            registration_ids,
-        )
-        .await?)
-    }
-
-    async fn mark_attempting(
-        &self,
-        id: i64,
-        registration_ids: &[String],
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO attempts (message_id, registration_id) \
-             SELECT $1, r FROM UNNEST($2::text[]) r ON CONFLICT DO NOTHING",
         )
         .bind(id)
         .bind(registration_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn mark_sending(&self, id: i64, batch: &str, through: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO batch_marks (message_id, batch, sent_through) VALUES ($1, $2, $3) \
+             ON CONFLICT (message_id, batch) \
+             DO UPDATE SET sent_through = GREATEST(batch_marks.sent_through, EXCLUDED.sent_through)",
+        )
+        .bind(id)
+        .bind(batch)
+        .bind(i64::try_from(through).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn attempted(
-        &self,
-        id: i64,
-        registration_ids: &[String],
-    ) -> Result<HashSet<String>, StoreError> {
-        Ok(ids_of(
-            &self.pool,
-            "SELECT registration_id FROM attempts \
-             WHERE message_id = $1 AND registration_id = ANY($2)",
-            id,
-            registration_ids,
+    async fn marked_through(&self, id: i64, batch: &str) -> Result<u64, StoreError> {
+        let through: Option<i64> = sqlx::query_scalar(
+            "SELECT sent_through FROM batch_marks WHERE message_id = $1 AND batch = $2",
         )
-        .await?)
+        .bind(id)
+        .bind(batch)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(through.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
     }
 
     async fn record_batch(

@@ -73,7 +73,7 @@ async fn finish_if_complete(
     .await?;
     // A finished push has no use for its marks: they go at once, rather than row by row.
     if finished.rows_affected() > 0 {
-        sqlx::query("DELETE FROM attempts WHERE message_id = ?")
+        sqlx::query("DELETE FROM batch_marks WHERE message_id = ?")
             .bind(id)
             .execute(conn)
             .await?;
@@ -172,33 +172,6 @@ impl SqliteStore {
         drop((conn, turn));
         self.device(registration_id).await
     }
-}
-
-/// Those of `registration_ids` that `table` (`deliveries` or `attempts`) holds for push `id`.
-async fn ids_of(
-    pool: &SqlitePool,
-    table: &'static str,
-    id: i64,
-    registration_ids: &[String],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let mut found = HashSet::new();
-    // A statement per chunk: SQLite takes at most 32,766 parameters.
-    for chunk in registration_ids.chunks(500) {
-        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT registration_id FROM ");
-        query.push(table);
-        query.push(" WHERE message_id = ");
-        query.push_bind(id);
-        query.push(" AND registration_id IN (");
-        let mut list = query.separated(", ");
-        for rid in chunk {
-            list.push_bind(rid);
-        }
-        query.push(")");
-        for row in query.build().fetch_all(pool).await? {
-            found.insert(row.try_get(0)?);
-        }
-    }
-    Ok(found)
 }
 
 /// Sets a device's state and reason (its state-change time only if the state changes);
@@ -562,34 +535,50 @@ impl Store for SqliteStore {
         id: i64,
         registration_ids: &[String],
     ) -> Result<HashSet<String>, StoreError> {
-        Ok(ids_of(&self.pool, "deliveries", id, registration_ids).await?)
+        let mut found = HashSet::new();
+        // A statement per chunk: SQLite takes at most 32,766 parameters.
+        for chunk in registration_ids.chunks(500) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT registration_id FROM deliveries WHERE message_id = ",
+            );
+            query.push_bind(id);
+            query.push(" AND registration_id IN (");
+            let mut list = query.separated(", ");
+            for rid in chunk {
+                list.push_bind(rid);
+            }
+            query.push(")");
+            for row in query.build().fetch_all(&self.pool).await? {
+                found.insert(row.try_get(0)?);
+            }
+        }
+        Ok(found)
     }
 
-    async fn mark_attempting(
-        &self,
-        id: i64,
-        registration_ids: &[String],
-    ) -> Result<(), StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        for chunk in registration_ids.chunks(400) {
-            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT OR IGNORE INTO attempts (message_id, registration_id) ",
-            );
-            query.push_values(chunk, |mut row, rid| {
-                row.push_bind(id).push_bind(rid);
-            });
-            query.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+    async fn mark_sending(&self, id: i64, batch: &str, through: u64) -> Result<(), StoreError> {
+        let _turn = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO batch_marks (message_id, batch, sent_through) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (message_id, batch) \
+             DO UPDATE SET sent_through = MAX(sent_through, excluded.sent_through)",
+        )
+        .bind(id)
+        .bind(batch)
+        .bind(i64::try_from(through).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
-    async fn attempted(
-        &self,
-        id: i64,
-        registration_ids: &[String],
-    ) -> Result<HashSet<String>, StoreError> {
-        Ok(ids_of(&self.pool, "attempts", id, registration_ids).await?)
+    async fn marked_through(&self, id: i64, batch: &str) -> Result<u64, StoreError> {
+        let through: Option<i64> = sqlx::query_scalar(
+            "SELECT sent_through FROM batch_marks WHERE message_id = ?1 AND batch = ?2",
+        )
+        .bind(id)
+        .bind(batch)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(through.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
     }
 
     async fn record_batch(
