@@ -5,6 +5,8 @@
 //!   rotation and refusal, ClientLogin accounts).
 //! - [`NeverTransport`]: a transport that never answers, for timeout tests.
 //! - [`MockTransport`]: mockall's generated mock, for those who prefer expectations.
+//! - `conformance` (feature `conformance`): the kit that tells the author of a transport whether
+//!   it is right, case by case, against loopback servers of its own.
 //!
 //! The story "when an order ships, device X gets `message=shipped` under collapse key `orders`":
 //!
@@ -86,6 +88,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod recording;
 
 pub use c2dm_core::{MockTokenProvider, MockTransport};

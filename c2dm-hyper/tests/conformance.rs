@@ -1,0 +1,73 @@
+//! HyperTransport passes the transport conformance kit, and the kit catches a transport that
+//! lies about what it sent.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use c2dm_core::{RequestSent, Transport, TransportError};
+use c2dm_hyper::HyperTransport;
+use c2dm_mock::conformance::{self, KitSettings};
+
+fn hyper_transport(settings: &KitSettings) -> HyperTransport {
+    HyperTransport::builder()
+        .only_added_roots()
+        .add_root_certificates_pem(settings.root_certificate_pem.as_bytes())
+        .expect("the kit's certificate")
+        .request_timeout(settings.request_timeout)
+        .connect_timeout(settings.connect_timeout)
+        .max_response_bytes(settings.max_response_bytes)
+        .build()
+        .expect("a transport")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyper_transport_passes_the_whole_kit() {
+    let report = conformance::run(hyper_transport).await;
+    report.assert_passed();
+    assert_eq!(report.cases.len(), conformance::CASES.len());
+}
+
+/// A transport that says "not sent" whatever happened: the sender would resend messages that
+/// may have been delivered, without counting the duplicates.
+struct SaysNotSent(HyperTransport);
+
+#[async_trait]
+impl Transport for SaysNotSent {
+    async fn execute(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, TransportError> {
+        self.0
+            .execute(request)
+            .await
+            .map_err(|e| TransportError::new(e.kind(), RequestSent::No).with_source(e))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_that_says_not_sent_after_writing_fails_the_kit_by_name() {
+    let report =
+        conformance::run(|settings: &KitSettings| SaysNotSent(hyper_transport(settings))).await;
+    assert!(!report.passed());
+    let failed: Vec<&str> = report.failures().map(|c| c.name).collect();
+    assert_eq!(
+        failed,
+        [
+            "reset_after_request_written",
+            "server_never_answers",
+            "answer_over_size_cap"
+        ],
+        "{report}"
+    );
+    let why = report
+        .case("server_never_answers")
+        .and_then(|c| c.result.clone().err())
+        .unwrap();
+    assert!(why.contains("expected Maybe"), "{why}");
+    // And the panic names them.
+    let panic = std::panic::catch_unwind(|| report.assert_passed()).unwrap_err();
+    let text = panic.downcast_ref::<String>().unwrap();
+    assert!(
+        text.contains("FAILED reset_after_request_written"),
+        "{text}"
+    );
+}
