@@ -48,7 +48,9 @@ pub struct KitSettings {
     pub root_certificate_pem: String,
     /// The longest a whole exchange may take.
     pub request_timeout: Duration,
-    /// The longest a TCP connection may take.
+    /// The longest a connection (TCP, and TLS where the transport bounds it with the
+    /// connection) may take: half the request timeout, so that a transport that gives up while
+    /// connecting can know that it sent nothing.
     pub connect_timeout: Duration,
     /// The largest answer body the transport must accept; a larger one is an error of kind
     /// [`TransportErrorKind::BodyTooLarge`].
@@ -149,7 +151,7 @@ where
     let settings = KitSettings {
         root_certificate_pem: trusted.pem.clone(),
         request_timeout: REQUEST_TIMEOUT,
-        connect_timeout: REQUEST_TIMEOUT,
+        connect_timeout: REQUEST_TIMEOUT / 2,
         max_response_bytes: MAX_RESPONSE_BYTES,
     };
     let mut cases = Vec::with_capacity(CASES.len());
