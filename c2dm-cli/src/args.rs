@@ -27,6 +27,28 @@ pub struct Global {
     /// An extra trusted root certificate (PEM), e.g. the emulator's.
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// Reach the service through this HTTP proxy, by CONNECT tunnels (TLS stays end to end):
+    /// http://[user:password@]host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "C2DM_PROXY",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub proxy: Option<String>,
+    /// Take the proxy from HTTPS_PROXY (https:// URLs), HTTP_PROXY (http:// URLs) and NO_PROXY.
+    #[arg(long, global = true, conflicts_with = "proxy")]
+    pub proxy_from_env: bool,
+    /// Hosts reached without the proxy, as NO_PROXY lists them: host names (with their
+    /// subdomains), IP addresses, `*`; an entry may end in :port.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LIST",
+        conflicts_with = "proxy_from_env"
+    )]
+    pub no_proxy: Option<String>,
     /// Use this Auth token (otherwise log in with --email and the password).
     #[arg(long, global = true, env = "C2DM_AUTH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -70,6 +92,15 @@ impl std::fmt::Debug for Global {
             .field("send_url", &self.send_url)
             .field("login_url", &self.login_url)
             .field("ca_cert", &self.ca_cert)
+            .field(
+                "proxy",
+                &self
+                    .proxy
+                    .as_deref()
+                    .map(|url| c2dm_hyper::Proxy::new(url).map_err(|_| "<invalid>")),
+            )
+            .field("proxy_from_env", &self.proxy_from_env)
+            .field("no_proxy", &self.no_proxy)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("email", &self.email)
             .field("password_file", &self.password_file)

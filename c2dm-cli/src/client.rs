@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use c2dm_auth::{ClientLogin, Credentials};
 use c2dm_core::{AuthToken, Message, RetryPolicy, Sender, StaticToken, TokenProvider};
-use c2dm_hyper::HyperTransport;
+use c2dm_hyper::{HyperTransport, Proxy};
 
 use crate::args::{Global, MessageArgs};
 use crate::error::CliError;
@@ -42,7 +42,8 @@ fn is_loopback(host: &str) -> bool {
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The production transport, trusting `--ca-cert` besides the usual roots.
+/// The production transport, trusting `--ca-cert` besides the usual roots, through
+/// `--proxy` (or the environment's, with `--proxy-from-env`) except for `--no-proxy`.
 pub fn transport(global: &Global) -> Result<HyperTransport, CliError> {
     let mut builder =
         HyperTransport::builder().request_timeout(Duration::from_secs_f64(global.timeout));
@@ -53,6 +54,18 @@ pub fn transport(global: &Global) -> Result<HyperTransport, CliError> {
         builder = builder
             .add_root_certificates_pem(&pem)
             .map_err(|e| CliError::Usage(format!("--ca-cert: {}: {e}", path.display())))?;
+    }
+    if let Some(url) = &global.proxy {
+        let proxy = Proxy::new(url).map_err(|e| CliError::Usage(format!("--proxy: {e}")))?;
+        builder = builder.proxy(proxy);
+    }
+    if global.proxy_from_env {
+        builder = builder
+            .proxy_from_env()
+            .map_err(|e| CliError::Usage(format!("--proxy-from-env: {e}")))?;
+    }
+    if let Some(list) = &global.no_proxy {
+        builder = builder.no_proxy(list);
     }
     builder
         .build()
@@ -235,5 +248,33 @@ mod tests {
         let err =
             parse_url("--login-url", "http://www.google.com/accounts/ClientLogin").unwrap_err();
         assert!(err.to_string().contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn proxy_options_reach_the_transport_and_never_show_the_password() {
+        use clap::Parser;
+        let cli = |args: &[&str]| {
+            crate::args::Cli::try_parse_from(["c2dm"].iter().chain(args).chain(&["login"]).copied())
+        };
+        let parsed = cli(&[
+            "--proxy",
+            "http://alice:hunter2@proxy.internal:3128",
+            "--no-proxy",
+            "localhost",
+        ])
+        .unwrap();
+        assert!(transport(&parsed.global).is_ok());
+        let shown = format!("{:?}", parsed.global);
+        assert!(shown.contains("proxy.internal:3128"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+
+        let parsed = cli(&["--proxy", "socks5://alice:hunter2@proxy:1080"]).unwrap();
+        let err = transport(&parsed.global).unwrap_err().to_string();
+        assert!(err.starts_with("--proxy: "), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!format!("{:?}", parsed.global).contains("hunter2"));
+
+        // One source of proxies at a time.
+        assert!(cli(&["--proxy", "http://p:1", "--proxy-from-env"]).is_err());
     }
 }

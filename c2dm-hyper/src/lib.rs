@@ -11,7 +11,12 @@
 //!   operating system's with the `os-roots` feature, and extra roots from PEM by explicit choice.
 //!   There is no switch that turns verification off;
 //! - plain `http://` URLs work too, for a local emulator or a TLS-terminating proxy in front of
-//!   the service (HTTP proxies that take absolute URLs are not supported).
+//!   the service;
+//! - HTTP proxies ([`Proxy`]), given or from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when asked
+//!   for: each connection through the proxy is a `CONNECT` tunnel, so TLS still runs end to end
+//!   and the certificate checked is the service's. Credentials in the proxy URL go as Basic
+//!   `Proxy-Authorization` and never show in `Debug` or errors. A proxy that refuses the tunnel
+//!   is an error of kind `Connect`, not sent.
 //!
 //! Failures map to [`TransportError`] honestly: DNS, connect and TLS handshake failures are "not
 //! sent"; a timeout or a connection lost after the request was written is "may have been sent".
@@ -33,6 +38,9 @@
 
 mod drive;
 mod pool;
+mod proxy;
+
+pub use proxy::{Proxy, ProxyError};
 
 #[cfg(not(any(feature = "ring", feature = "aws-lc-rs")))]
 compile_error!("c2dm-hyper needs a crypto provider: enable the `ring` or `aws-lc-rs` feature");
@@ -58,6 +66,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::pool::{Checkout, ConnectError, Key, Pool, TimedOut};
+use crate::proxy::{NoProxy, Proxies, ProxyConnector};
 
 /// The `User-Agent` sent unless the request has one.
 pub const USER_AGENT_VALUE: &str = concat!("c2dm-rs/", env!("CARGO_PKG_VERSION"));
@@ -103,6 +112,7 @@ pub struct HyperTransportBuilder {
     os_roots: bool,
     extra_roots: Vec<CertificateDer<'static>>,
     user_agent: HeaderValue,
+    proxies: Proxies,
 }
 
 impl fmt::Debug for HyperTransportBuilder {
@@ -117,6 +127,7 @@ impl fmt::Debug for HyperTransportBuilder {
             .field("webpki_roots", &self.webpki_roots)
             .field("os_roots", &self.os_roots)
             .field("extra_roots", &self.extra_roots.len())
+            .field("proxies", &self.proxies)
             .finish()
     }
 }
@@ -134,6 +145,7 @@ impl Default for HyperTransportBuilder {
             os_roots: cfg!(feature = "os-roots"),
             extra_roots: Vec::new(),
             user_agent: HeaderValue::from_static(USER_AGENT_VALUE),
+            proxies: Proxies::default(),
         }
     }
 }
@@ -215,6 +227,44 @@ impl HyperTransportBuilder {
         self
     }
 
+    /// Reaches every host through the HTTP proxy `proxy` (by `CONNECT` tunnels), except those
+    /// [`no_proxy`](Self::no_proxy) lists. Replaces proxies set before.
+    ///
+    /// ```
+    /// use c2dm_hyper::{HyperTransport, Proxy};
+    /// let transport = HyperTransport::builder()
+    ///     .proxy(Proxy::new("http://proxy.internal:3128")?)
+    ///     .no_proxy("localhost, .internal")
+    ///     .build()?;
+    /// # drop(transport);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        let no_proxy = std::mem::take(&mut self.proxies.no_proxy);
+        self.proxies = Proxies {
+            no_proxy,
+            ..Proxies::all(proxy)
+        };
+        self
+    }
+
+    /// The hosts reached without the proxy, as `NO_PROXY` lists them: comma-separated host
+    /// names (each also covering its subdomains; a leading `.` is the same), IP addresses, or
+    /// `*` for every host; an entry may end in `:port`. CIDR ranges are not understood.
+    pub fn no_proxy(mut self, list: &str) -> Self {
+        self.proxies.no_proxy = NoProxy::parse(list);
+        self
+    }
+
+    /// Takes the proxies from the environment, as curl does: `HTTPS_PROXY` for `https://`
+    /// hosts, `HTTP_PROXY` for `http://` ones, `NO_PROXY` for hosts reached directly (the
+    /// lower-case names too). Replaces proxies set before; nothing set is no proxy. An unusable
+    /// proxy URL is an error that names the variable.
+    pub fn proxy_from_env(mut self) -> Result<Self, ProxyError> {
+        self.proxies = Proxies::from_env(|name| std::env::var(name).ok())?;
+        Ok(self)
+    }
+
     fn root_store(&self) -> Result<RootCertStore, BuildError> {
         let mut roots = RootCertStore::empty();
         #[cfg(feature = "webpki-roots")]
@@ -251,13 +301,17 @@ impl HyperTransportBuilder {
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
         http.set_nodelay(true);
+        let tcp = ProxyConnector {
+            http,
+            proxies: self.proxies,
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
         let https = if self.http2 {
-            https.enable_http1().enable_http2().wrap_connector(http)
+            https.enable_http1().enable_http2().wrap_connector(tcp)
         } else {
-            https.enable_http1().wrap_connector(http)
+            https.enable_http1().wrap_connector(tcp)
         };
         let pool = Pool::new(https, self.pool_idle_timeout, self.pool_max_idle_per_host);
         Ok(HyperTransport {

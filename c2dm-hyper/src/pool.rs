@@ -31,11 +31,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until, timeout_at};
 use tower_service::Service;
+
+use crate::proxy::ProxyConnector;
 
 type Body = Full<Bytes>;
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -210,7 +212,7 @@ pub(crate) struct Pool {
 }
 
 struct Inner {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<ProxyConnector>,
     /// A list, not a map: a transport talks to one or two hosts, and comparing a key or two
     /// costs less than hashing one.
     hosts: Mutex<Hosts>,
@@ -272,7 +274,7 @@ struct Idle {
 
 impl Pool {
     pub(crate) fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: HttpsConnector<ProxyConnector>,
         idle_timeout: Duration,
         max_idle_per_host: usize,
     ) -> Self {
