@@ -67,13 +67,9 @@ impl Transport for ReqwestTransport {
         let request =
             reqwest::Request::try_from(request.map(reqwest::Body::from)).map_err(|e| {
                 TransportError::new(TransportErrorKind::InvalidRequest, RequestSent::No)
-                    .with_message(describe(&e))
+                    .with_source(e)
             })?;
-        let mut response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|e| classify(&e))?;
+        let mut response = self.client.execute(request).await.map_err(classify)?;
         if response
             .content_length()
             .is_some_and(|n| n > self.max_response_bytes as u64)
@@ -81,7 +77,7 @@ impl Transport for ReqwestTransport {
             return Err(self.too_large());
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| classify(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(classify)? {
             if body.len() + chunk.len() > self.max_response_bytes {
                 return Err(self.too_large());
             }
@@ -96,14 +92,15 @@ impl Transport for ReqwestTransport {
 }
 
 /// What a reqwest error says about the exchange: before the request left (building it, or
-/// connecting: TCP, TLS) nothing was sent; after, it may have been.
-fn classify(err: &reqwest::Error) -> TransportError {
+/// connecting: TCP, TLS) nothing was sent; after, it may have been. The error stays as the
+/// cause, so its whole chain shows.
+fn classify(err: reqwest::Error) -> TransportError {
     let (kind, sent) = if err.is_builder() {
         (TransportErrorKind::InvalidRequest, RequestSent::No)
     } else if err.is_connect() {
         let kind = if err.is_timeout() {
             TransportErrorKind::Timeout
-        } else if is_tls(err) {
+        } else if is_tls(&err) {
             TransportErrorKind::Tls
         } else {
             TransportErrorKind::Connect
@@ -116,7 +113,7 @@ fn classify(err: &reqwest::Error) -> TransportError {
     } else {
         (TransportErrorKind::Other, RequestSent::Maybe)
     };
-    TransportError::new(kind, sent).with_message(describe(err))
+    TransportError::new(kind, sent).with_source(err)
 }
 
 /// Whether a TLS library refused the connection: rustls and native-tls report through an
@@ -136,18 +133,4 @@ fn is_tls(err: &(dyn StdError + 'static)) -> bool {
         next = e.source();
     }
     false
-}
-
-/// The error and its causes on one line, without repeating what a cause already says.
-fn describe(err: &(dyn StdError + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    parts.join(": ")
 }
