@@ -11,14 +11,9 @@
 //! ```no_run
 //! # async fn demo() {
 //! use c2dm_mock::conformance::{self, KitSettings};
-//! # struct MyTransport;
-//! # #[async_trait::async_trait]
-//! # impl c2dm_core::Transport for MyTransport {
-//! #     async fn execute(&self, _: http::Request<bytes::Bytes>)
-//! #         -> Result<http::Response<bytes::Bytes>, c2dm_core::TransportError> { unimplemented!() }
-//! # }
-//! # fn my_transport(_: &KitSettings) -> MyTransport { MyTransport }
-//! // Trust `settings.root_certificate_pem` (and nothing else), use its timeouts and cap.
+//! # fn my_transport(_: &KitSettings) -> c2dm_mock::NeverTransport { c2dm_mock::NeverTransport }
+//! // `my_transport` builds yours: trusting `settings.root_certificate_pem` (and nothing else),
+//! // with its timeouts and cap.
 //! let report = conformance::run(|settings: &KitSettings| my_transport(settings)).await;
 //! report.assert_passed(); // panics naming every case that failed, and why
 //! # }
