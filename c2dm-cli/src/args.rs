@@ -28,7 +28,7 @@ pub struct Global {
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Reach the service through this HTTP proxy, by CONNECT tunnels (TLS stays end to end):
-    /// http://[user:password@]host:port.
+    /// http://host:port, or http://user:password@host:port.
     #[arg(
         long,
         global = true,
