@@ -29,8 +29,8 @@ pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
 pub const MAX_PAGE: u32 = 1000;
 
 /// The longest a request may take, body read and answer written, before it is answered 503
-/// `timeout` (a status request's `wait` comes on top). A request cut short changes nothing:
-/// its transaction is rolled back.
+/// `timeout` (a status request's `wait` comes on top). A transaction the request had under way
+/// is rolled back.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A key that authorises requests. Compared in constant time; its `Debug` never shows it.
@@ -137,7 +137,7 @@ fn with_timeout<S: Clone + Send + Sync + 'static>(router: Router<S>, limit: Dura
                         StatusCode::SERVICE_UNAVAILABLE,
                         "timeout",
                         format!(
-                            "the request took longer than {} s; nothing it asked was done",
+                            "the request took longer than {} s; try again (a push with its Idempotency-Key is never made twice)",
                             limit.as_secs()
                         ),
                     )
