@@ -15,10 +15,11 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::store::{
-    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, MessageState,
-    NewDevice, NewMessage, Store, Upserted,
+    Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
+    MessageState, NewDevice, NewMessage, Store, Upserted,
 };
 
 /// The largest request body taken, in bytes (a larger one is refused with 413): room for a
@@ -91,12 +92,18 @@ struct AppState {
 /// | `POST /v1/devices` | device or admin | register (201) or update (200) a device |
 /// | `DELETE /v1/devices/{registration_id}` | device or admin | the app unregisters it (200, or 404) |
 /// | `GET /v1/devices?state=&user_id=&tag=&after=&limit=` | admin | a page of devices and the `next` cursor |
+/// | `GET /v1/devices/{registration_id}` | admin | one device |
+/// | `GET /v1/devices/{registration_id}/deliveries?after=&limit=` | admin | the device's history: its row of each push, newest first |
+/// | `GET /v1/device-counts?user_id=&tag=` | admin | how many devices are active, unregistered and gone |
 /// | `POST /v1/messages` | admin | a push to ids, a user, a tag or `"all"`, with an optional `Idempotency-Key` header: 202 `{id, state}` (200 for a replayed key) |
+/// | `GET /v1/messages?after=&limit=` | admin | the pushes, newest first, each with its tally by outcome |
 /// | `GET /v1/messages/{id}` | admin | its state and counts per outcome |
-/// | `GET /v1/messages/{id}/deliveries?outcome=&after=&limit=` | admin | a page of its rows, one per device |
+/// | `GET /v1/messages/{id}/deliveries?outcome=&error=&after=&limit=` | admin | a page of its rows, one per device |
 /// | `POST /v1/messages/{id}/cancel` | admin | batches not started are not sent, batches under way stop; every device still gets a row |
 /// | `GET /healthz` | none | 200 when the database answers, else 503 |
 /// | `GET /metrics` | admin | Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices, queue depth, pauses, deferred devices, logins |
+/// | `GET /openapi.json` | none | this API's OpenAPI 3.1 document ([`openapi`]) |
+/// | `GET /` | none | the operator's console ([`crate::console`]), which asks for the admin token |
 ///
 /// A push is stored with its job, in one transaction, before the answer; workers
 /// ([`run_workers`](crate::jobs::run_workers)) do the sending.
@@ -110,16 +117,26 @@ pub fn router(store: Arc<dyn Store>, keys: Keys) -> Router {
     let quick = with_timeout(
         Router::new()
             .route("/v1/devices", post(register).get(list))
-            .route("/v1/devices/{registration_id}", delete(unregister))
-            .route("/v1/messages", post(push))
+            .route(
+                "/v1/devices/{registration_id}",
+                delete(unregister).get(device),
+            )
+            .route(
+                "/v1/devices/{registration_id}/deliveries",
+                get(device_history),
+            )
+            .route("/v1/device-counts", get(device_counts))
+            .route("/v1/messages", post(push).get(messages))
             .route("/v1/messages/{id}/deliveries", get(deliveries))
             .route("/v1/messages/{id}/cancel", post(cancel))
             .route("/healthz", get(healthz))
-            .route("/metrics", get(metrics_text)),
+            .route("/metrics", get(metrics_text))
+            .route("/openapi.json", get(openapi_json)),
         REQUEST_TIMEOUT,
     );
     quick
         .merge(waiting)
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(AppState { store, keys })
@@ -193,23 +210,32 @@ impl ApiError {
     }
 }
 
+/// An error's answer: `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, Serialize, ToSchema)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+struct ErrorDetail {
+    /// A stable word to act on: `unauthorized`, `forbidden`, `not_found`, `malformed_body`,
+    /// `invalid_body`, `invalid_field`, `invalid_query`, `invalid_header`, `body_too_large`,
+    /// `idempotency_key_reused`, `timeout`, `internal`.
+    code: &'static str,
+    /// For people: what was wrong, and what to do.
+    message: String,
+    /// The field, query parameter or header at fault, when one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'static str>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: Inner<'a>,
-        }
-        #[derive(Serialize)]
-        struct Inner<'a> {
-            code: &'a str,
-            message: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            field: Option<&'a str>,
-        }
-        let body = Body {
-            error: Inner {
+        let body = ErrorBody {
+            error: ErrorDetail {
                 code: self.code,
-                message: &self.message,
+                message: self.message,
                 field: self.field,
             },
         };
@@ -280,6 +306,24 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
     )
 }
 
+/// A path parameter, its rejection (bytes that are not UTF-8) answered as an [`ApiError`].
+struct PathParam(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
 /// Who a request is from, by its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Caller {
@@ -329,22 +373,50 @@ impl Caller {
     }
 }
 
-/// `POST /v1/devices`.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/devices`: a device registers (or registers again).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Registration {
+    /// The id C2DM gave the app: no white space or control characters.
+    #[schema(min_length = 1, pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$")]
     registration_id: String,
+    /// The app's own name for the device.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     device_id: Option<String>,
+    /// Whom the device belongs to: pushes can go to every device of a user.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     user_id: Option<String>,
+    /// Labels: pushes can go to every device with a tag (at most 32).
     #[serde(default)]
-    tags: Vec<String>,
+    #[schema(max_items = 32, inline)]
+    tags: Vec<Tag>,
+    /// The app's version.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     app_version: Option<String>,
 }
 
-/// The longest text field taken (ids, versions, tags).
+/// A tag: non-empty, at most 256 characters, no control characters.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$")]
+struct Tag(String);
+
+/// The longest text field taken (ids, versions, tags), in characters.
 const MAX_TEXT: usize = 256;
 /// The most tags a device may have.
 const MAX_TAGS: usize = 32;
@@ -352,9 +424,9 @@ const MAX_TAGS: usize = 32;
 fn text_field(field: &'static str, value: Option<String>) -> Result<Option<String>, ApiError> {
     match value {
         Some(v) if v.is_empty() => Err(ApiError::field(field, format!("{field} is empty"))),
-        Some(v) if v.len() > MAX_TEXT => Err(ApiError::field(
+        Some(v) if v.chars().count() > MAX_TEXT => Err(ApiError::field(
             field,
-            format!("{field} is over {MAX_TEXT} bytes"),
+            format!("{field} is over {MAX_TEXT} characters"),
         )),
         Some(v) if v.chars().any(char::is_control) => Err(ApiError::field(
             field,
@@ -373,7 +445,7 @@ impl Registration {
             return Err(ApiError::field("tags", format!("at most {MAX_TAGS} tags")));
         }
         let mut tags = Vec::with_capacity(self.tags.len());
-        for tag in self.tags {
+        for Tag(tag) in self.tags {
             tags.extend(text_field("tags", Some(tag))?);
         }
         tags.sort();
@@ -389,17 +461,30 @@ impl Registration {
 }
 
 /// A device as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct DeviceView {
+    /// Its registration id.
     registration_id: String,
+    /// The app's own name for it.
     device_id: Option<String>,
+    /// Whom it belongs to.
     user_id: Option<String>,
+    /// Its tags, sorted.
     tags: Vec<String>,
+    /// The app's version.
     app_version: Option<String>,
+    /// Whether pushes go to it.
     state: DeviceState,
+    /// Why it is gone: the C2DM code (`NotRegistered`, `InvalidRegistration`).
     reason: Option<String>,
+    /// When it first registered (RFC 3339).
+    #[schema(format = DateTime)]
     created_at: String,
+    /// When it last registered or changed.
+    #[schema(format = DateTime)]
     updated_at: String,
+    /// When its state last changed.
+    #[schema(format = DateTime)]
     state_changed_at: String,
 }
 
@@ -424,6 +509,21 @@ impl From<Device> for DeviceView {
     }
 }
 
+/// Registers a device, or updates a known one and makes it active again.
+#[utoipa::path(
+    post, path = "/v1/devices", tag = "devices",
+    security(("device_key" = []), ("admin_token" = [])),
+    request_body = Registration,
+    responses(
+        (status = 201, description = "a new device", body = DeviceView),
+        (status = 200, description = "a known device, updated and active again", body = DeviceView),
+        (status = 400, description = "the body is not JSON", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 413, description = "the body is over 2 MiB", body = ErrorBody),
+        (status = 422, description = "a field is not acceptable (`field` says which)", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn register(
     State(state): State<AppState>,
     _caller: Caller,
@@ -440,71 +540,151 @@ async fn register(
     Ok((status, Json(stored.into())))
 }
 
+fn no_such_device() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no device has this registration id",
+    )
+}
+
+/// The app unregisters its device: pushes no longer go to it.
+#[utoipa::path(
+    delete, path = "/v1/devices/{registration_id}", tag = "devices",
+    security(("device_key" = []), ("admin_token" = [])),
+    params(("registration_id" = String, Path, description = "the device's registration id")),
+    responses(
+        (status = 200, description = "the device, now unregistered", body = DeviceView),
+        (status = 400, description = "the path is not UTF-8", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 404, description = "no device has this id", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn unregister(
     State(state): State<AppState>,
     _caller: Caller,
-    Path(registration_id): Path<String>,
+    PathParam(registration_id): PathParam,
 ) -> Result<Json<DeviceView>, ApiError> {
     match state.store.unregister_device(&registration_id).await? {
         Some(device) => Ok(Json(device.into())),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no device has this registration id",
-        )),
+        None => Err(no_such_device()),
+    }
+}
+
+/// One device.
+#[utoipa::path(
+    get, path = "/v1/devices/{registration_id}", tag = "devices",
+    security(("admin_token" = [])),
+    params(("registration_id" = String, Path, description = "the device's registration id")),
+    responses(
+        (status = 200, description = "the device", body = DeviceView),
+        (status = 400, description = "the path is not UTF-8", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 404, description = "no device has this id", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
+async fn device(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(registration_id): PathParam,
+) -> Result<Json<DeviceView>, ApiError> {
+    caller.require_admin()?;
+    match state.store.device(&registration_id).await? {
+        Some(device) => Ok(Json(device.into())),
+        None => Err(no_such_device()),
     }
 }
 
 /// `GET /v1/devices` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only devices in this state.
+    #[param(value_type = Option<DeviceState>)]
     state: Option<String>,
+    /// Only this user's devices.
     user_id: Option<String>,
+    /// Only devices with this tag.
     tag: Option<String>,
+    /// Where this page starts: an earlier page's `next`.
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
     after: Option<String>,
+    /// How many devices at most (1 to 1000, 100 if not given).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
 /// A page of devices.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct DevicePage {
+    /// The devices, in the order they first registered.
     devices: Vec<DeviceView>,
+    /// Pass it as `after` for the next page; `null` on the last one.
     next: Option<String>,
 }
 
+/// A numeric cursor from an earlier page's `next`.
+fn cursor(text: Option<&str>) -> Result<Option<i64>, ApiError> {
+    text.map(|cursor| {
+        cursor
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ApiError::query("after", "after is a cursor from an earlier page's next")
+            })
+    })
+    .transpose()
+}
+
+/// A page size: 1 to 1000, 100 if not given.
+fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::query("limit", "limit is between 1 and 1000"))
+    }
+}
+
+/// A page of devices, in the order they first registered.
+#[utoipa::path(
+    get, path = "/v1/devices", tag = "devices",
+    security(("admin_token" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "a page of devices", body = DevicePage),
+        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<DevicePage>, ApiError> {
     caller.require_admin()?;
-    let bad = ApiError::query;
     let filter = DeviceFilter {
-        state: match query.state.as_deref() {
-            None => None,
-            Some(s) => Some(
-                DeviceState::parse(s)
-                    .ok_or_else(|| bad("state", "state is one of active, unregistered, gone"))?,
-            ),
-        },
+        state: query
+            .state
+            .as_deref()
+            .map(|s| {
+                DeviceState::parse(s).ok_or_else(|| {
+                    ApiError::query("state", "state is one of active, unregistered, gone")
+                })
+            })
+            .transpose()?,
         user_id: query.user_id,
         tag: query.tag,
     };
-    let after = match query.after.as_deref() {
-        None => None,
-        Some(cursor) => Some(
-            cursor
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| bad("after", "after is a cursor from an earlier page's next"))?,
-        ),
-    };
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(bad("limit", "limit is between 1 and 1000"));
-    }
+    let after = cursor(query.after.as_deref())?;
+    let limit = page_limit(query.limit)?;
     let page = state.store.list_devices(&filter, after, limit).await?;
     Ok(Json(DevicePage {
         devices: page.items.into_iter().map(DeviceView::from).collect(),
@@ -512,14 +692,137 @@ async fn list(
     }))
 }
 
-/// `POST /v1/messages`.
-#[derive(Debug, Deserialize)]
+/// `GET /v1/device-counts` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct CountsQuery {
+    /// Only this user's devices.
+    user_id: Option<String>,
+    /// Only devices with this tag.
+    tag: Option<String>,
+}
+
+/// How many devices are in each state: all of them, a user's or a tag's (the `active` figure
+/// is the size of a push to them).
+#[utoipa::path(
+    get, path = "/v1/device-counts", tag = "devices",
+    security(("admin_token" = [])),
+    params(CountsQuery),
+    responses(
+        (status = 200, description = "the counts", body = DeviceCounts),
+        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
+async fn device_counts(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<CountsQuery>,
+) -> Result<Json<DeviceCounts>, ApiError> {
+    caller.require_admin()?;
+    let filter = DeviceFilter {
+        state: None,
+        user_id: query.user_id,
+        tag: query.tag,
+    };
+    Ok(Json(state.store.device_counts(&filter).await?))
+}
+
+/// `GET /v1/devices/{registration_id}/deliveries` and `GET /v1/messages` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct NewestFirstQuery {
+    /// Where this page starts: an earlier page's `next`.
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    after: Option<String>,
+    /// How many at most (1 to 1000, 100 if not given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+/// What became of one push on one device, as a device's history shows it.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeviceDelivery {
+    /// The push.
+    message_id: String,
+    /// What became of it.
+    #[serde(flatten)]
+    row: DeliveryView,
+}
+
+/// A page of a device's history.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeviceHistory {
+    /// Its row of each push that went to it, newest push first.
+    deliveries: Vec<DeviceDelivery>,
+    /// Pass it as `after` for the next page; `null` on the last one.
+    next: Option<String>,
+}
+
+/// A device's history: what became of each push that went to it, newest first.
+#[utoipa::path(
+    get, path = "/v1/devices/{registration_id}/deliveries", tag = "devices",
+    security(("admin_token" = [])),
+    params(
+        ("registration_id" = String, Path, description = "the device's registration id"),
+        NewestFirstQuery,
+    ),
+    responses(
+        (status = 200, description = "a page of its history", body = DeviceHistory),
+        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 404, description = "no device has this id", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
+async fn device_history(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(registration_id): PathParam,
+    QueryParams(query): QueryParams<NewestFirstQuery>,
+) -> Result<Json<DeviceHistory>, ApiError> {
+    caller.require_admin()?;
+    let before = cursor(query.after.as_deref())?;
+    let limit = page_limit(query.limit)?;
+    if state.store.device(&registration_id).await?.is_none() {
+        return Err(no_such_device());
+    }
+    let page = state
+        .store
+        .device_deliveries(&registration_id, before, limit)
+        .await?;
+    Ok(Json(DeviceHistory {
+        deliveries: page
+            .items
+            .into_iter()
+            .map(|(id, row)| DeviceDelivery {
+                message_id: id.to_string(),
+                row: row.into(),
+            })
+            .collect(),
+        next: page.next.map(|n| n.to_string()),
+    }))
+}
+
+/// `POST /v1/messages`: a push.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Push {
+    /// Who it goes to.
     to: Audience,
+    /// Groups like messages: while a device is offline, only the last one per key is kept.
+    #[schema(min_length = 1)]
     collapse_key: String,
+    /// The `data.<key>` pairs the app receives (keys and values together at most 1024 bytes;
+    /// no key is `from`, `collapse_key` or starts with `google.`).
     #[serde(default)]
     data: std::collections::BTreeMap<String, String>,
+    /// Deliver only when the device wakes.
     #[serde(default)]
     delay_while_idle: bool,
 }
@@ -577,21 +880,56 @@ impl Push {
     }
 }
 
-/// A push as the API shows it.
-#[derive(Debug, Serialize)]
-struct MessageView {
+/// A push's rows by outcome so far.
+#[derive(Debug, Serialize, ToSchema)]
+struct TallyView {
+    /// Accepted by C2DM.
+    accepted: u64,
+    /// Refused for good (by code in the push's `counts`).
+    rejected: u64,
+    /// Not accepted after retrying.
+    failed: u64,
+    /// Never sent (cancelled, or the device is not active).
+    not_attempted: u64,
+    /// Devices without their row yet; `null` until the audience has been walked.
+    pending: Option<u64>,
+}
+
+/// A push, as a list of pushes shows it.
+#[derive(Debug, Serialize, ToSchema)]
+struct MessageSummary {
+    /// Its id.
     id: String,
+    /// Where it is.
     state: MessageState,
+    /// Who it goes to.
     to: Audience,
+    /// Its collapse key.
     collapse_key: String,
+    /// Whether a cancel was asked for.
     cancel_requested: bool,
+    /// How many devices its audience has; `null` until walked.
     total: Option<u64>,
-    counts: Counts,
+    /// Its rows by outcome so far.
+    tally: TallyView,
+    /// When it was made (RFC 3339).
+    #[schema(format = DateTime)]
     created_at: String,
+    /// When its last row was written.
+    #[schema(format = DateTime)]
     finished_at: Option<String>,
 }
 
-impl From<MessageRecord> for MessageView {
+/// A push with its counts by outcome and code.
+#[derive(Debug, Serialize, ToSchema)]
+struct MessageView {
+    #[serde(flatten)]
+    summary: MessageSummary,
+    /// Its rows by outcome, the rejected and not attempted by code or reason.
+    counts: Counts,
+}
+
+impl From<MessageRecord> for MessageSummary {
     fn from(m: MessageRecord) -> Self {
         Self {
             id: m.id.to_string(),
@@ -600,13 +938,50 @@ impl From<MessageRecord> for MessageView {
             collapse_key: m.collapse_key,
             cancel_requested: m.cancel_requested,
             total: m.total,
-            counts: m.counts,
+            tally: TallyView {
+                accepted: m.tally.accepted,
+                rejected: m.tally.rejected,
+                failed: m.tally.failed,
+                not_attempted: m.tally.not_attempted,
+                pending: m.total.map(|t| t.saturating_sub(m.tally.recorded())),
+            },
             created_at: rfc3339(m.created_at),
             finished_at: m.finished_at.map(rfc3339),
         }
     }
 }
 
+impl From<MessageRecord> for MessageView {
+    fn from(mut m: MessageRecord) -> Self {
+        let counts = std::mem::take(&mut m.counts);
+        Self {
+            summary: m.into(),
+            counts,
+        }
+    }
+}
+
+/// Sends a push: stored with its job before the answer; workers do the sending.
+#[utoipa::path(
+    post, path = "/v1/messages", tag = "messages",
+    security(("admin_token" = [])),
+    params((
+        "Idempotency-Key" = Option<String>, Header,
+        description = "the same key gives the same push, never a second one (visible text, at most 256 characters)"
+    )),
+    request_body = Push,
+    responses(
+        (status = 202, description = "stored and queued", body = MessageView),
+        (status = 200, description = "a replayed Idempotency-Key: the push made the first time", body = MessageView),
+        (status = 400, description = "the body is not JSON, or the Idempotency-Key is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 409, description = "the Idempotency-Key was used for another push", body = ErrorBody),
+        (status = 413, description = "the body is over 2 MiB", body = ErrorBody),
+        (status = 422, description = "a field is not acceptable (`field` says which)", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn push(
     State(state): State<AppState>,
     caller: Caller,
@@ -629,7 +1004,7 @@ async fn push(
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
                         "invalid_header",
-                        "Idempotency-Key is visible text of at most 256 bytes",
+                        "Idempotency-Key is visible text of at most 256 characters",
                     )
                 })?,
         ),
@@ -654,11 +1029,52 @@ async fn push(
     Ok((StatusCode::ACCEPTED, Json(stored.into())))
 }
 
+/// A page of pushes.
+#[derive(Debug, Serialize, ToSchema)]
+struct MessagePage {
+    /// The pushes, newest first.
+    messages: Vec<MessageSummary>,
+    /// Pass it as `after` for the next page; `null` on the last one.
+    next: Option<String>,
+}
+
+/// The pushes, newest first, each with its tally by outcome.
+#[utoipa::path(
+    get, path = "/v1/messages", tag = "messages",
+    security(("admin_token" = [])),
+    params(NewestFirstQuery),
+    responses(
+        (status = 200, description = "a page of pushes", body = MessagePage),
+        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
+async fn messages(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<NewestFirstQuery>,
+) -> Result<Json<MessagePage>, ApiError> {
+    caller.require_admin()?;
+    let before = cursor(query.after.as_deref())?;
+    let limit = page_limit(query.limit)?;
+    let page = state.store.messages(before, limit).await?;
+    Ok(Json(MessagePage {
+        messages: page.items.into_iter().map(MessageSummary::from).collect(),
+        next: page.next.map(|n| n.to_string()),
+    }))
+}
+
+fn no_such_message() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message")
+}
+
 fn message_id(text: &str) -> Result<i64, ApiError> {
     text.parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))
+        .ok_or_else(no_such_message)
 }
 
 async fn find(state: &AppState, id: &str) -> Result<MessageRecord, ApiError> {
@@ -666,24 +1082,40 @@ async fn find(state: &AppState, id: &str) -> Result<MessageRecord, ApiError> {
         .store
         .message(message_id(id)?)
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))
+        .ok_or_else(no_such_message)
 }
 
 /// `GET /v1/messages/{id}` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StatusQuery {
     /// Hold the answer until the push is finished, for at most this many seconds (up to 60).
+    #[param(minimum = 0, maximum = 60)]
     wait: Option<u64>,
 }
 
 /// The longest `wait` a status request may ask for, in seconds.
 const MAX_WAIT: u64 = 60;
 
+/// A push's state and counts; with `wait`, once it is finished (or the wait is over).
+#[utoipa::path(
+    get, path = "/v1/messages/{id}", tag = "messages",
+    security(("admin_token" = [])),
+    params(("id" = String, Path, description = "the push's id"), StatusQuery),
+    responses(
+        (status = 200, description = "the push", body = MessageView),
+        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 404, description = "no such push", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn status(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     QueryParams(query): QueryParams<StatusQuery>,
 ) -> Result<Json<MessageView>, ApiError> {
     caller.require_admin()?;
@@ -698,7 +1130,7 @@ async fn status(
         .store
         .message_to_send(message_id(&id)?)
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message"))?;
+        .ok_or_else(no_such_message)?;
     loop {
         let finished = matches!(message.state, MessageState::Done | MessageState::Cancelled);
         if finished || tokio::time::Instant::now() >= deadline {
@@ -712,23 +1144,33 @@ async fn status(
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
-        message = match state.store.message_to_send(message.id).await? {
-            Some(now) => now,
-            None => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "no such message",
-                ));
-            }
-        };
+        message = state
+            .store
+            .message_to_send(message.id)
+            .await?
+            .ok_or_else(no_such_message)?;
     }
 }
 
+/// Cancels a push: batches not started are not sent, batches under way stop; every device
+/// still gets its row (`not_attempted: cancelled`).
+#[utoipa::path(
+    post, path = "/v1/messages/{id}/cancel", tag = "messages",
+    security(("admin_token" = [])),
+    params(("id" = String, Path, description = "the push's id")),
+    responses(
+        (status = 200, description = "the push, its cancel asked for", body = MessageView),
+        (status = 400, description = "the path is not UTF-8", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 404, description = "no such push", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<MessageView>, ApiError> {
     caller.require_admin()?;
     let message = find(&state, &id).await?;
@@ -740,24 +1182,57 @@ async fn cancel(
     Ok(Json(cancelled.into()))
 }
 
+/// The outcomes a row can have (the `outcome` of a delivery).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = Outcome)]
+#[allow(dead_code)] // read only by the OpenAPI document
+enum OutcomeName {
+    /// Accepted by C2DM.
+    Accepted,
+    /// Refused for good: `error` is the C2DM code.
+    Rejected,
+    /// Not accepted after retrying: `error` says why.
+    Failed,
+    /// Never sent: `error` says why (`cancelled`, `gone`, `unregistered`, …).
+    NotAttempted,
+}
+
 /// `GET /v1/messages/{id}/deliveries` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeliveriesQuery {
+    /// Only rows with this outcome.
+    #[param(value_type = Option<OutcomeName>)]
     outcome: Option<String>,
+    /// Only rows with this error: a C2DM code (`NotRegistered`), or why not attempted.
+    error: Option<String>,
+    /// Where this page starts: an earlier page's `next`.
     after: Option<String>,
+    /// How many rows at most (1 to 1000, 100 if not given).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
 /// One row as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct DeliveryView {
+    /// The device.
     registration_id: String,
+    /// What became of the push on it.
+    #[schema(value_type = OutcomeName)]
     outcome: c2dm_core::OutcomeKind,
+    /// The id C2DM gave the message, when accepted.
     c2dm_message_id: Option<String>,
+    /// The C2DM code, the error, or why not attempted.
     error: Option<String>,
+    /// Requests made.
     attempts: u32,
+    /// Sends that may have reached the device without an answer saying so.
     possible_duplicates: u32,
+    /// When the row was written (RFC 3339).
+    #[schema(format = DateTime)]
     at: String,
 }
 
@@ -776,16 +1251,32 @@ impl From<DeliveryRow> for DeliveryView {
 }
 
 /// A page of rows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct DeliveryPage {
+    /// The rows, in registration id order.
     deliveries: Vec<DeliveryView>,
+    /// Pass it as `after` for the next page; `null` on the last one.
     next: Option<String>,
 }
 
+/// What became of a push on each device: one row per device, in registration id order.
+#[utoipa::path(
+    get, path = "/v1/messages/{id}/deliveries", tag = "messages",
+    security(("admin_token" = [])),
+    params(("id" = String, Path, description = "the push's id"), DeliveriesQuery),
+    responses(
+        (status = 200, description = "a page of rows", body = DeliveryPage),
+        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 404, description = "no such push", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn deliveries(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     QueryParams(query): QueryParams<DeliveriesQuery>,
 ) -> Result<Json<DeliveryPage>, ApiError> {
     caller.require_admin()?;
@@ -802,13 +1293,16 @@ async fn deliveries(
                 })?,
         ),
     };
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::query("limit", "limit is between 1 and 1000"));
-    }
+    let limit = page_limit(query.limit)?;
     let (rows, next) = state
         .store
-        .deliveries(message.id, outcome, query.after.as_deref(), limit)
+        .deliveries(
+            message.id,
+            outcome,
+            query.error.as_deref(),
+            query.after.as_deref(),
+            limit,
+        )
         .await?;
     Ok(Json(DeliveryPage {
         deliveries: rows.into_iter().map(DeliveryView::from).collect(),
@@ -838,6 +1332,18 @@ pub fn install_metrics() {
     prometheus();
 }
 
+/// Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices, queue
+/// depth, pauses, deferred devices, logins.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "the figures", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
+        (status = 403, description = "the device key on an admin route", body = ErrorBody),
+        (status = 503, description = "the request took too long", body = ErrorBody),
+    )
+)]
 async fn metrics_text(caller: Caller) -> Result<Response, ApiError> {
     caller.require_admin()?;
     Ok(rendered_metrics())
@@ -862,11 +1368,21 @@ pub fn metrics_router() -> Router {
 }
 
 /// The answer to `GET /healthz`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct Health {
+    /// `ok`, or what is wrong.
     status: &'static str,
 }
 
+/// Whether the server can serve: 200 when its database answers. No key needed.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "the database answers", body = Health),
+        (status = 503, description = "the database does not answer, or the request took too long", body = Health),
+    )
+)]
 async fn healthz(State(state): State<AppState>) -> Response {
     match state.store.ping().await {
         Ok(()) => Json(Health { status: "ok" }).into_response(),
@@ -881,6 +1397,68 @@ async fn healthz(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// The API's contract, generated from the handlers and types above.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "c2dm-server",
+        description = "The C2DM application server: devices register, operators push, every device gets a record of what became of each push. Keys travel as `Authorization: Bearer <key>`: the device key on the device routes, the admin token on every route.",
+        license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
+    ),
+    paths(
+        register, unregister, device, list, device_counts, device_history, push, messages,
+        status, cancel, deliveries, healthz, metrics_text,
+    ),
+    modifiers(&BearerKeys),
+    tags(
+        (name = "devices", description = "Phones register their ids; operators look them up."),
+        (name = "messages", description = "Pushes, their progress, and a row per device."),
+        (name = "operations", description = "Health and figures."),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the two keys, both `Authorization: Bearer`.
+struct BearerKeys;
+
+impl utoipa::Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            ("admin_token", "the admin token: every route"),
+            (
+                "device_key",
+                "the device key: registering and unregistering devices",
+            ),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(what))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+/// The API's OpenAPI 3.1 document, as `GET /openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
+}
+
+/// The contract is public: it holds no secret, and clients (and fuzzers) read it first.
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOCUMENT.get_or_init(|| openapi().to_pretty_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], text.as_str()).into_response()
 }
 
 #[cfg(test)]
@@ -916,5 +1494,51 @@ mod tests {
         assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
         let (status, _) = answer(router, "/quick").await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[test]
+    fn the_openapi_document_is_3_1_and_names_every_route_and_key() {
+        let doc = serde_json::to_value(openapi()).expect("serializes");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut documented: Vec<String> = Vec::new();
+        for (path, item) in paths {
+            for method in item.as_object().expect("path item").keys() {
+                documented.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        documented.sort();
+        let mut routes = vec![
+            "POST /v1/devices",
+            "GET /v1/devices",
+            "GET /v1/devices/{registration_id}",
+            "DELETE /v1/devices/{registration_id}",
+            "GET /v1/devices/{registration_id}/deliveries",
+            "GET /v1/device-counts",
+            "POST /v1/messages",
+            "GET /v1/messages",
+            "GET /v1/messages/{id}",
+            "GET /v1/messages/{id}/deliveries",
+            "POST /v1/messages/{id}/cancel",
+            "GET /healthz",
+            "GET /metrics",
+        ];
+        routes.sort_unstable();
+        assert_eq!(documented, routes);
+        let schemes = &doc["components"]["securitySchemes"];
+        assert_eq!(schemes["admin_token"]["scheme"], "bearer");
+        assert_eq!(schemes["device_key"]["scheme"], "bearer");
+        // Every operation but the health check needs a key, and documents what a wrong one
+        // gets.
+        for (path, item) in paths {
+            for (method, op) in item.as_object().expect("path item") {
+                let responses = op["responses"].as_object().expect("responses");
+                assert!(responses.contains_key("503"), "{method} {path}: no 503");
+                if path != "/healthz" {
+                    assert!(responses.contains_key("401"), "{method} {path}: no 401");
+                    assert!(op["security"].as_array().is_some_and(|s| !s.is_empty()));
+                }
+            }
+        }
     }
 }

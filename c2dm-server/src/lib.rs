@@ -36,6 +36,7 @@
 //! one PostgreSQL database share and guarantee.
 
 pub mod api;
+pub mod console;
 pub mod jobs;
 pub mod queue;
 pub mod serve;

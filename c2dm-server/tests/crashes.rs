@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use c2dm_core::OutcomeKind;
 use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use c2dm_server::serve::open_database;
+use c2dm_server::store::{DeliveryRow, Tally};
 use serde_json::{Value, json};
 
 use common::{Db, Server};
@@ -306,6 +308,60 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 0);
 }
 
+/// A batch recorded again (its worker died after the commit, before the queue heard) writes
+/// no row twice, and its push's tally counts each row once.
+async fn a_batch_recorded_twice_is_counted_once(db: Db) {
+    let server = Server::start(db).await;
+    let id = server
+        .push(json!({ "registration_ids": ["phone-a", "gone-b", "phone-c"] }))
+        .await;
+    let message_id: i64 = id.parse().unwrap();
+    let now = std::time::SystemTime::now();
+    let row = |device: &str, outcome, error: Option<&str>| DeliveryRow {
+        registration_id: device.into(),
+        outcome,
+        c2dm_message_id: None,
+        error: error.map(Into::into),
+        attempts: 1,
+        possible_duplicates: 0,
+        at: now,
+    };
+    let first = [
+        row("phone-a", OutcomeKind::Accepted, None),
+        row("gone-b", OutcomeKind::Rejected, Some("NotRegistered")),
+    ];
+    for _ in 0..2 {
+        server
+            .store
+            .record_batch(message_id, &first, &[])
+            .await
+            .unwrap();
+    }
+    // Again, with one row new and one that differs from the one kept.
+    let second = [
+        row("phone-a", OutcomeKind::Failed, Some("later")),
+        row("phone-c", OutcomeKind::NotAttempted, Some("cancelled")),
+    ];
+    server
+        .store
+        .record_batch(message_id, &second, &[])
+        .await
+        .unwrap();
+    let message = server.store.message(message_id).await.unwrap().unwrap();
+    assert_eq!(
+        message.tally,
+        Tally {
+            accepted: 1,
+            rejected: 1,
+            failed: 0,
+            not_attempted: 1
+        }
+    );
+    assert_eq!(message.counts.accepted, 1);
+    assert_eq!(message.counts.rejected["NotRegistered"], 1);
+    assert_eq!(message.counts.failed, 0);
+}
+
 async fn budget_reservations_never_exceed_the_day_together(db: Db) {
     let database = db.fresh().await;
     let (store, _) = open_database(&database.url, &WorkerOptions::default())
@@ -371,6 +427,7 @@ on_each_database!(
     a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
     a_batch_mark_only_grows_is_its_own_and_goes_with_its_push,
+    a_batch_recorded_twice_is_counted_once,
     budget_reservations_never_exceed_the_day_together,
     an_accounts_pause_is_extended_never_shortened,
 );

@@ -336,7 +336,149 @@ async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
     );
 }
 
+/// What the console reads: the pushes newest first with their tallies, rows filtered by
+/// code, devices counted by state, one device, and a device's history.
+async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
+    let server = Server::start(db).await;
+    for i in 0..12 {
+        let id = if i % 4 == 0 {
+            format!("gone-{i:02}")
+        } else {
+            format!("phone-{i:02}")
+        };
+        let user = if i < 6 { "alice" } else { "bob" };
+        server.register(&id, Some(user), &[]).await;
+    }
+    server
+        .call("DELETE", "/v1/devices/phone-11", DEVICE, None)
+        .await;
+    let _workers = server.workers(WorkerOptions {
+        batch_size: 5,
+        ..WorkerOptions::default()
+    });
+    let first = server.push(json!("all")).await;
+    server.finished(&first).await;
+    let second = server
+        .push(json!({"registration_ids": ["gone-04", "phone-01"]}))
+        .await;
+    server.finished(&second).await;
+
+    // Newest first, each with its tally, paged.
+    let (status, page) = server
+        .call("GET", "/v1/messages?limit=1", ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["messages"][0]["id"], second.as_str());
+    let next = page["next"].as_str().expect("a second page").to_owned();
+    let (_, older) = server
+        .call("GET", &format!("/v1/messages?after={next}"), ADMIN, None)
+        .await;
+    assert_eq!(older["messages"].as_array().unwrap().len(), 1, "{older}");
+    assert_eq!(older["next"], Value::Null);
+    let all = &older["messages"][0];
+    assert_eq!(all["id"], first.as_str());
+    // 11 active devices, 3 of them gone at C2DM.
+    assert_eq!(
+        all["tally"],
+        json!({"accepted": 8, "rejected": 3, "failed": 0, "not_attempted": 0, "pending": 0}),
+        "{all}"
+    );
+    // A device listed by id that is gone by now is not attempted.
+    assert_eq!(
+        page["messages"][0]["tally"],
+        json!({"accepted": 1, "rejected": 0, "failed": 0, "not_attempted": 1, "pending": 0}),
+    );
+
+    // Rows by code.
+    let rows = server.rows(&first, "&error=NotRegistered").await;
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["registration_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gone-00", "gone-04", "gone-08"]);
+    assert!(rows.iter().all(|r| r["outcome"] == "rejected"));
+    assert!(
+        server
+            .rows(&first, "&outcome=accepted&error=NotRegistered")
+            .await
+            .is_empty()
+    );
+
+    // Devices by state, for everyone and for a user.
+    let (status, counts) = server.call("GET", "/v1/device-counts", ADMIN, None).await;
+    assert_eq!(status, StatusCode::OK, "{counts}");
+    assert_eq!(counts, json!({"active": 8, "unregistered": 1, "gone": 3}));
+    let (_, bob) = server
+        .call("GET", "/v1/device-counts?user_id=bob", ADMIN, None)
+        .await;
+    assert_eq!(bob, json!({"active": 4, "unregistered": 1, "gone": 1}));
+
+    // One device, and its history, newest first.
+    let (status, device) = server.call("GET", "/v1/devices/gone-04", ADMIN, None).await;
+    assert_eq!(status, StatusCode::OK, "{device}");
+    assert_eq!(device["state"], "gone");
+    assert_eq!(device["reason"], "NotRegistered");
+    let (_, history) = server
+        .call("GET", "/v1/devices/gone-04/deliveries?limit=1", ADMIN, None)
+        .await;
+    assert_eq!(
+        history["deliveries"][0]["message_id"],
+        second.as_str(),
+        "{history}"
+    );
+    assert_eq!(history["deliveries"][0]["outcome"], "not_attempted");
+    let next = history["next"].as_str().expect("an older push").to_owned();
+    let (_, older) = server
+        .call(
+            "GET",
+            &format!("/v1/devices/gone-04/deliveries?limit=1&after={next}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(
+        older["deliveries"][0]["message_id"],
+        first.as_str(),
+        "{older}"
+    );
+    assert_eq!(older["deliveries"][0]["error"], "NotRegistered");
+    assert_eq!(older["next"], Value::Null);
+    let (_, bob_history) = server
+        .call("GET", "/v1/devices/phone-07/deliveries", ADMIN, None)
+        .await;
+    assert_eq!(
+        bob_history["deliveries"].as_array().unwrap().len(),
+        1,
+        "{bob_history}"
+    );
+
+    // Unknown devices, bad cursors, and the device key.
+    for uri in ["/v1/devices/nobody", "/v1/devices/nobody/deliveries"] {
+        let (status, body) = server.call("GET", uri, ADMIN, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}: {body}");
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+    for uri in [
+        "/v1/messages?after=x",
+        "/v1/messages?limit=0",
+        "/v1/devices/gone-04/deliveries?after=-1",
+    ] {
+        let (status, body) = server.call("GET", uri, ADMIN, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+    }
+    for uri in [
+        "/v1/messages",
+        "/v1/device-counts",
+        "/v1/devices/gone-04",
+        "/v1/devices/gone-04/deliveries",
+    ] {
+        let (status, _) = server.call("GET", uri, DEVICE, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+    }
+}
+
 on_each_database!(
+    pushes_and_devices_read_as_the_console_reads_them,
     a_push_to_all_reaches_every_active_device_once_and_disables_the_gone,
     pushes_to_a_user_a_tag_and_a_list_of_ids,
     a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one,

@@ -14,7 +14,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// What a device is to the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceState {
     /// Registered, and pushes go to it.
@@ -118,8 +118,9 @@ pub struct Page<T> {
     pub next: Option<i64>,
 }
 
-/// Who a push goes to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Who a push goes to: `{"registration_ids": [...]}`, `{"user_id": ...}`, `{"tag": ...}` or
+/// `"all"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged, deny_unknown_fields)]
 pub enum Audience {
     /// These registration ids (registered or not; known ones that are no longer active get a
@@ -143,7 +144,7 @@ pub enum Audience {
 }
 
 /// The one word for "every active device": `"all"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Everyone {
     /// Every active device.
@@ -166,7 +167,7 @@ pub struct NewMessage {
 }
 
 /// Where a push is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageState {
     /// Stored; its job has not started.
@@ -204,7 +205,7 @@ impl MessageState {
 }
 
 /// How many devices of a push came to each outcome so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Counts {
     /// Accepted by C2DM.
     pub accepted: u64,
@@ -216,6 +217,48 @@ pub struct Counts {
     pub not_attempted: std::collections::BTreeMap<String, u64>,
     /// Devices of the audience without a final row yet (known once the audience is walked).
     pub pending: Option<u64>,
+}
+
+/// How many devices of a push came to each outcome so far, counted as its rows are written
+/// (what a list of pushes shows without counting their rows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    /// Accepted by C2DM.
+    pub accepted: u64,
+    /// Refused for good.
+    pub rejected: u64,
+    /// Not accepted after retrying.
+    pub failed: u64,
+    /// Never sent.
+    pub not_attempted: u64,
+}
+
+impl Tally {
+    /// Devices with their final row.
+    pub fn recorded(&self) -> u64 {
+        self.accepted + self.rejected + self.failed + self.not_attempted
+    }
+
+    /// Counts one more row with `outcome`.
+    pub fn add(&mut self, outcome: c2dm_core::OutcomeKind) {
+        match outcome {
+            c2dm_core::OutcomeKind::Accepted => self.accepted += 1,
+            c2dm_core::OutcomeKind::Rejected => self.rejected += 1,
+            c2dm_core::OutcomeKind::Failed => self.failed += 1,
+            c2dm_core::OutcomeKind::NotAttempted => self.not_attempted += 1,
+        }
+    }
+}
+
+/// How many devices are in each state (of those a filter picks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct DeviceCounts {
+    /// Pushes go to them.
+    pub active: u64,
+    /// Unregistered by their app.
+    pub unregistered: u64,
+    /// Reported gone by C2DM.
+    pub gone: u64,
 }
 
 /// A stored push.
@@ -242,8 +285,10 @@ pub struct MessageRecord {
     pub walk_after: Option<i64>,
     /// Devices the walk has put into batch jobs so far.
     pub walked: u64,
-    /// Its rows so far, counted.
+    /// Its rows so far, counted by outcome and code (left at zero where a read says so).
     pub counts: Counts,
+    /// Its rows so far by outcome, as counted when written (always read).
+    pub tally: Tally,
     /// When it was stored.
     pub created_at: SystemTime,
     /// When its last row was written.
@@ -331,6 +376,18 @@ pub trait Store: Send + Sync {
     /// One device, if known.
     async fn device(&self, registration_id: &str) -> Result<Option<Device>, StoreError>;
 
+    /// How many devices `filter` picks, by state (its `state` is not looked at).
+    async fn device_counts(&self, filter: &DeviceFilter) -> Result<DeviceCounts, StoreError>;
+
+    /// Up to `limit` rows of the device `registration_id`, one per push, newest push first,
+    /// from pushes older than `before` (a push id): what became of each push on it.
+    async fn device_deliveries(
+        &self,
+        registration_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<(i64, DeliveryRow)>, StoreError>;
+
     /// Up to `limit` devices matching `filter` whose position is after `after`, in order.
     async fn list_devices(
         &self,
@@ -364,6 +421,14 @@ pub trait Store: Send + Sync {
 
     /// One push with its counts, if it exists.
     async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError>;
+
+    /// Up to `limit` pushes older than `before` (a push id), newest first, with their tallies
+    /// but not their counts (left at zero).
+    async fn messages(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<MessageRecord>, StoreError>;
 
     /// One push without its counts (left at zero), if it exists: what a job needs to send it,
     /// at a cost that does not grow with the rows it has.
@@ -420,12 +485,13 @@ pub trait Store: Send + Sync {
         gone: &[(String, String)],
     ) -> Result<(), StoreError>;
 
-    /// Up to `limit` rows of push `id` (only those with `outcome`, if given), in registration
-    /// id order after `after`; the next page's cursor is the last id.
+    /// Up to `limit` rows of push `id` (only those with `outcome` and `error`, where given),
+    /// in registration id order after `after`; the next page's cursor is the last id.
     async fn deliveries(
         &self,
         id: i64,
         outcome: Option<c2dm_core::OutcomeKind>,
+        error: Option<&str>,
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError>;

@@ -16,11 +16,12 @@ use sqlx::{PgPool, Row};
 use crate::queue::{self, BatchJob, PushJob};
 
 use super::rows::{
-    counts_of, delivery_of, device_of, json_error, message_of, millis, time_of, trim_page,
+    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis,
+    select_message, time_of, trim_page,
 };
 use super::{
-    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, NewDevice,
-    NewMessage, Page, Store, StoreError, Upserted,
+    Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
+    NewDevice, NewMessage, Page, Store, StoreError, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order `device_of` reads them, from `devices d`: a
@@ -37,10 +38,8 @@ macro_rules! select_device {
     };
 }
 
-/// `SELECT` of a message's columns, in the order `message_of` reads them.
-const SELECT_MESSAGE: &str = "SELECT id, audience, collapse_key, data, delay_while_idle, state, \
-     cancel_requested, total, created_at, finished_at, walk_after, walked FROM messages \
-     WHERE id = $1";
+/// `SELECT` of one message's columns, in the order `message_of` reads them.
+const SELECT_MESSAGE: &str = select_message!("WHERE id = $1");
 
 /// The store on a PostgreSQL database, migrated when opened.
 #[derive(Debug, Clone)]
@@ -251,6 +250,48 @@ impl Store for PostgresStore {
         Ok(row.as_ref().map(device_of).transpose()?)
     }
 
+    async fn device_counts(&self, filter: &DeviceFilter) -> Result<DeviceCounts, StoreError> {
+        let groups = sqlx::query(
+            "SELECT d.state, COUNT(*) FROM devices d \
+             WHERE ($1::text IS NULL OR d.user_id = $1) \
+             AND ($2::text IS NULL OR EXISTS \
+             (SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = $2)) \
+             GROUP BY d.state",
+        )
+        .bind(&filter.user_id)
+        .bind(&filter.tag)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(device_counts_of(&groups)?)
+    }
+
+    async fn device_deliveries(
+        &self,
+        registration_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<(i64, DeliveryRow)>, StoreError> {
+        // Pushes newest first, each looked up by its key: no index by device is kept (it
+        // would cost every push's writes), and pushes are few beside their rows.
+        let rows = sqlx::query(
+            "SELECT d.registration_id, d.outcome, d.c2dm_message_id, d.error, d.attempts, \
+             d.possible_duplicates, d.at, m.id FROM messages m \
+             JOIN deliveries d ON d.message_id = m.id AND d.registration_id = $1 \
+             WHERE m.id < $2 ORDER BY m.id DESC LIMIT $3",
+        )
+        .bind(registration_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>(7)?, delivery_of(row)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let (items, next) = trim_page(items, limit, |(id, _)| *id);
+        Ok(Page { items, next })
+    }
+
     async fn list_devices(
         &self,
         filter: &DeviceFilter,
@@ -443,6 +484,24 @@ impl Store for PostgresStore {
             .transpose()?)
     }
 
+    async fn messages(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<MessageRecord>, StoreError> {
+        let rows = sqlx::query(select_message!("WHERE id < $1 ORDER BY id DESC LIMIT $2"))
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(|row| message_of(row, Counts::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (items, next) = trim_page(items, limit, |m| m.id);
+        Ok(Page { items, next })
+    }
+
     async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE messages SET state = 'sending' WHERE id = $1 AND state = 'queued'")
             .bind(id)
@@ -541,24 +600,6 @@ impl Store for PostgresStore {
         let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
 
         let mut tx = self.pool.begin().await?;
-        let written = sqlx::query(
-            "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
-             error, attempts, possible_duplicates, at) \
-             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::bigint[], $7::bigint[], $8::bigint[]) \
-             ON CONFLICT (message_id, registration_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(&ids)
-        .bind(&outcomes)
-        .bind(&message_ids)
-        .bind(&errors)
-        .bind(&attempts)
-        .bind(&duplicates)
-        .bind(&at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
         if !gone.is_empty() {
             sqlx::query(
                 "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \
@@ -573,11 +614,33 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE messages SET recorded = recorded + $1 WHERE id = $2")
-            .bind(big(written))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        // The rows, and the push's counters by the rows actually written (a row a device
+        // already had is not counted again), in one statement.
+        sqlx::query(
+            "WITH written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
+             c2dm_message_id, error, attempts, possible_duplicates, at) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::bigint[]) \
+             ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome) \
+             UPDATE messages SET \
+             recorded = recorded + (SELECT COUNT(*) FROM written), \
+             accepted = accepted + (SELECT COUNT(*) FROM written WHERE outcome = 'accepted'), \
+             rejected = rejected + (SELECT COUNT(*) FROM written WHERE outcome = 'rejected'), \
+             failed = failed + (SELECT COUNT(*) FROM written WHERE outcome = 'failed'), \
+             not_attempted = not_attempted + \
+             (SELECT COUNT(*) FROM written WHERE outcome = 'not_attempted') \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&ids)
+        .bind(&outcomes)
+        .bind(&message_ids)
+        .bind(&errors)
+        .bind(&attempts)
+        .bind(&duplicates)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
         finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
         self.changed();
@@ -588,6 +651,7 @@ impl Store for PostgresStore {
         &self,
         id: i64,
         outcome: Option<OutcomeKind>,
+        error: Option<&str>,
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
@@ -595,13 +659,14 @@ impl Store for PostgresStore {
             "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
              possible_duplicates, at FROM deliveries \
              WHERE message_id = $1 AND ($2::text IS NULL OR outcome = $2) \
-             AND registration_id > $3 \
+             AND ($5::text IS NULL OR error = $5) AND registration_id > $3 \
              ORDER BY registration_id LIMIT $4",
         )
         .bind(id)
         .bind(outcome.map(|o| o.as_str()))
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit) + 1)
+        .bind(error)
         .fetch_all(&self.pool)
         .await?;
         let items = rows

@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use c2dm_core::OutcomeKind;
 
-use super::{Counts, DeliveryRow, Device, DeviceState, MessageRecord, MessageState};
+use super::{
+    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, MessageRecord, MessageState, Tally,
+};
 
 /// The columns a row of either database gives, by position.
 pub(super) trait Columns {
@@ -92,8 +94,23 @@ pub(super) fn device_of(row: &impl Columns) -> Result<Device, sqlx::Error> {
     })
 }
 
+/// The columns of a push, in the order [`message_of`] reads them, from `messages`, followed by
+/// the rest of the query: a macro, so that every query stays one literal string.
+macro_rules! select_message {
+    ($($rest:literal)*) => {
+        concat!(
+            "SELECT id, audience, collapse_key, data, delay_while_idle, state, ",
+            "cancel_requested, total, created_at, finished_at, walk_after, walked, ",
+            "accepted, rejected, failed, not_attempted FROM messages ",
+            $($rest),*
+        )
+    };
+}
+pub(super) use select_message;
+
 /// A push from `id, audience, collapse_key, data, delay_while_idle, state, cancel_requested,
-/// total, created_at, finished_at, walk_after, walked`, with `counts`.
+/// total, created_at, finished_at, walk_after, walked, accepted, rejected, failed,
+/// not_attempted` (as [`select_message`] gives them), with `counts`.
 pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRecord, sqlx::Error> {
     let state = row.text(5)?;
     Ok(MessageRecord {
@@ -111,6 +128,12 @@ pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRe
         finished_at: row.maybe_int(9)?.map(time_of),
         walk_after: row.maybe_int(10)?,
         walked: u64::try_from(row.int(11)?).unwrap_or(0),
+        tally: Tally {
+            accepted: u64::try_from(row.int(12)?).unwrap_or(0),
+            rejected: u64::try_from(row.int(13)?).unwrap_or(0),
+            failed: u64::try_from(row.int(14)?).unwrap_or(0),
+            not_attempted: u64::try_from(row.int(15)?).unwrap_or(0),
+        },
     })
 }
 
@@ -160,6 +183,35 @@ pub(super) fn counts_of(
     }
     counts.pending = total.map(|t| t.saturating_sub(recorded));
     Ok(counts)
+}
+
+/// Device counts from rows grouped as `state, count`.
+pub(super) fn device_counts_of(groups: &[impl Columns]) -> Result<DeviceCounts, sqlx::Error> {
+    let mut counts = DeviceCounts::default();
+    for group in groups {
+        let n = u64::try_from(group.int(1)?).unwrap_or(0);
+        let state = group.text(0)?;
+        match DeviceState::parse(&state) {
+            Some(DeviceState::Active) => counts.active += n,
+            Some(DeviceState::Unregistered) => counts.unregistered += n,
+            Some(DeviceState::Gone) => counts.gone += n,
+            None => return Err(decode(format!("unknown device state {state:?}"))),
+        }
+    }
+    Ok(counts)
+}
+
+/// What a batch adds to a push's counters: `recorded, accepted, rejected, failed,
+/// not_attempted`, as the databases' integers.
+pub(super) fn tally_update(written: &Tally) -> [i64; 5] {
+    [
+        written.recorded(),
+        written.accepted,
+        written.rejected,
+        written.failed,
+        written.not_attempted,
+    ]
+    .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 /// Trims a page fetched with one row more than `limit`: the items, and the next page's

@@ -12,11 +12,12 @@ use sqlx::{Row, SqlitePool};
 use crate::queue::{self, BatchJob, PushJob};
 
 use super::rows::{
-    counts_of, delivery_of, device_of, json_error, message_of, millis, time_of, trim_page,
+    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis,
+    outcome_of, select_message, tally_update, time_of, trim_page,
 };
 use super::{
-    Audience, Counts, DeliveryRow, Device, DeviceFilter, DeviceState, MessageRecord, NewDevice,
-    NewMessage, Page, Store, StoreError, Upserted,
+    Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
+    NewDevice, NewMessage, Page, Store, StoreError, Tally, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order [`device_of`] reads them, from `devices d`: a
@@ -48,10 +49,8 @@ pub struct SqliteStore {
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
-/// `SELECT` of a message's columns, in the order [`message_of`] reads them.
-const SELECT_MESSAGE: &str = "SELECT id, audience, collapse_key, data, delay_while_idle, state, \
-     cancel_requested, total, created_at, finished_at, walk_after, walked FROM messages \
-     WHERE id = ?";
+/// `SELECT` of one message's columns, in the order [`message_of`] reads them.
+const SELECT_MESSAGE: &str = select_message!("WHERE id = ?");
 
 /// Marks a push finished if its audience is walked and every device has its row:
 /// `cancelled` if a cancel was asked for, `done` otherwise.
@@ -293,6 +292,48 @@ impl Store for SqliteStore {
         Ok(row.as_ref().map(device_of).transpose()?)
     }
 
+    async fn device_counts(&self, filter: &DeviceFilter) -> Result<DeviceCounts, StoreError> {
+        let groups = sqlx::query(
+            "SELECT d.state, COUNT(*) FROM devices d \
+             WHERE (?1 IS NULL OR d.user_id = ?1) \
+             AND (?2 IS NULL OR EXISTS \
+             (SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = ?2)) \
+             GROUP BY d.state",
+        )
+        .bind(&filter.user_id)
+        .bind(&filter.tag)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(device_counts_of(&groups)?)
+    }
+
+    async fn device_deliveries(
+        &self,
+        registration_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<(i64, DeliveryRow)>, StoreError> {
+        // Pushes newest first, each looked up by its key: no index by device is kept (it
+        // would cost every push's writes), and pushes are few beside their rows.
+        let rows = sqlx::query(
+            "SELECT d.registration_id, d.outcome, d.c2dm_message_id, d.error, d.attempts, \
+             d.possible_duplicates, d.at, m.id FROM messages m \
+             JOIN deliveries d ON d.message_id = m.id AND d.registration_id = ?1 \
+             WHERE m.id < ?2 ORDER BY m.id DESC LIMIT ?3",
+        )
+        .bind(registration_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>(7)?, delivery_of(row)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let (items, next) = trim_page(items, limit, |(id, _)| *id);
+        Ok(Page { items, next })
+    }
+
     async fn list_devices(
         &self,
         filter: &DeviceFilter,
@@ -497,6 +538,24 @@ impl Store for SqliteStore {
             .transpose()?)
     }
 
+    async fn messages(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<MessageRecord>, StoreError> {
+        let rows = sqlx::query(select_message!("WHERE id < ? ORDER BY id DESC LIMIT ?"))
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(|row| message_of(row, Counts::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (items, next) = trim_page(items, limit, |m| m.id);
+        Ok(Page { items, next })
+    }
+
     async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
         let _turn = self.writer.lock().await;
         sqlx::query("UPDATE messages SET state = 'sending' WHERE id = ? AND state = 'queued'")
@@ -589,7 +648,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let now = millis(SystemTime::now());
         let (_turn, mut tx) = self.begin_write().await?;
-        let mut written = 0u64;
+        let mut written = Tally::default();
         // A statement per hundred rows (800 parameters): one statement a row cost more than
         // the row.
         for chunk in rows.chunks(100) {
@@ -608,17 +667,29 @@ impl Store for SqliteStore {
                     .push_bind(i64::from(row.possible_duplicates))
                     .push_bind(millis(row.at));
             });
-            query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING");
-            written += query.build().execute(&mut *tx).await?.rows_affected();
+            // Only the rows written come back: a row a device already had is not counted again.
+            query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome");
+            for row in query.build().fetch_all(&mut *tx).await? {
+                written.add(outcome_of(&row.try_get::<String, _>(0)?)?);
+            }
         }
         for (registration_id, code) in gone {
             set_device_state(&mut tx, registration_id, DeviceState::Gone, Some(code), now).await?;
         }
-        sqlx::query("UPDATE messages SET recorded = recorded + ? WHERE id = ?")
-            .bind(i64::try_from(written).unwrap_or(i64::MAX))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let [recorded, accepted, rejected, failed, not_attempted] = tally_update(&written);
+        sqlx::query(
+            "UPDATE messages SET recorded = recorded + ?, accepted = accepted + ?, \
+             rejected = rejected + ?, failed = failed + ?, not_attempted = not_attempted + ? \
+             WHERE id = ?",
+        )
+        .bind(recorded)
+        .bind(accepted)
+        .bind(rejected)
+        .bind(failed)
+        .bind(not_attempted)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
         self.changed();
@@ -629,19 +700,22 @@ impl Store for SqliteStore {
         &self,
         id: i64,
         outcome: Option<OutcomeKind>,
+        error: Option<&str>,
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
         let rows = sqlx::query(
             "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
              possible_duplicates, at FROM deliveries \
-             WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2) AND registration_id > ?3 \
+             WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2) \
+             AND (?5 IS NULL OR error = ?5) AND registration_id > ?3 \
              ORDER BY registration_id LIMIT ?4",
         )
         .bind(id)
         .bind(outcome.map(|o| o.as_str()))
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit) + 1)
+        .bind(error)
         .fetch_all(&self.pool)
         .await?;
         let items = rows
