@@ -7,6 +7,7 @@
   const TOKEN_KEY = 'c2dm-admin-token';
   const PAGE = 50;
   const POLL_MS = 1000;
+  const IDLE_POLL_MS = 3000;
   const VIEWS = ['login-view', 'messages-view', 'message-view', 'devices-view', 'device-view', 'send-view'];
 
   const $ = (id) => document.getElementById(id);
@@ -107,7 +108,7 @@
       .map(([name, n]) => `${outcomeName(name)} ${fmt(n)}`)
       .join(' · ');
     const label = t.pending === null ? `${words} · audience not yet counted` : words;
-    const bar = el('div', { class: 'bar', role: 'img', 'aria-label': label });
+    const bar = el('div', { class: 'meter', role: 'img', 'aria-label': label });
     for (const [name, n] of parts) {
       if (!n || known === 0) continue;
       const segment = el('span', { class: `seg ${name}`, title: `${outcomeName(name)}: ${fmt(n)}` });
@@ -182,7 +183,8 @@
       messagesShown += PAGE;
       showMessages(mine).catch((e) => notice(e.message));
     };
-    if (page.messages.some(running)) repeat(mine, POLL_MS, () => showMessages(mine));
+    // Quickly while a push is under way; now and then otherwise, for pushes made elsewhere.
+    repeat(mine, page.messages.some(running) ? POLL_MS : IDLE_POLL_MS, () => showMessages(mine));
   }
 
   async function cancelPush(id) {

@@ -1,0 +1,481 @@
+//! The operator's console in a real browser: Debian's headless Chromium, driven through
+//! chromedriver (WebDriver, with fantoccini), against a real server on a SQLite file with its
+//! workers and the emulator standing in for C2DM.
+//!
+//! Waits happen in the page: a condition is checked there until it holds (bounded by the
+//! WebDriver script timeout), never by a sleep here. Each main screen is kept as a PNG in
+//! `target/console-screenshots/`.
+
+#[macro_use]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use c2dm_server::jobs::{WorkerOptions, run_workers};
+use fantoccini::wd::TimeoutConfiguration;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use common::{ADMIN, DEVICE, Db, Server};
+
+/// How long a condition in the page may take to hold.
+const PAGE_WAIT: Duration = Duration::from_secs(30);
+
+/// chromedriver on a free port, stopped when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    /// Starts chromedriver. Fails (never skips) when it or Chromium is not installed.
+    fn start() -> Self {
+        for program in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+            assert!(
+                std::path::Path::new(program).exists(),
+                "{program} is missing: apt-get install -y chromium chromium-driver (.ci/run does)"
+            );
+        }
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let mut child = Command::new("/usr/bin/chromedriver")
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts");
+            let output = child.stdout.take().expect("stdout");
+            let (ready, started) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(output).lines().map_while(Result::ok) {
+                    if line.contains("started successfully") {
+                        let _ = ready.send(());
+                    }
+                }
+            });
+            if started.recv_timeout(Duration::from_secs(20)).is_ok() {
+                return Self { child, port };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("chromedriver did not start on any of five free ports");
+    }
+
+    /// A headless Chromium with a profile of its own, in a window of `width` × `height`.
+    async fn browser(&self, profile: &std::path::Path) -> Client {
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--disable-dev-shm-usage",
+                    "--window-size=1200,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!("an object")
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a browser session");
+        client
+            .update_timeouts(TimeoutConfiguration::new(
+                Some(PAGE_WAIT),
+                Some(PAGE_WAIT),
+                Some(Duration::ZERO),
+            ))
+            .await
+            .expect("timeouts");
+        client
+    }
+}
+
+/// The browser, and where its screenshots go.
+struct Page {
+    client: Client,
+    shots: PathBuf,
+}
+
+impl Page {
+    /// Waits, in the page, until the JavaScript expression `condition` is true; fails the
+    /// test naming it if it is not within [`PAGE_WAIT`].
+    async fn until(&self, condition: &str) {
+        let script = format!(
+            "const done = arguments[arguments.length - 1];
+             const check = () => {{
+               let ok = false;
+               try {{ ok = Boolean({condition}); }} catch (e) {{ ok = false; }}
+               if (ok) done(true); else setTimeout(check, 25);
+             }};
+             check();"
+        );
+        if let Err(err) = self.client.execute_async(&script, vec![]).await {
+            let text = self.text("main").await;
+            panic!("the page never showed {condition}: {err}\n--- the page:\n{text}");
+        }
+    }
+
+    /// Waits until an element matching `css` is in the page and shown.
+    async fn shown(&self, css: &str) {
+        self.until(&format!(
+            "(() => {{ const e = document.querySelector({css:?}); return e !== null && e.offsetParent !== null; }})()"
+        ))
+        .await;
+    }
+
+    async fn text(&self, css: &str) -> String {
+        self.client
+            .execute(
+                "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+                vec![json!(css)],
+            )
+            .await
+            .expect("a script")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn click(&self, css: &str) {
+        self.shown(css).await;
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .expect(css)
+            .click()
+            .await
+            .expect("a click");
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        self.shown(css).await;
+        let field = self.client.find(Locator::Css(css)).await.expect(css);
+        field.clear().await.expect("cleared");
+        field.send_keys(text).await.expect("typed");
+    }
+
+    async fn select(&self, css: &str, value: &str) {
+        self.shown(css).await;
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .expect(css)
+            .select_by_value(value)
+            .await
+            .expect("selected");
+    }
+
+    /// Keeps what the browser shows as `name`.png.
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("a screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).expect("saved");
+    }
+
+    async fn rows(&self, css: &str) -> Vec<Vec<String>> {
+        let value = self
+            .client
+            .execute(
+                "return [...document.querySelectorAll(arguments[0])].map(r => [...r.cells].map(c => c.innerText));",
+                vec![json!(css)],
+            )
+            .await
+            .expect("a script");
+        serde_json::from_value(value).expect("rows of text")
+    }
+}
+
+/// Workers of this process that can be stopped and waited for.
+struct Workers {
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<Result<(), c2dm_server::jobs::JobError>>,
+}
+
+fn workers(server: &Server) -> Workers {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sender = server.sender_over(c2dm_hyper::HyperTransport::new().unwrap());
+    let done = tokio::spawn(run_workers(
+        Arc::clone(&server.store),
+        sender,
+        server.queues.clone(),
+        WorkerOptions {
+            batch_size: 7,
+            ..WorkerOptions::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Workers { stop, done }
+}
+
+impl Workers {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.done
+            .await
+            .expect("the workers stop")
+            .expect("without an error");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
+    let server = Server::start(Db::Sqlite).await;
+    // 24 phones of two users, 4 gone at C2DM, 2 with ids C2DM calls invalid; a few tagged.
+    for i in 0..30 {
+        let id = match i {
+            0..24 => format!("phone-{i:02}"),
+            24..28 => format!("gone-{i:02}"),
+            _ => format!("bad-{i:02}"),
+        };
+        let user = if i % 2 == 0 { "alice" } else { "bob" };
+        let tags: &[&str] = if i % 5 == 0 { &["beta"] } else { &[] };
+        server.register(&id, Some(user), tags).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = server.app.clone();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let page = Page {
+        client: driver.browser(profile.path()).await,
+        shots,
+    };
+
+    // A wrong token, then the device key: each told apart, nothing shown.
+    page.client.goto(&format!("{base}/")).await.unwrap();
+    page.fill("#token", "not-the-token").await;
+    page.click("#login-button").await;
+    page.until("document.querySelector('#login-error').innerText.includes('not accepted')")
+        .await;
+    assert!(
+        page.text("#login-error").await.contains("not accepted"),
+        "{}",
+        page.text("#login-error").await
+    );
+    page.fill("#token", DEVICE).await;
+    page.click("#login-button").await;
+    page.until("document.querySelector('#login-error').innerText.includes('device key')")
+        .await;
+    let hidden = page
+        .client
+        .execute(
+            "return ['#messages-view', '#nav'].every(s => document.querySelector(s).offsetParent === null);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hidden, json!(true), "nothing but the login is shown");
+    page.screenshot("login-refused").await;
+
+    // Logged in: a push made while no worker runs waits queued, then goes to done.
+    page.fill("#token", ADMIN).await;
+    page.click("#login-button").await;
+    page.shown("#messages-view").await;
+    let first = server.push(json!("all")).await;
+    let card = format!("[data-message='{first}']");
+    page.until(&format!(
+        "document.querySelector(\"{card}[data-state='queued']\")"
+    ))
+    .await;
+    let running = workers(&server);
+    page.until(&format!(
+        "document.querySelector(\"{card}[data-state='done']\")"
+    ))
+    .await;
+    let legend = page.text(&format!("{card} .legend")).await;
+    assert!(
+        legend.contains("accepted 24")
+            && legend.contains("rejected 6")
+            && legend.contains("pending 0"),
+        "{legend}"
+    );
+    page.screenshot("pushes").await;
+
+    // Its deliveries, filtered to NotRegistered.
+    page.click(&format!("{card} h3 a")).await;
+    page.shown("#message-counts tr[data-code='NotRegistered']")
+        .await;
+    let counts = page.rows("#message-counts tbody tr").await;
+    assert!(
+        counts.contains(&vec!["rejected".into(), "NotRegistered".into(), "4".into()]),
+        "{counts:?}"
+    );
+    page.until("document.querySelectorAll('#deliveries tbody tr').length === 30")
+        .await;
+    page.select("#filter-outcome", "rejected").await;
+    page.select("#filter-error", "NotRegistered").await;
+    page.click("#filter-apply").await;
+    page.until("document.querySelectorAll('#deliveries tbody tr').length === 4")
+        .await;
+    let rows = page.rows("#deliveries tbody tr").await;
+    let devices: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(devices, ["gone-24", "gone-25", "gone-26", "gone-27"]);
+    assert!(
+        rows.iter()
+            .all(|r| r[1] == "rejected" && r[2] == "NotRegistered"),
+        "{rows:?}"
+    );
+    page.screenshot("push-not-registered").await;
+
+    // One of them: gone, with its history.
+    page.click("#deliveries tbody tr a").await;
+    page.shown("#device-history tbody tr").await;
+    assert!(
+        page.text("#device-facts")
+            .await
+            .contains("gone (NotRegistered)")
+    );
+    let history = page.rows("#device-history tbody tr").await;
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0][0], format!("Push {first}"));
+    page.screenshot("device").await;
+
+    // Devices by state, and a search by user.
+    page.click("#nav-devices").await;
+    page.shown("#device-counts dd[data-count='gone']").await;
+    page.until(
+        "document.querySelector('#device-counts dd[data-count=\"gone\"]').innerText === '6'",
+    )
+    .await;
+    assert_eq!(
+        page.text("#device-counts dd[data-count='active']").await,
+        "24"
+    );
+    page.select("#search-by", "user_id").await;
+    page.fill("#search-text", "bob").await;
+    page.click("#search-button").await;
+    page.until("document.querySelectorAll('#device-results tbody tr').length === 15")
+        .await;
+    page.screenshot("devices").await;
+
+    // A push from the form, to a tag: the confirmation says how many devices it reaches.
+    page.click("#nav-send").await;
+    page.click("input[name=audience][value=tag]").await;
+    page.fill("#send-target", "beta").await;
+    page.fill("#send-collapse-key", "promo").await;
+    page.fill("#send-data", "text=hello beta\nlevel=3").await;
+    page.click("#send-review").await;
+    page.shown("#send-confirm").await;
+    let confirm = page.text("#confirm-text").await;
+    // Tagged: phone-00, 05, 10, 15 and 20, and gone-25, which is gone by now.
+    assert!(
+        confirm.contains("5 active devices of tag beta"),
+        "{confirm}"
+    );
+    page.screenshot("send-confirm").await;
+    page.click("#confirm-send").await;
+    page.until(
+        "location.hash.startsWith('#/messages/') \
+         && !document.querySelector('#message-view').hidden \
+         && document.querySelector('#message-title').innerText === `Push ${location.hash.split('/')[2]}` \
+         && document.querySelector('#message-facts dd[data-fact=\"state\"]')?.innerText === 'done'",
+    )
+    .await;
+    let sent = page
+        .client
+        .execute("return location.hash.split('/')[2];", vec![])
+        .await
+        .unwrap();
+    let sent = sent.as_str().unwrap().to_owned();
+    let (_, message) = server
+        .call("GET", &format!("/v1/messages/{sent}"), ADMIN, None)
+        .await;
+    assert_eq!(message["to"], json!({"tag": "beta"}), "{message}");
+    assert_eq!(message["collapse_key"], "promo");
+    assert_eq!(message["total"], 5);
+    assert_eq!(message["counts"]["accepted"], 5, "{message}");
+    let last = server.emulator.inbox("phone-05").pop().expect("a message");
+    assert_eq!(last.collapse_key, "promo");
+    assert_eq!(
+        last.data,
+        [
+            ("level".into(), "3".into()),
+            ("text".into(), "hello beta".into())
+        ]
+    );
+
+    // A push cancelled from its card before any worker took it: every device still gets
+    // its row, and none is sent to.
+    running.stop().await;
+    let sent_before = server.emulator.counters().sends;
+    page.click("#nav-messages").await;
+    let doomed = server.push(json!("all")).await;
+    let card = format!("[data-message='{doomed}']");
+    page.click(&format!("{card} button[data-cancel]")).await;
+    page.until(&format!(
+        "document.querySelector(\"{card} .state\")?.innerText.toLowerCase().includes('cancel asked for')"
+    ))
+    .await;
+    let (_, message) = server
+        .call("GET", &format!("/v1/messages/{doomed}"), ADMIN, None)
+        .await;
+    assert_eq!(message["cancel_requested"], true, "{message}");
+    let _running = workers(&server);
+    page.until(&format!(
+        "document.querySelector(\"{card}[data-state='cancelled']\")"
+    ))
+    .await;
+    let message = server.finished(&doomed).await;
+    assert_eq!(
+        message["counts"]["not_attempted"]["cancelled"], 24,
+        "{message}"
+    );
+    assert_eq!(
+        server.emulator.counters().sends,
+        sent_before,
+        "nothing sent"
+    );
+
+    // At a phone's width: nothing wider than the screen.
+    page.client.set_window_size(390, 844).await.unwrap();
+    page.until("document.documentElement.scrollWidth <= window.innerWidth")
+        .await;
+    page.screenshot("pushes-phone").await;
+
+    // Logging out forgets the token.
+    page.click("#logout").await;
+    page.shown("#login-view").await;
+    let kept: Value = page
+        .client
+        .execute("return sessionStorage.getItem('c2dm-admin-token');", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kept, Value::Null);
+    page.client.close().await.unwrap();
+}
