@@ -627,12 +627,12 @@ struct DevicePage {
     next: Option<String>,
 }
 
-/// A numeric cursor from an earlier page's `next`.
+/// A numeric cursor from an earlier page's `next`: digits only.
 fn cursor(text: Option<&str>) -> Result<Option<i64>, ApiError> {
     text.map(|cursor| {
-        cursor
-            .parse::<i64>()
-            .ok()
+        Some(cursor)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|c| c.parse::<i64>().ok())
             .filter(|n| *n > 0)
             .ok_or_else(|| {
                 ApiError::query("after", "after is a cursor from an earlier page's next")
@@ -809,22 +809,104 @@ async fn device_history(
     }))
 }
 
+// What the OpenAPI document says of an `Audience` (which the API reads and writes).
+/// Who a push goes to.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = Audience)]
+#[allow(dead_code)] // read only by the OpenAPI document
+enum AudienceSchema {
+    /// These registration ids.
+    RegistrationIds(ToIds),
+    /// Every active device of a user.
+    User(ToUser),
+    /// Every active device with a tag.
+    Tag(ToTag),
+    /// Every active device: the word `"all"`.
+    All(crate::store::Everyone),
+}
+
+/// A push to these registration ids (registered or not; known ones that are not active get a
+/// `not_attempted` row instead of a send).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only by the OpenAPI document
+struct ToIds {
+    /// At most 10,000 ids.
+    #[schema(max_items = 10_000, inline)]
+    registration_ids: Vec<RegistrationIdText>,
+}
+
+/// A registration id: no white space or control characters.
+#[derive(Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, min_length = 1, pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$")]
+#[allow(dead_code)] // read only by the OpenAPI document
+struct RegistrationIdText(String);
+
+/// A push to every active device of a user.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only by the OpenAPI document
+struct ToUser {
+    /// The user.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
+    user_id: String,
+}
+
+/// A push to every active device with a tag.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only by the OpenAPI document
+struct ToTag {
+    /// The tag.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
+    tag: String,
+}
+
 /// `POST /v1/messages`: a push.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Push {
     /// Who it goes to.
+    #[schema(value_type = AudienceSchema)]
     to: Audience,
     /// Groups like messages: while a device is offline, only the last one per key is kept.
     #[schema(min_length = 1)]
     collapse_key: String,
-    /// The `data.<key>` pairs the app receives (keys and values together at most 1024 bytes;
-    /// no key is `from`, `collapse_key` or starts with `google.`).
+    /// The `data.<key>` pairs the app receives: keys and values together at most 1024 bytes
+    /// (UTF-8); no key is empty, is `from` or starts with `google.`.
     #[serde(default)]
+    #[schema(schema_with = data_schema)]
     data: std::collections::BTreeMap<String, String>,
     /// Deliver only when the device wakes.
     #[serde(default)]
     delay_while_idle: bool,
+}
+
+/// The schema of a push's `data`: text values under keys that are not empty, not `from` and
+/// do not start with `google.` (the size limit, over keys and values together, is beyond what
+/// a schema says).
+fn data_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String)))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .pattern(Some(r"^(?!google\.)(?!from$)")),
+        ))
+        .build()
 }
 
 /// The most registration ids one push may list.
@@ -903,6 +985,7 @@ struct MessageSummary {
     /// Where it is.
     state: MessageState,
     /// Who it goes to.
+    #[schema(value_type = AudienceSchema)]
     to: Audience,
     /// Its collapse key.
     collapse_key: String,
@@ -967,7 +1050,8 @@ impl From<MessageRecord> for MessageView {
     security(("admin_token" = [])),
     params((
         "Idempotency-Key" = Option<String>, Header,
-        description = "the same key gives the same push, never a second one (visible text, at most 256 characters)"
+        description = "the same key gives the same push, never a second one (visible text, at most 256 characters)",
+        max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$"
     )),
     request_body = Push,
     responses(

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ADMIN: &str = "bench-admin";
-const DEVICE: &str = "bench-device";
+pub(crate) const ADMIN: &str = "bench-admin";
+pub(crate) const DEVICE: &str = "bench-device";
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, body, time to the whole answer).
-fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -48,13 +48,18 @@ fn http(
 }
 
 /// A `c2dm serve` process.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     port: u16,
 }
 
 impl Server {
-    fn start(bin: &Path, dir: &Path, database: &str, send_url: &str) -> Result<Self, String> {
+    pub(crate) fn start(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        send_url: &str,
+    ) -> Result<Self, String> {
         let port_file = dir.join("server-port");
         let _ = std::fs::remove_file(&port_file);
         let child = Command::new(bin.join("c2dm"))
@@ -88,6 +93,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         };
         Ok(Self { child, port })
+    }
+
+    /// The port its API listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
     }
 
     /// CPU time (user and system) so far.

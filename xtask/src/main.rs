@@ -2,6 +2,8 @@
 //!
 //! - `cargo xtask ci`: everything CI checks, in order, stopping at the first failure.
 //! - `cargo xtask tidy`: the repository's own rules (also run as a test).
+//! - `cargo xtask contract`: the server's OpenAPI document validated, and schemathesis against
+//!   a running server with each key (also the last step of `ci`).
 //! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator;
 //!   `--server`: the application server's pushes on SQLite and PostgreSQL, and registrations.
 //! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
@@ -9,6 +11,7 @@
 
 mod bench;
 mod bench_server;
+mod contract;
 mod release;
 mod soak;
 mod tidy;
@@ -20,13 +23,14 @@ use std::process::{Command, ExitCode};
 const HELP: &str = concat!(
     "  ci       everything CI checks, in order, stopping at the first failure\n",
     "  tidy     the repository's own rules (also run as a test)\n",
+    "  contract the server's OpenAPI document validated, and schemathesis against it (in ci)\n",
     "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
     "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations\n",
     "  soak     a long broadcast under every fault, checked afterwards (not in CI)\n",
     "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
 );
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | bench [--server] [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server] [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {
@@ -119,6 +123,7 @@ fn ci() -> Result<(), String> {
         ],
         &[],
     )?;
+    contract::run(&root())?;
     eprintln!("== ci: all checks passed");
     Ok(())
 }
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         ["ci"] => ci(),
+        ["contract"] => contract::run(&root()),
         ["tidy"] => {
             let problems = tidy::check(&root());
             if problems.is_empty() {
