@@ -230,6 +230,57 @@ struct ErrorDetail {
     field: Option<&'static str>,
 }
 
+/// What every route that takes a key may answer besides its own answers.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // read only by the OpenAPI document
+enum KeyErrors {
+    /// No key, or a wrong one (`unauthorized`).
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The database failed (`internal`; logged, and the answer says nothing of it).
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// The request took too long (`timeout`); what it had under way is rolled back.
+    #[response(status = 503)]
+    Timeout(ErrorBody),
+}
+
+/// What an admin route answers the device key.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // read only by the OpenAPI document
+enum AdminErrors {
+    /// The device key on an admin route (`forbidden`).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+}
+
+/// What a route with path or query parameters answers a bad one.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // read only by the OpenAPI document
+enum ParamErrors {
+    /// A query parameter is not acceptable (`invalid_query`, `field` says which), or the path
+    /// is not UTF-8 (`invalid_path`).
+    #[response(status = 400)]
+    BadParameter(ErrorBody),
+}
+
+/// What a route that takes a JSON body answers a bad one.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // read only by the OpenAPI document
+enum BodyErrors {
+    /// The body is not JSON (`malformed_body`), or a push's `Idempotency-Key` is not
+    /// acceptable (`invalid_header`).
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// The body is over 2 MiB (`body_too_large`).
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// A field is missing, unknown, of the wrong type (`invalid_body`), or breaks a rule
+    /// (`invalid_field`, `field` says which).
+    #[response(status = 422)]
+    Invalid(ErrorBody),
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -517,11 +568,8 @@ impl From<Device> for DeviceView {
     responses(
         (status = 201, description = "a new device", body = DeviceView),
         (status = 200, description = "a known device, updated and active again", body = DeviceView),
-        (status = 400, description = "the body is not JSON", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 413, description = "the body is over 2 MiB", body = ErrorBody),
-        (status = 422, description = "a field is not acceptable (`field` says which)", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        BodyErrors,
+        KeyErrors,
     )
 )]
 async fn register(
@@ -555,10 +603,9 @@ fn no_such_device() -> ApiError {
     params(("registration_id" = String, Path, description = "the device's registration id")),
     responses(
         (status = 200, description = "the device, now unregistered", body = DeviceView),
-        (status = 400, description = "the path is not UTF-8", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
         (status = 404, description = "no device has this id", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        KeyErrors,
     )
 )]
 async fn unregister(
@@ -579,11 +626,10 @@ async fn unregister(
     params(("registration_id" = String, Path, description = "the device's registration id")),
     responses(
         (status = 200, description = "the device", body = DeviceView),
-        (status = 400, description = "the path is not UTF-8", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
         (status = 404, description = "no device has this id", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn device(
@@ -658,10 +704,9 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     params(ListQuery),
     responses(
         (status = 200, description = "a page of devices", body = DevicePage),
-        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn list(
@@ -711,10 +756,9 @@ struct CountsQuery {
     params(CountsQuery),
     responses(
         (status = 200, description = "the counts", body = DeviceCounts),
-        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn device_counts(
@@ -773,11 +817,10 @@ struct DeviceHistory {
     ),
     responses(
         (status = 200, description = "a page of its history", body = DeviceHistory),
-        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
         (status = 404, description = "no device has this id", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn device_history(
@@ -1057,13 +1100,10 @@ impl From<MessageRecord> for MessageView {
     responses(
         (status = 202, description = "stored and queued", body = MessageView),
         (status = 200, description = "a replayed Idempotency-Key: the push made the first time", body = MessageView),
-        (status = 400, description = "the body is not JSON, or the Idempotency-Key is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
         (status = 409, description = "the Idempotency-Key was used for another push", body = ErrorBody),
-        (status = 413, description = "the body is over 2 MiB", body = ErrorBody),
-        (status = 422, description = "a field is not acceptable (`field` says which)", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        BodyErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn push(
@@ -1129,10 +1169,9 @@ struct MessagePage {
     params(NewestFirstQuery),
     responses(
         (status = 200, description = "a page of pushes", body = MessagePage),
-        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn messages(
@@ -1189,11 +1228,10 @@ const MAX_WAIT: u64 = 60;
     params(("id" = String, Path, description = "the push's id"), StatusQuery),
     responses(
         (status = 200, description = "the push", body = MessageView),
-        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
         (status = 404, description = "no such push", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn status(
@@ -1244,11 +1282,10 @@ async fn status(
     params(("id" = String, Path, description = "the push's id")),
     responses(
         (status = 200, description = "the push, its cancel asked for", body = MessageView),
-        (status = 400, description = "the path is not UTF-8", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
         (status = 404, description = "no such push", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn cancel(
@@ -1350,11 +1387,10 @@ struct DeliveryPage {
     params(("id" = String, Path, description = "the push's id"), DeliveriesQuery),
     responses(
         (status = 200, description = "a page of rows", body = DeliveryPage),
-        (status = 400, description = "a query parameter is not acceptable", body = ErrorBody),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
         (status = 404, description = "no such push", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        ParamErrors,
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn deliveries(
@@ -1423,9 +1459,8 @@ pub fn install_metrics() {
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "the figures", body = String, content_type = "text/plain; version=0.0.4"),
-        (status = 401, description = "no key, or a wrong one", body = ErrorBody),
-        (status = 403, description = "the device key on an admin route", body = ErrorBody),
-        (status = 503, description = "the request took too long", body = ErrorBody),
+        AdminErrors,
+        KeyErrors,
     )
 )]
 async fn metrics_text(caller: Caller) -> Result<Response, ApiError> {
@@ -1495,6 +1530,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         register, unregister, device, list, device_counts, device_history, push, messages,
         status, cancel, deliveries, healthz, metrics_text,
     ),
+    components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerKeys),
     tags(
         (name = "devices", description = "Phones register their ids; operators look them up."),

@@ -121,7 +121,7 @@ pub async fn serve(
                 std::fs::write(path, format!("{}\n", bound.port()))?;
             }
             on_listening(bound);
-            tracing::info!(%bound, "API listening");
+            tracing::info!(%bound, console = %format!("http://{bound}/"), "API listening");
             let app = router(Arc::clone(&store), keys);
             let signal = stopped(&stop);
             Some(tokio::spawn(async move {
