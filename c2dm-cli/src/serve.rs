@@ -69,15 +69,17 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
     let shutdown = async {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async {
-                match terminate.as_mut() {
-                    Some(signal) => { signal.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {}
-        }
+        next_signal(&mut terminate).await;
+        eprintln!(
+            "c2dm serve: stopping: finishing the requests and the batches in hand (SIGTERM or Ctrl-C again to stop at once)"
+        );
+        tokio::spawn(async move {
+            next_signal(&mut terminate).await;
+            // As if the process died: a batch in hand is taken over by another worker once
+            // its heartbeat is missed, and its marks say which devices may have been sent to.
+            eprintln!("c2dm serve: stopped at once; batches in hand are left to other workers");
+            std::process::exit(130);
+        });
     };
     let on_listening = |address| println!("c2dm serve: API on http://{address}");
     match serve(options, sender, on_listening, shutdown).await {
@@ -87,5 +89,18 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
         }
         Err(err @ ServeError::UnsupportedDatabase) => Err(CliError::Usage(err.to_string())),
         Err(err) => Err(CliError::Failure(err.to_string())),
+    }
+}
+
+/// The next SIGTERM (if it can be listened for) or Ctrl-C.
+async fn next_signal(terminate: &mut Option<tokio::signal::unix::Signal>) {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use c2dm_emulator::{Account, Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, Emulator};
 use common::c2dm;
@@ -1022,12 +1023,21 @@ async fn spawn_serve(
     database: &str,
     args: &[&str],
 ) -> (std::process::Child, Option<String>) {
+    spawn_serve_to(&env.emulator.send_url(), database, args).await
+}
+
+/// [`spawn_serve`], sending to `send_url`.
+async fn spawn_serve_to(
+    send_url: &str,
+    database: &str,
+    args: &[&str],
+) -> (std::process::Child, Option<String>) {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
     cmd.args([
         "--token",
         "server-token",
         "--send-url",
-        &env.emulator.send_url(),
+        send_url,
         "serve",
         "--database",
         database,
@@ -1184,6 +1194,68 @@ async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
     assert_eq!(gone["devices"][0]["registration_id"], "gone-3");
 
     terminate(child).await;
+}
+
+/// A second SIGTERM stops `c2dm serve` at once, even with a batch in hand that would go on
+/// waiting: the batch is left to another worker, as if the process had died.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_at_once_on_a_second_sigterm() {
+    let env = Env::new(Config::default()).await;
+    // A C2DM that takes each request and never answers: the batch stays in hand.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let send_url = format!("http://{}/c2dm/send", hole.local_addr().unwrap());
+    let database = format!("sqlite://{}", env.path("c2dm.db"));
+    let (mut child, base) =
+        spawn_serve_to(&send_url, &database, &["--listen", "127.0.0.1:0"]).await;
+    let base = base.unwrap();
+    let (status, body) = http(
+        &base,
+        "POST",
+        "/v1/devices",
+        "device-key",
+        Some(serde_json::json!({"registration_id": "phone-1"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let push = serde_json::json!({"to": "all", "collapse_key": "news"});
+    let (status, body) = http(&base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    assert_eq!(status, 202, "{body}");
+    let (_held, _) = tokio::time::timeout(Duration::from_secs(60), hole.accept())
+        .await
+        .expect("the batch's send arrives")
+        .unwrap();
+
+    let (lines, said) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let wait_for = |text: &str| loop {
+        let line = said
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("c2dm serve never said {text:?}"));
+        if line.contains(text) {
+            return line;
+        }
+    };
+    let sigterm = |pid: u32| {
+        let signalled = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+    };
+    sigterm(child.id());
+    wait_for("again to stop at once");
+    sigterm(child.id());
+    wait_for("stopped at once");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
