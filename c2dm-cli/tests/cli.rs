@@ -1162,6 +1162,142 @@ async fn two_worker_processes_on_one_postgres_share_a_push() {
     }
 }
 
+/// The short soak: an API process and two worker processes on one PostgreSQL database, 5,000
+/// devices (some gone), the emulator injecting 503s with Retry-After, 500s and dropped
+/// connections, and one worker killed with SIGKILL in the middle of the push, then started
+/// again. Every device gets exactly one row; every copy the emulator took beyond the first is
+/// counted in its row as a possible duplicate.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
+    use c2dm_emulator::FaultRate;
+    let mut config = Config::default();
+    config.static_tokens = vec!["server-token".into()];
+    config.devices.not_registered_prefixes = vec!["gone-".into()];
+    config.latency = Duration::from_millis(2);
+    config.unavailable = FaultRate::Every(1_500);
+    config.server_errors = FaultRate::Every(700);
+    config.drops = FaultRate::Every(450);
+    let env = Env::new(config).await;
+    let cluster =
+        c2dm_server::throwaway::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
+    let database = cluster.create_database("soak").await.unwrap();
+    let (api, base) = spawn_serve(
+        &env,
+        &database,
+        &["--listen", "127.0.0.1:0", "--no-workers"],
+    )
+    .await;
+    let base = base.unwrap();
+    let worker_args = [
+        "--no-api",
+        "--workers",
+        "1",
+        "--concurrency",
+        "16",
+        "--batch-size",
+        "250",
+        "--heartbeat",
+        "1",
+    ];
+    let (first, _) = spawn_serve(&env, &database, &worker_args).await;
+    let (mut doomed, _) = spawn_serve(&env, &database, &worker_args).await;
+
+    let ids: Vec<String> = (0..5_000)
+        .map(|i| {
+            if i % 100 == 7 {
+                format!("gone-{i:04}")
+            } else {
+                format!("phone-{i:04}")
+            }
+        })
+        .collect();
+    for id in &ids {
+        let body = serde_json::json!({ "registration_id": id });
+        let (status, body) = http(&base, "POST", "/v1/devices", "device-key", Some(body)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let push = serde_json::json!({"to": "all", "collapse_key": "soak", "data": {"m": "hi"}});
+    let (status, push) = http(&base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    assert_eq!(status, 202, "{push}");
+    let id = push["id"].as_str().unwrap().to_owned();
+
+    // Killed once a fifth of the devices have their row: in the middle of its batches.
+    loop {
+        let (_, status) = http(
+            &base,
+            "GET",
+            &format!("/v1/messages/{id}"),
+            "admin-key",
+            None,
+        )
+        .await;
+        let done = status["tally"]["accepted"].as_u64().unwrap_or(0)
+            + status["tally"]["rejected"].as_u64().unwrap_or(0);
+        assert_ne!(
+            status["state"], "done",
+            "finished before the kill: {status}"
+        );
+        if done >= 1_000 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let killed = Command::new("kill")
+        .args(["-KILL", &doomed.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    doomed.wait().unwrap();
+    let (again, _) = spawn_serve(&env, &database, &worker_args).await;
+
+    let path = format!("/v1/messages/{id}?wait=60");
+    let (status, done) = http(&base, "GET", &path, "admin-key", None).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["total"], 5_000, "{done}");
+    assert_eq!(done["counts"]["pending"], 0, "{done}");
+    assert_eq!(done["counts"]["rejected"]["NotRegistered"], 50, "{done}");
+    assert_eq!(done["counts"]["accepted"], 4_950, "{done}");
+
+    // One row per device, and the emulator's copies within what the rows say.
+    let mut rows = HashMap::new();
+    let mut after = String::new();
+    loop {
+        let page_path = format!("/v1/messages/{id}/deliveries?limit=200{after}");
+        let (status, page) = http(&base, "GET", &page_path, "admin-key", None).await;
+        assert_eq!(status, 200, "{page}");
+        for row in page["deliveries"].as_array().unwrap() {
+            let device = row["registration_id"].as_str().unwrap().to_owned();
+            let duplicates = row["possible_duplicates"].as_u64().unwrap();
+            assert!(rows.insert(device, duplicates).is_none(), "two rows: {row}");
+        }
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(rows.len(), ids.len());
+    let (mut extra_copies, mut marked) = (0, 0);
+    for id in ids.iter().filter(|id| id.starts_with("phone-")) {
+        let copies = env.emulator.delivered_count(id);
+        let duplicates = rows[id];
+        assert!(copies >= 1, "{id} never reached the emulator");
+        assert!(
+            copies <= 1 + duplicates,
+            "{id}: {copies} copies, {duplicates} marked possible duplicates"
+        );
+        extra_copies += copies - 1;
+        marked += duplicates;
+    }
+    eprintln!("second copies: {extra_copies}; possible duplicates marked: {marked}");
+    assert!(extra_copies <= marked);
+
+    for child in [first, again, api] {
+        terminate(child).await;
+    }
+}
+
 /// `c2dm serve` end to end: devices register over HTTP, a push goes out through the workers,
 /// every device gets its row and the gone one is disabled; SIGTERM stops it cleanly.
 #[cfg(unix)]
