@@ -5,11 +5,13 @@
 //! - `cargo xtask contract`: the server's OpenAPI document validated, and schemathesis against
 //!   a running server with each key (also the last step of `ci`).
 //! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator;
-//!   `--server`: the application server's pushes on SQLite and PostgreSQL, and registrations.
+//!   `--server`: the application server's pushes on SQLite and PostgreSQL, and registrations;
+//!   `--server --scaling`: 1, 2 and 3 worker processes on one PostgreSQL database.
 //! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
 //! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
 
 mod bench;
+mod bench_scaling;
 mod bench_server;
 mod contract;
 mod release;
@@ -25,12 +27,13 @@ const HELP: &str = concat!(
     "  tidy     the repository's own rules (also run as a test)\n",
     "  contract the server's OpenAPI document validated, and schemathesis against it (in ci)\n",
     "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
-    "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations\n",
+    "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations;\n",
+    "           --server --scaling: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms\n",
     "  soak     a long broadcast under every fault, checked afterwards (not in CI)\n",
     "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
 );
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server] [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server [--scaling]] [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {
@@ -146,6 +149,9 @@ fn main() -> ExitCode {
             } else {
                 Err(problems.join("\n"))
             }
+        }
+        ["bench", rest @ ..] if rest.contains(&"--server") && rest.contains(&"--scaling") => {
+            bench_scaling::run(&root(), rest)
         }
         ["bench", rest @ ..] if rest.contains(&"--server") => bench_server::run(&root(), rest),
         ["bench", rest @ ..] => bench::run(&root(), rest),
