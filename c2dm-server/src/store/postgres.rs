@@ -16,7 +16,7 @@ use sqlx::{PgPool, Row};
 use crate::queue::{self, BatchJob, PushJob};
 
 use super::rows::{
-    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis,
+    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis, page_of,
     select_message, time_of, trim_page,
 };
 use super::{
@@ -284,12 +284,8 @@ impl Store for PostgresStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let items = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<i64, _>(7)?, delivery_of(row)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let (items, next) = trim_page(items, limit, |(id, _)| *id);
-        Ok(Page { items, next })
+        let decode = |row: &_| Ok((Row::try_get::<i64, _>(row, 7)?, delivery_of(row)?));
+        Ok(page_of(&rows, limit, decode, |(id, _)| *id)?)
     }
 
     async fn list_devices(
@@ -313,9 +309,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let items = rows.iter().map(device_of).collect::<Result<Vec<_>, _>>()?;
-        let (items, next) = trim_page(items, limit, |d| d.position);
-        Ok(Page { items, next })
+        Ok(page_of(&rows, limit, device_of, |d| d.position)?)
     }
 
     async fn audience_page(
@@ -494,12 +488,8 @@ impl Store for PostgresStore {
             .bind(i64::from(limit) + 1)
             .fetch_all(&self.pool)
             .await?;
-        let items = rows
-            .iter()
-            .map(|row| message_of(row, Counts::default()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (items, next) = trim_page(items, limit, |m| m.id);
-        Ok(Page { items, next })
+        let decode = |row: &_| message_of(row, Counts::default());
+        Ok(page_of(&rows, limit, decode, |m| m.id)?)
     }
 
     async fn start_sending(&self, id: i64) -> Result<(), StoreError> {

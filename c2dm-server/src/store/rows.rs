@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use c2dm_core::OutcomeKind;
 
 use super::{
-    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, MessageRecord, MessageState, Tally,
+    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, MessageRecord, MessageState, Page,
+    Tally,
 };
 
 /// The columns a row of either database gives, by position.
@@ -212,6 +213,19 @@ pub(super) fn tally_update(written: &Tally) -> [i64; 5] {
         written.not_attempted,
     ]
     .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// A page from rows fetched with one more than `limit`: each decoded by `decode`, the next
+/// page's cursor taken from the last item kept by `cursor`.
+pub(super) fn page_of<R, T>(
+    rows: &[R],
+    limit: u32,
+    decode: impl Fn(&R) -> Result<T, sqlx::Error>,
+    cursor: impl Fn(&T) -> i64,
+) -> Result<Page<T>, sqlx::Error> {
+    let items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    let (items, next) = trim_page(items, limit, cursor);
+    Ok(Page { items, next })
 }
 
 /// Trims a page fetched with one row more than `limit`: the items, and the next page's

@@ -13,7 +13,7 @@ use crate::queue::{self, BatchJob, PushJob};
 
 use super::rows::{
     counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis,
-    outcome_of, select_message, tally_update, time_of, trim_page,
+    outcome_of, page_of, select_message, tally_update, time_of, trim_page,
 };
 use super::{
     Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
@@ -326,12 +326,8 @@ impl Store for SqliteStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let items = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<i64, _>(7)?, delivery_of(row)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let (items, next) = trim_page(items, limit, |(id, _)| *id);
-        Ok(Page { items, next })
+        let decode = |row: &_| Ok((Row::try_get::<i64, _>(row, 7)?, delivery_of(row)?));
+        Ok(page_of(&rows, limit, decode, |(id, _)| *id)?)
     }
 
     async fn list_devices(
@@ -356,9 +352,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        let items = rows.iter().map(device_of).collect::<Result<Vec<_>, _>>()?;
-        let (items, next) = trim_page(items, limit, |d| d.position);
-        Ok(Page { items, next })
+        Ok(page_of(&rows, limit, device_of, |d| d.position)?)
     }
 
     async fn audience_page(
@@ -548,12 +542,8 @@ impl Store for SqliteStore {
             .bind(i64::from(limit) + 1)
             .fetch_all(&self.pool)
             .await?;
-        let items = rows
-            .iter()
-            .map(|row| message_of(row, Counts::default()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (items, next) = trim_page(items, limit, |m| m.id);
-        Ok(Page { items, next })
+        let decode = |row: &_| message_of(row, Counts::default());
+        Ok(page_of(&rows, limit, decode, |m| m.id)?)
     }
 
     async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
