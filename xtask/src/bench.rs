@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What one child process cost: CPU (user + system) and peak RSS, and what it printed.
 struct Usage {
@@ -132,12 +132,24 @@ impl Emulator {
         tls: bool,
         counts_only: bool,
     ) -> Result<Self, String> {
+        Self::start_with(bin, dir, tls, counts_only, &[])
+    }
+
+    /// [`Emulator::start`], with `extra` arguments (`--latency-ms 20`, say).
+    pub(crate) fn start_with(
+        bin: &Path,
+        dir: &Path,
+        tls: bool,
+        counts_only: bool,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let port_file = dir.join(format!("port-{tls}-{counts_only}"));
         let cert = dir.join("emulator.pem");
         let _ = std::fs::remove_file(&port_file);
         let mut cmd = Command::new(bin.join("c2dm-emulator"));
         cmd.args(["--static-token", "BENCH", "--port-file"])
             .arg(&port_file)
+            .args(extra)
             .stdout(Stdio::null());
         if counts_only {
             cmd.arg("--counts-only");
@@ -145,19 +157,12 @@ impl Emulator {
         if tls {
             cmd.arg("--tls").arg("--cert-out").arg(&cert);
         }
-        let child = cmd.spawn().map_err(|e| format!("c2dm-emulator: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let port = loop {
-            if let Ok(port) = std::fs::read_to_string(&port_file)
-                && !port.trim().is_empty()
-            {
-                break port.trim().to_owned();
-            }
-            if Instant::now() > deadline {
-                return Err("the emulator did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut child = cmd.spawn().map_err(|e| format!("c2dm-emulator: {e}"))?;
+        let port = crate::wait_for_port(&port_file, Duration::from_secs(10), "the emulator")
+            .inspect_err(|_| {
+                let _ = child.kill();
+                let _ = child.wait();
+            })?;
         let scheme = if tls { "https" } else { "http" };
         Ok(Self {
             child,

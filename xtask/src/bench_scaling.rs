@@ -104,19 +104,7 @@ fn run_once(
         &["--no-workers", "--listen", "127.0.0.1:0"],
         Some(&port_file),
     )?;
-    let started = Instant::now();
-    let port: u16 = loop {
-        if let Some(port) = std::fs::read_to_string(&port_file)
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-        {
-            break port;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("the API process did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let port = crate::wait_for_port(&port_file, Duration::from_secs(60), "the API process")?;
     let psql = cluster.program("psql");
     let insert = format!(
         "INSERT INTO devices (registration_id, state, created_at, updated_at, state_changed_at) \
@@ -190,33 +178,9 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let bin = crate::build_release(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-scaling-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let port_file = dir.join("emulator.port");
-    let mut emulator = Command::new(bin.join("c2dm-emulator"))
-        .args([
-            "--static-token",
-            "BENCH",
-            "--counts-only",
-            "--latency-ms",
-            LATENCY_MS,
-        ])
-        .arg("--port-file")
-        .arg(&port_file)
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("c2dm-emulator: {e}"))?;
-    let started = Instant::now();
-    let send_url = loop {
-        if let Ok(port) = std::fs::read_to_string(&port_file)
-            && !port.trim().is_empty()
-        {
-            break format!("http://127.0.0.1:{}/c2dm/send", port.trim());
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = emulator.kill();
-            return Err("the emulator did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let emulator =
+        crate::bench::Emulator::start_with(&bin, &dir, false, true, &["--latency-ms", LATENCY_MS])?;
+    let send_url = emulator.send_url();
     let cluster = c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
     let mut rows = vec![
         format!(
@@ -244,8 +208,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             }
         }
     }
-    let _ = emulator.kill();
-    let _ = emulator.wait();
+    drop(emulator);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     let report = format!(

@@ -79,19 +79,7 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| format!("c2dm serve: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let port = loop {
-            if let Some(port) = std::fs::read_to_string(&port_file)
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-            {
-                break port;
-            }
-            if Instant::now() > deadline {
-                return Err("c2dm serve did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let port = crate::wait_for_port(&port_file, Duration::from_secs(60), "c2dm serve")?;
         Ok(Self { child, port })
     }
 

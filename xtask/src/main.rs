@@ -57,6 +57,24 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Waits, up to `limit`, until a process started with `--port-file file` has written the port
+/// it listens on; `what` names it in the error.
+fn wait_for_port(file: &Path, limit: std::time::Duration, what: &str) -> Result<u16, String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(port) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            return Ok(port);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{what} did not start"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Runs a command in the workspace root, echoing it; an error names the failed step.
 fn run(step: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     eprintln!("== {step}: {program} {}", args.join(" "));
