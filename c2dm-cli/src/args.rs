@@ -243,6 +243,10 @@ pub struct ServeArgs {
     /// No daily budget.
     #[arg(long)]
     pub no_daily_budget: bool,
+    /// The period the daily budget counts over, in seconds (periods aligned to the Unix
+    /// epoch: 86400 is the UTC day).
+    #[arg(long, default_value_t = 86_400, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub budget_period: u64,
     /// How often a worker tells the database it is alive, in seconds; one silent for three
     /// heartbeats is taken for dead and its jobs go to the others.
     #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_seconds)]
@@ -275,6 +279,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("account", &self.account)
             .field("daily_budget", &self.daily_budget)
             .field("no_daily_budget", &self.no_daily_budget)
+            .field("budget_period", &self.budget_period)
             .field("heartbeat", &self.heartbeat)
             .field("metrics_listen", &self.metrics_listen)
             .field("no_api", &self.no_api)

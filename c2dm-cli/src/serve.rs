@@ -56,6 +56,7 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
             .or_else(|| global.email.clone())
             .unwrap_or_else(|| "default".to_owned()),
         daily_budget: (!args.no_daily_budget).then_some(args.daily_budget),
+        budget_period: std::time::Duration::from_secs(args.budget_period),
         heartbeat: std::time::Duration::from_secs_f64(args.heartbeat),
     });
     let sender = client::sender(global, None)?;

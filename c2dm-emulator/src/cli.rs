@@ -95,6 +95,10 @@ pub struct EmulatorArgs {
     /// On stop, write everything the emulator saw (the stats JSON, inbox included) to this file.
     #[arg(long, value_name = "FILE")]
     pub stats_out: Option<PathBuf>,
+    /// Write one JSON line per send request to this file as it is answered: when it came, its
+    /// registration_id and collapse_key, and its answer (for checks of order and time).
+    #[arg(long, value_name = "FILE")]
+    pub arrivals_out: Option<PathBuf>,
     /// Keep only message counts per device, not the messages (for long benchmarks).
     #[arg(long)]
     pub counts_only: bool,
@@ -122,6 +126,7 @@ impl std::fmt::Debug for EmulatorArgs {
             .field("tls", &self.tls)
             .field("cert_out", &self.cert_out)
             .field("stats_out", &self.stats_out)
+            .field("arrivals_out", &self.arrivals_out)
             .field("config", &self.config())
             .finish()
     }
@@ -197,6 +202,11 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
         },
     )
     .await?;
+    if let Some(path) = &args.arrivals_out {
+        let file = std::fs::File::create(path)
+            .map_err(|e| format!("could not create {}: {e}", path.display()))?;
+        emulator.journal_arrivals(file);
+    }
     if let (Some(path), Some(pem)) = (&args.cert_out, emulator.cert_pem()) {
         std::fs::write(path, pem)
             .map_err(|e| format!("could not write {}: {e}", path.display()))?;

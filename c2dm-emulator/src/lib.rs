@@ -28,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod arrivals;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use arrivals::{Arrival, ArrivalAnswer};
 pub use config::{
     Account, Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, DeviceRules, FaultRate, InboxMode, Quota,
 };
@@ -245,11 +247,27 @@ impl Emulator {
         self.service.advance_clock(by)
     }
 
-    /// Stops accepting, lets open exchanges finish, and waits for that.
+    /// From now on, writes one JSON line ([`Arrival`]) per send request to `out`, as it is
+    /// answered: when it came, to whom, and how it was answered. Buffered: see
+    /// [`Emulator::flush_arrivals`]; [`Emulator::shutdown`] flushes.
+    pub fn journal_arrivals(&self, out: impl std::io::Write + Send + 'static) {
+        self.service.arrivals().start(Box::new(out));
+    }
+
+    /// Writes out the arrivals journal's buffer.
+    pub fn flush_arrivals(&self) -> std::io::Result<()> {
+        self.service.arrivals().flush()
+    }
+
+    /// Stops accepting, lets open exchanges finish, and waits for that; then flushes the
+    /// arrivals journal.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+        if let Err(e) = self.service.arrivals().flush() {
+            tracing::warn!(error = %e, "could not write the arrivals journal");
         }
     }
 

@@ -14,6 +14,7 @@ use c2dm_core::codec::{self, SendForm};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::arrivals::{Arrival, Journal};
 use crate::config::{Account, Config, FaultRate, Quota};
 use crate::inbox::{Inbox, InboxMessage};
 
@@ -203,6 +204,8 @@ pub(crate) struct Service {
     sender_counts: Mutex<Swept<usize, (Instant, u64)>>,
     /// Added to the real clock: tests move time forward without sleeping.
     clock_offset_micros: AtomicU64,
+    /// Every send's arrival, when asked for.
+    arrivals: Journal,
 }
 
 /// splitmix64: a well-mixed hash of a counter, for seeded, lock-free, reproducible choices.
@@ -229,6 +232,7 @@ impl Service {
             device_refusals: Mutex::new(Swept::new()),
             sender_counts: Mutex::new(Swept::new()),
             clock_offset_micros: AtomicU64::new(0),
+            arrivals: Journal::default(),
             config,
         };
         for token in service.config.static_tokens.clone() {
@@ -397,7 +401,22 @@ impl Service {
     }
 
     /// Answers one send request: `authorization` is the `Authorization` header, `body` the form.
+    /// The arrivals journal, if on, gets a line.
     pub(crate) fn send(&self, authorization: Option<&str>, body: &[u8]) -> SendAnswer {
+        let at = SystemTime::now();
+        let answer = self.answer_send(authorization, body);
+        if self.arrivals.is_on() {
+            self.arrivals.write(&Arrival::of(at, body, &answer));
+        }
+        answer
+    }
+
+    /// The arrivals journal.
+    pub(crate) fn arrivals(&self) -> &Journal {
+        &self.arrivals
+    }
+
+    fn answer_send(&self, authorization: Option<&str>, body: &[u8]) -> SendAnswer {
         let c = &self.counters;
         let n = c.sends.fetch_add(1, Ordering::Relaxed) + 1;
         if self.fault(self.config.drops, n, 1) {

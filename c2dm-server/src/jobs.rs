@@ -216,6 +216,10 @@ pub struct WorkerOptions {
     /// (default 200,000, the real service's quota); `None` for no budget. Batches reserve
     /// their share before sending; devices over the budget wait for the next day, unsent.
     pub daily_budget: Option<u64>,
+    /// The period the budget counts over (default one day): periods are aligned to the Unix
+    /// epoch, so a day is a UTC day. Shorter ones suit a service with another quota, and
+    /// soak tests that must see the budget run out and come back.
+    pub budget_period: Duration,
     /// How often a worker tells the database it is alive (default 5 s). A worker silent
     /// for three heartbeats is taken for dead, and its jobs go to the others.
     pub heartbeat: Duration,
@@ -229,6 +233,7 @@ impl Default for WorkerOptions {
             batch_size: 1000,
             account: "default".to_owned(),
             daily_budget: Some(200_000),
+            budget_period: BUDGET_DAY,
             heartbeat: Duration::from_secs(5),
         }
     }
@@ -476,13 +481,18 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
     Ok(())
 }
 
-/// The day (UTC, days since the epoch) a budget counts, and when the next one starts.
-fn budget_day(now: SystemTime) -> (i64, SystemTime) {
+/// The budget's default period: a day.
+const BUDGET_DAY: Duration = Duration::from_secs(86_400);
+
+/// The budget period (periods of `period` since the epoch, at least a second long: with a
+/// day, the UTC day) that `now` falls in, and when the next one starts.
+fn budget_day(now: SystemTime, period: Duration) -> (i64, SystemTime) {
+    let period = period.as_secs().max(1);
     let secs = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let day = secs / 86_400;
-    let next = std::time::UNIX_EPOCH + Duration::from_secs((day + 1) * 86_400);
+    let day = secs / period;
+    let next = std::time::UNIX_EPOCH + Duration::from_secs((day + 1).saturating_mul(period));
     (i64::try_from(day).unwrap_or(i64::MAX), next)
 }
 
@@ -652,7 +662,7 @@ async fn run_batch(
                 )),
             }
         }
-        let (day, tomorrow) = budget_day(now);
+        let (day, tomorrow) = budget_day(now, runner.options.budget_period);
         let granted = match runner.options.daily_budget {
             Some(daily) if !send.is_empty() => {
                 let wanted = send.len() as u64;
@@ -857,11 +867,24 @@ mod tests {
     #[test]
     fn a_budget_day_is_a_utc_day() {
         let noon = std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 43_200);
-        let (day, next) = budget_day(noon);
+        let (day, next) = budget_day(noon, BUDGET_DAY);
         assert_eq!(day, 20_000);
         assert_eq!(
             next,
             std::time::UNIX_EPOCH + Duration::from_secs(20_001 * 86_400)
         );
+    }
+
+    #[test]
+    fn a_shorter_budget_period_counts_from_the_epoch_too() {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_000_030);
+        let (period, next) = budget_day(at, Duration::from_secs(60));
+        assert_eq!(period, 16_667);
+        assert_eq!(
+            next,
+            std::time::UNIX_EPOCH + Duration::from_secs(16_668 * 60)
+        );
+        // Less than a second counts as a second, never as a division by zero.
+        assert_eq!(budget_day(at, Duration::ZERO).0, 1_000_030);
     }
 }

@@ -175,6 +175,32 @@ impl Emulator {
         format!("{}/c2dm/send", self.base)
     }
 
+    pub(crate) fn login_url(&self) -> String {
+        format!("{}/accounts/ClientLogin", self.base)
+    }
+
+    /// Its certificate's file (TLS only).
+    pub(crate) fn cert(&self) -> Option<PathBuf> {
+        self.cert.clone()
+    }
+
+    /// Stops it as Ctrl-C would, so that it writes its files out, and waits for that.
+    pub(crate) fn interrupt(mut self) -> Result<(), String> {
+        let sent = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .map_err(|e| format!("kill: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -INT: {sent}"));
+        }
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the emulator stopped with {status}"))
+        }
+    }
+
     fn rss_kib(&self) -> u64 {
         crate::rss_kib(self.child.id()).unwrap_or(0)
     }

@@ -8,6 +8,8 @@
 //!   `--server`: the application server's pushes on SQLite and PostgreSQL, and registrations;
 //!   `--server --scaling`: 1, 2 and 3 worker processes on one PostgreSQL database.
 //! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
+//! - `cargo xtask soak --server [--sqlite [--minutes M]] [--runs N] [--devices N]`: the
+//!   application server under every fault, with processes killed, checked afterwards.
 //! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
 
 mod bench;
@@ -16,6 +18,7 @@ mod bench_server;
 mod contract;
 mod release;
 mod soak;
+mod soak_server;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -29,11 +32,13 @@ const HELP: &str = concat!(
     "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
     "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations;\n",
     "           --server --scaling: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms\n",
-    "  soak     a long broadcast under every fault, checked afterwards (not in CI)\n",
+    "  soak     a long broadcast under every fault, checked afterwards (not in CI);\n",
+    "           --server: the application server's processes on PostgreSQL, killed and\n",
+    "           restarted (--sqlite: one process for 30 minutes)\n",
     "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
 );
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server [--scaling]] [--write] [--quick] [--rounds N] | soak [--messages N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server [--scaling]] [--write] [--quick] [--rounds N] | soak [--messages N] | soak --server [--sqlite [--minutes M]] [--runs N] [--devices N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {
@@ -174,6 +179,7 @@ fn main() -> ExitCode {
         ["bench", rest @ ..] if rest.contains(&"--server") => bench_server::run(&root(), rest),
         ["bench", rest @ ..] => bench::run(&root(), rest),
         ["release", rest @ ..] => release::run(&root(), rest),
+        ["soak", "--server", rest @ ..] => soak_server::run(&root(), rest),
         ["soak", rest @ ..] => soak::run(&root(), rest),
         _ => Err(USAGE.into()),
     };
