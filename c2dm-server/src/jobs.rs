@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use apalis::prelude::{
@@ -19,7 +20,7 @@ use futures::StreamExt;
 use sqlx::{PgPool, SqlitePool};
 use tokio::time::Instant;
 
-use crate::store::{Audience, DeliveryRow, DeviceState, Store, StoreError};
+use crate::store::{Audience, BatchRun, DeliveryRow, DeviceState, Store, StoreError};
 
 use crate::queue::{BATCH_QUEUE, PUSH_QUEUE};
 pub use crate::queue::{BatchJob, PushJob};
@@ -509,6 +510,11 @@ const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// The rows of a batch not written yet, with the devices found gone among them.
 struct Pending {
     message_id: i64,
+    /// The run of the batch the rows are written for.
+    run: Arc<BatchRun>,
+    /// Set once a later run of the batch has taken it over (a mark or a write refused):
+    /// nothing more is sent or written.
+    taken_over: Arc<AtomicBool>,
     /// Devices a dead worker may have sent to: their rows count one possible duplicate more.
     resent: HashSet<String>,
     rows: Vec<DeliveryRow>,
@@ -524,14 +530,27 @@ impl Pending {
         self.rows.push(row);
     }
 
-    /// Writes the rows held, in one transaction.
+    /// Writes the rows held, in one transaction, unless a later run of the batch has taken
+    /// it over (then they are dropped: that run sends to these devices again, and counts the
+    /// possible duplicates).
     async fn flush(&mut self, store: &dyn Store) -> Result<(), StoreError> {
-        if self.rows.is_empty() && self.gone.is_empty() {
+        if self.rows.is_empty() && self.gone.is_empty() || self.taken_over.load(Ordering::Relaxed) {
             return Ok(());
         }
-        store
-            .record_batch(self.message_id, &self.rows, &self.gone)
-            .await?;
+        if !store
+            .record_batch(self.message_id, &self.run, &self.rows, &self.gone)
+            .await?
+        {
+            tracing::warn!(
+                message_id = self.message_id,
+                batch = %self.run.batch,
+                "another worker took this batch over (this one was taken for dead): leaving it"
+            );
+            self.taken_over.store(true, Ordering::Relaxed);
+            self.rows.clear();
+            self.gone.clear();
+            return Ok(());
+        }
         metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
         for row in &self.rows {
             metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str())
@@ -559,7 +578,8 @@ impl Pending {
 fn marked(
     store: Arc<dyn Store>,
     message_id: i64,
-    batch: Arc<str>,
+    run: Arc<BatchRun>,
+    taken_over: Arc<AtomicBool>,
     send: &[(u64, RegistrationId)],
     chunk: usize,
 ) -> impl futures::Stream<Item = RegistrationId> + Send + 'static {
@@ -571,11 +591,17 @@ fn marked(
     futures::stream::iter(chunks)
         .map(move |chunk| {
             let store = Arc::clone(&store);
-            let batch = Arc::clone(&batch);
+            let run = Arc::clone(&run);
+            let taken_over = Arc::clone(&taken_over);
             tokio::spawn(async move {
                 let through = chunk.last().map_or(0, |(at, _)| at + 1);
-                match store.mark_sending(message_id, &batch, through).await {
-                    Ok(()) => Some(chunk),
+                match store.mark_sending(message_id, &run, through).await {
+                    Ok(true) => Some(chunk),
+                    Ok(false) => {
+                        tracing::warn!(message_id, batch = %run.batch, "another worker took this batch over: it stops sending");
+                        taken_over.store(true, Ordering::Relaxed);
+                        None
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, message_id, "could not mark sends: stopping the batch");
                         None
@@ -605,11 +631,13 @@ async fn run_batch(
     let Some(message) = store.message_to_send(job.message_id).await? else {
         return Ok(());
     };
-    let batch: Arc<str> = task.to_string().into();
+    // The claim first: whatever an earlier run still going records after it is refused, and
+    // what it recorded before is read next.
+    let run = Arc::new(store.claim_batch(job.message_id, &task.to_string()).await?);
+    let marked_through = run.marked_through;
     let recorded = store
         .recorded(job.message_id, &job.registration_ids)
         .await?;
-    let marked_through = store.marked_through(job.message_id, &batch).await?;
     // Each device with its position in the list, which the mark counts in.
     let todo: Vec<(u64, &String)> = (0u64..)
         .zip(&job.registration_ids)
@@ -618,6 +646,8 @@ async fn run_batch(
     let now = SystemTime::now();
     let mut pending = Pending {
         message_id: job.message_id,
+        run: Arc::clone(&run),
+        taken_over: Arc::new(AtomicBool::new(false)),
         resent: todo
             .iter()
             .filter(|(at, _)| *at < marked_through)
@@ -695,7 +725,14 @@ async fn run_batch(
             let template = template(&message, first)?;
             let concurrency = runner.options.concurrency.max(1);
             let mut deliveries = runner.sender.broadcast_to(
-                marked(Arc::clone(store), job.message_id, batch, &send, concurrency),
+                marked(
+                    Arc::clone(store),
+                    job.message_id,
+                    Arc::clone(&run),
+                    Arc::clone(&pending.taken_over),
+                    &send,
+                    concurrency,
+                ),
                 &template,
                 BroadcastOptions::default().concurrency(concurrency),
             )?;
@@ -738,6 +775,11 @@ async fn run_batch(
                     .await?;
             }
         }
+    }
+    if pending.taken_over.load(Ordering::Relaxed) {
+        // The run that took the batch over sends, records and puts back for later whatever
+        // this one has not recorded; apalis ignores this run's result.
+        return Ok(());
     }
     // The devices left for later go back first: were this process to die before its rows
     // are written, the batch would run again and skip whatever has a row.

@@ -293,19 +293,57 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
         .await;
     let message_id: i64 = id.parse().unwrap();
     let store = &server.store;
-    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 0);
-    store.mark_sending(message_id, "b1", 5).await.unwrap();
+    let first = store.claim_batch(message_id, "b1").await.unwrap();
+    assert_eq!((first.run, first.marked_through), (1, 0));
+    assert!(store.mark_sending(message_id, &first, 5).await.unwrap());
     // A late mark of a slot that lagged behind does not move it back.
-    store.mark_sending(message_id, "b1", 3).await.unwrap();
-    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 5);
-    assert_eq!(store.marked_through(message_id, "b2").await.unwrap(), 0);
-    store.mark_sending(message_id, "b1", 9).await.unwrap();
-    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 9);
+    assert!(store.mark_sending(message_id, &first, 3).await.unwrap());
+    let other = store.claim_batch(message_id, "b2").await.unwrap();
+    assert_eq!((other.run, other.marked_through), (1, 0));
+    // Run again (its worker taken for dead): the new run reads the mark, and the first can
+    // neither mark nor record any more.
+    let second = store.claim_batch(message_id, "b1").await.unwrap();
+    assert_eq!((second.run, second.marked_through), (2, 5));
+    assert!(!store.mark_sending(message_id, &first, 9).await.unwrap());
+    let row = DeliveryRow::not_attempted("phone-000", "cancelled", std::time::SystemTime::now());
+    assert!(
+        !store
+            .record_batch(message_id, &first, std::slice::from_ref(&row), &[])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .recorded(message_id, &["phone-000".into()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.mark_sending(message_id, &second, 9).await.unwrap());
+    assert_eq!(
+        store
+            .claim_batch(message_id, "b1")
+            .await
+            .unwrap()
+            .marked_through,
+        9
+    );
 
     let _workers = server.workers(options);
     let message = server.finished(&id).await;
     assert_eq!(message["counts"]["accepted"], 1, "{message}");
-    assert_eq!(store.marked_through(message_id, "b1").await.unwrap(), 0);
+    // The push's marks went with it: a run after that starts from nothing, and records
+    // nothing.
+    let late = store.claim_batch(message_id, "b1").await.unwrap();
+    assert_eq!((late.run, late.marked_through), (1, 0));
+    assert!(
+        store
+            .record_batch(message_id, &late, &[row], &[])
+            .await
+            .unwrap()
+    );
+    let message = server.store.message(message_id).await.unwrap().unwrap();
+    assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
 }
 
 /// A batch recorded again (its worker died after the commit, before the queue heard) writes
@@ -316,6 +354,7 @@ async fn a_batch_recorded_twice_is_counted_once(db: Db) {
         .push(json!({ "registration_ids": ["phone-a", "gone-b", "phone-c"] }))
         .await;
     let message_id: i64 = id.parse().unwrap();
+    let run = server.store.claim_batch(message_id, "b1").await.unwrap();
     let now = std::time::SystemTime::now();
     let row = |device: &str, outcome, error: Option<&str>| DeliveryRow {
         registration_id: device.into(),
@@ -333,7 +372,7 @@ async fn a_batch_recorded_twice_is_counted_once(db: Db) {
     for _ in 0..2 {
         server
             .store
-            .record_batch(message_id, &first, &[])
+            .record_batch(message_id, &run, &first, &[])
             .await
             .unwrap();
     }
@@ -344,7 +383,7 @@ async fn a_batch_recorded_twice_is_counted_once(db: Db) {
     ];
     server
         .store
-        .record_batch(message_id, &second, &[])
+        .record_batch(message_id, &run, &second, &[])
         .await
         .unwrap();
     let message = server.store.message(message_id).await.unwrap().unwrap();

@@ -310,13 +310,29 @@ fn check(
     let mut out = Checked::default();
     let by_key: HashMap<&str, &PushRun> = pushes.iter().map(|p| (p.key.as_str(), p)).collect();
 
-    // 1. One row per device and push, for no other device.
+    // 1. One row per device and push, for no other device; a device C2DM called gone has
+    //    its row in the push that found it gone, and is in no later push's audience.
+    let mut found_gone: HashMap<&str, &str> = HashMap::new();
+    for a in arrivals {
+        if let (ArrivalAnswer::Rejected { code }, Some(id), Some(key)) =
+            (&a.answer, &a.registration_id, &a.collapse_key)
+            && matches!(code.as_str(), "NotRegistered" | "InvalidRegistration")
+        {
+            found_gone.entry(id.as_str()).or_insert(key.as_str());
+        }
+    }
+    let known: std::collections::HashSet<&str> = devices.iter().map(String::as_str).collect();
     for push in pushes {
         let missing = devices
             .iter()
             .filter(|d| !push.rows.contains_key(*d))
+            .filter(|d| !is_gone(d) || found_gone.get(d.as_str()) == Some(&push.key.as_str()))
             .count();
-        let strangers = push.rows.len() + missing - devices.len();
+        let strangers = push
+            .rows
+            .keys()
+            .filter(|d| !known.contains(d.as_str()))
+            .count();
         if missing > 0 || strangers > 0 {
             out.problem(format!(
                 "push {}: {missing} devices without a row, {strangers} rows for unknown devices",
@@ -585,7 +601,13 @@ fn setup(
     database: String,
     common: &[&str],
 ) -> Result<Setup, String> {
-    std::fs::write(dir.join("password"), PASSWORD).map_err(|e| e.to_string())?;
+    let password = dir.join("password");
+    std::fs::write(&password, PASSWORD).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+    }
     Ok(Setup {
         bin: bin.to_owned(),
         dir: dir.to_owned(),

@@ -342,6 +342,19 @@ impl DeliveryRow {
     }
 }
 
+/// One run of a batch job, as [`Store::claim_batch`] fenced it: the run's number, and how far
+/// the batch's earlier runs had marked its list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRun {
+    /// The batch (its job's id, which a run again keeps).
+    pub batch: String,
+    /// This run's number: the batch's runs count up, and only the latest may mark or record.
+    pub run: i64,
+    /// How far earlier runs had marked the batch's list: the devices below it without a row
+    /// may have been sent to (0 if no run sent).
+    pub marked_through: u64,
+}
+
 /// A store failed. Never holds a secret; the message is for the log, not for API clients.
 #[derive(Debug, thiserror::Error)]
 #[error("database: {0}")]
@@ -465,25 +478,33 @@ pub trait Store: Send + Sync {
         registration_ids: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError>;
 
-    /// Notes that batch `batch` (its job's id) of push `id` is about to send to the devices
-    /// at positions below `through` in its list, before those sends start (a mark only
-    /// grows): were the worker to die, the batch run again knows which of its devices without
-    /// a row may have been sent to. A push's marks go when it finishes.
-    async fn mark_sending(&self, id: i64, batch: &str, through: u64) -> Result<(), StoreError>;
+    /// Starts a run of batch `batch` (its job's id) of push `id`: this run is the batch's
+    /// latest from now on, and an earlier run still going (on a worker taken for dead that is
+    /// alive after all) can mark and record nothing more. Returns the run, with how far the
+    /// earlier runs had marked the list. Read which devices have a row only after this: rows an
+    /// earlier run writes are either in that answer or refused.
+    async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError>;
 
-    /// How far batch `batch` of push `id` had marked its list: 0 if it never sent.
-    async fn marked_through(&self, id: i64, batch: &str) -> Result<u64, StoreError>;
+    /// Notes that `run` of a batch of push `id` is about to send to the devices at positions
+    /// below `through` in its list, before those sends start (a mark only grows): were the
+    /// worker to die, the batch's next run knows which of its devices without a row may have
+    /// been sent to. `false` (and nothing noted) if a later run has claimed the batch: this
+    /// one must stop sending. A push's marks go when it finishes.
+    async fn mark_sending(&self, id: i64, run: &BatchRun, through: u64)
+    -> Result<bool, StoreError>;
 
-    /// Rows of a batch of push `id` (all of them, or those done so far), and the devices
-    /// C2DM reported gone (with the code), in one transaction; a row a device already has is kept (a batch run twice
-    /// writes nothing twice). Finishes the push when every device of its walked audience has
-    /// its row.
+    /// Rows of `run` of a batch of push `id` (all of them, or those done so far), and the
+    /// devices C2DM reported gone (with the code), in one transaction; a row a device already
+    /// has is kept (a batch run twice writes nothing twice). Finishes the push when every
+    /// device of its walked audience has its row. `false` (and nothing written) if a later
+    /// run has claimed the batch, or its push has finished.
     async fn record_batch(
         &self,
         id: i64,
+        run: &BatchRun,
         rows: &[DeliveryRow],
         gone: &[(String, String)],
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// Up to `limit` rows of push `id` (only those with `outcome` and `error`, where given),
     /// in registration id order after `after`; the next page's cursor is the last id.

@@ -20,8 +20,8 @@ use super::rows::{
     select_message, time_of, trim_page,
 };
 use super::{
-    Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
-    NewDevice, NewMessage, Page, Store, StoreError, Upserted,
+    Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
+    MessageRecord, NewDevice, NewMessage, Page, Store, StoreError, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order `device_of` reads them, from `devices d`: a
@@ -50,12 +50,14 @@ pub struct PostgresStore {
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// Marks a push finished if its audience is walked and every device has its row.
+/// Marks a push finished if its audience is walked and every device has its row; whether it
+/// did. Its marks are then [`drop_marks`]' to delete, after the commit: deleting them here
+/// would lock the marks of batches whose transactions wait for this one's lock on the push.
 async fn finish_if_complete(
     conn: &mut sqlx::PgConnection,
     id: i64,
     now: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let finished = sqlx::query(
         "UPDATE messages SET \
          state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'done' END, \
@@ -67,13 +69,15 @@ async fn finish_if_complete(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    // A finished push has no use for its marks: they go at once, rather than row by row.
-    if finished.rows_affected() > 0 {
-        sqlx::query("DELETE FROM batch_marks WHERE message_id = $1")
-            .bind(id)
-            .execute(conn)
-            .await?;
-    }
+    Ok(finished.rows_affected() > 0)
+}
+
+/// A finished push has no use for its marks: they go at once, rather than row by row.
+async fn drop_marks(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM batch_marks WHERE message_id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -508,8 +512,11 @@ impl Store for PostgresStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        finish_if_complete(&mut tx, id, now).await?;
+        let finished = finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
+        if finished {
+            drop_marks(&self.pool, id).await?;
+        }
         self.changed();
         Ok(())
     }
@@ -539,37 +546,49 @@ impl Store for PostgresStore {
         Ok(ids.into_iter().collect())
     }
 
-    async fn mark_sending(&self, id: i64, batch: &str, through: u64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO batch_marks (message_id, batch, sent_through) VALUES ($1, $2, $3) \
-             ON CONFLICT (message_id, batch) \
-             DO UPDATE SET sent_through = GREATEST(batch_marks.sent_through, EXCLUDED.sent_through)",
+    async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
+        let (run, through): (i64, i64) = sqlx::query_as(
+            "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES ($1, $2, 0, 1) \
+             ON CONFLICT (message_id, batch) DO UPDATE SET run = batch_marks.run + 1 \
+             RETURNING run, sent_through",
         )
         .bind(id)
         .bind(batch)
-        .bind(i64::try_from(through).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(())
+        Ok(BatchRun {
+            batch: batch.to_owned(),
+            run,
+            marked_through: u64::try_from(through).unwrap_or(0),
+        })
     }
 
-    async fn marked_through(&self, id: i64, batch: &str) -> Result<u64, StoreError> {
-        let through: Option<i64> = sqlx::query_scalar(
-            "SELECT sent_through FROM batch_marks WHERE message_id = $1 AND batch = $2",
+    async fn mark_sending(
+        &self,
+        id: i64,
+        run: &BatchRun,
+        through: u64,
+    ) -> Result<bool, StoreError> {
+        let marked = sqlx::query(
+            "UPDATE batch_marks SET sent_through = GREATEST(sent_through, $3) \
+             WHERE message_id = $1 AND batch = $2 AND run = $4",
         )
         .bind(id)
-        .bind(batch)
-        .fetch_optional(&self.pool)
+        .bind(&run.batch)
+        .bind(i64::try_from(through).unwrap_or(i64::MAX))
+        .bind(run.run)
+        .execute(&self.pool)
         .await?;
-        Ok(through.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+        Ok(marked.rows_affected() == 1)
     }
 
     async fn record_batch(
         &self,
         id: i64,
+        run: &BatchRun,
         rows: &[DeliveryRow],
         gone: &[(String, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let now = millis(SystemTime::now());
         let ids: Vec<&str> = rows.iter().map(|r| r.registration_id.as_str()).collect();
         let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
@@ -590,6 +609,19 @@ impl Store for PostgresStore {
         let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
 
         let mut tx = self.pool.begin().await?;
+        // The batch's mark, locked until the commit: a later run's claim waits for these rows,
+        // and then reads them as recorded. Not this run's (or gone with its finished push):
+        // nothing is written.
+        let latest: Option<i64> = sqlx::query_scalar(
+            "SELECT run FROM batch_marks WHERE message_id = $1 AND batch = $2 FOR UPDATE",
+        )
+        .bind(id)
+        .bind(&run.batch)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if latest != Some(run.run) {
+            return Ok(false);
+        }
         if !gone.is_empty() {
             sqlx::query(
                 "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \
@@ -631,10 +663,13 @@ impl Store for PostgresStore {
         .bind(&at)
         .execute(&mut *tx)
         .await?;
-        finish_if_complete(&mut tx, id, now).await?;
+        let finished = finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
+        if finished {
+            drop_marks(&self.pool, id).await?;
+        }
         self.changed();
-        Ok(())
+        Ok(true)
     }
 
     async fn deliveries(

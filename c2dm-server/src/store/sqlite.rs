@@ -16,8 +16,8 @@ use super::rows::{
     outcome_of, page_of, select_message, tally_update, time_of, trim_page,
 };
 use super::{
-    Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
-    NewDevice, NewMessage, Page, Store, StoreError, Tally, Upserted,
+    Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
+    MessageRecord, NewDevice, NewMessage, Page, Store, StoreError, Tally, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order [`device_of`] reads them, from `devices d`: a
@@ -604,40 +604,65 @@ impl Store for SqliteStore {
         Ok(found)
     }
 
-    async fn mark_sending(&self, id: i64, batch: &str, through: u64) -> Result<(), StoreError> {
-        let _turn = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO batch_marks (message_id, batch, sent_through) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (message_id, batch) \
-             DO UPDATE SET sent_through = MAX(sent_through, excluded.sent_through)",
+    async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
+        let (_turn, mut tx) = self.begin_write().await?;
+        let (run, through): (i64, i64) = sqlx::query_as(
+            "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
+             ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
+             RETURNING run, sent_through",
         )
         .bind(id)
         .bind(batch)
-        .bind(i64::try_from(through).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(BatchRun {
+            batch: batch.to_owned(),
+            run,
+            marked_through: u64::try_from(through).unwrap_or(0),
+        })
     }
 
-    async fn marked_through(&self, id: i64, batch: &str) -> Result<u64, StoreError> {
-        let through: Option<i64> = sqlx::query_scalar(
-            "SELECT sent_through FROM batch_marks WHERE message_id = ?1 AND batch = ?2",
+    async fn mark_sending(
+        &self,
+        id: i64,
+        run: &BatchRun,
+        through: u64,
+    ) -> Result<bool, StoreError> {
+        let _turn = self.writer.lock().await;
+        let marked = sqlx::query(
+            "UPDATE batch_marks SET sent_through = MAX(sent_through, ?3) \
+             WHERE message_id = ?1 AND batch = ?2 AND run = ?4",
         )
         .bind(id)
-        .bind(batch)
-        .fetch_optional(&self.pool)
+        .bind(&run.batch)
+        .bind(i64::try_from(through).unwrap_or(i64::MAX))
+        .bind(run.run)
+        .execute(&self.pool)
         .await?;
-        Ok(through.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+        Ok(marked.rows_affected() == 1)
     }
 
     async fn record_batch(
         &self,
         id: i64,
+        run: &BatchRun,
         rows: &[DeliveryRow],
         gone: &[(String, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let now = millis(SystemTime::now());
         let (_turn, mut tx) = self.begin_write().await?;
+        // Writes are one at a time: a later run's claim comes before or after this whole
+        // transaction. Not this run's (or gone with its finished push): nothing is written.
+        let latest: Option<i64> =
+            sqlx::query_scalar("SELECT run FROM batch_marks WHERE message_id = ?1 AND batch = ?2")
+                .bind(id)
+                .bind(&run.batch)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if latest != Some(run.run) {
+            return Ok(false);
+        }
         let mut written = Tally::default();
         // A statement per hundred rows (800 parameters): one statement a row cost more than
         // the row.
@@ -683,7 +708,7 @@ impl Store for SqliteStore {
         finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
         self.changed();
-        Ok(())
+        Ok(true)
     }
 
     async fn deliveries(
