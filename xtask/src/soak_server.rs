@@ -906,9 +906,11 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             pushes: 5,
             cancel: 3,
             workers: 3,
+            // 2,000 a second on average: below what the workers send, so that it runs out in
+            // most periods and its devices wait for the next.
             budget: Budget {
-                limit: 100_000,
-                period: Duration::from_secs(30),
+                limit: 20_000,
+                period: Duration::from_secs(10),
             },
         };
         let mut result = Ok(());
