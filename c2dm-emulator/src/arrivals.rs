@@ -9,8 +9,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::SendAnswer;
-
 /// One send request as the emulator saw it: a line of the arrivals journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Arrival {
@@ -60,35 +58,48 @@ fn micros(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-impl Arrival {
-    /// The arrival of a request with this form, at `at`, answered with `answer`.
-    pub(crate) fn of(at: SystemTime, body: &[u8], answer: &SendAnswer) -> Self {
-        let form = c2dm_core::codec::SendForm::parse(body);
-        let text = std::str::from_utf8(&answer.body).unwrap_or("");
-        let answer = match answer.status {
-            _ if answer.drop => ArrivalAnswer::Dropped,
-            401 => ArrivalAnswer::Unauthorized,
+impl ArrivalAnswer {
+    /// The answer of HTTP `status` with `body` and `Retry-After`, or a connection `dropped`,
+    /// to a request that came at `at`.
+    pub(crate) fn of(
+        at: SystemTime,
+        status: u16,
+        body: &[u8],
+        retry_after: Option<&str>,
+        dropped: bool,
+    ) -> Self {
+        let text = std::str::from_utf8(body).unwrap_or("");
+        match status {
+            _ if dropped => Self::Dropped,
+            401 => Self::Unauthorized,
             503 => {
-                let retry_after = answer.retry_after.as_deref().unwrap_or("0");
+                let retry_after = retry_after.unwrap_or("0");
                 let until = match retry_after.parse::<u64>() {
                     Ok(secs) => at + Duration::from_secs(secs),
                     Err(_) => httpdate::parse_http_date(retry_after).unwrap_or(at),
                 };
-                ArrivalAnswer::Unavailable {
+                Self::Unavailable {
                     until_us: micros(until),
                 }
             }
             200 => match text.trim_end().split_once('=') {
-                Some(("id", id)) => ArrivalAnswer::Accepted {
+                Some(("id", id)) => Self::Accepted {
                     message_id: id.to_owned(),
                 },
-                Some((_, code)) => ArrivalAnswer::Rejected {
+                Some((_, code)) => Self::Rejected {
                     code: code.to_owned(),
                 },
-                None => ArrivalAnswer::ServerError,
+                None => Self::ServerError,
             },
-            _ => ArrivalAnswer::ServerError,
-        };
+            _ => Self::ServerError,
+        }
+    }
+}
+
+impl Arrival {
+    /// The arrival at `at` of a request with this form, answered with `answer`.
+    pub(crate) fn new(at: SystemTime, form: &[u8], answer: ArrivalAnswer) -> Self {
+        let form = c2dm_core::codec::SendForm::parse(form);
         Self {
             at_us: micros(at),
             registration_id: form.registration_id,
@@ -144,28 +155,21 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
-    fn answer(status: u16, body: &'static str) -> SendAnswer {
-        SendAnswer {
-            status,
-            body: Bytes::from_static(body.as_bytes()),
-            retry_after: None,
-            rotated_token: None,
-            drop: false,
-        }
+    /// An answer as the service gives it: status, body, `Retry-After`, dropped.
+    struct Sent(u16, &'static str, Option<&'static str>, bool);
+
+    fn answer(status: u16, body: &'static str) -> Sent {
+        Sent(status, body, None, false)
     }
 
     #[test]
     fn arrivals_name_their_answer_and_round_trip_through_json() {
         let at = UNIX_EPOCH + Duration::from_secs(1_000);
         let body = b"registration_id=phone-1&collapse_key=k&data.m=hi";
-        let mut unavailable = answer(503, "");
-        unavailable.retry_after = Some("3".into());
-        let mut dated = answer(503, "");
-        dated.retry_after = Some("Thu, 01 Jan 1970 00:16:45 GMT".into());
-        let mut dropped = answer(0, "");
-        dropped.drop = true;
+        let unavailable = Sent(503, "", Some("3"), false);
+        let dated = Sent(503, "", Some("Thu, 01 Jan 1970 00:16:45 GMT"), false);
+        let dropped = Sent(0, "", None, true);
         let cases = [
             (
                 answer(200, "id=0:1234%abc\n"),
@@ -196,7 +200,9 @@ mod tests {
             (dropped, ArrivalAnswer::Dropped),
         ];
         for (sent, expected) in cases {
-            let arrival = Arrival::of(at, body, &sent);
+            let Sent(status, text, retry_after, dropped) = sent;
+            let answer = ArrivalAnswer::of(at, status, text.as_bytes(), retry_after, dropped);
+            let arrival = Arrival::new(at, body, answer);
             assert_eq!(arrival.answer, expected);
             assert_eq!(arrival.at_us, 1_000_000_000);
             assert_eq!(arrival.registration_id.as_deref(), Some("phone-1"));
@@ -220,7 +226,7 @@ mod tests {
             }
         }
         let journal = Journal::default();
-        let arrival = Arrival::of(SystemTime::now(), b"", &answer(500, ""));
+        let arrival = Arrival::new(SystemTime::now(), b"", ArrivalAnswer::ServerError);
         assert!(!journal.is_on());
         let out = Shared::default();
         journal.start(Box::new(out.clone()));

@@ -14,7 +14,7 @@ use c2dm_core::codec::{self, SendForm};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::arrivals::{Arrival, Journal};
+use crate::arrivals::{Arrival, ArrivalAnswer, Journal};
 use crate::config::{Account, Config, FaultRate, Quota};
 use crate::inbox::{Inbox, InboxMessage};
 
@@ -406,7 +406,14 @@ impl Service {
         let at = SystemTime::now();
         let answer = self.answer_send(authorization, body);
         if self.arrivals.is_on() {
-            self.arrivals.write(&Arrival::of(at, body, &answer));
+            let what = ArrivalAnswer::of(
+                at,
+                answer.status,
+                &answer.body,
+                answer.retry_after.as_deref(),
+                answer.drop,
+            );
+            self.arrivals.write(&Arrival::new(at, body, what));
         }
         answer
     }
