@@ -635,6 +635,7 @@ async fn run_batch(
     // what it recorded before is read next.
     let run = Arc::new(store.claim_batch(job.message_id, &task.to_string()).await?);
     let marked_through = run.marked_through;
+    let possibly_sent: HashSet<&String> = job.possibly_sent.iter().collect();
     let recorded = store
         .recorded(job.message_id, &job.registration_ids)
         .await?;
@@ -650,7 +651,7 @@ async fn run_batch(
         taken_over: Arc::new(AtomicBool::new(false)),
         resent: todo
             .iter()
-            .filter(|(at, _)| *at < marked_through)
+            .filter(|(at, id)| *at < marked_through || possibly_sent.contains(id))
             .map(|(_, id)| (*id).clone())
             .collect(),
         rows: Vec::with_capacity(todo.len().min(FLUSH_ROWS)),
@@ -783,7 +784,7 @@ async fn run_batch(
     }
     // The devices left for later go back first: were this process to die before its rows
     // are written, the batch would run again and skip whatever has a row.
-    requeue(&runner.queues, job.message_id, later).await?;
+    requeue(&runner.queues, job.message_id, later, &pending.resent).await?;
     pending.flush(store.as_ref()).await?;
     metrics::counter!("c2dm_batches_total").increment(1);
     if unsent > 0 {
@@ -793,19 +794,26 @@ async fn run_batch(
     Ok(())
 }
 
-/// Enqueues the devices left for later as batches that run when each is due.
+/// Enqueues the devices left for later as batches that run when each is due; those in
+/// `resent` (this batch may have sent to them already) go as possibly sent.
 async fn requeue(
     queues: &Queues,
     message_id: i64,
     mut later: Vec<(String, SystemTime)>,
+    resent: &HashSet<String>,
 ) -> Result<(), JobError> {
     later.sort_by_key(|(_, at)| *at);
     while let Some((_, at)) = later.first().cloned() {
         let split = later.partition_point(|(_, due)| *due <= at);
         let rest = later.split_off(split);
-        let ids = later.into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<String> = later.into_iter().map(|(id, _)| id).collect();
         let job = BatchJob {
             message_id,
+            possibly_sent: ids
+                .iter()
+                .filter(|id| resent.contains(*id))
+                .cloned()
+                .collect(),
             registration_ids: ids,
         };
         queues.enqueue_batches(vec![job], Some(at)).await?;

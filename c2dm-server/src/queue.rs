@@ -21,6 +21,11 @@ pub struct BatchJob {
     pub message_id: i64,
     /// The devices of this batch.
     pub registration_ids: Vec<String>,
+    /// Those of them an earlier batch may have sent this push to already (its worker died
+    /// mid-send, and they were then put back for later): their rows count one possible
+    /// duplicate more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub possibly_sent: Vec<String>,
 }
 
 /// The push queue's name in the job tables.

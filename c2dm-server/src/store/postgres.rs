@@ -447,6 +447,7 @@ impl Store for PostgresStore {
         let batch = BatchJob {
             message_id: id,
             registration_ids: registration_ids.to_vec(),
+            possibly_sent: Vec::new(),
         };
         let job = queue::task(&batch, None).map_err(json_error)?;
         apalis_postgres::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, vec![job])
