@@ -197,57 +197,60 @@ struct Row {
     possible_duplicates: u64,
 }
 
-/// Every row of push `id`, by device (a second row for a device is an error).
-fn rows(port: u16, id: &str) -> Result<HashMap<String, Row>, String> {
-    let mut rows = HashMap::new();
+/// Calls `each` on every item of the paged list at `path` (under `key`), page after page.
+fn each_item(
+    port: u16,
+    path: &str,
+    key: &str,
+    mut each: impl FnMut(&Value) -> Result<(), String>,
+) -> Result<(), String> {
     let mut after = String::new();
     loop {
-        let path = format!("/v1/messages/{id}/deliveries?limit=1000{after}");
-        let (status, page) = call(port, "GET", &path, None)?;
+        let page_path = format!("{path}?limit=1000{after}");
+        let (status, page) = call(port, "GET", &page_path, None)?;
         if status != 200 {
-            return Err(format!("GET {path}: {status} {page}"));
+            return Err(format!("GET {page_path}: {status} {page}"));
         }
-        for row in page["deliveries"].as_array().into_iter().flatten() {
-            let device = row["registration_id"].as_str().unwrap_or("").to_owned();
-            let text = |k: &str| row[k].as_str().map(str::to_owned);
-            let row = Row {
-                outcome: text("outcome").unwrap_or_default(),
-                error: text("error"),
-                c2dm_message_id: text("c2dm_message_id"),
-                possible_duplicates: row["possible_duplicates"].as_u64().unwrap_or(0),
-            };
-            if rows.insert(device.clone(), row).is_some() {
-                return Err(format!("push {id}: two rows for {device}"));
-            }
+        for item in page[key].as_array().into_iter().flatten() {
+            each(item)?;
         }
         match page["next"].as_str() {
             Some(next) => after = format!("&after={next}"),
-            None => return Ok(rows),
+            None => return Ok(()),
         }
     }
+}
+
+/// Every row of push `id`, by device (a second row for a device is an error).
+fn rows(port: u16, id: &str) -> Result<HashMap<String, Row>, String> {
+    let mut rows = HashMap::new();
+    let path = format!("/v1/messages/{id}/deliveries");
+    each_item(port, &path, "deliveries", |row| {
+        let device = row["registration_id"].as_str().unwrap_or("").to_owned();
+        let text = |k: &str| row[k].as_str().map(str::to_owned);
+        let row = Row {
+            outcome: text("outcome").unwrap_or_default(),
+            error: text("error"),
+            c2dm_message_id: text("c2dm_message_id"),
+            possible_duplicates: row["possible_duplicates"].as_u64().unwrap_or(0),
+        };
+        match rows.insert(device.clone(), row) {
+            Some(_) => Err(format!("push {id}: two rows for {device}")),
+            None => Ok(()),
+        }
+    })?;
+    Ok(rows)
 }
 
 /// Every device's state, by registration id.
 fn device_states(port: u16) -> Result<HashMap<String, String>, String> {
     let mut states = HashMap::new();
-    let mut after = String::new();
-    loop {
-        let path = format!("/v1/devices?limit=1000{after}");
-        let (status, page) = call(port, "GET", &path, None)?;
-        if status != 200 {
-            return Err(format!("GET {path}: {status} {page}"));
-        }
-        for d in page["devices"].as_array().into_iter().flatten() {
-            states.insert(
-                d["registration_id"].as_str().unwrap_or("").to_owned(),
-                d["state"].as_str().unwrap_or("").to_owned(),
-            );
-        }
-        match page["next"].as_str() {
-            Some(next) => after = format!("&after={next}"),
-            None => return Ok(states),
-        }
-    }
+    each_item(port, "/v1/devices", "devices", |d| {
+        let id = d["registration_id"].as_str().unwrap_or("").to_owned();
+        states.insert(id, d["state"].as_str().unwrap_or("").to_owned());
+        Ok(())
+    })?;
+    Ok(states)
 }
 
 /// What one push went through, as the run drove it.
