@@ -51,3 +51,25 @@ pub(crate) fn task(
 pub(crate) fn queue_failure(e: impl std::fmt::Display) -> sqlx::Error {
     sqlx::Error::Protocol(format!("job queue: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_job_queued_before_possibly_sent_existed_still_reads() {
+        let old: BatchJob =
+            serde_json::from_str(r#"{"message_id": 7, "registration_ids": ["a", "b"]}"#).unwrap();
+        assert_eq!(old.possibly_sent, Vec::<String>::new());
+        let later = BatchJob {
+            message_id: 7,
+            registration_ids: vec!["a".into(), "b".into()],
+            possibly_sent: vec!["b".into()],
+        };
+        let text = serde_json::to_string(&later).unwrap();
+        assert_eq!(serde_json::from_str::<BatchJob>(&text).unwrap(), later);
+        // Nothing new is written when there is nothing to say.
+        let plain = serde_json::to_string(&old).unwrap();
+        assert!(!plain.contains("possibly_sent"), "{plain}");
+    }
+}
