@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use apalis::prelude::{
-    BackendExt, BoxDynError, Data, TaskBuilder, TaskId, TaskSink, WorkerBuilder, WorkerBuilderExt,
-};
+use apalis::prelude::{BackendExt, BoxDynError, Data, TaskId, WorkerBuilder, WorkerBuilderExt};
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use c2dm_core::{
@@ -131,30 +129,6 @@ impl Queues {
                 pushes: PostgresStorage::new(pool).with_config(config(PUSH_QUEUE)),
                 batches: PostgresStorage::new(pool).with_config(config(BATCH_QUEUE)),
             },
-        })
-    }
-
-    /// Enqueues batch jobs, to run at once or from `at` on.
-    async fn enqueue_batches(
-        &self,
-        jobs: Vec<BatchJob>,
-        at: Option<SystemTime>,
-    ) -> Result<(), JobError> {
-        if jobs.is_empty() {
-            return Ok(());
-        }
-        on_queues!(self, |_pushes, batches| {
-            let mut batches = batches;
-            match at {
-                None => batches.push_bulk(jobs).await.map_err(queue_error),
-                Some(at) => {
-                    for job in jobs {
-                        let task = TaskBuilder::new(job).run_at_time(at).build();
-                        batches.push_task(task).await.map_err(queue_error)?;
-                    }
-                    Ok(())
-                }
-            }
         })
     }
 
@@ -537,28 +511,49 @@ impl Pending {
         if self.rows.is_empty() && self.gone.is_empty() || self.taken_over.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if !store
+        let written = store
             .record_batch(self.message_id, &self.run, &self.rows, &self.gone)
-            .await?
-        {
+            .await?;
+        self.written(written);
+        Ok(())
+    }
+
+    /// After a write: its rows counted in the metrics, or, refused, the batch left to the run
+    /// that took it over. The rows held go either way.
+    fn written(&mut self, written: bool) {
+        if written {
+            metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
+            for row in &self.rows {
+                metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str())
+                    .increment(1);
+            }
+        } else {
             tracing::warn!(
                 message_id = self.message_id,
                 batch = %self.run.batch,
                 "another worker took this batch over (this one was taken for dead): leaving it"
             );
             self.taken_over.store(true, Ordering::Relaxed);
-            self.rows.clear();
-            self.gone.clear();
-            return Ok(());
-        }
-        metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
-        for row in &self.rows {
-            metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str())
-                .increment(1);
         }
         self.rows.clear();
         self.gone.clear();
         self.flushed_at = Instant::now();
+    }
+
+    /// Writes the rows held, with the batches of the devices left for later, and marks the
+    /// batch finished: one transaction, refused if a later run has taken the batch over.
+    async fn finish(
+        &mut self,
+        store: &dyn Store,
+        later: &[(BatchJob, SystemTime)],
+    ) -> Result<(), StoreError> {
+        if self.taken_over.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let written = store
+            .finish_batch(self.message_id, &self.run, &self.rows, &self.gone, later)
+            .await?;
+        self.written(written);
         Ok(())
     }
 
@@ -634,6 +629,10 @@ async fn run_batch(
     // The claim first: whatever an earlier run still going records after it is refused, and
     // what it recorded before is read next.
     let run = Arc::new(store.claim_batch(job.message_id, &task.to_string()).await?);
+    if run.finished {
+        // An earlier run wrote all it had to, and its worker died before the queue heard.
+        return Ok(());
+    }
     let marked_through = run.marked_through;
     let possibly_sent: HashSet<&String> = job.possibly_sent.iter().collect();
     let recorded = store
@@ -782,27 +781,30 @@ async fn run_batch(
         // this one has not recorded; apalis ignores this run's result.
         return Ok(());
     }
-    // The devices left for later go back first: were this process to die before its rows
-    // are written, the batch would run again and skip whatever has a row.
-    requeue(&runner.queues, job.message_id, later, &pending.resent).await?;
-    pending.flush(store.as_ref()).await?;
-    metrics::counter!("c2dm_batches_total").increment(1);
     if unsent > 0 {
-        // Marks could not be written: what was not sent is sent when the batch runs again.
+        // Marks could not be written: what was not sent, and what waits for later, is the
+        // next run's, which the queue makes when this one fails.
+        pending.flush(store.as_ref()).await?;
         return Err(format!("{unsent} devices of the batch were not sent: it runs again").into());
     }
+    // The last rows, the devices left for later as batches of their own, and the batch
+    // finished, in one transaction: a run after this one does nothing, so nothing goes back
+    // twice.
+    let later = later_batches(job.message_id, later, &pending.resent);
+    pending.finish(store.as_ref(), &later).await?;
+    metrics::counter!("c2dm_batches_total").increment(1);
     Ok(())
 }
 
-/// Enqueues the devices left for later as batches that run when each is due; those in
-/// `resent` (this batch may have sent to them already) go as possibly sent.
-async fn requeue(
-    queues: &Queues,
+/// The devices left for later as batches, one per time they are due; those in `resent` (this
+/// batch may have sent to them already) go as possibly sent.
+fn later_batches(
     message_id: i64,
     mut later: Vec<(String, SystemTime)>,
     resent: &HashSet<String>,
-) -> Result<(), JobError> {
+) -> Vec<(BatchJob, SystemTime)> {
     later.sort_by_key(|(_, at)| *at);
+    let mut batches = Vec::new();
     while let Some((_, at)) = later.first().cloned() {
         let split = later.partition_point(|(_, due)| *due <= at);
         let rest = later.split_off(split);
@@ -816,10 +818,10 @@ async fn requeue(
                 .collect(),
             registration_ids: ids,
         };
-        queues.enqueue_batches(vec![job], Some(at)).await?;
+        batches.push((job, at));
         later = rest;
     }
-    Ok(())
+    batches
 }
 
 /// Cancels a batch's broadcast as soon as a cancel of its push is asked for: sends under way
@@ -923,6 +925,26 @@ mod tests {
             next,
             std::time::UNIX_EPOCH + Duration::from_secs(20_001 * 86_400)
         );
+    }
+
+    #[test]
+    fn devices_left_for_later_go_back_one_batch_per_time_with_what_may_have_been_sent() {
+        let t = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
+        let later = vec![
+            ("c".to_owned(), t(20)),
+            ("a".to_owned(), t(10)),
+            ("b".to_owned(), t(10)),
+        ];
+        let resent: HashSet<String> = ["b".to_owned(), "z".to_owned()].into();
+        let batches = later_batches(7, later, &resent);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].1, t(10));
+        assert_eq!(batches[0].0.registration_ids, ["a", "b"]);
+        assert_eq!(batches[0].0.possibly_sent, ["b"]);
+        assert_eq!(batches[1].1, t(20));
+        assert_eq!(batches[1].0.registration_ids, ["c"]);
+        assert!(batches[1].0.possibly_sent.is_empty());
+        assert!(later_batches(7, Vec::new(), &resent).is_empty());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use c2dm_core::OutcomeKind;
 use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
+use c2dm_server::queue::BatchJob;
 use c2dm_server::serve::open_database;
 use c2dm_server::store::{DeliveryRow, Tally};
 use serde_json::{Value, json};
@@ -346,6 +347,54 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
 }
 
+/// A run's last write puts the devices left for later back once, with its rows, and finishes
+/// the batch: a stale run's is refused, and a run after it finds nothing to do.
+async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
+    let server = Server::start(db).await;
+    let id = server
+        .push(json!({ "registration_ids": ["phone-000", "phone-001"] }))
+        .await;
+    let message_id: i64 = id.parse().unwrap();
+    let store = &server.store;
+    let batches = || async { server.queues.depth().await.unwrap().1 };
+    assert_eq!(batches().await, 0, "no worker has walked the push");
+    let now = std::time::SystemTime::now();
+    let row = DeliveryRow::not_attempted("phone-000", "cancelled", now);
+    let later = [(
+        BatchJob {
+            message_id,
+            registration_ids: vec!["phone-001".into()],
+            possibly_sent: vec!["phone-001".into()],
+        },
+        now + Duration::from_secs(86_400),
+    )];
+    let stale = store.claim_batch(message_id, "b1").await.unwrap();
+    let latest = store.claim_batch(message_id, "b1").await.unwrap();
+    assert!(
+        !store
+            .finish_batch(message_id, &stale, std::slice::from_ref(&row), &[], &later)
+            .await
+            .unwrap()
+    );
+    assert_eq!(batches().await, 0, "a stale run puts nothing back");
+    assert!(
+        store
+            .finish_batch(message_id, &latest, std::slice::from_ref(&row), &[], &later)
+            .await
+            .unwrap()
+    );
+    assert_eq!(batches().await, 1);
+    assert_eq!(
+        store
+            .recorded(message_id, &["phone-000".into(), "phone-001".into()])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store.claim_batch(message_id, "b1").await.unwrap().finished);
+}
+
 /// A batch recorded again (its worker died after the commit, before the queue heard) writes
 /// no row twice, and its push's tally counts each row once.
 async fn a_batch_recorded_twice_is_counted_once(db: Db) {
@@ -467,6 +516,7 @@ on_each_database!(
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
     a_batch_mark_only_grows_is_its_own_and_goes_with_its_push,
     a_batch_recorded_twice_is_counted_once,
+    a_finished_batch_puts_back_once_and_is_not_run_again,
     budget_reservations_never_exceed_the_day_together,
     an_accounts_pause_is_extended_never_shortened,
 );

@@ -4,3 +4,7 @@
 -- device it may have sent to is below the mark the new run read: counted as a possible
 -- duplicate, never sent twice unmarked.
 ALTER TABLE batch_marks ADD COLUMN run BIGINT NOT NULL DEFAULT 0;
+-- Set by the run's last write, with its last rows and the jobs of the devices it put back for
+-- later: a run after that (its worker died before the queue heard) does nothing, so nothing
+-- is put back twice.
+ALTER TABLE batch_marks ADD COLUMN finished BOOLEAN NOT NULL DEFAULT FALSE;

@@ -353,6 +353,9 @@ pub struct BatchRun {
     /// How far earlier runs had marked the batch's list: the devices below it without a row
     /// may have been sent to (0 if no run sent).
     pub marked_through: u64,
+    /// An earlier run finished the batch (wrote its last rows and put back what waits for
+    /// later): this one has nothing to do.
+    pub finished: bool,
 }
 
 /// A store failed. Never holds a secret; the message is for the log, not for API clients.
@@ -504,6 +507,20 @@ pub trait Store: Send + Sync {
         run: &BatchRun,
         rows: &[DeliveryRow],
         gone: &[(String, String)],
+    ) -> Result<bool, StoreError>;
+
+    /// The last write of `run` of a batch of push `id`: its last rows and gone devices (as
+    /// [`Store::record_batch`]), the batch jobs of the devices it put back for later (each due
+    /// at its time), and the batch marked finished, in one transaction. A run after that (its
+    /// worker died before the queue heard) finds the batch finished, so nothing is put back
+    /// twice. `false` (and nothing written) if a later run has claimed the batch.
+    async fn finish_batch(
+        &self,
+        id: i64,
+        run: &BatchRun,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+        later: &[(crate::queue::BatchJob, SystemTime)],
     ) -> Result<bool, StoreError>;
 
     /// Up to `limit` rows of push `id` (only those with `outcome` and `error`, where given),

@@ -168,6 +168,92 @@ impl PostgresStore {
     }
 }
 
+/// The rows and gone devices of `run` of a batch of push `id`, in the transaction `conn`, then
+/// the push finished if complete: `None` (nothing written) if the run is not the batch's latest
+/// (or the batch's marks went with its finished push), else whether the push finished.
+async fn write_batch(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    run: &BatchRun,
+    rows: &[DeliveryRow],
+    gone: &[(String, String)],
+) -> Result<Option<bool>, StoreError> {
+    let now = millis(SystemTime::now());
+    let ids: Vec<&str> = rows.iter().map(|r| r.registration_id.as_str()).collect();
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+    let message_ids: Vec<Option<&str>> =
+        rows.iter().map(|r| r.c2dm_message_id.as_deref()).collect();
+    let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
+    let attempts: Vec<i64> = rows.iter().map(|r| i64::from(r.attempts)).collect();
+    let duplicates: Vec<i64> = rows
+        .iter()
+        .map(|r| i64::from(r.possible_duplicates))
+        .collect();
+    let at: Vec<i64> = rows.iter().map(|r| millis(r.at)).collect();
+    // Devices in one order in every transaction, so that two batches never wait on each
+    // other's rows the other way round.
+    let mut gone: Vec<&(String, String)> = gone.iter().collect();
+    gone.sort();
+    let gone_ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
+    let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
+
+    // The batch's mark, locked until the commit: a later run's claim waits for these rows,
+    // and then reads them as recorded. Not this run's (or gone with its finished push):
+    // nothing is written.
+    let latest: Option<i64> = sqlx::query_scalar(
+        "SELECT run FROM batch_marks WHERE message_id = $1 AND batch = $2 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(&run.batch)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if latest != Some(run.run) {
+        return Ok(None);
+    }
+    if !gone.is_empty() {
+        sqlx::query(
+            "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \
+             state_changed_at = CASE WHEN devices.state <> 'gone' THEN $3 \
+             ELSE devices.state_changed_at END \
+             FROM UNNEST($1::text[], $2::text[]) AS g(id, code) \
+             WHERE devices.registration_id = g.id",
+        )
+        .bind(&gone_ids)
+        .bind(&gone_codes)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    // The rows, and the push's counters by the rows actually written (a row a device
+    // already had is not counted again), in one statement.
+    sqlx::query(
+        "WITH written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
+         c2dm_message_id, error, attempts, possible_duplicates, at) \
+         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
+         $6::bigint[], $7::bigint[], $8::bigint[]) \
+         ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome) \
+         UPDATE messages SET \
+         recorded = recorded + (SELECT COUNT(*) FROM written), \
+         accepted = accepted + (SELECT COUNT(*) FROM written WHERE outcome = 'accepted'), \
+         rejected = rejected + (SELECT COUNT(*) FROM written WHERE outcome = 'rejected'), \
+         failed = failed + (SELECT COUNT(*) FROM written WHERE outcome = 'failed'), \
+         not_attempted = not_attempted + \
+         (SELECT COUNT(*) FROM written WHERE outcome = 'not_attempted') \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&ids)
+    .bind(&outcomes)
+    .bind(&message_ids)
+    .bind(&errors)
+    .bind(&attempts)
+    .bind(&duplicates)
+    .bind(&at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(finish_if_complete(conn, id, now).await?))
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -548,10 +634,10 @@ impl Store for PostgresStore {
     }
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
-        let (run, through): (i64, i64) = sqlx::query_as(
+        let (run, through, finished): (i64, i64, bool) = sqlx::query_as(
             "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES ($1, $2, 0, 1) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = batch_marks.run + 1 \
-             RETURNING run, sent_through",
+             RETURNING run, sent_through, finished",
         )
         .bind(id)
         .bind(batch)
@@ -561,6 +647,7 @@ impl Store for PostgresStore {
             batch: batch.to_owned(),
             run,
             marked_through: u64::try_from(through).unwrap_or(0),
+            finished,
         })
     }
 
@@ -590,81 +677,45 @@ impl Store for PostgresStore {
         rows: &[DeliveryRow],
         gone: &[(String, String)],
     ) -> Result<bool, StoreError> {
-        let now = millis(SystemTime::now());
-        let ids: Vec<&str> = rows.iter().map(|r| r.registration_id.as_str()).collect();
-        let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
-        let message_ids: Vec<Option<&str>> =
-            rows.iter().map(|r| r.c2dm_message_id.as_deref()).collect();
-        let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
-        let attempts: Vec<i64> = rows.iter().map(|r| i64::from(r.attempts)).collect();
-        let duplicates: Vec<i64> = rows
-            .iter()
-            .map(|r| i64::from(r.possible_duplicates))
-            .collect();
-        let at: Vec<i64> = rows.iter().map(|r| millis(r.at)).collect();
-        // Devices in one order in every transaction, so that two batches never wait on each
-        // other's rows the other way round.
-        let mut gone: Vec<&(String, String)> = gone.iter().collect();
-        gone.sort();
-        let gone_ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
-        let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
-
         let mut tx = self.pool.begin().await?;
-        // The batch's mark, locked until the commit: a later run's claim waits for these rows,
-        // and then reads them as recorded. Not this run's (or gone with its finished push):
-        // nothing is written.
-        let latest: Option<i64> = sqlx::query_scalar(
-            "SELECT run FROM batch_marks WHERE message_id = $1 AND batch = $2 FOR UPDATE",
-        )
-        .bind(id)
-        .bind(&run.batch)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if latest != Some(run.run) {
+        let Some(finished) = write_batch(&mut tx, id, run, rows, gone).await? else {
             return Ok(false);
+        };
+        tx.commit().await?;
+        if finished {
+            drop_marks(&self.pool, id).await?;
         }
-        if !gone.is_empty() {
-            sqlx::query(
-                "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \
-                 state_changed_at = CASE WHEN devices.state <> 'gone' THEN $3 \
-                 ELSE devices.state_changed_at END \
-                 FROM UNNEST($1::text[], $2::text[]) AS g(id, code) \
-                 WHERE devices.registration_id = g.id",
-            )
-            .bind(&gone_ids)
-            .bind(&gone_codes)
-            .bind(now)
+        self.changed();
+        Ok(true)
+    }
+
+    async fn finish_batch(
+        &self,
+        id: i64,
+        run: &BatchRun,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+        later: &[(BatchJob, SystemTime)],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(finished) = write_batch(&mut tx, id, run, rows, gone).await? else {
+            return Ok(false);
+        };
+        let jobs = later
+            .iter()
+            .map(|(job, at)| queue::task(job, Some(*at)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(json_error)?;
+        if !jobs.is_empty() {
+            apalis_postgres::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, jobs)
+                .await
+                .map_err(queue::queue_failure)?;
+        }
+        sqlx::query("UPDATE batch_marks SET finished = TRUE WHERE message_id = $1 AND batch = $2")
+            .bind(id)
+            .bind(&run.batch)
             .execute(&mut *tx)
             .await?;
-        }
-        // The rows, and the push's counters by the rows actually written (a row a device
-        // already had is not counted again), in one statement.
-        sqlx::query(
-            "WITH written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
-             c2dm_message_id, error, attempts, possible_duplicates, at) \
-             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::bigint[], $7::bigint[], $8::bigint[]) \
-             ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome) \
-             UPDATE messages SET \
-             recorded = recorded + (SELECT COUNT(*) FROM written), \
-             accepted = accepted + (SELECT COUNT(*) FROM written WHERE outcome = 'accepted'), \
-             rejected = rejected + (SELECT COUNT(*) FROM written WHERE outcome = 'rejected'), \
-             failed = failed + (SELECT COUNT(*) FROM written WHERE outcome = 'failed'), \
-             not_attempted = not_attempted + \
-             (SELECT COUNT(*) FROM written WHERE outcome = 'not_attempted') \
-             WHERE id = $1",
-        )
-        .bind(id)
-        .bind(&ids)
-        .bind(&outcomes)
-        .bind(&message_ids)
-        .bind(&errors)
-        .bind(&attempts)
-        .bind(&duplicates)
-        .bind(&at)
-        .execute(&mut *tx)
-        .await?;
-        let finished = finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
         if finished {
             drop_marks(&self.pool, id).await?;

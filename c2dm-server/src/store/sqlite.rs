@@ -196,6 +196,74 @@ async fn set_device_state(
     .rows_affected())
 }
 
+/// The rows and gone devices of `run` of a batch of push `id`, in the write transaction
+/// `conn`, then the push finished if complete; `false` (nothing written) if the run is not the
+/// batch's latest (or the batch's marks went with its finished push).
+async fn write_batch(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    run: &BatchRun,
+    rows: &[DeliveryRow],
+    gone: &[(String, String)],
+) -> Result<bool, StoreError> {
+    let now = millis(SystemTime::now());
+    // Writes are one at a time: a later run's claim comes before or after this whole
+    // transaction. Not this run's (or gone with its finished push): nothing is written.
+    let latest: Option<i64> =
+        sqlx::query_scalar("SELECT run FROM batch_marks WHERE message_id = ?1 AND batch = ?2")
+            .bind(id)
+            .bind(&run.batch)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if latest != Some(run.run) {
+        return Ok(false);
+    }
+    let mut written = Tally::default();
+    // A statement per hundred rows (800 parameters): one statement a row cost more than
+    // the row.
+    for chunk in rows.chunks(100) {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
+             error, attempts, possible_duplicates, at) ",
+        );
+        query.push_values(chunk, |mut values, row| {
+            values
+                .push_bind(id)
+                .push_bind(&row.registration_id)
+                .push_bind(row.outcome.as_str())
+                .push_bind(&row.c2dm_message_id)
+                .push_bind(&row.error)
+                .push_bind(i64::from(row.attempts))
+                .push_bind(i64::from(row.possible_duplicates))
+                .push_bind(millis(row.at));
+        });
+        // Only the rows written come back: a row a device already had is not counted again.
+        query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            written.add(outcome_of(&row.try_get::<String, _>(0)?)?);
+        }
+    }
+    for (registration_id, code) in gone {
+        set_device_state(conn, registration_id, DeviceState::Gone, Some(code), now).await?;
+    }
+    let [recorded, accepted, rejected, failed, not_attempted] = tally_update(&written);
+    sqlx::query(
+        "UPDATE messages SET recorded = recorded + ?, accepted = accepted + ?, \
+         rejected = rejected + ?, failed = failed + ?, not_attempted = not_attempted + ? \
+         WHERE id = ?",
+    )
+    .bind(recorded)
+    .bind(accepted)
+    .bind(rejected)
+    .bind(failed)
+    .bind(not_attempted)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    finish_if_complete(conn, id, now).await?;
+    Ok(true)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -607,10 +675,10 @@ impl Store for SqliteStore {
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
         let (_turn, mut tx) = self.begin_write().await?;
-        let (run, through): (i64, i64) = sqlx::query_as(
+        let (run, through, finished): (i64, i64, bool) = sqlx::query_as(
             "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
-             RETURNING run, sent_through",
+             RETURNING run, sent_through, finished",
         )
         .bind(id)
         .bind(batch)
@@ -621,6 +689,7 @@ impl Store for SqliteStore {
             batch: batch.to_owned(),
             run,
             marked_through: u64::try_from(through).unwrap_or(0),
+            finished,
         })
     }
 
@@ -651,62 +720,42 @@ impl Store for SqliteStore {
         rows: &[DeliveryRow],
         gone: &[(String, String)],
     ) -> Result<bool, StoreError> {
-        let now = millis(SystemTime::now());
         let (_turn, mut tx) = self.begin_write().await?;
-        // Writes are one at a time: a later run's claim comes before or after this whole
-        // transaction. Not this run's (or gone with its finished push): nothing is written.
-        let latest: Option<i64> =
-            sqlx::query_scalar("SELECT run FROM batch_marks WHERE message_id = ?1 AND batch = ?2")
-                .bind(id)
-                .bind(&run.batch)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if latest != Some(run.run) {
+        if !write_batch(&mut tx, id, run, rows, gone).await? {
             return Ok(false);
         }
-        let mut written = Tally::default();
-        // A statement per hundred rows (800 parameters): one statement a row cost more than
-        // the row.
-        for chunk in rows.chunks(100) {
-            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
-                 error, attempts, possible_duplicates, at) ",
-            );
-            query.push_values(chunk, |mut values, row| {
-                values
-                    .push_bind(id)
-                    .push_bind(&row.registration_id)
-                    .push_bind(row.outcome.as_str())
-                    .push_bind(&row.c2dm_message_id)
-                    .push_bind(&row.error)
-                    .push_bind(i64::from(row.attempts))
-                    .push_bind(i64::from(row.possible_duplicates))
-                    .push_bind(millis(row.at));
-            });
-            // Only the rows written come back: a row a device already had is not counted again.
-            query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome");
-            for row in query.build().fetch_all(&mut *tx).await? {
-                written.add(outcome_of(&row.try_get::<String, _>(0)?)?);
-            }
+        tx.commit().await?;
+        self.changed();
+        Ok(true)
+    }
+
+    async fn finish_batch(
+        &self,
+        id: i64,
+        run: &BatchRun,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+        later: &[(BatchJob, SystemTime)],
+    ) -> Result<bool, StoreError> {
+        let (_turn, mut tx) = self.begin_write().await?;
+        if !write_batch(&mut tx, id, run, rows, gone).await? {
+            return Ok(false);
         }
-        for (registration_id, code) in gone {
-            set_device_state(&mut tx, registration_id, DeviceState::Gone, Some(code), now).await?;
+        let jobs = later
+            .iter()
+            .map(|(job, at)| queue::task(job, Some(*at)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(json_error)?;
+        if !jobs.is_empty() {
+            apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &jobs)
+                .await
+                .map_err(queue::queue_failure)?;
         }
-        let [recorded, accepted, rejected, failed, not_attempted] = tally_update(&written);
-        sqlx::query(
-            "UPDATE messages SET recorded = recorded + ?, accepted = accepted + ?, \
-             rejected = rejected + ?, failed = failed + ?, not_attempted = not_attempted + ? \
-             WHERE id = ?",
-        )
-        .bind(recorded)
-        .bind(accepted)
-        .bind(rejected)
-        .bind(failed)
-        .bind(not_attempted)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        finish_if_complete(&mut tx, id, now).await?;
+        sqlx::query("UPDATE batch_marks SET finished = 1 WHERE message_id = ?1 AND batch = ?2")
+            .bind(id)
+            .bind(&run.batch)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.changed();
         Ok(true)
