@@ -489,8 +489,9 @@ struct Pending {
     /// Set once a later run of the batch has taken it over (a mark or a write refused):
     /// nothing more is sent or written.
     taken_over: Arc<AtomicBool>,
-    /// Devices a dead worker may have sent to: their rows count one possible duplicate more.
-    resent: HashSet<String>,
+    /// Devices earlier runs may have sent to, each with how many: their rows count that many
+    /// possible duplicates more.
+    resent: HashMap<String, u32>,
     rows: Vec<DeliveryRow>,
     gone: Vec<(String, String)>,
     flushed_at: Instant,
@@ -498,8 +499,8 @@ struct Pending {
 
 impl Pending {
     fn push(&mut self, mut row: DeliveryRow) {
-        if self.resent.contains(&row.registration_id) {
-            row.possible_duplicates = row.possible_duplicates.saturating_add(1);
+        if let Some(earlier) = self.resent.get(&row.registration_id) {
+            row.possible_duplicates = row.possible_duplicates.saturating_add(*earlier);
         }
         self.rows.push(row);
     }
@@ -650,8 +651,15 @@ async fn run_batch(
         taken_over: Arc::new(AtomicBool::new(false)),
         resent: todo
             .iter()
-            .filter(|(at, id)| *at < marked_through || possibly_sent.contains(id))
-            .map(|(_, id)| (*id).clone())
+            .filter_map(|(at, id)| {
+                let below = if *at < marked_through {
+                    run.sending_runs.max(1)
+                } else {
+                    0
+                };
+                let earlier = below + u32::from(possibly_sent.contains(id));
+                (earlier > 0).then(|| ((*id).clone(), earlier))
+            })
             .collect(),
         rows: Vec::with_capacity(todo.len().min(FLUSH_ROWS)),
         gone: Vec::new(),
@@ -801,7 +809,7 @@ async fn run_batch(
 fn later_batches(
     message_id: i64,
     mut later: Vec<(String, SystemTime)>,
-    resent: &HashSet<String>,
+    resent: &HashMap<String, u32>,
 ) -> Vec<(BatchJob, SystemTime)> {
     later.sort_by_key(|(_, at)| *at);
     let mut batches = Vec::new();
@@ -813,7 +821,7 @@ fn later_batches(
             message_id,
             possibly_sent: ids
                 .iter()
-                .filter(|id| resent.contains(*id))
+                .filter(|id| resent.contains_key(*id))
                 .cloned()
                 .collect(),
             registration_ids: ids,
@@ -935,7 +943,7 @@ mod tests {
             ("a".to_owned(), t(10)),
             ("b".to_owned(), t(10)),
         ];
-        let resent: HashSet<String> = ["b".to_owned(), "z".to_owned()].into();
+        let resent: HashMap<String, u32> = [("b".to_owned(), 2), ("z".to_owned(), 1)].into();
         let batches = later_batches(7, later, &resent);
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[0].1, t(10));

@@ -8,3 +8,7 @@ ALTER TABLE batch_marks ADD COLUMN run BIGINT NOT NULL DEFAULT 0;
 -- later: a run after that (its worker died before the queue heard) does nothing, so nothing
 -- is put back twice.
 ALTER TABLE batch_marks ADD COLUMN finished BOOLEAN NOT NULL DEFAULT FALSE;
+-- How many runs moved the mark (each may have sent to the devices below it), and the last
+-- that did: a device below the mark without a row counts that many possible duplicates.
+ALTER TABLE batch_marks ADD COLUMN sending_runs BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE batch_marks ADD COLUMN marked_run BIGINT NOT NULL DEFAULT 0;

@@ -353,6 +353,8 @@ pub struct BatchRun {
     /// How far earlier runs had marked the batch's list: the devices below it without a row
     /// may have been sent to (0 if no run sent).
     pub marked_through: u64,
+    /// How many earlier runs moved the mark: each may have sent to the devices below it.
+    pub sending_runs: u32,
     /// An earlier run finished the batch (wrote its last rows and put back what waits for
     /// later): this one has nothing to do.
     pub finished: bool,

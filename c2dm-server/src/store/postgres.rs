@@ -634,10 +634,10 @@ impl Store for PostgresStore {
     }
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
-        let (run, through, finished): (i64, i64, bool) = sqlx::query_as(
+        let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
             "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES ($1, $2, 0, 1) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = batch_marks.run + 1 \
-             RETURNING run, sent_through, finished",
+             RETURNING run, sent_through, sending_runs, finished",
         )
         .bind(id)
         .bind(batch)
@@ -647,6 +647,7 @@ impl Store for PostgresStore {
             batch: batch.to_owned(),
             run,
             marked_through: u64::try_from(through).unwrap_or(0),
+            sending_runs: u32::try_from(sending_runs).unwrap_or(u32::MAX),
             finished,
         })
     }
@@ -658,7 +659,9 @@ impl Store for PostgresStore {
         through: u64,
     ) -> Result<bool, StoreError> {
         let marked = sqlx::query(
-            "UPDATE batch_marks SET sent_through = GREATEST(sent_through, $3) \
+            "UPDATE batch_marks SET sent_through = GREATEST(sent_through, $3), \
+             sending_runs = sending_runs + CASE WHEN marked_run = $4 THEN 0 ELSE 1 END, \
+             marked_run = $4 \
              WHERE message_id = $1 AND batch = $2 AND run = $4",
         )
         .bind(id)

@@ -675,10 +675,10 @@ impl Store for SqliteStore {
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
         let (_turn, mut tx) = self.begin_write().await?;
-        let (run, through, finished): (i64, i64, bool) = sqlx::query_as(
+        let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
             "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
-             RETURNING run, sent_through, finished",
+             RETURNING run, sent_through, sending_runs, finished",
         )
         .bind(id)
         .bind(batch)
@@ -689,6 +689,7 @@ impl Store for SqliteStore {
             batch: batch.to_owned(),
             run,
             marked_through: u64::try_from(through).unwrap_or(0),
+            sending_runs: u32::try_from(sending_runs).unwrap_or(u32::MAX),
             finished,
         })
     }
@@ -701,7 +702,9 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let _turn = self.writer.lock().await;
         let marked = sqlx::query(
-            "UPDATE batch_marks SET sent_through = MAX(sent_through, ?3) \
+            "UPDATE batch_marks SET sent_through = MAX(sent_through, ?3), \
+             sending_runs = sending_runs + CASE WHEN marked_run = ?4 THEN 0 ELSE 1 END, \
+             marked_run = ?4 \
              WHERE message_id = ?1 AND batch = ?2 AND run = ?4",
         )
         .bind(id)
