@@ -44,15 +44,19 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let checked = check(&files.journal, &stats, n)?;
     print_figures(n, &run, &stats, &checked);
     let _ = std::fs::remove_dir_all(&dir);
-    if checked.problems.is_empty() {
-        println!("soak: every check holds");
-        Ok(())
-    } else {
-        for p in checked.problems.iter().take(20) {
-            println!("  PROBLEM: {p}");
-        }
-        Err(format!("{} problems", checked.problems.len()))
+    verdict("soak: every check holds", &checked.problems)
+}
+
+/// Prints `holds` if there are no problems; else the first 20, and an error that counts them.
+pub(crate) fn verdict(holds: &str, problems: &[String]) -> Result<(), String> {
+    if problems.is_empty() {
+        println!("{holds}");
+        return Ok(());
     }
+    for problem in problems.iter().take(20) {
+        println!("  PROBLEM: {problem}");
+    }
+    Err(format!("{} problems", problems.len()))
 }
 
 /// Where the run keeps its files.

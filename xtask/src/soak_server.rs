@@ -313,23 +313,29 @@ fn check(
     let mut out = Checked::default();
     let by_key: HashMap<&str, &PushRun> = pushes.iter().map(|p| (p.key.as_str(), p)).collect();
 
-    // 1. One row per device and push, for no other device; a device C2DM called gone has
-    //    its row in the push that found it gone, and is in no later push's audience.
-    let mut found_gone: HashMap<&str, &str> = HashMap::new();
-    for a in arrivals {
+    // Where each device C2DM called gone was first answered so: the arrival's place, and its
+    // push.
+    let mut found_gone: HashMap<&str, (usize, &str)> = HashMap::new();
+    for (at, a) in arrivals.iter().enumerate() {
         if let (ArrivalAnswer::Rejected { code }, Some(id), Some(key)) =
             (&a.answer, &a.registration_id, &a.collapse_key)
             && matches!(code.as_str(), "NotRegistered" | "InvalidRegistration")
         {
-            found_gone.entry(id.as_str()).or_insert(key.as_str());
+            found_gone.entry(id.as_str()).or_insert((at, key.as_str()));
         }
     }
+
+    // 1. One row per device and push, for no other device; a device C2DM called gone has
+    //    its row in the push that found it gone, and is in no later push's audience.
     let known: std::collections::HashSet<&str> = devices.iter().map(String::as_str).collect();
     for push in pushes {
         let missing = devices
             .iter()
             .filter(|d| !push.rows.contains_key(*d))
-            .filter(|d| !is_gone(d) || found_gone.get(d.as_str()) == Some(&push.key.as_str()))
+            .filter(|d| {
+                !is_gone(d)
+                    || found_gone.get(d.as_str()).map(|(_, key)| *key) == Some(push.key.as_str())
+            })
             .count();
         let strangers = push
             .rows
@@ -407,27 +413,27 @@ fn check(
 
     // 3. No send to a device after C2DM called it gone, but a send again of a batch whose
     //    worker died (its row marked).
-    let mut gone_at: HashMap<&str, (u64, &str)> = HashMap::new();
     let mut after_gone = 0u64;
-    for a in arrivals {
+    for (at, a) in arrivals.iter().enumerate() {
         let (Some(id), Some(key)) = (&a.registration_id, &a.collapse_key) else {
             continue;
         };
-        if let Some((_, first_key)) = gone_at.get(id.as_str()) {
-            let resent = *first_key == key.as_str()
-                && by_key
-                    .get(key.as_str())
-                    .and_then(|p| p.rows.get(id))
-                    .is_some_and(|r| r.possible_duplicates > 0);
-            if !resent {
-                after_gone += 1;
-                out.problem(format!(
-                    "{id}: sent for push {key} after it went gone in push {first_key}"
-                ));
-            }
-        } else if matches!(&a.answer, ArrivalAnswer::Rejected { code } if code == "NotRegistered" || code == "InvalidRegistration")
-        {
-            gone_at.insert(id, (a.at_us, key));
+        let Some((_, first_key)) = found_gone
+            .get(id.as_str())
+            .filter(|(gone_at, _)| *gone_at < at)
+        else {
+            continue;
+        };
+        let resent = *first_key == key.as_str()
+            && by_key
+                .get(key.as_str())
+                .and_then(|p| p.rows.get(id))
+                .is_some_and(|r| r.possible_duplicates > 0);
+        if !resent {
+            after_gone += 1;
+            out.problem(format!(
+                "{id}: sent for push {key} after it went gone in push {first_key}"
+            ));
         }
     }
     let wrong_state = devices
@@ -444,7 +450,7 @@ fn check(
     }
     out.figures.push(format!(
         "devices gone: {} (each sent to once, in the first push); sends after gone: {after_gone}",
-        gone_at.len()
+        found_gone.len()
     ));
 
     // 4. None of a cancelled push after the cancel took effect, but those in flight.
@@ -629,14 +635,8 @@ fn report(name: &str, started: Instant, checked: &Checked) -> Result<(), String>
     for figure in &checked.figures {
         println!("  {figure}");
     }
-    if checked.problems.is_empty() {
-        println!("  every check holds");
-        return Ok(());
-    }
-    for problem in checked.problems.iter().take(20) {
-        println!("  PROBLEM: {problem}");
-    }
-    Err(format!("{name}: {} problems", checked.problems.len()))
+    crate::soak::verdict("  every check holds", &checked.problems)
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// Options of the PostgreSQL soak.
