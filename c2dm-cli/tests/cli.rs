@@ -1026,6 +1026,17 @@ async fn spawn_serve(
     spawn_serve_to(&env.emulator.send_url(), database, args).await
 }
 
+/// A fresh database on the shared throwaway PostgreSQL cluster (named after `prefix`), and an
+/// API process on it without workers: the process, its base URL, the database URL.
+async fn postgres_api(env: &Env, prefix: &str) -> (std::process::Child, String, String) {
+    let cluster =
+        c2dm_server::throwaway::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
+    let database = cluster.create_database(prefix).await.unwrap();
+    let (api, base) =
+        spawn_serve(env, &database, &["--listen", "127.0.0.1:0", "--no-workers"]).await;
+    (api, base.unwrap(), database)
+}
+
 /// [`spawn_serve`], sending to `send_url`.
 async fn spawn_serve_to(
     send_url: &str,
@@ -1104,16 +1115,7 @@ async fn two_worker_processes_on_one_postgres_share_a_push() {
     // Sends take a while, so that neither worker can take every batch before the other looks.
     config.latency = std::time::Duration::from_millis(10);
     let env = Env::new(config).await;
-    let cluster =
-        c2dm_server::throwaway::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
-    let database = cluster.create_database("cli").await.unwrap();
-    let (api, base) = spawn_serve(
-        &env,
-        &database,
-        &["--listen", "127.0.0.1:0", "--no-workers"],
-    )
-    .await;
-    let base = base.unwrap();
+    let (api, base, database) = postgres_api(&env, "cli").await;
     let worker_args = [
         "--no-api",
         "--workers",
@@ -1179,16 +1181,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
     config.server_errors = FaultRate::Every(700);
     config.drops = FaultRate::Every(450);
     let env = Env::new(config).await;
-    let cluster =
-        c2dm_server::throwaway::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
-    let database = cluster.create_database("soak").await.unwrap();
-    let (api, base) = spawn_serve(
-        &env,
-        &database,
-        &["--listen", "127.0.0.1:0", "--no-workers"],
-    )
-    .await;
-    let base = base.unwrap();
+    let (api, base, database) = postgres_api(&env, "soak").await;
     let worker_args = [
         "--no-api",
         "--workers",
