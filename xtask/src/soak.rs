@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn id(i: u64) -> String {
+/// The registration id of generated device `i`: 2 in 100 gone (`NotRegistered`), 1 invalid,
+/// 1 over its device quota for its first sends, as [`DEVICE_FAULTS`] tells the emulator.
+pub(crate) fn id(i: u64) -> String {
     match i % 100 {
         7 | 57 => format!("gone-{i:07}"),
         13 => format!("bad-{i:07}"),
@@ -76,17 +78,22 @@ fn write_ids(path: &Path, n: u64) -> Result<(), String> {
     out.flush().map_err(|e| e.to_string())
 }
 
+/// The emulator's flags that make [`id`]'s devices gone, invalid and over their quota.
+pub(crate) const DEVICE_FAULTS: [&str; 6] = [
+    "--not-registered-prefix",
+    "gone-",
+    "--invalid-prefix",
+    "bad-",
+    "--device-quota-prefix",
+    "busy-",
+];
+
 /// The emulator over TLS with every fault on, writing its record on Ctrl-C; and its base URL.
 fn start_emulator(bin: &Path, files: &Files) -> Result<(Child, String), String> {
     let mut emulator = Command::new(bin.join("c2dm-emulator"))
+        .arg("--tls")
+        .args(DEVICE_FAULTS)
         .args([
-            "--tls",
-            "--not-registered-prefix",
-            "gone-",
-            "--invalid-prefix",
-            "bad-",
-            "--device-quota-prefix",
-            "busy-",
             "--unavailable-every",
             "2000",
             "--retry-after-secs",

@@ -24,6 +24,7 @@ use c2dm_emulator::{Arrival, ArrivalAnswer};
 use serde_json::Value;
 
 use crate::bench_server::{ADMIN, DEVICE, http};
+use crate::soak::DEVICE_FAULTS;
 
 /// The sender account the emulator knows, and its password.
 const EMAIL: &str = "soak@example.com";
@@ -35,18 +36,6 @@ const PAUSE_GRACE: Duration = Duration::from_secs(1);
 /// How late a send of a cancelled push may arrive after the cancel was answered and still
 /// count as in flight: a batch looks for a cancel every 200 ms.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
-
-/// The registration id of generated device `i`: 2 in 100 gone (`NotRegistered`), 1 invalid,
-/// 1 over its device quota for its first sends.
-fn device(i: u64) -> String {
-    let prefix = match i % 100 {
-        7 | 57 => "gone-",
-        13 => "bad-",
-        21 => "busy-",
-        _ => "device-",
-    };
-    format!("{prefix}{i:07}")
-}
 
 /// Whether the emulator calls `id` gone.
 fn is_gone(id: &str) -> bool {
@@ -569,38 +558,27 @@ fn emulator(
     let arrivals = dir.join("arrivals.jsonl").to_string_lossy().into_owned();
     let seed = seed.to_string();
     let unavailable_every = unavailable_every.to_string();
-    crate::bench::Emulator::start_with(
-        bin,
-        dir,
-        true,
-        true,
-        &[
-            "--account",
-            &account,
-            "--not-registered-prefix",
-            "gone-",
-            "--invalid-prefix",
-            "bad-",
-            "--device-quota-prefix",
-            "busy-",
-            "--unavailable-every",
-            &unavailable_every,
-            "--retry-after-secs",
-            "3",
-            "--server-error-every",
-            "1500",
-            "--drop-every",
-            "1700",
-            "--rotate-token-every",
-            "1000",
-            "--token-lifetime-sends",
-            "20000",
-            "--seed",
-            &seed,
-            "--arrivals-out",
-            &arrivals,
-        ],
-    )
+    let mut args = vec!["--account", &account];
+    args.extend(DEVICE_FAULTS);
+    args.extend([
+        "--unavailable-every",
+        &unavailable_every,
+        "--retry-after-secs",
+        "3",
+        "--server-error-every",
+        "1500",
+        "--drop-every",
+        "1700",
+        "--rotate-token-every",
+        "1000",
+        "--token-lifetime-sends",
+        "20000",
+        "--seed",
+        &seed,
+        "--arrivals-out",
+        &arrivals,
+    ]);
+    crate::bench::Emulator::start_with(bin, dir, true, true, &args)
 }
 
 fn setup(
@@ -693,7 +671,7 @@ fn postgres_run(
     if !status.success() {
         return Err(format!("inserting devices: {status}"));
     }
-    let devices: Vec<String> = (0..soak.devices).map(device).collect();
+    let devices: Vec<String> = (0..soak.devices).map(crate::soak::id).collect();
     let worker_args = ["--no-api", "--workers", "2", "--concurrency", "64"];
     let mut workers = (0..soak.workers)
         .map(|_| setup.serve(&worker_args))
@@ -794,7 +772,7 @@ fn sqlite_run(bin: &Path, dir: &Path, devices: u64, minutes: u64, seed: u64) -> 
     let database = format!("sqlite://{}", dir.join("soak.db").display());
     let setup = setup(bin, dir, &emulator, database, &["--no-daily-budget"])?;
     let (server, port) = setup.api(true)?;
-    let ids: Vec<String> = (0..devices).map(device).collect();
+    let ids: Vec<String> = (0..devices).map(crate::soak::id).collect();
     for id in &ids {
         let body = format!(r#"{{"registration_id": "{id}"}}"#);
         let (status, answer, _) = http(port, "POST", "/v1/devices", DEVICE, Some(&body))?;
