@@ -328,10 +328,12 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     let _workers = server.workers(options);
     let message = server.finished(&id).await;
     assert_eq!(message["counts"]["accepted"], 1, "{message}");
-    // The push's marks went with it: a run after that starts from nothing, and records
+    // The push's marks went with it: a run after that starts from nothing, is told the push
+    // is finished (so it neither skips the row check of a first run nor sends), and records
     // nothing.
     let late = store.claim_batch(message_id, "b1").await.unwrap();
     assert_eq!((late.run, late.marked_through), (1, 0));
+    assert!(late.finished, "{late:?}");
     assert!(
         store
             .record_batch(message_id, &late, &[row], &[])

@@ -349,6 +349,7 @@ pub struct BatchRun {
     /// The batch (its job's id, which a run again keeps).
     pub batch: String,
     /// This run's number: the batch's runs count up, and only the latest may mark or record.
+    /// Run 1 of a push not finished is the batch's first: no device of it has a row yet.
     pub run: i64,
     /// How far earlier runs had marked the batch's list: the devices below it without a row
     /// may have been sent to (0 if no run sent).
@@ -356,7 +357,7 @@ pub struct BatchRun {
     /// How many earlier runs moved the mark: each may have sent to the devices below it.
     pub sending_runs: u32,
     /// An earlier run finished the batch (wrote its last rows and put back what waits for
-    /// later): this one has nothing to do.
+    /// later), or the whole push is finished: this run has nothing to do.
     pub finished: bool,
 }
 

@@ -635,9 +635,13 @@ impl Store for PostgresStore {
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
         let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
-            "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES ($1, $2, 0, 1) \
+            "WITH claimed AS (INSERT INTO batch_marks (message_id, batch, sent_through, run) \
+             VALUES ($1, $2, 0, 1) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = batch_marks.run + 1 \
-             RETURNING run, sent_through, sending_runs, finished",
+             RETURNING run, sent_through, sending_runs, finished) \
+             SELECT c.run, c.sent_through, c.sending_runs, \
+             c.finished OR COALESCE(m.state IN ('done', 'cancelled'), FALSE) \
+             FROM claimed c LEFT JOIN messages m ON m.id = $1",
         )
         .bind(id)
         .bind(batch)

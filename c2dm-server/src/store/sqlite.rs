@@ -684,7 +684,15 @@ impl Store for SqliteStore {
         .bind(batch)
         .fetch_one(&mut *tx)
         .await?;
+        let push_finished: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ?1 \
+             AND state IN ('done', 'cancelled'))",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
+        let finished = finished || push_finished;
         Ok(BatchRun {
             batch: batch.to_owned(),
             run,
