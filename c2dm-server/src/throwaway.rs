@@ -127,13 +127,14 @@ fn free_port() -> Result<u16, ClusterError> {
 
 /// Stops the server and removes the folder when this wrapper is told to stop (`TERM`, sent
 /// by the kernel when the starting thread ends): `$0` is the folder, `$1` the `postgres`
-/// program, `$2` the port.
+/// program, `$2` the port, and any further arguments go to the server.
 const WRAPPER: &str = r#"
-"$1" -D "$0/data" -p "$2" -k "$0" -c listen_addresses=127.0.0.1 -c fsync=off \
-  -c full_page_writes=off -c synchronous_commit=off -c max_connections=300 \
-  >"$0/server.log" 2>&1 &
+folder=$0; program=$1; port=$2; shift 2
+"$program" -D "$folder/data" -p "$port" -k "$folder" -c listen_addresses=127.0.0.1 -c fsync=off \
+  -c full_page_writes=off -c synchronous_commit=off -c max_connections=300 "$@" \
+  >"$folder/server.log" 2>&1 &
 server=$!
-trap 'kill -INT "$server"; wait "$server"; rm -rf "$0"; exit 0' TERM INT
+trap 'kill -INT "$server"; wait "$server"; rm -rf "$folder"; exit 0' TERM INT
 wait "$server"
 "#;
 
@@ -149,6 +150,12 @@ impl PostgresCluster {
 
     /// Starts a new cluster, which lives as long as this process.
     pub fn start() -> Result<PostgresCluster, ClusterError> {
+        Self::start_with(&[])
+    }
+
+    /// [`PostgresCluster::start`] with more server settings, as `(name, value)` pairs: a
+    /// benchmark's `("shared_preload_libraries", "pg_stat_statements")`, say.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<PostgresCluster, ClusterError> {
         let bin = programs()?;
         let root = running_as_root();
         let nanos = std::time::SystemTime::now()
@@ -198,6 +205,11 @@ impl PostgresCluster {
             .arg(&folder)
             .arg(bin.join("postgres"))
             .arg(port.to_string())
+            .args(
+                settings
+                    .iter()
+                    .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
