@@ -15,10 +15,50 @@ use crate::bench_server::{ADMIN, DEVICE, http};
 const DEVICES: u64 = 100_000;
 /// The devices of each batch job (the server's default).
 const BATCH: u64 = 1_000;
-/// Each worker process's sends at once.
-const CONCURRENCY: &str = "64";
-/// Each worker process's batch jobs at once.
-const WORKERS: &str = "2";
+/// Each worker process's batch jobs at once, and sends at once within each batch, unless
+/// `--workers` and `--concurrency` say otherwise: 2 × 16 sends waiting 20 ms make at most
+/// 1,600 messages a second a process, so that three processes, the emulator and the
+/// database fit on two cores with room to spare and the run measures the sharing of work,
+/// not the machine's CPU.
+const SHAPE: Shape = Shape {
+    workers: 2,
+    concurrency: 16,
+};
+
+/// How each worker process runs its batches.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// Batch jobs at once (`--workers`).
+    workers: u32,
+    /// Sends at once within each batch (`--concurrency`).
+    concurrency: u32,
+}
+
+impl Shape {
+    /// Sends at once in one process.
+    fn sends(self) -> u32 {
+        self.workers * self.concurrency
+    }
+
+    /// The shape of the arguments: [`SHAPE`] with `--workers N` and `--concurrency N`.
+    fn from_args(args: &[&str]) -> Result<Self, String> {
+        let mut shape = SHAPE;
+        let mut rest = args.iter();
+        while let Some(arg) = rest.next() {
+            let slot = match *arg {
+                "--workers" => &mut shape.workers,
+                "--concurrency" => &mut shape.concurrency,
+                _ => continue,
+            };
+            *slot = rest
+                .next()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{arg} takes a number above 0"))?;
+        }
+        Ok(shape)
+    }
+}
 /// How long the emulator waits before each answer.
 const LATENCY_MS: &str = "20";
 
@@ -83,15 +123,33 @@ fn database_cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// One push to [`DEVICES`] fresh devices with `processes` worker processes: (messages/s,
-/// database CPU per batch).
+/// The machine's CPU time so far, busy and idle, in clock ticks: the first line of
+/// `/proc/stat`.
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    let all: u64 = ticks.iter().take(8).sum();
+    (all.saturating_sub(idle), idle)
+}
+
+/// One push to [`DEVICES`] fresh devices with `processes` worker processes.
 fn run_once(
     bin: &Path,
     dir: &Path,
     cluster: &c2dm_server::throwaway::PostgresCluster,
     send_url: &str,
     processes: usize,
-) -> Result<(f64, Duration), String> {
+    shape: Shape,
+) -> Result<Run, String> {
     let database = cluster
         .create_database_blocking("scaling")
         .map_err(|e| e.to_string())?;
@@ -112,13 +170,10 @@ fn run_once(
          FROM generate_series(0, {}) AS g(value);",
         DEVICES - 1
     );
-    let status = Command::new(&psql)
-        .args(["-q", "-v", "ON_ERROR_STOP=1", &database, "-c", &insert])
-        .status()
-        .map_err(|e| format!("psql: {e}"))?;
-    if !status.success() {
-        return Err(format!("inserting devices: {status}"));
-    }
+    psql_run(&psql, &database, &insert)?;
+    // The planner's statistics, as a table that grew over time would have them: without
+    // them it walks the audience by sorting every device for each page of 1,000.
+    psql_run(&psql, &database, "ANALYZE devices")?;
     let workers = (0..processes)
         .map(|_| {
             serve(
@@ -128,15 +183,21 @@ fn run_once(
                 &[
                     "--no-api",
                     "--workers",
-                    WORKERS,
+                    &shape.workers.to_string(),
                     "--concurrency",
-                    CONCURRENCY,
+                    &shape.concurrency.to_string(),
                 ],
                 None,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    psql_run(
+        &psql,
+        &database,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();",
+    )?;
     let cpu_before = database_cpu();
+    let machine_before = machine_cpu();
     let body = r#"{"to": "all", "collapse_key": "k", "data": {"message": "scaling"}}"#;
     let started = Instant::now();
     let (status, answer, _) = http(port, "POST", "/v1/messages", ADMIN, Some(body))?;
@@ -161,46 +222,142 @@ fn run_once(
     };
     let elapsed = started.elapsed();
     let database_spent = database_cpu().saturating_sub(cpu_before);
+    let machine_after = machine_cpu();
+    let busy = machine_after.0.saturating_sub(machine_before.0) as f64;
+    let idle = machine_after.1.saturating_sub(machine_before.1) as f64;
     let accepted = crate::bench::json_number(&done, "accepted").unwrap_or(0.0) as u64;
     if accepted != DEVICES {
         return Err(format!("{accepted} of {DEVICES} accepted: {done}"));
     }
     drop(workers);
     drop(api);
-    Ok((
-        DEVICES as f64 / elapsed.as_secs_f64(),
-        database_spent / u32::try_from(DEVICES / BATCH).unwrap_or(1),
-    ))
+    let statements = statements(&psql, &database)?;
+    Ok(Run {
+        rate: DEVICES as f64 / elapsed.as_secs_f64(),
+        cpu_per_batch: database_spent / u32::try_from(DEVICES / BATCH).unwrap_or(1),
+        busy: busy / (busy + idle).max(1.0),
+        statements,
+    })
 }
 
-/// `cargo xtask bench --server --scaling [--write]`.
+/// What one push with some number of worker processes measured.
+struct Run {
+    /// Messages a second, from the POST to the status saying done.
+    rate: f64,
+    /// The database processes' CPU time during the push, per batch.
+    cpu_per_batch: Duration,
+    /// How busy the machine's cores were during the push, 0 to 1.
+    busy: f64,
+    /// Where the database's time went: a Markdown table of the statements that took most.
+    statements: String,
+}
+
+/// Runs `sql` in `database` through `psql`, stopping at the first error; returns what it
+/// printed (unaligned, tab-separated, no headers).
+fn psql_run(psql: &Path, database: &str, sql: &str) -> Result<String, String> {
+    let output = Command::new(psql)
+        .args(["-q", "-X", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+        .args([database, "-c", sql])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("psql: {}: {sql}", output.status));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The statements on which the database spent most time since the last reset, summed over
+/// every database of the cluster and shown per batch: a Markdown table.
+fn statements(psql: &Path, database: &str) -> Result<String, String> {
+    let batches = DEVICES / BATCH;
+    let sql = format!(
+        "SELECT calls, round(total_exec_time::numeric, 1), \
+         round((calls::numeric / {batches}), 2), \
+         round((total_exec_time / {batches})::numeric, 2), \
+         left(regexp_replace(query, '\\s+', ' ', 'g'), 90) \
+         FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12"
+    );
+    let mut rows = vec![
+        "| calls | total ms | calls per batch | ms per batch | statement |".to_owned(),
+        "|---:|---:|---:|---:|---|".to_owned(),
+    ];
+    for line in psql_run(psql, database, &sql)?.lines() {
+        let cells: Vec<String> = line.split('\t').map(|c| c.replace('|', "\\|")).collect();
+        if cells.len() == 5 {
+            rows.push(format!(
+                "| {} | {} | {} | {} | `{}` |",
+                cells[0], cells[1], cells[2], cells[3], cells[4]
+            ));
+        }
+    }
+    let total = psql_run(
+        psql,
+        database,
+        &format!(
+            "SELECT round(sum(total_exec_time)::numeric, 1), \
+             round((sum(total_exec_time) / {batches})::numeric, 2) FROM pg_stat_statements"
+        ),
+    )?;
+    let total: Vec<&str> = total.trim().split('\t').collect();
+    rows.push(format!(
+        "| | {} | | {} | all statements |",
+        total.first().unwrap_or(&"?"),
+        total.get(1).unwrap_or(&"?")
+    ));
+    Ok(rows.join("\n"))
+}
+
+/// The messages a second that `processes` processes of `shape` could make if every send
+/// only waited for the emulator.
+fn allowed(processes: usize, shape: Shape) -> f64 {
+    let latency: f64 = LATENCY_MS.parse().unwrap_or(20.0);
+    processes as f64 * f64::from(shape.sends()) * 1000.0 / latency
+}
+
+/// `cargo xtask bench --server --scaling [--workers N] [--concurrency N] [--write]`.
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
+    let shape = Shape::from_args(args)?;
     let bin = crate::build_release(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-scaling-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let emulator =
         crate::bench::Emulator::start_with(&bin, &dir, false, true, &["--latency-ms", LATENCY_MS])?;
     let send_url = emulator.send_url();
-    let cluster = c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
+    let cluster = c2dm_server::throwaway::PostgresCluster::start_with(&[
+        ("shared_preload_libraries", "pg_stat_statements"),
+        ("pg_stat_statements.track", "all"),
+    ])
+    .map_err(|e| e.to_string())?;
     let mut rows = vec![
         format!(
-            "| worker processes | rate (msg/s) | × one process | database CPU per batch of {BATCH} |"
+            "| worker processes | rate (msg/s) | × one process | of what the sends allow | database CPU per batch of {BATCH} | cores busy |"
         ),
-        "|---:|---:|---:|---:|".to_owned(),
+        "|---:|---:|---:|---:|---:|---:|".to_owned(),
     ];
     let mut one = None;
     let mut result = Ok(());
+    let mut spent = Vec::new();
     for processes in 1..=3 {
-        match run_once(&bin, &dir, &cluster, &send_url, processes) {
-            Ok((rate, per_batch)) => {
-                let base = *one.get_or_insert(rate);
+        match run_once(&bin, &dir, &cluster, &send_url, processes, shape) {
+            Ok(run) => {
+                let base = *one.get_or_insert(run.rate);
                 let row = format!(
-                    "| {processes} | {rate:.0} | {:.2} | {:.1} ms |",
-                    rate / base,
-                    per_batch.as_secs_f64() * 1e3
+                    "| {processes} | {:.0} | {:.2} | {:.0} % | {:.1} ms | {:.0} % |",
+                    run.rate,
+                    run.rate / base,
+                    run.rate / allowed(processes, shape) * 100.0,
+                    run.cpu_per_batch.as_secs_f64() * 1e3,
+                    run.busy * 100.0
                 );
-                eprintln!("{row}");
+                eprintln!("{row}\n{}", run.statements);
                 rows.push(row);
+                spent.push(format!(
+                    "Where the database's time went with {processes} worker process{} \
+                     (`pg_stat_statements`, execution time only):\n\n{}",
+                    if processes == 1 { "" } else { "es" },
+                    run.statements
+                ));
             }
             Err(err) => {
                 result = Err(err);
@@ -213,10 +370,13 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     result?;
     let report = format!(
         "{DEVICES} devices, an emulator waiting {LATENCY_MS} ms before each answer, each worker \
-         process `--workers {WORKERS} --concurrency {CONCURRENCY}`, one API process, PostgreSQL \
-         (a throwaway cluster on this machine), {}:\n\n{}\n",
+         process `--workers {} --concurrency {}`, one API process, PostgreSQL \
+         (a throwaway cluster on this machine), {}:\n\n{}\n\n{}\n",
+        shape.workers,
+        shape.concurrency,
         crate::bench::machine(),
-        rows.join("\n")
+        rows.join("\n"),
+        spent.join("\n\n")
     );
     println!("{report}");
     if args.contains(&"--write") {

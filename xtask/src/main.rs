@@ -31,14 +31,14 @@ const HELP: &str = concat!(
     "  contract the server's OpenAPI document validated, and schemathesis against it (in ci)\n",
     "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
     "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations;\n",
-    "           --server --scaling: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms\n",
+    "           --server --scaling [--workers N] [--concurrency N]: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms\n",
     "  soak     a long broadcast under every fault, checked afterwards (not in CI);\n",
     "           --server: the application server's processes on PostgreSQL, killed and\n",
     "           restarted (--sqlite: one process for 30 minutes)\n",
     "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
 );
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server [--scaling]] [--write] [--quick] [--rounds N] | soak [--messages N] | soak --server [--sqlite [--minutes M]] [--runs N] [--devices N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server [--scaling [--workers N] [--concurrency N]]] [--write] [--quick] [--rounds N] | soak [--messages N] | soak --server [--sqlite [--minutes M]] [--runs N] [--devices N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {
