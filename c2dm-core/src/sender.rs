@@ -89,6 +89,8 @@ struct Inner {
     global_paused: AtomicBool,
     devices_paused: AtomicUsize,
     quota_exceeded: AtomicBool,
+    /// The global pause's end each time it moves on, for [`Sender::pause_changes`].
+    pause_changes: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
 impl fmt::Debug for Sender {
@@ -167,6 +169,7 @@ impl SenderBuilder {
                 global_paused: AtomicBool::new(false),
                 devices_paused: AtomicUsize::new(0),
                 quota_exceeded: AtomicBool::new(false),
+                pause_changes: tokio::sync::watch::Sender::new(None),
             }),
         }
     }
@@ -402,8 +405,39 @@ impl Sender {
     /// Pauses every send on this sender until `until` (extends, never shortens, a pause).
     pub fn pause_all_until(&self, until: Instant) {
         let mut pause = lock(&self.inner.global_pause);
-        *pause = Some(pause.map_or(until, |p| p.max(until)));
+        let end = pause.map_or(until, |p| p.max(until));
+        *pause = Some(end);
         self.inner.global_paused.store(true, Ordering::Release);
+        // Under the pause's lock, so that two pauses taken at once are told in their order.
+        self.inner.pause_changes.send_if_modified(|told| {
+            let later = *told != Some(end);
+            *told = Some(end);
+            later
+        });
+    }
+
+    /// Tells of each new end of the global pause, as it is taken (from a 503, a 5xx, a
+    /// `QuotaExceeded` or [`Sender::pause_all_until`]): for sharing it with other senders of
+    /// the same account at once, rather than at the next look at
+    /// [`Sender::paused_until`]. The value is the latest end set so far, which may have
+    /// passed; `None` until the first pause.
+    ///
+    /// ```
+    /// # use c2dm_core::{AuthToken, Sender, StaticToken};
+    /// # use c2dm_mock::RecordingTransport;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sender = Sender::new(RecordingTransport::new(), StaticToken::new(AuthToken::new("t")?));
+    /// let mut pauses = sender.pause_changes();
+    /// let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    /// sender.pause_all_until(until);
+    /// pauses.changed().await?;
+    /// assert_eq!(*pauses.borrow(), Some(until));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pause_changes(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
+        self.inner.pause_changes.subscribe()
     }
 
     /// The global pause, if one is set; one that has ended is cleared.

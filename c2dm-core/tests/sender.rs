@@ -503,3 +503,27 @@ async fn the_deadline_ends_a_send_to_a_server_that_never_answers() {
     assert!(err.possibly_delivered());
     assert!(err.to_string().contains("may have been delivered"), "{err}");
 }
+
+/// A pause taken from an answer is told at once to whoever watches for pauses (a server
+/// sharing it with its other workers), with its end; a shorter one later tells nothing.
+#[tokio::test(start_paused = true)]
+async fn a_pause_is_told_as_it_is_taken() {
+    let fake = RecordingTransport::new();
+    fake.enqueue(Reply::unavailable_for(30));
+    let sender = exact_sender(&fake);
+    let mut pauses = sender.pause_changes();
+    assert_eq!(*pauses.borrow_and_update(), None);
+    let start = Instant::now();
+    let first = tokio::spawn({
+        let sender = sender.clone();
+        async move { sender.send(message("d1")).await }
+    });
+    pauses.changed().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "told before any time passed");
+    let until = pauses.borrow_and_update().expect("a pause");
+    assert_eq!(until - start, Duration::from_secs(30));
+    assert_eq!(sender.paused_until(), Some(until));
+    sender.pause_all_until(start + Duration::from_secs(5));
+    assert!(!pauses.has_changed().unwrap(), "a shorter pause changes nothing");
+    assert_eq!(first.await.unwrap().unwrap().tally.attempts, 2);
+}

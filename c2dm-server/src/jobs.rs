@@ -344,20 +344,50 @@ fn instant_of(at: SystemTime) -> Instant {
 /// before it sends, so that it never starts during a pause another worker learned of.
 async fn adopt_shared_pause(runner: &Runner) -> Result<(), StoreError> {
     if let Some(until) = runner.store.shared_pause(&runner.options.account).await? {
-        runner.sender.pause_all_until(instant_of(until));
+        adopt_pause(&runner.sender, until);
     }
     Ok(())
 }
 
+/// How far two readings of one pause may differ, from converting between the sender's clock
+/// and the wall clock, and still be the same pause.
+const ROUNDING: Duration = Duration::from_millis(5);
+
+/// Pauses the sender until `until`, if that is later than its own pause by more than the
+/// clocks' rounding: the same pause read back changes nothing, so it is not told again
+/// (and shared again) through [`Sender::pause_changes`].
+fn adopt_pause(sender: &Sender, until: SystemTime) {
+    let mine = sender.paused_until().map(wall_time_of);
+    if mine.is_none_or(|mine| until > mine + ROUNDING) {
+        sender.pause_all_until(instant_of(until));
+    }
+}
+
 /// Keeps the sender's pause and the account's in the database the same, both ways, and
-/// the queue depth in the metrics, until aborted.
+/// the queue depth in the metrics, until aborted. A pause this process's sender takes goes
+/// to the database at once, not at the next look: a worker that dies just after a 503 must
+/// not take the pause with it.
 async fn watch_account(runner: Arc<Runner>) {
     let mut shared: Option<SystemTime> = None;
     let mut ticks = 0u64;
+    let mut looks = tokio::time::interval(LOOK);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pauses = runner.sender.pause_changes();
     loop {
-        tokio::time::sleep(LOOK).await;
-        ticks += 1;
+        let looked = tokio::select! {
+            _ = looks.tick() => true,
+            () = async {
+                if pauses.changed().await.is_err() {
+                    // The sender is gone (it cannot be, while the runner holds it).
+                    std::future::pending::<()>().await;
+                }
+            } => false,
+        };
         shared = share_pause(&runner, shared).await;
+        if !looked {
+            continue;
+        }
+        ticks += 1;
         if let Some(logins) = runner.sender.token_provider().logins() {
             metrics::counter!("c2dm_logins_total").absolute(logins);
         }
@@ -382,7 +412,7 @@ async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<Syst
     let mine = runner.sender.paused_until().map(wall_time_of);
     // Later than the database's by more than the clocks' rounding: tell the others.
     if let Some(mine) = mine
-        && shared.is_none_or(|s| mine > s + Duration::from_millis(5))
+        && shared.is_none_or(|s| mine > s + ROUNDING)
     {
         match store.pause_account(account, mine).await {
             Ok(()) => {
@@ -395,7 +425,7 @@ async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<Syst
     match store.shared_pause(account).await {
         Ok(until) => {
             if let Some(until) = until {
-                runner.sender.pause_all_until(instant_of(until));
+                adopt_pause(&runner.sender, until);
             }
             metrics::gauge!("c2dm_paused").set(if until.is_some() { 1.0 } else { 0.0 });
             until
@@ -949,9 +979,18 @@ mod tests {
         assert_eq!(share_pause(&elsewhere, None).await, None);
         assert_eq!(elsewhere.sender.paused_until(), None);
 
-        // Looking again changes nothing: the pause is not extended by being read back.
+        // Looking again changes nothing: the pause is not extended by being read back, nor
+        // told again (which would share it again, and again).
+        let mut told = [first.sender.pause_changes(), second.sender.pause_changes()];
+        for pauses in &mut told {
+            pauses.borrow_and_update();
+        }
         assert_eq!(share_pause(&first, Some(shared)).await, Some(shared));
         assert_eq!(share_pause(&second, Some(shared)).await, Some(shared));
+        adopt_shared_pause(&second).await.unwrap();
+        for pauses in &told {
+            assert!(!pauses.has_changed().unwrap());
+        }
     }
 
     #[test]
