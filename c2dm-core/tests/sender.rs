@@ -519,11 +519,18 @@ async fn a_pause_is_told_as_it_is_taken() {
         async move { sender.send(message("d1")).await }
     });
     pauses.changed().await.unwrap();
-    assert_eq!(start.elapsed(), Duration::ZERO, "told before any time passed");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "told before any time passed"
+    );
     let until = pauses.borrow_and_update().expect("a pause");
     assert_eq!(until - start, Duration::from_secs(30));
     assert_eq!(sender.paused_until(), Some(until));
     sender.pause_all_until(start + Duration::from_secs(5));
-    assert!(!pauses.has_changed().unwrap(), "a shorter pause changes nothing");
+    assert!(
+        !pauses.has_changed().unwrap(),
+        "a shorter pause changes nothing"
+    );
     assert_eq!(first.await.unwrap().unwrap().tally.attempts, 2);
 }

@@ -661,7 +661,7 @@ fn postgres_run(
         "INSERT INTO devices (registration_id, state, created_at, updated_at, state_changed_at) \
          SELECT CASE WHEN g % 100 IN (7, 57) THEN 'gone-' WHEN g % 100 = 13 THEN 'bad-' \
          WHEN g % 100 = 21 THEN 'busy-' ELSE 'device-' END || lpad(g::text, 7, '0'), \
-         'active', 0, 0, 0 FROM generate_series(0, {}) AS g;",
+         'active', 0, 0, 0 FROM generate_series(0, {}) AS g; ANALYZE devices;",
         soak.devices - 1
     );
     let status = Command::new(cluster.program("psql"))
