@@ -33,6 +33,15 @@ const PASSWORD: &str = "soak-password";
 /// flight: the worker that got the 503 stops at once; the others read the shared pause from
 /// the database at their next look (every 200 ms).
 const PAUSE_GRACE: Duration = Duration::from_secs(1);
+/// Whether the budget's current period opened between 0.3 and 0.9 s ago: the workers, idle
+/// at the end of the last one, send again (the devices put back wait for the period's
+/// start, and a worker's queue is polled every 100 ms).
+fn sending_again(period: Duration) -> bool {
+    let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX).max(1);
+    let into = now_us() % period_us;
+    (300_000..900_000).contains(&into)
+}
+
 /// How late a send of a cancelled push may arrive after the cancel was answered and still
 /// count as in flight: a batch looks for a cancel every 200 ms.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -453,6 +462,12 @@ fn check(
             .filter(|a| a.at_us > cancelled)
             .map(|a| a.at_us - cancelled)
             .collect();
+        // Sends of the push in the second before the cancel: whether it met sends under way.
+        let flowing = arrivals
+            .iter()
+            .filter(|a| a.collapse_key.as_deref() == Some(push.key.as_str()))
+            .filter(|a| a.at_us <= cancelled && a.at_us + 1_000_000 > cancelled)
+            .count();
         let grace = u64::try_from(CANCEL_GRACE.as_micros()).unwrap_or(u64::MAX);
         let too_late = late.iter().filter(|us| **us > grace).count();
         if too_late > 0 {
@@ -467,7 +482,7 @@ fn check(
             .filter(|r| r.error.as_deref() == Some("cancelled"))
             .count();
         out.figures.push(format!(
-            "push {} cancelled: {} sends arrived after the cancel was answered (in flight), the last {:.0} ms after; {cancelled_rows} devices not attempted",
+            "push {} cancelled: {flowing} sends in the second before the cancel; {} arrived after it was answered (in flight), the last {:.0} ms after; {cancelled_rows} devices not attempted",
             push.key,
             late.len(),
             late.iter().max().copied().unwrap_or(0) as f64 / 1e3
@@ -709,7 +724,14 @@ fn postgres_run(
                 workers[victim] = setup.serve(&worker_args)?;
                 run.killed = Some((at, rows));
             }
-            if cancel && run.cancelled_at_us.is_none() && rows >= soak.devices / 2 {
+            // Half way, and just after a budget period opened, when the workers send again
+            // (rather than in the idle end of a period, whose budget is spent): the cancel
+            // must stop sends under way.
+            if cancel
+                && run.cancelled_at_us.is_none()
+                && rows >= soak.devices / 2
+                && sending_again(soak.budget.period)
+            {
                 let path = format!("/v1/messages/{}/cancel", run.id);
                 let (status, answer) = call(port, "POST", &path, None)?;
                 if status != 200 && status != 202 {
