@@ -310,7 +310,8 @@ where
             self.0.abort();
         }
     }
-    let handle = tokio::spawn(job);
+    // In the job's span, which apalis opened for it: its logs still say which job.
+    let handle = tokio::spawn(tracing::Instrument::in_current_span(job));
     let _abort = AbortOnDrop(handle.abort_handle());
     match handle.await {
         Ok(result) => result,

@@ -38,7 +38,7 @@ pub fn run(root: &Path) -> Result<(), String> {
         &["build", "-p", "c2dm-cli", "-p", "c2dm-emulator"],
         &[],
     )?;
-    let bin = root.join("target/debug");
+    let bin = crate::target_dir(root).join("debug");
     let dir = std::env::temp_dir().join(format!("c2dm-contract-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let result = check(root, &bin, &dir);
@@ -69,7 +69,9 @@ fn check(root: &Path, bin: &Path, dir: &Path) -> Result<(), String> {
     let config = root.join("xtask/contract/schemathesis.toml");
     let url = format!("http://127.0.0.1:{port}/openapi.json");
     for (name, key) in [("admin token", ADMIN), ("device key", DEVICE)] {
-        let report = root.join("target/contract").join(name.replace(' ', "-"));
+        let report = crate::target_dir(root)
+            .join("contract")
+            .join(name.replace(' ', "-"));
         crate::run(
             &format!("schemathesis with the {name}"),
             "st",

@@ -109,7 +109,15 @@ fn build_release(root: &Path, extra: &[&str]) -> Result<PathBuf, String> {
     ];
     args.extend_from_slice(extra);
     run("build", &cargo(), &args, &[])?;
-    Ok(root.join("target/release"))
+    Ok(target_dir(root).join("release"))
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` if set (relative to the root, where xtask runs
+/// cargo), else the workspace's `target`.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
 fn ci() -> Result<(), String> {
