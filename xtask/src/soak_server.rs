@@ -33,15 +33,6 @@ const PASSWORD: &str = "soak-password";
 /// flight: the worker that got the 503 stops at once; the others read the shared pause from
 /// the database at their next look (every 200 ms).
 const PAUSE_GRACE: Duration = Duration::from_secs(1);
-/// Whether the budget's current period opened between 0.3 and 0.9 s ago: the workers, idle
-/// at the end of the last one, send again (the devices put back wait for the period's
-/// start, and a worker's queue is polled every 100 ms).
-fn sending_again(period: Duration) -> bool {
-    let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX).max(1);
-    let into = now_us() % period_us;
-    (300_000..900_000).contains(&into)
-}
-
 /// How late a send of a cancelled push may arrive after the cancel was answered and still
 /// count as in flight: a batch looks for a cancel every 200 ms.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -712,6 +703,7 @@ fn postgres_run(
             cancelled_at_us: None,
             rows: HashMap::new(),
         };
+        let mut last_rows = 0;
         loop {
             let (state, rows) = progress(port, &run.id)?;
             if finished(&state) {
@@ -724,14 +716,12 @@ fn postgres_run(
                 workers[victim] = setup.serve(&worker_args)?;
                 run.killed = Some((at, rows));
             }
-            // Half way, and just after a budget period opened, when the workers send again
-            // (rather than in the idle end of a period, whose budget is spent): the cancel
-            // must stop sends under way.
-            if cancel
-                && run.cancelled_at_us.is_none()
-                && rows >= soak.devices / 2
-                && sending_again(soak.budget.period)
-            {
+            // Half way, and while rows are being written (the workers send in bursts, when
+            // a budget period opens, and idle once it is spent): the cancel must stop sends
+            // under way.
+            let growing = rows >= last_rows + 100;
+            last_rows = rows;
+            if cancel && run.cancelled_at_us.is_none() && rows >= soak.devices / 2 && growing {
                 let path = format!("/v1/messages/{}/cancel", run.id);
                 let (status, answer) = call(port, "POST", &path, None)?;
                 if status != 200 && status != 202 {
