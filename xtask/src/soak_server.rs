@@ -251,8 +251,8 @@ struct PushRun {
     took: Option<Duration>,
     /// When the worker was killed, and how many rows there were then.
     killed: Option<(u64, u64)>,
-    /// When the cancel was answered.
-    cancelled_at_us: Option<u64>,
+    /// When the cancel was asked for, and when it was answered.
+    cancelled_at_us: Option<(u64, u64)>,
     rows: HashMap<String, Row>,
 }
 
@@ -444,7 +444,7 @@ fn check(
 
     // 4. None of a cancelled push after the cancel took effect, but those in flight.
     for push in pushes {
-        let Some(cancelled) = push.cancelled_at_us else {
+        let Some((asked, cancelled)) = push.cancelled_at_us else {
             continue;
         };
         let late: Vec<u64> = arrivals
@@ -453,11 +453,23 @@ fn check(
             .filter(|a| a.at_us > cancelled)
             .map(|a| a.at_us - cancelled)
             .collect();
-        // Sends of the push in the second before the cancel: whether it met sends under way.
-        let flowing = arrivals
-            .iter()
-            .filter(|a| a.collapse_key.as_deref() == Some(push.key.as_str()))
-            .filter(|a| a.at_us <= cancelled && a.at_us + 1_000_000 > cancelled)
+        // Sends of the push in the second before the cancel was asked for, and while it was
+        // being answered: whether it met sends under way.
+        let of_push = || {
+            arrivals
+                .iter()
+                .filter(|a| a.collapse_key.as_deref() == Some(push.key.as_str()))
+        };
+        let flowing = of_push()
+            .filter(|a| a.at_us <= asked && a.at_us + 1_000_000 > asked)
+            .count();
+        let quiet_ms = of_push()
+            .filter(|a| a.at_us <= asked)
+            .map(|a| asked - a.at_us)
+            .min()
+            .map_or(0.0, |us| us as f64 / 1e3);
+        let answering = of_push()
+            .filter(|a| a.at_us > asked && a.at_us <= cancelled)
             .count();
         let grace = u64::try_from(CANCEL_GRACE.as_micros()).unwrap_or(u64::MAX);
         let too_late = late.iter().filter(|us| **us > grace).count();
@@ -473,8 +485,9 @@ fn check(
             .filter(|r| r.error.as_deref() == Some("cancelled"))
             .count();
         out.figures.push(format!(
-            "push {} cancelled: {flowing} sends in the second before the cancel; {} arrived after it was answered (in flight), the last {:.0} ms after; {cancelled_rows} devices not attempted",
+            "push {} cancelled: {flowing} sends in the second before the cancel was asked for (the last {quiet_ms:.0} ms before), {answering} in the {:.0} ms it took to answer; {} arrived after it was answered (in flight), the last {:.0} ms after; {cancelled_rows} devices not attempted",
             push.key,
+            cancelled.saturating_sub(asked) as f64 / 1e3,
             late.len(),
             late.iter().max().copied().unwrap_or(0) as f64 / 1e3
         ));
@@ -723,11 +736,12 @@ fn postgres_run(
             last_rows = rows;
             if cancel && run.cancelled_at_us.is_none() && rows >= soak.devices / 2 && growing {
                 let path = format!("/v1/messages/{}/cancel", run.id);
+                let asked = now_us();
                 let (status, answer) = call(port, "POST", &path, None)?;
                 if status != 200 && status != 202 {
                     return Err(format!("POST {path}: {status} {answer}"));
                 }
-                run.cancelled_at_us = Some(now_us());
+                run.cancelled_at_us = Some((asked, now_us()));
             }
             if run.posted.elapsed() > Duration::from_secs(1800) {
                 return Err(format!("push {} not done within half an hour", run.key));
