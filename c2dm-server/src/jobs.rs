@@ -101,7 +101,7 @@ impl Queues {
         let config = |queue: &str| {
             apalis_sqlite::Config::default()
                 .queue(queue)
-                .batch_size(options.workers.max(1))
+                .batch_size(FETCH)
                 .heartbeat_interval(options.heartbeat)
                 .missed_heartbeats(MISSED_HEARTBEATS)
         };
@@ -120,7 +120,7 @@ impl Queues {
         let config = |queue: &str| {
             apalis_postgres::Config::default()
                 .queue(queue)
-                .batch_size(options.workers.max(1))
+                .batch_size(FETCH)
                 .heartbeat_interval(options.heartbeat)
                 .missed_heartbeats(MISSED_HEARTBEATS)
         };
@@ -174,6 +174,13 @@ impl Queues {
 
 /// Heartbeats a worker may miss before its jobs go to another worker.
 const MISSED_HEARTBEATS: usize = 3;
+
+/// Jobs a worker fetches at once: one. apalis 1.0 sends no heartbeat while a job it fetched
+/// waits in its buffer for a free slot (its `poll_ready` looks at the heartbeat timer only
+/// when nothing is buffered), and it fetches when one slot is free: a second job fetched with
+/// the first would wait for the next slot to free, a whole batch or a 503's pause, while the
+/// worker, silent, is taken for dead and its batches given to others.
+const FETCH: usize = 1;
 
 /// How one process's workers send.
 #[derive(Debug, Clone)]
