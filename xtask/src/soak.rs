@@ -88,22 +88,28 @@ pub(crate) const DEVICE_FAULTS: [&str; 6] = [
     "busy-",
 ];
 
+/// The emulator's flags for the faults both soaks inject at the same rates: a 500 every
+/// 1,500th send, a dropped connection every 1,700th, a rotated token every 1,000th.
+pub(crate) const SERVICE_FAULTS: [&str; 6] = [
+    "--server-error-every",
+    "1500",
+    "--drop-every",
+    "1700",
+    "--rotate-token-every",
+    "1000",
+];
+
 /// The emulator over TLS with every fault on, writing its record on Ctrl-C; and its base URL.
 fn start_emulator(bin: &Path, files: &Files) -> Result<(Child, String), String> {
     let mut emulator = Command::new(bin.join("c2dm-emulator"))
         .arg("--tls")
         .args(DEVICE_FAULTS)
+        .args(SERVICE_FAULTS)
         .args([
             "--unavailable-every",
             "2000",
             "--retry-after-secs",
             "1",
-            "--server-error-every",
-            "1500",
-            "--drop-every",
-            "1700",
-            "--rotate-token-every",
-            "1000",
             "--token-lifetime-sends",
             "5000",
             "--seed",

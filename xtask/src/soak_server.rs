@@ -24,7 +24,7 @@ use c2dm_emulator::{Arrival, ArrivalAnswer};
 use serde_json::Value;
 
 use crate::bench_server::{ADMIN, DEVICE, http};
-use crate::soak::DEVICE_FAULTS;
+use crate::soak::{DEVICE_FAULTS, SERVICE_FAULTS};
 
 /// The sender account the emulator knows, and its password.
 const EMAIL: &str = "soak@example.com";
@@ -579,17 +579,12 @@ fn emulator(
     let unavailable_every = unavailable_every.to_string();
     let mut args = vec!["--account", &account];
     args.extend(DEVICE_FAULTS);
+    args.extend(SERVICE_FAULTS);
     args.extend([
         "--unavailable-every",
         &unavailable_every,
         "--retry-after-secs",
         "3",
-        "--server-error-every",
-        "1500",
-        "--drop-every",
-        "1700",
-        "--rotate-token-every",
-        "1000",
         "--token-lifetime-sends",
         "20000",
         "--seed",
