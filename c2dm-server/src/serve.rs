@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use c2dm_core::Sender;
@@ -100,8 +101,30 @@ pub enum ServeError {
 pub async fn serve(
     options: ServeOptions,
     sender: Sender,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr) + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    boxed(options, sender, Box::new(on_listening), Box::pin(shutdown)).await
+}
+
+/// [`serve`] as a boxed future: not generic, so that the server (with the queue, the database
+/// and the API under it) is compiled once, in this crate and at its optimisation level, not
+/// again in each caller's. (A generic function's body, and every future it awaits, are
+/// compiled where it is called.)
+fn boxed(
+    options: ServeOptions,
+    sender: Sender,
+    on_listening: Box<dyn FnOnce(SocketAddr) + Send>,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send>> {
+    Box::pin(unboxed(options, sender, on_listening, shutdown))
+}
+
+async fn unboxed(
+    options: ServeOptions,
+    sender: Sender,
+    on_listening: Box<dyn FnOnce(SocketAddr) + Send>,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 ) -> Result<(), ServeError> {
     crate::api::install_metrics();
     let worker_options = options.workers.clone().unwrap_or_default();
