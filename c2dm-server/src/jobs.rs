@@ -748,12 +748,8 @@ async fn run_batch(
         }
     } else {
         let ids: Vec<String> = todo.iter().map(|(_, id)| (*id).clone()).collect();
-        let inactive: HashMap<String, DeviceState> = store
-            .device_states(&ids)
-            .await?
-            .into_iter()
-            .filter(|(_, state)| *state != DeviceState::Active)
-            .collect();
+        let inactive: HashMap<String, DeviceState> =
+            store.inactive_devices(&ids).await?.into_iter().collect();
         let mut send = Vec::with_capacity(todo.len());
         for &(at, id) in &todo {
             match (inactive.get(id.as_str()), RegistrationId::new(id.as_str())) {

@@ -1,6 +1,7 @@
 //! Where the server keeps its devices: the [`Store`] trait, with one implementation per
 //! database: [`SqliteStore`] (a file, the default) and [`PostgresStore`] (for many processes).
 
+mod group;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -424,8 +425,9 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> Result<Page<String>, StoreError>;
 
-    /// The states of those of `registration_ids` that are known.
-    async fn device_states(
+    /// Those of `registration_ids` that are known and not active, with their states (a
+    /// batch sends to the others).
+    async fn inactive_devices(
         &self,
         registration_ids: &[String],
     ) -> Result<Vec<(String, DeviceState)>, StoreError>;

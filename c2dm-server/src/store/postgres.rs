@@ -447,12 +447,13 @@ impl Store for PostgresStore {
         Ok(Page { items, next })
     }
 
-    async fn device_states(
+    async fn inactive_devices(
         &self,
         registration_ids: &[String],
     ) -> Result<Vec<(String, DeviceState)>, StoreError> {
         let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT registration_id, state FROM devices WHERE registration_id = ANY($1)",
+            "SELECT registration_id, state FROM devices \
+             WHERE registration_id = ANY($1) AND state <> 'active'",
         )
         .bind(registration_ids)
         .fetch_all(&self.pool)

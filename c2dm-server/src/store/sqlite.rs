@@ -6,14 +6,16 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use c2dm_core::OutcomeKind;
+use futures::future::BoxFuture;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::queue::{self, BatchJob, PushJob};
 
+use super::group::Writer;
 use super::rows::{
-    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis,
-    outcome_of, page_of, select_message, tally_update, time_of, trim_page,
+    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis, page_of,
+    select_message, tally_update, time_of, trim_page,
 };
 use super::{
     Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
@@ -42,11 +44,11 @@ pub struct SqliteStore {
     /// Counts the batches and walks recorded through this store: what a waiter in the same
     /// process watches instead of polling.
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
-    /// This process's writers take turns here, in order, before taking SQLite's write lock:
-    /// without it they would meet in SQLite's busy handler, which sleeps and retries (a
-    /// registration's p99 was three quarters of a second at 16 at once). Other processes still
-    /// wait in the busy handler.
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Every write of this process goes through here: one task, which runs the writes waiting
+    /// in one transaction and commits them together (group commit, see [`Writer`]). Writers
+    /// do not meet in SQLite's busy handler, which sleeps and retries (a registration's p99
+    /// was three quarters of a second at 16 at once); other processes still wait in it.
+    writer: Writer,
 }
 
 /// `SELECT` of one message's columns, in the order [`message_of`] reads them.
@@ -115,25 +117,22 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError(e.into()))?;
         Ok(Self {
-            pool,
+            pool: pool.clone(),
             changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
-            writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            writer: Writer::start(pool.clone()),
         })
     }
 
-    /// A write transaction, in this process's writers' turn.
-    async fn begin_write(
-        &self,
-    ) -> Result<
-        (
-            tokio::sync::MutexGuard<'_, ()>,
-            sqlx::Transaction<'static, sqlx::Sqlite>,
-        ),
-        sqlx::Error,
-    > {
-        let turn = self.writer.lock().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Ok((turn, tx))
+    /// Runs `write` in a transaction of this process's writer (maybe shared with other
+    /// writes), and returns its result once committed; if it fails, nothing it did is kept.
+    async fn write<T, F>(&self, write: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
+            + Send
+            + 'static,
+    {
+        self.writer.write(Box::new(write)).await
     }
 
     fn changed(&self) {
@@ -163,12 +162,17 @@ impl SqliteStore {
         reason: Option<&str>,
     ) -> Result<Option<Device>, StoreError> {
         let now = millis(SystemTime::now());
-        let turn = self.writer.lock().await;
-        let mut conn = self.pool.acquire().await?;
-        if set_device_state(&mut conn, registration_id, state, reason, now).await? == 0 {
+        let (id, reason) = (registration_id.to_owned(), reason.map(str::to_owned));
+        let changed = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    Ok(set_device_state(conn, &id, state, reason.as_deref(), now).await?)
+                })
+            })
+            .await?;
+        if changed == 0 {
             return Ok(None);
         }
-        drop((conn, turn));
         self.device(registration_id).await
     }
 }
@@ -196,6 +200,68 @@ async fn set_device_state(
     .rows_affected())
 }
 
+/// Registers `device`, or updates it if known (and makes it active again), in the write
+/// transaction `tx`: which, and the device as stored.
+async fn upsert(
+    tx: &mut SqliteConnection,
+    device: &NewDevice,
+    now: i64,
+) -> Result<(Upserted, Device), StoreError> {
+    let known: Option<i64> = sqlx::query_scalar("SELECT id FROM devices WHERE registration_id = ?")
+        .bind(&device.registration_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (upserted, id) = match known {
+        Some(id) => {
+            sqlx::query(
+                "UPDATE devices SET device_id = ?1, user_id = ?2, app_version = ?3, \
+                 state = 'active', reason = NULL, updated_at = ?4, state_changed_at = \
+                 CASE WHEN state <> 'active' THEN ?4 ELSE state_changed_at END \
+                 WHERE id = ?5",
+            )
+            .bind(&device.device_id)
+            .bind(&device.user_id)
+            .bind(&device.app_version)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM device_tags WHERE device = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            (Upserted::Updated, id)
+        }
+        None => {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO devices (registration_id, device_id, user_id, app_version, state, \
+                 created_at, updated_at, state_changed_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?5, ?5) RETURNING id",
+            )
+            .bind(&device.registration_id)
+            .bind(&device.device_id)
+            .bind(&device.user_id)
+            .bind(&device.app_version)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            (Upserted::Created, id)
+        }
+    };
+    for tag in &device.tags {
+        sqlx::query("INSERT OR IGNORE INTO device_tags (tag, device) VALUES (?, ?)")
+            .bind(tag)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let row = sqlx::query(select_device!("WHERE d.id = ?"))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok((upserted, device_of(&row)?))
+}
+
 /// The rows and gone devices of `run` of a batch of push `id`, in the write transaction
 /// `conn`, then the push finished if complete; `false` (nothing written) if the run is not the
 /// batch's latest (or the batch's marks went with its finished push).
@@ -219,6 +285,7 @@ async fn write_batch(
         return Ok(false);
     }
     let mut written = Tally::default();
+    let mut recount = false;
     // A statement per hundred rows (800 parameters): one statement a row cost more than
     // the row.
     for chunk in rows.chunks(100) {
@@ -237,29 +304,56 @@ async fn write_batch(
                 .push_bind(i64::from(row.possible_duplicates))
                 .push_bind(millis(row.at));
         });
-        // Only the rows written come back: a row a device already had is not counted again.
-        query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome");
-        for row in query.build().fetch_all(&mut *conn).await? {
-            written.add(outcome_of(&row.try_get::<String, _>(0)?)?);
+        query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING");
+        let inserted = query.build().execute(&mut *conn).await?.rows_affected();
+        if inserted == chunk.len() as u64 {
+            chunk.iter().for_each(|row| written.add(row.outcome));
+        } else {
+            // Some device had its row already (no run writes one twice, so this is not
+            // expected): the push's counts are taken again from its rows, below.
+            recount = true;
         }
     }
     for (registration_id, code) in gone {
         set_device_state(conn, registration_id, DeviceState::Gone, Some(code), now).await?;
     }
-    let [recorded, accepted, rejected, failed, not_attempted] = tally_update(&written);
-    sqlx::query(
-        "UPDATE messages SET recorded = recorded + ?, accepted = accepted + ?, \
-         rejected = rejected + ?, failed = failed + ?, not_attempted = not_attempted + ? \
-         WHERE id = ?",
-    )
-    .bind(recorded)
-    .bind(accepted)
-    .bind(rejected)
-    .bind(failed)
-    .bind(not_attempted)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+    if recount {
+        tracing::warn!(
+            message_id = id,
+            "rows already there: the push's counts are recounted"
+        );
+        sqlx::query(
+            "UPDATE messages SET \
+             recorded = (SELECT COUNT(*) FROM deliveries WHERE message_id = ?1), \
+             accepted = (SELECT COUNT(*) FROM deliveries WHERE message_id = ?1 \
+                         AND outcome = 'accepted'), \
+             rejected = (SELECT COUNT(*) FROM deliveries WHERE message_id = ?1 \
+                         AND outcome = 'rejected'), \
+             failed = (SELECT COUNT(*) FROM deliveries WHERE message_id = ?1 \
+                       AND outcome = 'failed'), \
+             not_attempted = (SELECT COUNT(*) FROM deliveries WHERE message_id = ?1 \
+                              AND outcome = 'not_attempted') \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        let [recorded, accepted, rejected, failed, not_attempted] = tally_update(&written);
+        sqlx::query(
+            "UPDATE messages SET recorded = recorded + ?, accepted = accepted + ?, \
+             rejected = rejected + ?, failed = failed + ?, not_attempted = not_attempted + ? \
+             WHERE id = ?",
+        )
+        .bind(recorded)
+        .bind(accepted)
+        .bind(rejected)
+        .bind(failed)
+        .bind(not_attempted)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
     finish_if_complete(conn, id, now).await?;
     Ok(true)
 }
@@ -277,65 +371,11 @@ impl Store for SqliteStore {
 
     async fn upsert_device(&self, device: &NewDevice) -> Result<(Upserted, Device), StoreError> {
         let now = millis(SystemTime::now());
-        // IMMEDIATE: take the write lock first, so two registrations of one id cannot both
-        // read "unknown" and race to insert.
-        let (_turn, mut tx) = self.begin_write().await?;
-        let known: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE registration_id = ?")
-                .bind(&device.registration_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (upserted, id) = match known {
-            Some(id) => {
-                sqlx::query(
-                    "UPDATE devices SET device_id = ?1, user_id = ?2, app_version = ?3, \
-                     state = 'active', reason = NULL, updated_at = ?4, \
-                     state_changed_at = CASE WHEN state <> 'active' THEN ?4 ELSE state_changed_at END \
-                     WHERE id = ?5",
-                )
-                .bind(&device.device_id)
-                .bind(&device.user_id)
-                .bind(&device.app_version)
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("DELETE FROM device_tags WHERE device = ?")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                (Upserted::Updated, id)
-            }
-            None => {
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO devices (registration_id, device_id, user_id, app_version, state, \
-                     created_at, updated_at, state_changed_at) \
-                     VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?5, ?5) RETURNING id",
-                )
-                .bind(&device.registration_id)
-                .bind(&device.device_id)
-                .bind(&device.user_id)
-                .bind(&device.app_version)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?;
-                (Upserted::Created, id)
-            }
-        };
-        for tag in &device.tags {
-            sqlx::query("INSERT OR IGNORE INTO device_tags (tag, device) VALUES (?, ?)")
-                .bind(tag)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let row = sqlx::query(select_device!("WHERE d.id = ?"))
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let stored = device_of(&row)?;
-        tx.commit().await?;
-        Ok((upserted, stored))
+        let device = device.clone();
+        // In the writer's transaction (IMMEDIATE: the write lock first), so two registrations
+        // of one id cannot both read "unknown" and race to insert.
+        self.write(move |tx| Box::pin(async move { upsert(tx, &device, now).await }))
+            .await
     }
 
     async fn unregister_device(&self, registration_id: &str) -> Result<Option<Device>, StoreError> {
@@ -470,7 +510,7 @@ impl Store for SqliteStore {
         Ok(Page { items, next })
     }
 
-    async fn device_states(
+    async fn inactive_devices(
         &self,
         registration_ids: &[String],
     ) -> Result<Vec<(String, DeviceState)>, StoreError> {
@@ -478,7 +518,8 @@ impl Store for SqliteStore {
         // A statement per chunk: SQLite takes at most 32,766 parameters.
         for chunk in registration_ids.chunks(500) {
             let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT registration_id, state FROM devices WHERE registration_id IN (",
+                "SELECT registration_id, state FROM devices WHERE state <> 'active' \
+                 AND registration_id IN (",
             );
             let mut list = query.separated(", ");
             for id in chunk {
@@ -502,37 +543,46 @@ impl Store for SqliteStore {
         let now = millis(SystemTime::now());
         let audience = serde_json::to_string(&message.audience).map_err(json_error)?;
         let data = serde_json::to_string(&message.data).map_err(json_error)?;
-        let (_turn, mut tx) = self.begin_write().await?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO messages (idempotency_key, audience, collapse_key, data, \
-             delay_while_idle, state, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        )
-        .bind(&message.idempotency_key)
-        .bind(audience)
-        .bind(&message.collapse_key)
-        .bind(data)
-        .bind(message.delay_while_idle)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (created, id) = match inserted {
-            Some(id) => {
-                let job = queue::task(&PushJob { message_id: id }, None).map_err(json_error)?;
-                apalis_sqlite::queries::push_tasks(&mut *tx, queue::PUSH_QUEUE, &[job])
-                    .await
-                    .map_err(queue::queue_failure)?;
-                (true, id)
-            }
-            None => (
-                false,
-                sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = ?")
-                    .bind(&message.idempotency_key)
-                    .fetch_one(&mut *tx)
-                    .await?,
-            ),
-        };
-        tx.commit().await?;
+        let idempotency_key = message.idempotency_key.clone();
+        let collapse_key = message.collapse_key.clone();
+        let delay_while_idle = message.delay_while_idle;
+        let (created, id) = self
+            .write(move |tx| {
+                Box::pin(async move {
+                    let inserted: Option<i64> = sqlx::query_scalar(
+                        "INSERT INTO messages (idempotency_key, audience, collapse_key, data, \
+                         delay_while_idle, state, created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?) \
+                         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                    )
+                    .bind(&idempotency_key)
+                    .bind(audience)
+                    .bind(&collapse_key)
+                    .bind(data)
+                    .bind(delay_while_idle)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let (created, id) = match inserted {
+                        Some(id) => {
+                            let job = queue::task(&PushJob { message_id: id }, None)
+                                .map_err(json_error)?;
+                            apalis_sqlite::queries::push_tasks(&mut *tx, queue::PUSH_QUEUE, &[job])
+                                .await
+                                .map_err(queue::queue_failure)?;
+                            (true, id)
+                        }
+                        None => (
+                            false,
+                            sqlx::query_scalar("SELECT id FROM messages WHERE idempotency_key = ?")
+                                .bind(&idempotency_key)
+                                .fetch_one(&mut *tx)
+                                .await?,
+                        ),
+                    };
+                    Ok((created, id))
+                })
+            })
+            .await?;
         let stored = self
             .message(id)
             .await?
@@ -547,32 +597,36 @@ impl Store for SqliteStore {
         to: i64,
         registration_ids: &[String],
     ) -> Result<bool, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        let moved = sqlx::query(
-            "UPDATE messages SET walk_after = ?1, walked = walked + ?2 \
-             WHERE id = ?3 AND walk_after IS ?4",
-        )
-        .bind(to)
-        .bind(i64::try_from(registration_ids.len()).unwrap_or(i64::MAX))
-        .bind(id)
-        .bind(from)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if moved == 0 {
-            return Ok(false);
-        }
-        let batch = BatchJob {
-            message_id: id,
-            registration_ids: registration_ids.to_vec(),
-            possibly_sent: Vec::new(),
-        };
-        let job = queue::task(&batch, None).map_err(json_error)?;
-        apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &[job])
-            .await
-            .map_err(queue::queue_failure)?;
-        tx.commit().await?;
-        Ok(true)
+        let registration_ids = registration_ids.to_vec();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let moved = sqlx::query(
+                    "UPDATE messages SET walk_after = ?1, walked = walked + ?2 \
+                     WHERE id = ?3 AND walk_after IS ?4",
+                )
+                .bind(to)
+                .bind(i64::try_from(registration_ids.len()).unwrap_or(i64::MAX))
+                .bind(id)
+                .bind(from)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if moved == 0 {
+                    return Ok(false);
+                }
+                let batch = BatchJob {
+                    message_id: id,
+                    registration_ids,
+                    possibly_sent: Vec::new(),
+                };
+                let job = queue::task(&batch, None).map_err(json_error)?;
+                apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &[job])
+                    .await
+                    .map_err(queue::queue_failure)?;
+                Ok(true)
+            })
+        })
+        .await
     }
 
     async fn message(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
@@ -616,34 +670,48 @@ impl Store for SqliteStore {
     }
 
     async fn start_sending(&self, id: i64) -> Result<(), StoreError> {
-        let _turn = self.writer.lock().await;
-        sqlx::query("UPDATE messages SET state = 'sending' WHERE id = ? AND state = 'queued'")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE messages SET state = 'sending' WHERE id = ? AND state = 'queued'",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError> {
         let now = millis(SystemTime::now());
-        let (_turn, mut tx) = self.begin_write().await?;
-        sqlx::query("UPDATE messages SET total = ? WHERE id = ?")
-            .bind(i64::try_from(total).unwrap_or(i64::MAX))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        finish_if_complete(&mut tx, id, now).await?;
-        tx.commit().await?;
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query("UPDATE messages SET total = ? WHERE id = ?")
+                    .bind(i64::try_from(total).unwrap_or(i64::MAX))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(finish_if_complete(tx, id, now).await?)
+            })
+        })
+        .await?;
         self.changed();
         Ok(())
     }
 
     async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
-        let _turn = self.writer.lock().await;
-        sqlx::query("UPDATE messages SET cancel_requested = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query("UPDATE messages SET cancel_requested = 1 WHERE id = ?")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await?;
         self.changed();
         self.message(id).await
     }
@@ -674,14 +742,15 @@ impl Store for SqliteStore {
     }
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
+        let owned = batch.to_owned();
+        let (run, through, sending_runs, finished) = self.write(move |tx| Box::pin(async move {
         let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
             "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
              RETURNING run, sent_through, sending_runs, finished",
         )
         .bind(id)
-        .bind(batch)
+        .bind(&owned)
         .fetch_one(&mut *tx)
         .await?;
         let push_finished: bool = sqlx::query_scalar(
@@ -691,8 +760,9 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
-        tx.commit().await?;
-        let finished = finished || push_finished;
+        Ok((run, through, sending_runs, finished || push_finished))
+        }))
+        .await?;
         Ok(BatchRun {
             batch: batch.to_owned(),
             run,
@@ -708,20 +778,25 @@ impl Store for SqliteStore {
         run: &BatchRun,
         through: u64,
     ) -> Result<bool, StoreError> {
-        let _turn = self.writer.lock().await;
-        let marked = sqlx::query(
-            "UPDATE batch_marks SET sent_through = MAX(sent_through, ?3), \
-             sending_runs = sending_runs + CASE WHEN marked_run = ?4 THEN 0 ELSE 1 END, \
-             marked_run = ?4 \
-             WHERE message_id = ?1 AND batch = ?2 AND run = ?4",
-        )
-        .bind(id)
-        .bind(&run.batch)
-        .bind(i64::try_from(through).unwrap_or(i64::MAX))
-        .bind(run.run)
-        .execute(&self.pool)
-        .await?;
-        Ok(marked.rows_affected() == 1)
+        let (batch, run) = (run.batch.clone(), run.run);
+        self.write(move |tx| {
+            Box::pin(async move {
+                let marked = sqlx::query(
+                    "UPDATE batch_marks SET sent_through = MAX(sent_through, ?3), \
+                     sending_runs = sending_runs + CASE WHEN marked_run = ?4 THEN 0 ELSE 1 END, \
+                     marked_run = ?4 \
+                     WHERE message_id = ?1 AND batch = ?2 AND run = ?4",
+                )
+                .bind(id)
+                .bind(&batch)
+                .bind(i64::try_from(through).unwrap_or(i64::MAX))
+                .bind(run)
+                .execute(&mut *tx)
+                .await?;
+                Ok(marked.rows_affected() == 1)
+            })
+        })
+        .await
     }
 
     async fn record_batch(
@@ -731,13 +806,14 @@ impl Store for SqliteStore {
         rows: &[DeliveryRow],
         gone: &[(String, String)],
     ) -> Result<bool, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        if !write_batch(&mut tx, id, run, rows, gone).await? {
-            return Ok(false);
+        let (run, rows, gone) = (run.clone(), rows.to_vec(), gone.to_vec());
+        let written = self
+            .write(move |tx| Box::pin(async move { write_batch(tx, id, &run, &rows, &gone).await }))
+            .await?;
+        if written {
+            self.changed();
         }
-        tx.commit().await?;
-        self.changed();
-        Ok(true)
+        Ok(written)
     }
 
     async fn finish_batch(
@@ -748,28 +824,38 @@ impl Store for SqliteStore {
         gone: &[(String, String)],
         later: &[(BatchJob, SystemTime)],
     ) -> Result<bool, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        if !write_batch(&mut tx, id, run, rows, gone).await? {
-            return Ok(false);
-        }
         let jobs = later
             .iter()
             .map(|(job, at)| queue::task(job, Some(*at)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(json_error)?;
-        if !jobs.is_empty() {
-            apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &jobs)
-                .await
-                .map_err(queue::queue_failure)?;
-        }
-        sqlx::query("UPDATE batch_marks SET finished = 1 WHERE message_id = ?1 AND batch = ?2")
-            .bind(id)
-            .bind(&run.batch)
-            .execute(&mut *tx)
+        let (run, rows, gone) = (run.clone(), rows.to_vec(), gone.to_vec());
+        let written = self
+            .write(move |tx| {
+                Box::pin(async move {
+                    if !write_batch(tx, id, &run, &rows, &gone).await? {
+                        return Ok(false);
+                    }
+                    if !jobs.is_empty() {
+                        apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &jobs)
+                            .await
+                            .map_err(queue::queue_failure)?;
+                    }
+                    sqlx::query(
+                        "UPDATE batch_marks SET finished = 1 WHERE message_id = ?1 AND batch = ?2",
+                    )
+                    .bind(id)
+                    .bind(&run.batch)
+                    .execute(&mut *tx)
+                    .await?;
+                    Ok(true)
+                })
+            })
             .await?;
-        tx.commit().await?;
-        self.changed();
-        Ok(true)
+        if written {
+            self.changed();
+        }
+        Ok(written)
     }
 
     async fn deliveries(
@@ -812,17 +898,22 @@ impl Store for SqliteStore {
     }
 
     async fn pause_account(&self, account: &str, until: SystemTime) -> Result<(), StoreError> {
-        let _turn = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO sender_accounts (account, paused_until) VALUES (?1, ?2) \
-             ON CONFLICT (account) DO UPDATE SET paused_until = \
-             MAX(COALESCE(paused_until, 0), excluded.paused_until)",
-        )
-        .bind(account)
-        .bind(millis(until))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let account = account.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO sender_accounts (account, paused_until) VALUES (?1, ?2) \
+                     ON CONFLICT (account) DO UPDATE SET paused_until = \
+                     MAX(COALESCE(paused_until, 0), excluded.paused_until)",
+                )
+                .bind(&account)
+                .bind(millis(until))
+                .execute(&mut *tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn reserve_budget(
@@ -832,41 +923,53 @@ impl Store for SqliteStore {
         daily: u64,
         wanted: u64,
     ) -> Result<u64, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT budget_day, budget_used FROM sender_accounts WHERE account = ?")
-                .bind(account)
+        let account = account.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let row: Option<(i64, i64)> = sqlx::query_as(
+                    "SELECT budget_day, budget_used FROM sender_accounts WHERE account = ?",
+                )
+                .bind(&account)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let used = match row {
-            Some((stored_day, used)) if stored_day == day => u64::try_from(used).unwrap_or(0),
-            _ => 0,
-        };
-        let granted = super::grant(daily, used, wanted);
-        sqlx::query(
+                let used = match row {
+                    Some((stored_day, used)) if stored_day == day => {
+                        u64::try_from(used).unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                let granted = super::grant(daily, used, wanted);
+                sqlx::query(
             "INSERT INTO sender_accounts (account, budget_day, budget_used) VALUES (?1, ?2, ?3) \
              ON CONFLICT (account) DO UPDATE SET budget_day = ?2, budget_used = ?3",
         )
-        .bind(account)
+        .bind(&account)
         .bind(day)
         .bind(i64::try_from(used + granted).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
-        Ok(granted)
+                Ok(granted)
+            })
+        })
+        .await
     }
 
     async fn release_budget(&self, account: &str, day: i64, unused: u64) -> Result<(), StoreError> {
-        let _turn = self.writer.lock().await;
-        sqlx::query(
-            "UPDATE sender_accounts SET budget_used = MAX(budget_used - ?1, 0) \
-             WHERE account = ?2 AND budget_day = ?3",
-        )
-        .bind(i64::try_from(unused).unwrap_or(i64::MAX))
-        .bind(account)
-        .bind(day)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let account = account.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE sender_accounts SET budget_used = MAX(budget_used - ?1, 0) \
+                     WHERE account = ?2 AND budget_day = ?3",
+                )
+                .bind(i64::try_from(unused).unwrap_or(i64::MAX))
+                .bind(&account)
+                .bind(day)
+                .execute(&mut *tx)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
     }
 }
