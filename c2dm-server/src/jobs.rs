@@ -12,13 +12,14 @@ use apalis::prelude::{BackendExt, BoxDynError, Data, TaskId, WorkerBuilder, Work
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use c2dm_core::{
-    BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, RegistrationId, Sender,
+    BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, OutcomeKind, RegistrationId,
+    Sender,
 };
 use futures::StreamExt;
 use sqlx::{PgPool, SqlitePool};
 use tokio::time::Instant;
 
-use crate::store::{Audience, BatchRun, DeliveryRow, DeviceState, Store, StoreError};
+use crate::store::{Audience, BatchRun, DeliveryRow, DeviceState, Store, StoreError, Tally};
 
 use crate::queue::{BATCH_QUEUE, PUSH_QUEUE};
 pub use crate::queue::{BatchJob, PushJob};
@@ -587,9 +588,20 @@ impl Pending {
     fn written(&mut self, written: bool) {
         if written {
             metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
-            for row in &self.rows {
-                metrics::counter!("c2dm_deliveries_total", "outcome" => row.outcome.as_str())
-                    .increment(1);
+            // Counted by outcome, then told once per outcome: a labelled counter is looked up
+            // each time it is named.
+            let mut tally = Tally::default();
+            self.rows.iter().for_each(|row| tally.add(row.outcome));
+            for (outcome, n) in [
+                (OutcomeKind::Accepted, tally.accepted),
+                (OutcomeKind::Rejected, tally.rejected),
+                (OutcomeKind::Failed, tally.failed),
+                (OutcomeKind::NotAttempted, tally.not_attempted),
+            ] {
+                if n > 0 {
+                    metrics::counter!("c2dm_deliveries_total", "outcome" => outcome.as_str())
+                        .increment(n);
+                }
             }
         } else {
             tracing::warn!(
