@@ -85,6 +85,8 @@ async fn finish_if_complete(
 impl SqliteStore {
     /// Opens (creating it if needed) the database at `url` (`sqlite://c2dm.db`,
     /// `sqlite::memory:`), in WAL mode with foreign keys on, and brings its tables up to date.
+    /// Its writes go through a task on the tokio runtime it is opened on: they fail once that
+    /// runtime has ended.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
