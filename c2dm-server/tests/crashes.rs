@@ -15,7 +15,7 @@ use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use c2dm_server::queue::BatchJob;
 use c2dm_server::serve::open_database;
-use c2dm_server::store::{DeliveryRow, Tally};
+use c2dm_server::store::{DeliveryRow, MessageState, Tally};
 use serde_json::{Value, json};
 
 use common::{Db, Server};
@@ -344,6 +344,52 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
 }
 
+/// A batch whose rows finish its push (its last flush wrote them all) ends with a last write
+/// of nothing: the push's marks are gone by then, and that is not taken for a takeover.
+async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
+    let server = Server::start(db).await;
+    let id = server
+        .push(json!({ "registration_ids": ["phone-a", "phone-b"] }))
+        .await;
+    let message_id: i64 = id.parse().unwrap();
+    let store = &server.store;
+    store.finish_walk(message_id, 2).await.unwrap();
+    let run = store.claim_batch(message_id, "b1").await.unwrap();
+    let now = std::time::SystemTime::now();
+    let rows = ["phone-a", "phone-b"].map(|device| DeliveryRow {
+        registration_id: device.into(),
+        outcome: OutcomeKind::Accepted,
+        c2dm_message_id: Some(format!("id-{device}")),
+        error: None,
+        attempts: 1,
+        possible_duplicates: 0,
+        at: now,
+    });
+    assert!(
+        store
+            .record_batch(message_id, &run, &rows, &[])
+            .await
+            .unwrap()
+    );
+    let message = store.message(message_id).await.unwrap().unwrap();
+    assert_eq!(message.state, MessageState::Done, "{message:?}");
+    assert!(
+        store
+            .finish_batch(message_id, &run, &[], &[], &[])
+            .await
+            .unwrap(),
+        "the last write of the run that finished the push is not refused"
+    );
+    // A run that still had rows to write, with the marks gone, is refused as before.
+    let stale = DeliveryRow::not_attempted("phone-c", "cancelled", now);
+    assert!(
+        !store
+            .record_batch(message_id, &run, &[stale], &[])
+            .await
+            .unwrap()
+    );
+}
+
 /// A run's last write puts the devices left for later back once, with its rows, and finishes
 /// the batch: a stale run's is refused, and a run after it finds nothing to do.
 async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
@@ -513,6 +559,7 @@ on_each_database!(
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
     a_batch_mark_only_grows_is_its_own_and_goes_with_its_push,
     a_batch_recorded_twice_is_counted_once,
+    a_batch_that_finished_its_push_is_not_taken_for_taken_over,
     a_finished_batch_puts_back_once_and_is_not_run_again,
     budget_reservations_never_exceed_the_day_together,
     an_accounts_pause_is_extended_never_shortened,

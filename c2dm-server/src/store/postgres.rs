@@ -208,7 +208,9 @@ async fn write_batch(
     .fetch_optional(&mut *conn)
     .await?;
     if latest != Some(run.run) {
-        return Ok(None);
+        // No mark at all: it went with the push, which this run's earlier writes finished.
+        // Its last write then has nothing to say, and is no news of a takeover.
+        return Ok((latest.is_none() && rows.is_empty() && gone.is_empty()).then_some(false));
     }
     if !gone.is_empty() {
         sqlx::query(
