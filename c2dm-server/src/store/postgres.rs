@@ -169,8 +169,9 @@ impl PostgresStore {
 }
 
 /// The rows and gone devices of `run` of a batch of push `id`, in the transaction `conn`, then
-/// the push finished if complete: `None` (nothing written) if the run is not the batch's latest
-/// (or the batch's marks went with its finished push), else whether the push finished.
+/// the push finished if complete: `None` (nothing written) if the run is not the batch's latest,
+/// or if the batch's marks went with its finished push and it had rows to write; else whether
+/// the push finished (now).
 async fn write_batch(
     conn: &mut sqlx::PgConnection,
     id: i64,

@@ -264,9 +264,37 @@ async fn upsert(
     Ok((upserted, device_of(&row)?))
 }
 
+/// Claims a run of batch `batch` of push `id` in the write transaction `tx` (a first run, or
+/// the next): the run, the batch's mark, how many runs marked it, and whether the batch or its
+/// push is finished.
+async fn claim(
+    tx: &mut SqliteConnection,
+    id: i64,
+    batch: &str,
+) -> Result<(i64, i64, i64, bool), StoreError> {
+    let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
+        "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
+         ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
+         RETURNING run, sent_through, sending_runs, finished",
+    )
+    .bind(id)
+    .bind(batch)
+    .fetch_one(&mut *tx)
+    .await?;
+    let push_finished: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ?1 \
+         AND state IN ('done', 'cancelled'))",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok((run, through, sending_runs, finished || push_finished))
+}
+
 /// The rows and gone devices of `run` of a batch of push `id`, in the write transaction
 /// `conn`, then the push finished if complete; `false` (nothing written) if the run is not the
-/// batch's latest (or the batch's marks went with its finished push).
+/// batch's latest, or if the batch's marks went with its finished push and it had rows to
+/// write.
 async fn write_batch(
     conn: &mut sqlx::SqliteConnection,
     id: i64,
@@ -747,26 +775,9 @@ impl Store for SqliteStore {
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
         let owned = batch.to_owned();
-        let (run, through, sending_runs, finished) = self.write(move |tx| Box::pin(async move {
-        let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
-            "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
-             ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
-             RETURNING run, sent_through, sending_runs, finished",
-        )
-        .bind(id)
-        .bind(&owned)
-        .fetch_one(&mut *tx)
-        .await?;
-        let push_finished: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ?1 \
-             AND state IN ('done', 'cancelled'))",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        Ok((run, through, sending_runs, finished || push_finished))
-        }))
-        .await?;
+        let (run, through, sending_runs, finished) = self
+            .write(move |tx| Box::pin(async move { claim(tx, id, &owned).await }))
+            .await?;
         Ok(BatchRun {
             batch: batch.to_owned(),
             run,
