@@ -344,6 +344,19 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
 }
 
+/// A row of one attempt for `device`, written now.
+fn row(device: &str, outcome: OutcomeKind, error: Option<&str>) -> DeliveryRow {
+    DeliveryRow {
+        registration_id: device.into(),
+        outcome,
+        c2dm_message_id: None,
+        error: error.map(Into::into),
+        attempts: 1,
+        possible_duplicates: 0,
+        at: std::time::SystemTime::now(),
+    }
+}
+
 /// A batch whose rows finish its push (its last flush wrote them all) ends with a last write
 /// of nothing: the push's marks are gone by then, and that is not taken for a takeover.
 async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
@@ -355,16 +368,7 @@ async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
     let store = &server.store;
     store.finish_walk(message_id, 2).await.unwrap();
     let run = store.claim_batch(message_id, "b1").await.unwrap();
-    let now = std::time::SystemTime::now();
-    let rows = ["phone-a", "phone-b"].map(|device| DeliveryRow {
-        registration_id: device.into(),
-        outcome: OutcomeKind::Accepted,
-        c2dm_message_id: Some(format!("id-{device}")),
-        error: None,
-        attempts: 1,
-        possible_duplicates: 0,
-        at: now,
-    });
+    let rows = ["phone-a", "phone-b"].map(|device| row(device, OutcomeKind::Accepted, None));
     assert!(
         store
             .record_batch(message_id, &run, &rows, &[])
@@ -381,7 +385,7 @@ async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
         "the last write of the run that finished the push is not refused"
     );
     // A run that still had rows to write, with the marks gone, is refused as before.
-    let stale = DeliveryRow::not_attempted("phone-c", "cancelled", now);
+    let stale = DeliveryRow::not_attempted("phone-c", "cancelled", std::time::SystemTime::now());
     assert!(
         !store
             .record_batch(message_id, &run, &[stale], &[])
@@ -447,16 +451,6 @@ async fn a_batch_recorded_twice_is_counted_once(db: Db) {
         .await;
     let message_id: i64 = id.parse().unwrap();
     let run = server.store.claim_batch(message_id, "b1").await.unwrap();
-    let now = std::time::SystemTime::now();
-    let row = |device: &str, outcome, error: Option<&str>| DeliveryRow {
-        registration_id: device.into(),
-        outcome,
-        c2dm_message_id: None,
-        error: error.map(Into::into),
-        attempts: 1,
-        possible_duplicates: 0,
-        at: now,
-    };
     let first = [
         row("phone-a", OutcomeKind::Accepted, None),
         row("gone-b", OutcomeKind::Rejected, Some("NotRegistered")),
