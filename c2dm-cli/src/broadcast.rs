@@ -418,7 +418,7 @@ pub async fn run(global: &Global, args: BroadcastArgs) -> Result<ExitCode, CliEr
     // Everything that can be wrong with the input is found before anything is sent.
     let template = client::message(&args.message, "template")?;
     let ids = Ids::open(&args.ids)?;
-    let sender = client::sender(global, None)?;
+    let sender = client::sender(global, None, args.concurrency as usize)?;
     let run = broadcast(&sender, &template, &args, ids).await?;
     print_summary(global, &run);
     Ok(if run.complete() {

@@ -43,10 +43,15 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// The production transport, trusting `--ca-cert` besides the usual roots, through
-/// `--proxy` (or the environment's, with `--proxy-from-env`) except for `--no-proxy`.
-pub fn transport(global: &Global) -> Result<HyperTransport, CliError> {
-    let mut builder =
-        HyperTransport::builder().request_timeout(Duration::from_secs_f64(global.timeout));
+/// `--proxy` (or the environment's, with `--proxy-from-env`) except for `--no-proxy`. It
+/// keeps open at least `sends_at_once` idle connections to a host, so that a command sending
+/// that many at once finds one for each (with fewer, it closed and opened connections as it
+/// went: a push through `c2dm serve` with 4 batches of 64 sends made a fifth fewer sends a
+/// second on HTTP/1.1 with the default 128).
+pub fn transport(global: &Global, sends_at_once: usize) -> Result<HyperTransport, CliError> {
+    let mut builder = HyperTransport::builder()
+        .request_timeout(Duration::from_secs_f64(global.timeout))
+        .pool_max_idle_per_host(sends_at_once.max(c2dm_hyper::DEFAULT_MAX_IDLE_PER_HOST));
     if let Some(path) = &global.ca_cert {
         let pem = std::fs::read(path).map_err(|e| {
             CliError::Usage(format!("--ca-cert: cannot read {}: {e}", path.display()))
@@ -179,10 +184,15 @@ pub fn token_provider(
     }
 }
 
-/// The sender for `send` (`default_deadline` applies without `--deadline`) and `broadcast`.
-pub fn sender(global: &Global, default_deadline: Option<Duration>) -> Result<Sender, CliError> {
+/// The sender for `send` (`default_deadline` applies without `--deadline`), `broadcast` and
+/// `serve`, which send up to `sends_at_once` messages at once.
+pub fn sender(
+    global: &Global,
+    default_deadline: Option<Duration>,
+    sends_at_once: usize,
+) -> Result<Sender, CliError> {
     let endpoint = parse_url("--send-url", &global.send_url)?;
-    let transport = transport(global)?;
+    let transport = transport(global, sends_at_once)?;
     let tokens = token_provider(global, &transport)?;
     Ok(Sender::builder(transport, tokens)
         .endpoint(endpoint)
@@ -263,18 +273,30 @@ mod tests {
             "localhost",
         ])
         .unwrap();
-        assert!(transport(&parsed.global).is_ok());
+        assert!(transport(&parsed.global, 1).is_ok());
         let shown = format!("{:?}", parsed.global);
         assert!(shown.contains("proxy.internal:3128"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
 
         let parsed = cli(&["--proxy", "socks5://alice:hunter2@proxy:1080"]).unwrap();
-        let err = transport(&parsed.global).unwrap_err().to_string();
+        let err = transport(&parsed.global, 1).unwrap_err().to_string();
         assert!(err.starts_with("--proxy: "), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
         assert!(!format!("{:?}", parsed.global).contains("hunter2"));
 
         // One source of proxies at a time.
         assert!(cli(&["--proxy", "http://p:1", "--proxy-from-env"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_transport_keeps_a_connection_for_each_send_at_once() {
+        use clap::Parser;
+        let parsed = crate::args::Cli::try_parse_from(["c2dm", "login"]).unwrap();
+        let idle = |sends: usize| format!("{:?}", transport(&parsed.global, sends).unwrap());
+        let kept = |n: usize| format!("pool_max_idle_per_host: {n},");
+        assert!(idle(256).contains(&kept(256)), "{}", idle(256));
+        // Never fewer than the library's default.
+        let default = c2dm_hyper::DEFAULT_MAX_IDLE_PER_HOST;
+        assert!(idle(1).contains(&kept(default)), "{}", idle(1));
     }
 }

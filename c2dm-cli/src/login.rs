@@ -15,7 +15,7 @@ fn print_login_error(err: &LoginError) -> CliError {
 
 /// `c2dm login`.
 pub async fn login(global: &Global, args: LoginArgs) -> Result<ExitCode, CliError> {
-    let transport = transport(global)?;
+    let transport = transport(global, 1)?;
     let Some(credentials) = credentials(global)? else {
         return Err(CliError::Usage(
             "login needs --email (or C2DM_EMAIL) and C2DM_PASSWORD or --password-file".into(),

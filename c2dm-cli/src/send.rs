@@ -18,7 +18,7 @@ pub const SEND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10
 pub async fn send(global: &Global, args: SendArgs) -> Result<ExitCode, CliError> {
     let message = message(&args.message, &args.to)?;
     let id = message.registration_id().clone();
-    let sender = sender(global, Some(SEND_DEADLINE))?;
+    let sender = sender(global, Some(SEND_DEADLINE), 1)?;
     let result = sender.send(message).await;
     let failure_text = result.as_ref().err().map(ToString::to_string);
     let delivery = Delivery::from_result(id, result);

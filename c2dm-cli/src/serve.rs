@@ -59,7 +59,9 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
         budget_period: std::time::Duration::from_secs(args.budget_period),
         heartbeat: std::time::Duration::from_secs_f64(args.heartbeat),
     });
-    let sender = client::sender(global, None)?;
+    // Every batch of this process may send its `--concurrency` at once.
+    let sends_at_once = (args.workers as usize).saturating_mul(args.concurrency as usize);
+    let sender = client::sender(global, None, sends_at_once)?;
     let options = ServeOptions {
         database: args.database,
         api,

@@ -348,6 +348,7 @@ impl fmt::Debug for HyperTransport {
         f.debug_struct("HyperTransport")
             .field("request_timeout", &self.request_timeout)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("pool_max_idle_per_host", &self.pool.max_idle_per_host())
             .finish_non_exhaustive()
     }
 }

@@ -290,6 +290,11 @@ impl Pool {
         }
     }
 
+    /// The most idle HTTP/1.1 connections kept per host.
+    pub(crate) fn max_idle_per_host(&self) -> usize {
+        self.inner.max_idle_per_host
+    }
+
     /// A connection for `key`: the shared HTTP/2 one, the most recently used idle HTTP/1.1 one
     /// that is still open, or a new one to `uri`.
     pub(crate) async fn checkout(
