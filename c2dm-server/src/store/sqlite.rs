@@ -96,6 +96,9 @@ impl SqliteStore {
         // An in-memory database lives as long as its one connection.
         let memory = url.contains(":memory:");
         let pool = SqlitePoolOptions::new()
+            // A connection to a file in this process does not go stale: no ping (a round trip
+            // to the connection's thread) before each use.
+            .test_before_acquire(false)
             .max_connections(if memory { 1 } else { 8 })
             .min_connections(usize::from(memory) as u32)
             .idle_timeout(if memory {
