@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use apalis::prelude::{BackendExt, BoxDynError, Data, TaskId, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, TaskId, WorkerBuilder,
+    WorkerBuilderExt,
+};
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use c2dm_core::{
@@ -226,6 +229,39 @@ impl Default for WorkerOptions {
 /// again only at its heartbeat (30 s), so a job enqueued while a worker idled waited that long.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Wakes a worker every [`POLL`], with the next wake armed whenever it is polled. apalis' own
+/// interval strategy arms its next timer only at the poll after the one its timer fired in;
+/// a fetch that began and ended within that one poll (a fast database) left no wake at all,
+/// and the worker slept until its next heartbeat while other processes took every batch.
+struct Every(tokio::time::Interval);
+
+impl Every {
+    fn new(period: Duration) -> Self {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(interval)
+    }
+}
+
+impl PollStrategy for Every {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        // Polled until pending, so that the next tick's wake is armed on the way out.
+        let mut ticked = false;
+        while self.0.poll_tick(cx).is_ready() {
+            ticked = true;
+        }
+        if ticked {
+            std::task::Poll::Ready(Some(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
 /// How often the workers compare their pause with the account's in the database, and how
 /// often a batch looks whether its push was cancelled.
 const LOOK: Duration = Duration::from_millis(200);
@@ -278,13 +314,13 @@ pub async fn run_workers(
     let watcher = tokio::spawn(watch_account(Arc::clone(&runner)));
     let workers = on_queues!(queues, |pushes, batches| {
         let pushes = WorkerBuilder::new(worker_name(PUSH_QUEUE))
-            .backend(pushes.poll_with_interval(POLL))
+            .backend(pushes.poll_with_strategy(Every::new(POLL)))
             .data(Arc::clone(&runner))
             .concurrency(1)
             .build(|job, runner| on_own_task(run_push(job, runner)))
             .run_until(signal(&stop));
         let batches = WorkerBuilder::new(worker_name(BATCH_QUEUE))
-            .backend(batches.poll_with_interval(POLL))
+            .backend(batches.poll_with_strategy(Every::new(POLL)))
             .data(Arc::clone(&runner))
             .concurrency(runner.options.workers.max(1))
             .build(|job, task, runner| on_own_task(run_batch(job, task, runner)))
@@ -293,10 +329,19 @@ pub async fn run_workers(
             shutdown.await;
             let _ = stop.send(());
         };
-        let (pushes, batches, ()) = tokio::join!(pushes, batches, stopper);
+        // Each worker on a task of its own. Polled together on one task, each woke the other:
+        // the end of one's empty fetch polled the other, which then fetched again at once,
+        // so an idle process queried its queue about a thousand times a second and kept most
+        // of a core busy (the poll interval never came into play).
+        let (pushes, batches, ()) = tokio::join!(owned_task(pushes), owned_task(batches), stopper);
         pushes
             .map_err(queue_error)
-            .and(batches.map_err(queue_error))
+            .and_then(|r| r.map_err(queue_error))
+            .and(
+                batches
+                    .map_err(queue_error)
+                    .and_then(|r| r.map_err(queue_error)),
+            )
     });
     watcher.abort();
     workers
@@ -311,21 +356,31 @@ async fn on_own_task<F>(job: F) -> Result<(), BoxDynError>
 where
     F: std::future::Future<Output = Result<(), BoxDynError>> + Send + 'static,
 {
-    /// Aborts the task when the job's future is dropped before the task ends.
+    // In the job's span, which apalis opened for it: its logs still say which job.
+    match owned_task(tracing::Instrument::in_current_span(job)).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(format!("the job panicked: {e}").into()),
+        Err(e) => Err(e.to_string().into()),
+    }
+}
+
+/// Runs `work` on a task of its own, aborted if the future returned is dropped before the
+/// task ends: whoever drops it stops the work, as if it ran in place.
+async fn owned_task<F>(work: F) -> Result<F::Output, tokio::task::JoinError>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// Aborts the task when dropped.
     struct AbortOnDrop(tokio::task::AbortHandle);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {
             self.0.abort();
         }
     }
-    // In the job's span, which apalis opened for it: its logs still say which job.
-    let handle = tokio::spawn(tracing::Instrument::in_current_span(job));
+    let handle = tokio::spawn(work);
     let _abort = AbortOnDrop(handle.abort_handle());
-    match handle.await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => Err(format!("the job panicked: {e}").into()),
-        Err(e) => Err(e.to_string().into()),
-    }
+    handle.await
 }
 
 /// The wall-clock time an instant of the sender's clock stands for.
@@ -1007,6 +1062,43 @@ mod tests {
         for pauses in &told {
             assert!(!pauses.has_changed().unwrap());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_poll_always_leaves_its_next_wake_armed() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::{Context, Wake, Waker};
+        struct Wakes(AtomicUsize);
+        impl Wake for Wakes {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let mut every = Every::new(POLL);
+        // The first look comes at once; polled once, and never again, the strategy still
+        // wakes the worker for each look after it.
+        assert!(
+            every
+                .poll_drive(&mut cx, &PollSnapshot::default())
+                .is_ready()
+        );
+        tokio::time::sleep(POLL).await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(
+            every
+                .poll_drive(&mut cx, &PollSnapshot::default())
+                .is_ready()
+        );
+        assert!(
+            every
+                .poll_drive(&mut cx, &PollSnapshot::default())
+                .is_pending()
+        );
+        tokio::time::sleep(POLL).await;
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
     }
 
     #[test]
