@@ -45,9 +45,8 @@ fn is_loopback(host: &str) -> bool {
 /// The production transport, trusting `--ca-cert` besides the usual roots, through
 /// `--proxy` (or the environment's, with `--proxy-from-env`) except for `--no-proxy`. It
 /// keeps open at least `sends_at_once` idle connections to a host, so that a command sending
-/// that many at once finds one for each (with fewer, it closed and opened connections as it
-/// went: a push through `c2dm serve` with 4 batches of 64 sends made a fifth fewer sends a
-/// second on HTTP/1.1 with the default 128).
+/// that many at once finds one for each (with fewer, say 4 batches of 64 sends against the
+/// default 128, it closed and opened connections as it went).
 pub fn transport(global: &Global, sends_at_once: usize) -> Result<HyperTransport, CliError> {
     let mut builder = HyperTransport::builder()
         .request_timeout(Duration::from_secs_f64(global.timeout))
