@@ -334,14 +334,13 @@ pub async fn run_workers(
         // so an idle process queried its queue about a thousand times a second and kept most
         // of a core busy (the poll interval never came into play).
         let (pushes, batches, ()) = tokio::join!(owned_task(pushes), owned_task(batches), stopper);
-        pushes
-            .map_err(queue_error)
-            .and_then(|r| r.map_err(queue_error))
-            .and(
-                batches
-                    .map_err(queue_error)
-                    .and_then(|r| r.map_err(queue_error)),
-            )
+        // A worker's task may fail to end (a panic) or end with the worker's own error.
+        let ended = |worker: Result<Result<(), _>, _>| {
+            worker
+                .map_err(queue_error)
+                .and_then(|r| r.map_err(queue_error))
+        };
+        ended(pushes).and(ended(batches))
     });
     watcher.abort();
     workers
@@ -1078,27 +1077,18 @@ mod tests {
         let waker = Waker::from(Arc::clone(&wakes));
         let mut cx = Context::from_waker(&waker);
         let mut every = Every::new(POLL);
-        // The first look comes at once; polled once, and never again, the strategy still
-        // wakes the worker for each look after it.
-        assert!(
-            every
-                .poll_drive(&mut cx, &PollSnapshot::default())
-                .is_ready()
-        );
-        tokio::time::sleep(POLL).await;
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
-        assert!(
-            every
-                .poll_drive(&mut cx, &PollSnapshot::default())
-                .is_ready()
-        );
-        assert!(
-            every
-                .poll_drive(&mut cx, &PollSnapshot::default())
-                .is_pending()
-        );
-        tokio::time::sleep(POLL).await;
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        let look = |every: &mut Every, cx: &mut Context<'_>| {
+            every.poll_drive(cx, &PollSnapshot::default())
+        };
+        // The first look comes at once. Polled once, and never again until woken, the strategy
+        // still wakes the worker for each look after it.
+        assert!(look(&mut every, &mut cx).is_ready());
+        for woken in 1..=2 {
+            tokio::time::sleep(POLL).await;
+            assert_eq!(wakes.0.load(Ordering::SeqCst), woken);
+            assert!(look(&mut every, &mut cx).is_ready());
+            assert!(look(&mut every, &mut cx).is_pending());
+        }
     }
 
     #[test]
