@@ -344,6 +344,12 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
 }
 
+/// Pushes to `ids` through the API: the push's id, as the store keys it.
+async fn push_to(server: &Server, ids: &[&str]) -> i64 {
+    let id = server.push(json!({ "registration_ids": ids })).await;
+    id.parse().unwrap()
+}
+
 /// A row of one attempt for `device`, written now.
 fn row(device: &str, outcome: OutcomeKind, error: Option<&str>) -> DeliveryRow {
     DeliveryRow {
@@ -361,10 +367,7 @@ fn row(device: &str, outcome: OutcomeKind, error: Option<&str>) -> DeliveryRow {
 /// of nothing: the push's marks are gone by then, and that is not taken for a takeover.
 async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
     let server = Server::start(db).await;
-    let id = server
-        .push(json!({ "registration_ids": ["phone-a", "phone-b"] }))
-        .await;
-    let message_id: i64 = id.parse().unwrap();
+    let message_id = push_to(&server, &["phone-a", "phone-b"]).await;
     let store = &server.store;
     store.finish_walk(message_id, 2).await.unwrap();
     let run = store.claim_batch(message_id, "b1").await.unwrap();
@@ -398,10 +401,7 @@ async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
 /// the batch: a stale run's is refused, and a run after it finds nothing to do.
 async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
     let server = Server::start(db).await;
-    let id = server
-        .push(json!({ "registration_ids": ["phone-000", "phone-001"] }))
-        .await;
-    let message_id: i64 = id.parse().unwrap();
+    let message_id = push_to(&server, &["phone-000", "phone-001"]).await;
     let store = &server.store;
     let batches = || async { server.queues.depth().await.unwrap().1 };
     assert_eq!(batches().await, 0, "no worker has walked the push");
@@ -446,10 +446,7 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
 /// no row twice, and its push's tally counts each row once.
 async fn a_batch_recorded_twice_is_counted_once(db: Db) {
     let server = Server::start(db).await;
-    let id = server
-        .push(json!({ "registration_ids": ["phone-a", "gone-b", "phone-c"] }))
-        .await;
-    let message_id: i64 = id.parse().unwrap();
+    let message_id = push_to(&server, &["phone-a", "gone-b", "phone-c"]).await;
     let run = server.store.claim_batch(message_id, "b1").await.unwrap();
     let first = [
         row("phone-a", OutcomeKind::Accepted, None),
