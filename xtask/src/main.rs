@@ -173,7 +173,8 @@ fn main() -> ExitCode {
         ["ci"] => ci(),
         ["contract"] => contract::run(&root()),
         ["tidy"] => {
-            let problems = tidy::check(&root());
+            let mut problems = tidy::check(&root());
+            problems.extend(tidy::check_build(&root()));
             if problems.is_empty() {
                 eprintln!("tidy: all rules hold");
                 Ok(())

@@ -373,7 +373,51 @@ fn check_no_import_cycles(root: &Path, problems: &mut Vec<String>) {
     }
 }
 
-/// Every rule; an empty list means all hold.
+/// The packages that `cargo tree` (`{p}|{f}` a line, no prefix) shows with more than one set
+/// of features, each with its sets. A package the program and the compiler's macros both use
+/// is built twice when the sets differ.
+fn split_features(tree: &str) -> Vec<String> {
+    let mut sets: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for line in tree.lines() {
+        let line = line.trim_end().trim_end_matches(" (*)");
+        if let Some((package, features)) = line.split_once('|') {
+            sets.entry(package).or_default().insert(features);
+        }
+    }
+    sets.into_iter()
+        .filter(|(_, features)| features.len() > 1)
+        .map(|(package, features)| {
+            let features: Vec<String> = features.iter().map(|f| format!("[{f}]")).collect();
+            format!(
+                "{package} is built with two sets of features ({}): give c2dm-cli's \
+                 [dependencies] or [build-dependencies] what the other side has",
+                features.join(" and ")
+            )
+        })
+        .collect()
+}
+
+/// The `c2dm` program's build compiles each package once: the same features for the program
+/// and for the compiler's macros (c2dm-cli's `[build-dependencies]` say why). Runs `cargo
+/// tree`, so it is apart from [`check`], whose rules read files only.
+pub fn check_build(root: &Path) -> Vec<String> {
+    let out = std::process::Command::new(crate::cargo())
+        .current_dir(root)
+        .args(["tree", "--locked", "-p", "c2dm-cli", "-e", "normal,build"])
+        .args(["--prefix", "none", "--format", "{p}|{f}"])
+        .output();
+    match out {
+        Ok(out) if out.status.success() => split_features(&String::from_utf8_lossy(&out.stdout)),
+        Ok(out) => vec![format!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )],
+        Err(e) => vec![format!("cargo tree: {e}")],
+    }
+}
+
+/// Every rule that reads files only; an empty list means all hold.
 pub fn check(root: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     check_dependencies(root, &mut problems);
@@ -395,6 +439,29 @@ mod tests {
             problems.is_empty(),
             "tidy rules broken:\n{}",
             problems.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_program_is_built_with_one_set_of_features_per_package() {
+        let problems = check_build(&crate::root());
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn a_package_with_two_feature_sets_is_named_with_both() {
+        let tree = "c2dm-cli v0.1.0 (/x)|\n\
+                    tokio v1.0.0|macros,rt\n\
+                    sqlx-core v0.9.0|any,json\n\
+                    tokio v1.0.0|rt (*)\n\
+                    sqlx-core v0.9.0|any,json (*)\n";
+        let problems = split_features(tree);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "tokio v1.0.0 is built with two sets of features ([macros,rt] and [rt])"
+            ),
+            "{problems:?}"
         );
     }
 
