@@ -390,8 +390,9 @@ fn split_features(tree: &str) -> Vec<String> {
         .map(|(package, features)| {
             let features: Vec<String> = features.iter().map(|f| format!("[{f}]")).collect();
             format!(
-                "{package} is built with two sets of features ({}): give c2dm-cli's \
+                "{package} is built with {} sets of features ({}): give c2dm-cli's \
                  [dependencies] or [build-dependencies] what the other side has",
+                features.len(),
                 features.join(" and ")
             )
         })
@@ -459,7 +460,7 @@ mod tests {
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].starts_with(
-                "tokio v1.0.0 is built with two sets of features ([macros,rt] and [rt])"
+                "tokio v1.0.0 is built with 2 sets of features ([macros,rt] and [rt])"
             ),
             "{problems:?}"
         );
