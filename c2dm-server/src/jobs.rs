@@ -22,7 +22,9 @@ use futures::StreamExt;
 use sqlx::{PgPool, SqlitePool};
 use tokio::time::Instant;
 
-use crate::store::{Audience, BatchRun, DeliveryRow, DeviceState, Store, StoreError, Tally};
+use crate::store::{
+    Audience, BatchRun, DeliveryRow, DeviceState, Positions, Store, StoreError, Tally,
+};
 
 use crate::queue::{BATCH_QUEUE, PUSH_QUEUE};
 pub use crate::queue::{BatchJob, PushJob};
@@ -534,7 +536,7 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
                 let end = (start + batch).min(ids.len());
                 let to = i64::try_from(end).unwrap_or(i64::MAX);
                 if !store
-                    .walk_page(job.message_id, from, to, &ids[start..end])
+                    .walk_page(job.message_id, from, to, &ids[start..end], None)
                     .await?
                 {
                     return Err(moved_on());
@@ -552,13 +554,18 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
             }
             // The last page has no cursor of its own: nothing comes after it.
             let to = page.next.unwrap_or(i64::MAX);
+            let positions = page.items.last().map(|(through, _)| Positions {
+                after: from.unwrap_or(0),
+                through: *through,
+            });
+            let ids: Vec<String> = page.items.into_iter().map(|(_, id)| id).collect();
             if !store
-                .walk_page(job.message_id, from, to, &page.items)
+                .walk_page(job.message_id, from, to, &ids, positions)
                 .await?
             {
                 return Err(moved_on());
             }
-            total += page.items.len() as u64;
+            total += ids.len() as u64;
             from = Some(to);
             if page.next.is_none() {
                 break;
@@ -814,8 +821,11 @@ async fn run_batch(
         }
     } else {
         let ids: Vec<String> = todo.iter().map(|(_, id)| (*id).clone()).collect();
-        let inactive: HashMap<String, DeviceState> =
-            store.inactive_devices(&ids).await?.into_iter().collect();
+        let inactive: HashMap<String, DeviceState> = store
+            .inactive_devices(&ids, job.positions)
+            .await?
+            .into_iter()
+            .collect();
         let mut send = Vec::with_capacity(todo.len());
         for &(at, id) in &todo {
             match (inactive.get(id.as_str()), RegistrationId::new(id.as_str())) {
@@ -928,7 +938,7 @@ async fn run_batch(
     // The last rows, the devices left for later as batches of their own, and the batch
     // finished, in one transaction: a run after this one does nothing, so nothing goes back
     // twice.
-    let later = later_batches(job.message_id, later, &pending.resent);
+    let later = later_batches(job.message_id, job.positions, later, &pending.resent);
     pending.finish(store.as_ref(), &later).await?;
     metrics::counter!("c2dm_batches_total").increment(1);
     Ok(())
@@ -938,6 +948,7 @@ async fn run_batch(
 /// batch may have sent to them already) go as possibly sent.
 fn later_batches(
     message_id: i64,
+    positions: Option<Positions>,
     mut later: Vec<(String, SystemTime)>,
     resent: &HashMap<String, u32>,
 ) -> Vec<(BatchJob, SystemTime)> {
@@ -955,6 +966,7 @@ fn later_batches(
                 .cloned()
                 .collect(),
             registration_ids: ids,
+            positions,
         };
         batches.push((job, at));
         later = rest;
@@ -1111,7 +1123,11 @@ mod tests {
             ("b".to_owned(), t(10)),
         ];
         let resent: HashMap<String, u32> = [("b".to_owned(), 2), ("z".to_owned(), 1)].into();
-        let batches = later_batches(7, later, &resent);
+        let positions = Some(Positions {
+            after: 100,
+            through: 200,
+        });
+        let batches = later_batches(7, positions, later, &resent);
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[0].1, t(10));
         assert_eq!(batches[0].0.registration_ids, ["a", "b"]);
@@ -1119,7 +1135,9 @@ mod tests {
         assert_eq!(batches[1].1, t(20));
         assert_eq!(batches[1].0.registration_ids, ["c"]);
         assert!(batches[1].0.possibly_sent.is_empty());
-        assert!(later_batches(7, Vec::new(), &resent).is_empty());
+        // What goes back lies where its batch did.
+        assert!(batches.iter().all(|(job, _)| job.positions == positions));
+        assert!(later_batches(7, None, Vec::new(), &resent).is_empty());
     }
 
     #[test]

@@ -26,6 +26,21 @@ pub struct BatchJob {
     /// duplicate more.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub possibly_sent: Vec<String>,
+    /// Where its devices lie in the registry, for a batch walked from it (none for a list of
+    /// ids, or a batch queued before positions were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<Positions>,
+}
+
+/// Where the devices of a batch walked from the registry lie in it: each has a position (its
+/// device's id) in `(after, through]`. A batch looks up which of its devices stopped being
+/// active since the walk by this range, in the index's order, rather than device by device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Positions {
+    /// Every device of the batch comes after this position…
+    pub after: i64,
+    /// …and none after this one.
+    pub through: i64,
 }
 
 /// The push queue's name in the job tables.
@@ -61,15 +76,21 @@ mod tests {
         let old: BatchJob =
             serde_json::from_str(r#"{"message_id": 7, "registration_ids": ["a", "b"]}"#).unwrap();
         assert_eq!(old.possibly_sent, Vec::<String>::new());
+        assert_eq!(old.positions, None);
         let later = BatchJob {
             message_id: 7,
             registration_ids: vec!["a".into(), "b".into()],
             possibly_sent: vec!["b".into()],
+            positions: Some(Positions {
+                after: 10,
+                through: 12,
+            }),
         };
         let text = serde_json::to_string(&later).unwrap();
         assert_eq!(serde_json::from_str::<BatchJob>(&text).unwrap(), later);
         // Nothing new is written when there is nothing to say.
         let plain = serde_json::to_string(&old).unwrap();
         assert!(!plain.contains("possibly_sent"), "{plain}");
+        assert!(!plain.contains("positions"), "{plain}");
     }
 }

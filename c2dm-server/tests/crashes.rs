@@ -15,7 +15,7 @@ use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use c2dm_server::queue::BatchJob;
 use c2dm_server::serve::open_database;
-use c2dm_server::store::{DeliveryRow, MessageState, Tally};
+use c2dm_server::store::{Audience, DeliveryRow, DeviceState, MessageState, Positions, Tally};
 use serde_json::{Value, json};
 
 use common::{Db, Server};
@@ -262,14 +262,14 @@ async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db
     let store = &server.store;
     assert!(
         store
-            .walk_page(message_id, None, 3, &ids[..3])
+            .walk_page(message_id, None, 3, &ids[..3], None)
             .await
             .unwrap()
     );
     // A second walker that read the walk before that cannot enqueue the page again.
     assert!(
         !store
-            .walk_page(message_id, None, 3, &ids[..3])
+            .walk_page(message_id, None, 3, &ids[..3], None)
             .await
             .unwrap()
     );
@@ -284,6 +284,99 @@ async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db
     for device in &ids {
         assert_eq!(server.emulator.inbox(device).len(), 1, "{device}");
     }
+}
+
+/// A device of a walked page that stops being active before its batch runs is not sent to,
+/// and gets a row that says why; a device not active in the same range of the registry but
+/// not in the audience gets no row at all.
+async fn a_device_that_stops_being_active_after_the_walk_is_not_sent_to(db: Db) {
+    let options = WorkerOptions {
+        batch_size: 2,
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    // Bob has the even phones, Alice the odd ones.
+    for i in 0..8 {
+        let user = if i % 2 == 0 { "bob" } else { "alice" };
+        server
+            .register(&format!("phone-{i:03}"), Some(user), &[])
+            .await;
+    }
+    let id = server.push(json!({ "user_id": "bob" })).await;
+    let message_id: i64 = id.parse().unwrap();
+    // A walker enqueued the first page (phone-000 and phone-002, with phone-001 between them
+    // in the registry), as the push's job does…
+    let store = &server.store;
+    let audience = Audience::User {
+        user_id: "bob".into(),
+    };
+    let page = store.audience_page(&audience, None, 2).await.unwrap();
+    let ids: Vec<String> = page.items.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids, ["phone-000", "phone-002"]);
+    let positions = Positions {
+        after: 0,
+        through: page.items[1].0,
+    };
+    let to = page.next.unwrap();
+    assert!(
+        store
+            .walk_page(message_id, None, to, &ids, Some(positions))
+            .await
+            .unwrap()
+    );
+    // …then, before any worker took the batch, phone-002 and Alice's phone-001 unregistered.
+    for phone in ["phone-001", "phone-002"] {
+        let (status, body) = server
+            .call(
+                "DELETE",
+                &format!("/v1/devices/{phone}"),
+                common::DEVICE,
+                None,
+            )
+            .await;
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+    }
+    let named = [
+        "phone-000",
+        "phone-001",
+        "phone-002",
+        "phone-004",
+        "phone-006",
+    ]
+    .map(String::from);
+    let inactive = store
+        .inactive_devices(&named, Some(positions))
+        .await
+        .unwrap();
+    assert_eq!(
+        inactive,
+        [
+            ("phone-001".to_owned(), DeviceState::Unregistered),
+            ("phone-002".to_owned(), DeviceState::Unregistered)
+        ],
+        "the range's inactive devices that are named"
+    );
+
+    let _workers = server.workers(options);
+    let message = server.finished(&id).await;
+    assert_eq!(message["total"], 4, "{message}");
+    assert_eq!(message["counts"]["accepted"], 3, "{message}");
+    assert_eq!(
+        message["counts"]["not_attempted"]["unregistered"], 1,
+        "{message}"
+    );
+    let rows = server.rows(&id, "").await;
+    let devices: Vec<&str> = rows
+        .iter()
+        .map(|row| row["registration_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        devices,
+        ["phone-000", "phone-002", "phone-004", "phone-006"]
+    );
+    assert!(server.emulator.inbox("phone-002").is_empty());
+    assert!(server.emulator.inbox("phone-001").is_empty());
+    assert_eq!(server.emulator.inbox("phone-000").len(), 1);
 }
 
 async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
@@ -412,6 +505,7 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
             message_id,
             registration_ids: vec!["phone-001".into()],
             possibly_sent: vec!["phone-001".into()],
+            positions: None,
         },
         now + Duration::from_secs(86_400),
     )];
@@ -548,6 +642,7 @@ on_each_database!(
     a_cancel_stops_a_batch_under_way,
     a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
+    a_device_that_stops_being_active_after_the_walk_is_not_sent_to,
     a_batch_mark_only_grows_is_its_own_and_goes_with_its_push,
     a_batch_recorded_twice_is_counted_once,
     a_batch_that_finished_its_push_is_not_taken_for_taken_over,

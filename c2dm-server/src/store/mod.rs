@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use crate::queue::Positions;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -416,20 +417,24 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> Result<Page<Device>, StoreError>;
 
-    /// One page of the registration ids of the active devices a user, tag or `all` audience
-    /// names, in position order after `after` (an id list is not walked here).
+    /// One page of the active devices a user, tag or `all` audience names, each as its
+    /// position and registration id, in position order after `after` (an id list is not
+    /// walked here).
     async fn audience_page(
         &self,
         audience: &Audience,
         after: Option<i64>,
         limit: u32,
-    ) -> Result<Page<String>, StoreError>;
+    ) -> Result<Page<(i64, String)>, StoreError>;
 
     /// Those of `registration_ids` that are known and not active, with their states (a
-    /// batch sends to the others).
+    /// batch sends to the others). With `positions`, where every one of them lies in the
+    /// registry, the devices not active in that range are read in position order and those
+    /// not named left out: no lookup device by device.
     async fn inactive_devices(
         &self,
         registration_ids: &[String],
+        positions: Option<Positions>,
     ) -> Result<Vec<(String, DeviceState)>, StoreError>;
 
     /// Stores a push, queued, with the job that will send it, in one transaction: a push is
@@ -462,12 +467,14 @@ pub trait Store: Send + Sync {
     /// `registration_ids` and moves the walk on from `from` to `to`, in one transaction, so
     /// that a walk that dies goes on where it was, never enqueuing a page twice. Does nothing
     /// and returns false if the walk is no longer at `from` (another walker moved it).
+    /// `positions` says where the devices lie in the registry, if the page was read from it.
     async fn walk_page(
         &self,
         id: i64,
         from: Option<i64>,
         to: i64,
         registration_ids: &[String],
+        positions: Option<Positions>,
     ) -> Result<bool, StoreError>;
 
     /// The push's audience has been walked: `total` devices. When every one has its row

@@ -17,11 +17,11 @@ use crate::queue::{self, BatchJob, PushJob};
 
 use super::rows::{
     counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis, page_of,
-    select_message, time_of, trim_page,
+    select_deliveries, select_message, states_among, time_of, trim_page,
 };
 use super::{
     Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
-    MessageRecord, NewDevice, NewMessage, Page, Store, StoreError, Upserted,
+    MessageRecord, NewDevice, NewMessage, Page, Positions, Store, StoreError, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order `device_of` reads them, from `devices d`: a
@@ -410,7 +410,7 @@ impl Store for PostgresStore {
         audience: &Audience,
         after: Option<i64>,
         limit: u32,
-    ) -> Result<Page<String>, StoreError> {
+    ) -> Result<Page<(i64, String)>, StoreError> {
         let (user, tag) = match audience {
             Audience::User { user_id } => (Some(user_id.as_str()), None),
             Audience::Tag { tag } => (None, Some(tag.as_str())),
@@ -436,14 +436,12 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut items = Vec::with_capacity(rows.len());
-        let mut last = None;
-        for row in &rows {
-            last = Some(row.try_get::<i64, _>(0)?);
-            items.push(row.try_get(1)?);
-        }
+        let items = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<Vec<(i64, String)>, sqlx::Error>>()?;
         let next = if items.len() == limit as usize {
-            last
+            items.last().map(|(at, _)| *at)
         } else {
             None
         };
@@ -453,7 +451,19 @@ impl Store for PostgresStore {
     async fn inactive_devices(
         &self,
         registration_ids: &[String],
+        positions: Option<Positions>,
     ) -> Result<Vec<(String, DeviceState)>, StoreError> {
+        if let Some(positions) = positions {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT registration_id, state FROM devices \
+                 WHERE state IN ('unregistered', 'gone') AND id > $1 AND id <= $2",
+            )
+            .bind(positions.after)
+            .bind(positions.through)
+            .fetch_all(&self.pool)
+            .await?;
+            return Ok(states_among(rows, registration_ids));
+        }
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT registration_id, state FROM devices \
              WHERE registration_id = ANY($1) AND state <> 'active'",
@@ -518,6 +528,7 @@ impl Store for PostgresStore {
         from: Option<i64>,
         to: i64,
         registration_ids: &[String],
+        positions: Option<Positions>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
@@ -538,6 +549,7 @@ impl Store for PostgresStore {
             message_id: id,
             registration_ids: registration_ids.to_vec(),
             possibly_sent: Vec::new(),
+            positions,
         };
         let job = queue::task(&batch, None).map_err(json_error)?;
         apalis_postgres::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, vec![job])
@@ -743,13 +755,22 @@ impl Store for PostgresStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
-        let rows = sqlx::query(
-            "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
-             possible_duplicates, at FROM deliveries \
-             WHERE message_id = $1 AND ($2::text IS NULL OR outcome = $2) \
-             AND ($5::text IS NULL OR error = $5) AND registration_id > $3 \
-             ORDER BY registration_id LIMIT $4",
-        )
+        // Rows not accepted are read from the index that keeps only them (the condition
+        // written out is what lets the planner use it); the others in the key's order.
+        let rows = sqlx::query(match outcome {
+            Some(o) if o != OutcomeKind::Accepted => concat!(
+                select_deliveries!(),
+                "WHERE message_id = $1 AND outcome = $2 AND outcome <> 'accepted' \
+                 AND ($5::text IS NULL OR error = $5) AND registration_id > $3 \
+                 ORDER BY registration_id LIMIT $4"
+            ),
+            _ => concat!(
+                select_deliveries!(),
+                "WHERE message_id = $1 AND ($2::text IS NULL OR outcome = $2) \
+                 AND ($5::text IS NULL OR error = $5) AND registration_id > $3 \
+                 ORDER BY registration_id LIMIT $4"
+            ),
+        })
         .bind(id)
         .bind(outcome.map(|o| o.as_str()))
         .bind(after.unwrap_or(""))

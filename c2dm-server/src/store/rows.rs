@@ -1,6 +1,7 @@
 //! What both stores read the same way: rows into devices, pushes and deliveries, counts, and
 //! times (milliseconds since the Unix epoch, in both databases).
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use c2dm_core::OutcomeKind;
@@ -108,6 +109,16 @@ macro_rules! select_message {
     };
 }
 pub(super) use select_message;
+
+/// The columns of a delivery row, in the order [`delivery_of`] reads them, from `deliveries`:
+/// a macro, so that every query stays one literal string.
+macro_rules! select_deliveries {
+    () => {
+        "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
+         possible_duplicates, at FROM deliveries "
+    };
+}
+pub(super) use select_deliveries;
 
 /// A push from `id, audience, collapse_key, data, delay_while_idle, state, cancel_requested,
 /// total, created_at, finished_at, walk_after, walked, accepted, rejected, failed,
@@ -242,4 +253,17 @@ pub(super) fn trim_page<T, C>(
     } else {
         (items, None)
     }
+}
+
+/// Those of the devices read as `registration_id, state` that `named` names, with their
+/// states: what a batch keeps of the devices not active in the range its devices lie in.
+pub(super) fn states_among(
+    rows: Vec<(String, String)>,
+    named: &[String],
+) -> Vec<(String, DeviceState)> {
+    let named: HashSet<&str> = named.iter().map(String::as_str).collect();
+    rows.into_iter()
+        .filter(|(id, _)| named.contains(id.as_str()))
+        .filter_map(|(id, state)| DeviceState::parse(&state).map(|state| (id, state)))
+        .collect()
 }

@@ -15,11 +15,11 @@ use crate::queue::{self, BatchJob, PushJob};
 use super::group::Writer;
 use super::rows::{
     counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis, page_of,
-    select_message, tally_update, time_of, trim_page,
+    select_deliveries, select_message, states_among, tally_update, time_of, trim_page,
 };
 use super::{
     Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
-    MessageRecord, NewDevice, NewMessage, Page, Store, StoreError, Tally, Upserted,
+    MessageRecord, NewDevice, NewMessage, Page, Positions, Store, StoreError, Tally, Upserted,
 };
 
 /// `SELECT` of a device's columns, in the order [`device_of`] reads them, from `devices d`: a
@@ -513,7 +513,7 @@ impl Store for SqliteStore {
         audience: &Audience,
         after: Option<i64>,
         limit: u32,
-    ) -> Result<Page<String>, StoreError> {
+    ) -> Result<Page<(i64, String)>, StoreError> {
         let (user, tag, everyone) = match audience {
             Audience::User { user_id } => (Some(user_id.as_str()), None, false),
             Audience::Tag { tag } => (None, Some(tag.as_str()), false),
@@ -541,14 +541,12 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut items = Vec::with_capacity(rows.len());
-        let mut last = None;
-        for row in &rows {
-            last = Some(row.try_get::<i64, _>(0)?);
-            items.push(row.try_get(1)?);
-        }
+        let items = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<Vec<(i64, String)>, sqlx::Error>>()?;
         let next = if items.len() == limit as usize {
-            last
+            items.last().map(|(at, _)| *at)
         } else {
             None
         };
@@ -558,7 +556,21 @@ impl Store for SqliteStore {
     async fn inactive_devices(
         &self,
         registration_ids: &[String],
+        positions: Option<Positions>,
     ) -> Result<Vec<(String, DeviceState)>, StoreError> {
+        if let Some(positions) = positions {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                // By the index on (state, id), whatever the statistics say: where nearly
+                // every device is active, they rate a range of positions about as well.
+                "SELECT registration_id, state FROM devices INDEXED BY devices_by_state \
+                 WHERE state IN ('unregistered', 'gone') AND id > ?1 AND id <= ?2",
+            )
+            .bind(positions.after)
+            .bind(positions.through)
+            .fetch_all(&self.pool)
+            .await?;
+            return Ok(states_among(rows, registration_ids));
+        }
         let mut states = Vec::new();
         // A statement per chunk: SQLite takes at most 32,766 parameters.
         for chunk in registration_ids.chunks(500) {
@@ -641,6 +653,7 @@ impl Store for SqliteStore {
         from: Option<i64>,
         to: i64,
         registration_ids: &[String],
+        positions: Option<Positions>,
     ) -> Result<bool, StoreError> {
         let registration_ids = registration_ids.to_vec();
         self.write(move |tx| {
@@ -663,6 +676,7 @@ impl Store for SqliteStore {
                     message_id: id,
                     registration_ids,
                     possibly_sent: Vec::new(),
+                    positions,
                 };
                 let job = queue::task(&batch, None).map_err(json_error)?;
                 apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &[job])
@@ -894,13 +908,22 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
-        let rows = sqlx::query(
-            "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
-             possible_duplicates, at FROM deliveries \
-             WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2) \
-             AND (?5 IS NULL OR error = ?5) AND registration_id > ?3 \
-             ORDER BY registration_id LIMIT ?4",
-        )
+        // Rows not accepted are read from the index that keeps only them (the condition
+        // written out is what lets SQLite use it); the others in the key's order.
+        let rows = sqlx::query(match outcome {
+            Some(o) if o != OutcomeKind::Accepted => concat!(
+                select_deliveries!(),
+                "WHERE message_id = ?1 AND outcome = ?2 AND outcome <> 'accepted' \
+                 AND (?5 IS NULL OR error = ?5) AND registration_id > ?3 \
+                 ORDER BY registration_id LIMIT ?4"
+            ),
+            _ => concat!(
+                select_deliveries!(),
+                "WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2) \
+                 AND (?5 IS NULL OR error = ?5) AND registration_id > ?3 \
+                 ORDER BY registration_id LIMIT ?4"
+            ),
+        })
         .bind(id)
         .bind(outcome.map(|o| o.as_str()))
         .bind(after.unwrap_or(""))
