@@ -9,12 +9,14 @@
 //! savepoint of one `BEGIN IMMEDIATE` transaction, and commits them together. Each write is
 //! still all or nothing (a write that fails is rolled back to its savepoint, alone), and its
 //! caller hears it succeeded only once the transaction holding it is committed. The writes of
-//! other processes on the same file (and the job queue's, which go through the pool) wait for
-//! SQLite's lock as before.
+//! other processes on the same file, and the job queue's (which go through the pool), wait for
+//! SQLite's lock, trying again every quarter millisecond; when one waits, the writer lets a
+//! moment pass before its next transaction ([`super::busy`]).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -26,6 +28,10 @@ use super::StoreError;
 /// The most writes one transaction takes: enough to share a commit among every batch in
 /// hand, few enough that a transaction stays short.
 const GROUP: usize = 64;
+
+/// How recent a wait of another connection for the lock must be for the writer to let a
+/// moment pass before its next transaction, and how long that moment is.
+const YIELD: Duration = Duration::from_millis(1);
 
 /// One write, given the connection of the transaction it runs in.
 pub(super) type Write<T> = Box<
@@ -158,6 +164,18 @@ async fn write_groups(
 ) {
     let mut group = Vec::with_capacity(GROUP);
     while writes.recv_many(&mut group, GROUP).await > 0 {
+        if super::busy::someone_waited_within(YIELD) {
+            // Another connection (the job queue's) waits for the lock, trying again every
+            // quarter millisecond: a moment between two transactions lets it in. The writes
+            // that come meanwhile join this group.
+            tokio::time::sleep(YIELD).await;
+            while group.len() < GROUP {
+                match writes.try_recv() {
+                    Ok(write) => group.push(write),
+                    Err(_) => break,
+                }
+            }
+        }
         transactions.fetch_add(1, Ordering::Relaxed);
         let committed = commit(&pool, &mut group).await;
         metrics::counter!("c2dm_sqlite_transactions_total").increment(1);

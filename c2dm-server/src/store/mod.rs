@@ -1,6 +1,7 @@
 //! Where the server keeps its devices: the [`Store`] trait, with one implementation per
 //! database: [`SqliteStore`] (a file, the default) and [`PostgresStore`] (for many processes).
 
+mod busy;
 mod group;
 mod postgres;
 mod rows;

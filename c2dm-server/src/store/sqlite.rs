@@ -100,7 +100,8 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10))
+            // Until the pool's own handler (below) replaces it on each connection.
+            .busy_timeout(super::busy::TIMEOUT)
             // Negative: a size in KiB, not in pages.
             .pragma("cache_size", format!("-{PAGE_CACHE_KIB}"));
         // An in-memory database lives as long as its one connection.
@@ -109,6 +110,7 @@ impl SqliteStore {
             // A connection to a file in this process does not go stale: no ping (a round trip
             // to the connection's thread) before each use.
             .test_before_acquire(false)
+            .after_connect(|conn, _| Box::pin(super::busy::install(conn)))
             .max_connections(if memory { 1 } else { 8 })
             .min_connections(usize::from(memory) as u32)
             .idle_timeout(if memory {
@@ -1044,5 +1046,42 @@ mod tests {
                 .unwrap();
             assert_eq!(size, -i64::from(PAGE_CACHE_KIB));
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_finds_the_lock_taken_says_so_and_gets_it_once_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let mut holder = store.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+        let pool = store.pool().clone();
+        let waiter = tokio::spawn(async move {
+            sqlx::query("INSERT INTO sender_accounts (account) VALUES ('waiter')")
+                .execute(&pool)
+                .await
+        });
+        // The waiting connection's handler says it waits; SQLite's own would not.
+        let said = async {
+            while !super::super::busy::someone_waited_within(Duration::from_secs(3600)) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), said)
+            .await
+            .expect("no wait was told");
+        sqlx::query("INSERT INTO sender_accounts (account) VALUES ('holder')")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder.commit().await.unwrap();
+        waiter
+            .await
+            .unwrap()
+            .expect("the waiting write went through");
+        let accounts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sender_accounts")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(accounts, 2);
     }
 }
