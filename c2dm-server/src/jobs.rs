@@ -979,7 +979,7 @@ fn later_batches(
 async fn cancel_when_asked(store: Arc<dyn Store>, message_id: i64, cancel: CancelHandle) {
     // A cancel through this process's API is seen at once; one through another's, at the
     // next look.
-    let mut changes = store.changes();
+    let mut changes = store.cancels();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOOK) => {}

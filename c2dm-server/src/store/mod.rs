@@ -379,6 +379,10 @@ pub trait Store: Send + Sync {
     /// process: what a waiter watches between its looks at a push.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// Changes each time a cancel is asked for through this store in this process: what a
+    /// batch under way watches, without looking at its push at every write of the others.
+    fn cancels(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Registers a device, or updates a known one and makes it active again, in one
     /// transaction; returns which, and the device as stored.
     async fn upsert_device(&self, device: &NewDevice) -> Result<(Upserted, Device), StoreError>;

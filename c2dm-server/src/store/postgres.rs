@@ -48,6 +48,7 @@ pub struct PostgresStore {
     /// Counts the batches and walks recorded through this store: what a waiter in the same
     /// process watches (other processes' work is seen when the waiter looks again).
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    cancels: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Marks a push finished if its audience is walked and every device has its row; whether it
@@ -129,6 +130,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            cancels: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -261,6 +263,10 @@ async fn write_batch(
 impl Store for PostgresStore {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn cancels(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cancels.subscribe()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -630,6 +636,7 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await?;
         self.changed();
+        self.cancels.send_modify(|n| *n += 1);
         self.message(id).await
     }
 

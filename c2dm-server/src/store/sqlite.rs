@@ -44,6 +44,7 @@ pub struct SqliteStore {
     /// Counts the batches and walks recorded through this store: what a waiter in the same
     /// process watches instead of polling.
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    cancels: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// Every write of this process goes through here: one task, which runs the writes waiting
     /// in one transaction and commits them together (group commit, see [`Writer`]). Writers
     /// do not meet in SQLite's busy handler, which sleeps and retries (a registration's p99
@@ -136,6 +137,7 @@ impl SqliteStore {
         Ok(Self {
             pool: pool.clone(),
             changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            cancels: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             writer: Writer::start(pool.clone()),
         })
     }
@@ -409,6 +411,10 @@ async fn write_batch(
 impl Store for SqliteStore {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn cancels(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cancels.subscribe()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -774,6 +780,7 @@ impl Store for SqliteStore {
         })
         .await?;
         self.changed();
+        self.cancels.send_modify(|n| *n += 1);
         self.message(id).await
     }
 
