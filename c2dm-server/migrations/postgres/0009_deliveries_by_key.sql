@@ -5,3 +5,9 @@
 DROP INDEX deliveries_by_outcome;
 CREATE INDEX deliveries_by_outcome ON deliveries (message_id, outcome, registration_id)
     WHERE outcome <> 'accepted';
+
+-- Nor is a row's push looked up as it is written: rows are written only by a run of one of the
+-- push's batches, in the transaction that finds the batch's mark (which references the push)
+-- still there, and pushes are never deleted. The check was a trigger and a lookup per row: in
+-- a push to 200,000 devices here, PostgreSQL spent 28 µs of CPU a message with it, 18 without.
+ALTER TABLE deliveries DROP CONSTRAINT deliveries_message_id_fkey;
