@@ -606,13 +606,14 @@ const QUOTA_RETRY: Duration = Duration::from_secs(15 * 60);
 /// a message than at 250.
 const FLUSH_ROWS: usize = 250;
 
+/// …and at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
 /// A batch marks its list this many times its concurrency at a time (the next chunk while
 /// this one is sent). A mark is a write that waits for the batch's own row writes: one per
 /// 64 sends held the sends up on PostgreSQL. A run after a crash counts a possible duplicate
 /// for each device below the mark without a row, so a longer chunk can count more.
 const MARK_CHUNKS: usize = 4;
-/// …and at least this often.
-const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// The rows of a batch not written yet, with the devices found gone among them.
 struct Pending {

@@ -48,6 +48,7 @@ pub struct PostgresStore {
     /// Counts the batches and walks recorded through this store: what a waiter in the same
     /// process watches (other processes' work is seen when the waiter looks again).
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts the cancels asked for through this store: what a batch under way watches.
     cancels: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 

@@ -44,6 +44,7 @@ pub struct SqliteStore {
     /// Counts the batches and walks recorded through this store: what a waiter in the same
     /// process watches instead of polling.
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts the cancels asked for through this store: what a batch under way watches.
     cancels: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// Every write of this process goes through here: one task, which runs the writes waiting
     /// in one transaction and commits them together (group commit, see [`Writer`]). Writers
