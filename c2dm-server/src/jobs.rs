@@ -769,6 +769,22 @@ async fn run_batch(
     runner: Data<Arc<Runner>>,
 ) -> Result<(), BoxDynError> {
     let store = &runner.store;
+    // A job names its stored list of devices (one queued before lists were kept carries them).
+    let job = match job.list {
+        Some(list) => match store.batch_list(list).await? {
+            Some(stored) => stored,
+            None => {
+                // Lists go with their push when it finishes: nothing is left to send.
+                tracing::info!(
+                    message_id = job.message_id,
+                    list,
+                    "a batch of a finished push"
+                );
+                return Ok(());
+            }
+        },
+        None => job,
+    };
     let Some(message) = store.message_to_send(job.message_id).await? else {
         return Ok(());
     };
@@ -976,6 +992,7 @@ fn later_batches(
                 .collect(),
             registration_ids: ids,
             positions,
+            list: None,
         };
         batches.push((job, at));
         later = rest;

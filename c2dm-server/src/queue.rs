@@ -19,7 +19,8 @@ pub struct PushJob {
 pub struct BatchJob {
     /// The push.
     pub message_id: i64,
-    /// The devices of this batch.
+    /// The devices of this batch (none in a job that names its stored list instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registration_ids: Vec<String>,
     /// Those of them an earlier batch may have sent this push to already (its worker died
     /// mid-send, and they were then put back for later): their rows count one possible
@@ -30,6 +31,24 @@ pub struct BatchJob {
     /// ids, or a batch queued before positions were kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub positions: Option<Positions>,
+    /// The stored list (`batch_lists`) that holds this batch, for a job that names it rather
+    /// than carrying its devices: what the store enqueues, so that the queue's row of the job
+    /// stays small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<i64>,
+}
+
+impl BatchJob {
+    /// The job that names stored list `list` of push `message_id`.
+    pub fn stored(message_id: i64, list: i64) -> Self {
+        Self {
+            message_id,
+            registration_ids: Vec::new(),
+            possibly_sent: Vec::new(),
+            positions: None,
+            list: Some(list),
+        }
+    }
 }
 
 /// Where the devices of a batch walked from the registry lie in it: each has a position (its
@@ -85,6 +104,7 @@ mod tests {
                 after: 10,
                 through: 12,
             }),
+            list: None,
         };
         let text = serde_json::to_string(&later).unwrap();
         assert_eq!(serde_json::from_str::<BatchJob>(&text).unwrap(), later);
@@ -92,5 +112,12 @@ mod tests {
         let plain = serde_json::to_string(&old).unwrap();
         assert!(!plain.contains("possibly_sent"), "{plain}");
         assert!(!plain.contains("positions"), "{plain}");
+        // A job that names its list carries nothing else.
+        let stored = serde_json::to_string(&BatchJob::stored(7, 3)).unwrap();
+        assert_eq!(stored, r#"{"message_id":7,"list":3}"#);
+        assert_eq!(
+            serde_json::from_str::<BatchJob>(&stored).unwrap(),
+            BatchJob::stored(7, 3)
+        );
     }
 }

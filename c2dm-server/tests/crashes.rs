@@ -324,6 +324,10 @@ async fn a_device_that_stops_being_active_after_the_walk_is_not_sent_to(db: Db) 
             .await
             .unwrap()
     );
+    // The page's devices are kept as the database's first list, which the queue's job names.
+    let list = store.batch_list(1).await.unwrap().expect("the page's list");
+    assert_eq!(list.registration_ids, ids);
+    assert_eq!(list.positions, Some(positions));
     // …then, before any worker took the batch, phone-002 and Alice's phone-001 unregistered.
     for phone in ["phone-001", "phone-002"] {
         let (status, body) = server
@@ -377,6 +381,8 @@ async fn a_device_that_stops_being_active_after_the_walk_is_not_sent_to(db: Db) 
     assert!(server.emulator.inbox("phone-002").is_empty());
     assert!(server.emulator.inbox("phone-001").is_empty());
     assert_eq!(server.emulator.inbox("phone-000").len(), 1);
+    // The push is done: its lists are gone with it.
+    assert_eq!(store.batch_list(1).await.unwrap(), None);
 }
 
 async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
@@ -506,6 +512,7 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
             registration_ids: vec!["phone-001".into()],
             possibly_sent: vec!["phone-001".into()],
             positions: None,
+            list: None,
         },
         now + Duration::from_secs(86_400),
     )];

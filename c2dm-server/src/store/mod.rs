@@ -482,6 +482,10 @@ pub trait Store: Send + Sync {
         positions: Option<Positions>,
     ) -> Result<bool, StoreError>;
 
+    /// The batch stored as list `list` (what a job that names its list runs), if it is still
+    /// there: a push's lists go when it finishes.
+    async fn batch_list(&self, list: i64) -> Result<Option<crate::queue::BatchJob>, StoreError>;
+
     /// The push's audience has been walked: `total` devices. When every one has its row
     /// already (none at all, say), the push is finished now.
     async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError>;

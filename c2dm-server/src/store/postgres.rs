@@ -74,12 +74,42 @@ async fn finish_if_complete(
     Ok(finished.rows_affected() > 0)
 }
 
-/// A finished push has no use for its marks: they go at once, rather than row by row.
+/// A finished push has no use for its marks and its batches' lists: they go at once, rather
+/// than row by row.
 async fn drop_marks(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM batch_marks WHERE message_id = $1")
         .bind(id)
         .execute(pool)
         .await?;
+    sqlx::query("DELETE FROM batch_lists WHERE message_id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Enqueues `batches`, each due at its time (or at once), in the transaction `conn`: each
+/// batch's devices as a list of `batch_lists`, and in the queue a job that names it.
+async fn enqueue_batches(
+    conn: &mut sqlx::PgConnection,
+    batches: &[(BatchJob, Option<SystemTime>)],
+) -> Result<(), StoreError> {
+    let mut jobs = Vec::with_capacity(batches.len());
+    for (batch, at) in batches {
+        let list: i64 = sqlx::query_scalar(
+            "INSERT INTO batch_lists (message_id, job) VALUES ($1, $2) RETURNING id",
+        )
+        .bind(batch.message_id)
+        .bind(serde_json::to_string(batch).map_err(json_error)?)
+        .fetch_one(&mut *conn)
+        .await?;
+        jobs.push(queue::task(&BatchJob::stored(batch.message_id, list), *at).map_err(json_error)?);
+    }
+    if !jobs.is_empty() {
+        apalis_postgres::queries::push_tasks(&mut *conn, queue::BATCH_QUEUE, jobs)
+            .await
+            .map_err(queue::queue_failure)?;
+    }
     Ok(())
 }
 
@@ -557,11 +587,9 @@ impl Store for PostgresStore {
             registration_ids: registration_ids.to_vec(),
             possibly_sent: Vec::new(),
             positions,
+            list: None,
         };
-        let job = queue::task(&batch, None).map_err(json_error)?;
-        apalis_postgres::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, vec![job])
-            .await
-            .map_err(queue::queue_failure)?;
+        enqueue_batches(&mut tx, &[(batch, None)]).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -639,6 +667,16 @@ impl Store for PostgresStore {
         self.changed();
         self.cancels.send_modify(|n| *n += 1);
         self.message(id).await
+    }
+
+    async fn batch_list(&self, list: i64) -> Result<Option<BatchJob>, StoreError> {
+        let job: Option<String> = sqlx::query_scalar("SELECT job FROM batch_lists WHERE id = $1")
+            .bind(list)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(job
+            .map(|job| serde_json::from_str(&job).map_err(json_error))
+            .transpose()?)
     }
 
     async fn recorded(
@@ -732,16 +770,11 @@ impl Store for PostgresStore {
         let Some(finished) = write_batch(&mut tx, id, run, rows, gone).await? else {
             return Ok(false);
         };
-        let jobs = later
+        let later: Vec<(BatchJob, Option<SystemTime>)> = later
             .iter()
-            .map(|(job, at)| queue::task(job, Some(*at)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(json_error)?;
-        if !jobs.is_empty() {
-            apalis_postgres::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, jobs)
-                .await
-                .map_err(queue::queue_failure)?;
-        }
+            .map(|(job, at)| (job.clone(), Some(*at)))
+            .collect();
+        enqueue_batches(&mut tx, &later).await?;
         sqlx::query("UPDATE batch_marks SET finished = TRUE WHERE message_id = $1 AND batch = $2")
             .bind(id)
             .bind(&run.batch)

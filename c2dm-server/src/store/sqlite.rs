@@ -82,12 +82,42 @@ async fn finish_if_complete(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    // A finished push has no use for its marks: they go at once, rather than row by row.
+    // A finished push has no use for its marks and its batches' lists: they go at once,
+    // rather than row by row.
     if finished.rows_affected() > 0 {
         sqlx::query("DELETE FROM batch_marks WHERE message_id = ?")
             .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM batch_lists WHERE message_id = ?")
+            .bind(id)
             .execute(conn)
             .await?;
+    }
+    Ok(())
+}
+
+/// Enqueues `batches`, each due at its time (or at once), in the write transaction `conn`:
+/// each batch's devices as a list of `batch_lists`, and in the queue a job that names it.
+async fn enqueue_batches(
+    conn: &mut sqlx::SqliteConnection,
+    batches: &[(BatchJob, Option<SystemTime>)],
+) -> Result<(), StoreError> {
+    let mut jobs = Vec::with_capacity(batches.len());
+    for (batch, at) in batches {
+        let list: i64 = sqlx::query_scalar(
+            "INSERT INTO batch_lists (message_id, job) VALUES (?, ?) RETURNING id",
+        )
+        .bind(batch.message_id)
+        .bind(serde_json::to_string(batch).map_err(json_error)?)
+        .fetch_one(&mut *conn)
+        .await?;
+        jobs.push(queue::task(&BatchJob::stored(batch.message_id, list), *at).map_err(json_error)?);
+    }
+    if !jobs.is_empty() {
+        apalis_sqlite::queries::push_tasks(&mut *conn, queue::BATCH_QUEUE, &jobs)
+            .await
+            .map_err(queue::queue_failure)?;
     }
     Ok(())
 }
@@ -686,11 +716,9 @@ impl Store for SqliteStore {
                     registration_ids,
                     possibly_sent: Vec::new(),
                     positions,
+                    list: None,
                 };
-                let job = queue::task(&batch, None).map_err(json_error)?;
-                apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &[job])
-                    .await
-                    .map_err(queue::queue_failure)?;
+                enqueue_batches(tx, &[(batch, None)]).await?;
                 Ok(true)
             })
         })
@@ -785,6 +813,16 @@ impl Store for SqliteStore {
         self.message(id).await
     }
 
+    async fn batch_list(&self, list: i64) -> Result<Option<BatchJob>, StoreError> {
+        let job: Option<String> = sqlx::query_scalar("SELECT job FROM batch_lists WHERE id = ?")
+            .bind(list)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(job
+            .map(|job| serde_json::from_str(&job).map_err(json_error))
+            .transpose()?)
+    }
+
     async fn recorded(
         &self,
         id: i64,
@@ -876,11 +914,10 @@ impl Store for SqliteStore {
         gone: &[(String, String)],
         later: &[(BatchJob, SystemTime)],
     ) -> Result<bool, StoreError> {
-        let jobs = later
+        let later: Vec<(BatchJob, Option<SystemTime>)> = later
             .iter()
-            .map(|(job, at)| queue::task(job, Some(*at)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(json_error)?;
+            .map(|(job, at)| (job.clone(), Some(*at)))
+            .collect();
         let (run, rows, gone) = (run.clone(), rows.to_vec(), gone.to_vec());
         let written = self
             .write(move |tx| {
@@ -888,11 +925,7 @@ impl Store for SqliteStore {
                     if !write_batch(tx, id, &run, &rows, &gone).await? {
                         return Ok(false);
                     }
-                    if !jobs.is_empty() {
-                        apalis_sqlite::queries::push_tasks(&mut *tx, queue::BATCH_QUEUE, &jobs)
-                            .await
-                            .map_err(queue::queue_failure)?;
-                    }
+                    enqueue_batches(tx, &later).await?;
                     sqlx::query(
                         "UPDATE batch_marks SET finished = 1 WHERE message_id = ?1 AND batch = ?2",
                     )
