@@ -11,7 +11,9 @@
 //! caller hears it succeeded only once the transaction holding it is committed. The writes of
 //! other processes on the same file, and the job queue's (which go through the pool), wait for
 //! SQLite's lock, trying again every quarter millisecond; when one waits, the writer lets a
-//! moment pass before its next transaction ([`super::busy`]).
+//! moment pass before its next transaction ([`super::busy`]). The writer keeps one of the
+//! pool's connections while its transactions go well, so that the pages it reads stay in that
+//! connection's cache from one transaction to the next.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -20,7 +22,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
@@ -163,6 +166,12 @@ async fn write_groups(
     transactions: Arc<AtomicU64>,
 ) {
     let mut group = Vec::with_capacity(GROUP);
+    // One connection of the pool kept for the writes while they go well: a connection's
+    // page cache stays good across its own transactions, and the pool's are dropped whenever
+    // another connection has written. Not with a pool of one (an in-memory database), whose
+    // only connection the reads need too.
+    let hold = pool.options().get_max_connections() > 1;
+    let mut held: Option<PoolConnection<Sqlite>> = None;
     while writes.recv_many(&mut group, GROUP).await > 0 {
         if super::busy::someone_waited_within(YIELD) {
             // Another connection (the job queue's) waits for the lock, trying again every
@@ -177,7 +186,20 @@ async fn write_groups(
             }
         }
         transactions.fetch_add(1, Ordering::Relaxed);
-        let committed = commit(&pool, &mut group).await;
+        if hold && held.is_none() {
+            held = pool.acquire().await.ok();
+        }
+        let committed = match held.as_mut() {
+            Some(conn) => commit(conn, &mut group).await,
+            None => match pool.acquire().await {
+                Ok(mut conn) => commit(&mut conn, &mut group).await,
+                Err(e) => Err(e),
+            },
+        };
+        if committed.is_err() {
+            // Whatever went wrong, the next transaction takes a connection afresh.
+            held = None;
+        }
         metrics::counter!("c2dm_sqlite_transactions_total").increment(1);
         metrics::counter!("c2dm_sqlite_writes_total").increment(group.len() as u64);
         if let Err(e) = &committed {
@@ -189,9 +211,13 @@ async fn write_groups(
     }
 }
 
-/// Runs `group` in one transaction, each write in a savepoint of its own, and commits.
-async fn commit(pool: &SqlitePool, group: &mut [Box<dyn Queued>]) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+/// Runs `group` in one transaction on `conn`, each write in a savepoint of its own, and
+/// commits.
+async fn commit(
+    conn: &mut SqliteConnection,
+    group: &mut [Box<dyn Queued>],
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     for write in group.iter_mut() {
         sqlx::query("SAVEPOINT write").execute(&mut *tx).await?;
         if !write.run(&mut tx).await {
@@ -323,5 +349,59 @@ mod tests {
         // The next write is committed after it, in order.
         writer.write(insert("x", false)).await.unwrap();
         assert_eq!(keys(&pool).await, ["w", "x"]);
+    }
+
+    #[tokio::test]
+    async fn a_file_s_writes_keep_to_one_connection_and_a_pool_of_one_is_left_free() {
+        // A temporary table is its connection's own: a later transaction sees it only on the
+        // same connection.
+        let make = || -> Write<()> {
+            Box::new(|conn| {
+                Box::pin(async move {
+                    sqlx::query("CREATE TEMP TABLE mine (x)")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+        };
+        let count = || -> Write<i64> {
+            Box::new(|conn| {
+                Box::pin(async move {
+                    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM temp.mine")
+                        .fetch_one(&mut *conn)
+                        .await?)
+                })
+            })
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::from_str(&format!(
+            "sqlite://{}",
+            dir.path().join("w.db").display()
+        ))
+        .unwrap()
+        .create_if_missing(true);
+        let file = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let writer = Writer::start(file.clone());
+        writer.write(make()).await.unwrap();
+        // Other users of the pool take three connections meanwhile: one given back would be
+        // among them.
+        let mut readers = Vec::new();
+        for _ in 0..3 {
+            readers.push(file.acquire().await.unwrap());
+        }
+        assert_eq!(writer.write(count()).await.unwrap(), 0);
+        drop(readers);
+        assert_eq!(writer.write(count()).await.unwrap(), 0);
+
+        // With a pool of one, the writer gives its connection back after each transaction.
+        let pool = pool().await;
+        let writer = Writer::start(pool.clone());
+        writer.write(insert("a", false)).await.unwrap();
+        assert_eq!(keys(&pool).await, ["a"]);
     }
 }
