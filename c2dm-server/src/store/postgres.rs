@@ -53,8 +53,9 @@ pub struct PostgresStore {
 }
 
 /// Marks a push finished if its audience is walked and every device has its row; whether it
-/// did. Its marks are then [`drop_marks`]' to delete, after the commit: deleting them here
-/// would lock the marks of batches whose transactions wait for this one's lock on the push.
+/// did. Its marks and its batches' lists are then [`drop_batch_state`]'s to delete, after the
+/// commit: deleting the marks here would lock those of batches whose transactions wait for
+/// this one's lock on the push.
 async fn finish_if_complete(
     conn: &mut sqlx::PgConnection,
     id: i64,
@@ -76,7 +77,7 @@ async fn finish_if_complete(
 
 /// A finished push has no use for its marks and its batches' lists: they go at once, rather
 /// than row by row.
-async fn drop_marks(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+async fn drop_batch_state(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM batch_marks WHERE message_id = $1")
         .bind(id)
         .execute(pool)
@@ -653,7 +654,7 @@ impl Store for PostgresStore {
         let finished = finish_if_complete(&mut tx, id, now).await?;
         tx.commit().await?;
         if finished {
-            drop_marks(&self.pool, id).await?;
+            drop_batch_state(&self.pool, id).await?;
         }
         self.changed();
         Ok(())
@@ -752,7 +753,7 @@ impl Store for PostgresStore {
         };
         tx.commit().await?;
         if finished {
-            drop_marks(&self.pool, id).await?;
+            drop_batch_state(&self.pool, id).await?;
         }
         self.changed();
         Ok(true)
@@ -782,7 +783,7 @@ impl Store for PostgresStore {
             .await?;
         tx.commit().await?;
         if finished {
-            drop_marks(&self.pool, id).await?;
+            drop_batch_state(&self.pool, id).await?;
         }
         self.changed();
         Ok(true)
@@ -796,21 +797,22 @@ impl Store for PostgresStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
+        // A page of the push's rows, narrowed by outcome as `$outcome` says.
+        macro_rules! page_by {
+            ($outcome:literal) => {
+                select_deliveries!(
+                    "WHERE message_id = $1 AND " $outcome " AND ($5::text IS NULL OR error = $5) \
+                     AND registration_id > $3 ORDER BY registration_id LIMIT $4"
+                )
+            };
+        }
         // Rows not accepted are read from the index that keeps only them (the condition
         // written out is what lets the planner use it); the others in the key's order.
         let rows = sqlx::query(match outcome {
-            Some(o) if o != OutcomeKind::Accepted => concat!(
-                select_deliveries!(),
-                "WHERE message_id = $1 AND outcome = $2 AND outcome <> 'accepted' \
-                 AND ($5::text IS NULL OR error = $5) AND registration_id > $3 \
-                 ORDER BY registration_id LIMIT $4"
-            ),
-            _ => concat!(
-                select_deliveries!(),
-                "WHERE message_id = $1 AND ($2::text IS NULL OR outcome = $2) \
-                 AND ($5::text IS NULL OR error = $5) AND registration_id > $3 \
-                 ORDER BY registration_id LIMIT $4"
-            ),
+            Some(o) if o != OutcomeKind::Accepted => {
+                page_by!("outcome = $2 AND outcome <> 'accepted'")
+            }
+            _ => page_by!("($2::text IS NULL OR outcome = $2)"),
         })
         .bind(id)
         .bind(outcome.map(|o| o.as_str()))

@@ -110,12 +110,15 @@ macro_rules! select_message {
 }
 pub(super) use select_message;
 
-/// The columns of a delivery row, in the order [`delivery_of`] reads them, from `deliveries`:
-/// a macro, so that every query stays one literal string.
+/// The columns of a delivery row, in the order [`delivery_of`] reads them, from `deliveries`,
+/// followed by the rest of the query: a macro, so that every query stays one literal string.
 macro_rules! select_deliveries {
-    () => {
-        "SELECT registration_id, outcome, c2dm_message_id, error, attempts, \
-         possible_duplicates, at FROM deliveries "
+    ($($rest:literal)*) => {
+        concat!(
+            "SELECT registration_id, outcome, c2dm_message_id, error, attempts, ",
+            "possible_duplicates, at FROM deliveries ",
+            $($rest),*
+        )
     };
 }
 pub(super) use select_deliveries;

@@ -951,21 +951,22 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
+        // A page of the push's rows, narrowed by outcome as `$outcome` says.
+        macro_rules! page_by {
+            ($outcome:literal) => {
+                select_deliveries!(
+                    "WHERE message_id = ?1 AND " $outcome " AND (?5 IS NULL OR error = ?5) \
+                     AND registration_id > ?3 ORDER BY registration_id LIMIT ?4"
+                )
+            };
+        }
         // Rows not accepted are read from the index that keeps only them (the condition
         // written out is what lets SQLite use it); the others in the key's order.
         let rows = sqlx::query(match outcome {
-            Some(o) if o != OutcomeKind::Accepted => concat!(
-                select_deliveries!(),
-                "WHERE message_id = ?1 AND outcome = ?2 AND outcome <> 'accepted' \
-                 AND (?5 IS NULL OR error = ?5) AND registration_id > ?3 \
-                 ORDER BY registration_id LIMIT ?4"
-            ),
-            _ => concat!(
-                select_deliveries!(),
-                "WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2) \
-                 AND (?5 IS NULL OR error = ?5) AND registration_id > ?3 \
-                 ORDER BY registration_id LIMIT ?4"
-            ),
+            Some(o) if o != OutcomeKind::Accepted => {
+                page_by!("outcome = ?2 AND outcome <> 'accepted'")
+            }
+            _ => page_by!("(?2 IS NULL OR outcome = ?2)"),
         })
         .bind(id)
         .bind(outcome.map(|o| o.as_str()))
