@@ -564,26 +564,36 @@ impl Store for SqliteStore {
                 });
             }
         };
-        let rows = sqlx::query(
-            "SELECT d.id, d.registration_id FROM devices d \
+        // The page as one JSON value: rows come from the connection's thread one at a time,
+        // each a hand-off between threads that cost more than the row (the page took 2.3
+        // times as long, measured in `benches/store.rs`).
+        let page: Option<String> = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(id, registration_id)) FROM \
+             (SELECT d.id, d.registration_id FROM devices d \
              WHERE d.id > ?1 AND d.state = 'active' \
              AND (?2 IS NULL OR d.user_id = ?2) \
              AND (?3 IS NULL OR EXISTS \
              (SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = ?3)) \
              AND (?4 OR ?2 IS NOT NULL OR ?3 IS NOT NULL) \
-             ORDER BY d.id LIMIT ?5",
+             ORDER BY d.id LIMIT ?5)",
         )
         .bind(after.unwrap_or(0))
         .bind(user)
         .bind(tag)
         .bind(everyone)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        let items = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect::<Result<Vec<(i64, String)>, sqlx::Error>>()?;
+        let mut items: Vec<(i64, String)> = match page {
+            Some(page) => serde_json::from_str(&page).map_err(json_error)?,
+            None => Vec::new(),
+        };
+        // SQLite aggregates an ordered subquery's rows in its order; the walk's next page
+        // starts after the last, so that is checked (an `ORDER BY` in the aggregate sorted
+        // them again, at 60% more for the page).
+        if !items.is_sorted_by_key(|(at, _)| *at) {
+            items.sort_unstable_by_key(|(at, _)| *at);
+        }
         let next = if items.len() == limit as usize {
             items.last().map(|(at, _)| *at)
         } else {
@@ -1072,6 +1082,65 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_walk_reads_every_active_device_once_in_order_whatever_its_id_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        // The page comes back as JSON: ids that JSON must escape come back as they went in.
+        let ids = [
+            "plain",
+            r#"quo"te"#,
+            r"back\slash",
+            "ünïcode",
+            "slash/and+plus=",
+            "emoji-📱",
+            "gone-one",
+        ];
+        for id in ids {
+            store
+                .upsert_device(&NewDevice {
+                    registration_id: id.to_owned(),
+                    device_id: None,
+                    user_id: Some("u".into()),
+                    tags: Vec::new(),
+                    app_version: None,
+                })
+                .await
+                .unwrap();
+        }
+        store.unregister_device("gone-one").await.unwrap();
+        for audience in [
+            Audience::All(super::super::Everyone::All),
+            Audience::User {
+                user_id: "u".into(),
+            },
+        ] {
+            let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let page = store.audience_page(&audience, after, 2).await.unwrap();
+                pages += 1;
+                assert!(page.items.len() <= 2);
+                seen.extend(page.items);
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            // Six active devices, two a page: the third page is full, so a fourth, empty, ends
+            // the walk.
+            assert_eq!(pages, 4, "{audience:?}");
+            assert!(seen.is_sorted_by_key(|(at, _)| *at), "{seen:?}");
+            let walked: Vec<&str> = seen.iter().map(|(_, id)| id.as_str()).collect();
+            assert_eq!(walked, ids[..6], "{audience:?}");
+        }
+        let nobody = Audience::User {
+            user_id: "nobody".into(),
+        };
+        let page = store.audience_page(&nobody, None, 2).await.unwrap();
+        assert!(page.items.is_empty() && page.next.is_none());
+    }
 
     #[tokio::test]
     async fn every_connection_keeps_a_page_cache_of_the_set_size() {
