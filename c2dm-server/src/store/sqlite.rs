@@ -1112,7 +1112,7 @@ mod tests {
         }
         store.unregister_device("gone-one").await.unwrap();
         for audience in [
-            Audience::All(super::super::Everyone::All),
+            Audience::All(crate::store::Everyone::All),
             Audience::User {
                 user_id: "u".into(),
             },
