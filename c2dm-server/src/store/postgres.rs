@@ -806,10 +806,13 @@ impl Store for PostgresStore {
                 )
             };
         }
-        // Rows not accepted are read from the index that keeps only them (the condition
-        // written out is what lets the planner use it); the others in the key's order.
-        let rows = sqlx::query(match outcome {
-            Some(o) if o != OutcomeKind::Accepted => {
+        // Rows with an error are read from the index of those, rows not accepted from the
+        // index that keeps only them, the others in the key's order. The condition written
+        // out is what lets the planner use an index: `($5 IS NULL OR error = $5)` alone does
+        // not.
+        let rows = sqlx::query(match (outcome, error) {
+            (_, Some(_)) => page_by!("($2::text IS NULL OR outcome = $2) AND error = $5"),
+            (Some(o), None) if o != OutcomeKind::Accepted => {
                 page_by!("outcome = $2 AND outcome <> 'accepted'")
             }
             _ => page_by!("($2::text IS NULL OR outcome = $2)"),

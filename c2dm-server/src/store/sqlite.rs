@@ -438,6 +438,33 @@ async fn write_batch(
     Ok(true)
 }
 
+/// The query of a page of a push's rows (`?1`), narrowed by outcome (`?2`) and error (`?5`)
+/// where given, after `?3`, `?4` at most. Rows with an error are read from the index of those,
+/// rows not accepted from the index that keeps only them, the others in the key's order.
+fn deliveries_query(outcome: Option<OutcomeKind>, error: bool) -> &'static str {
+    macro_rules! page_by {
+        ($($narrowed:literal)*) => {
+            select_deliveries!(
+                $($narrowed)* " AND (?5 IS NULL OR error = ?5) \
+                 AND registration_id > ?3 ORDER BY registration_id LIMIT ?4"
+            )
+        };
+    }
+    // Each index named, with the condition that lets it be used: without the name, SQLite
+    // preferred the key (which holds every column) and read every row of the push.
+    match (outcome, error) {
+        (_, true) => page_by!(
+            "INDEXED BY deliveries_by_error WHERE message_id = ?1 "
+            "AND (?2 IS NULL OR outcome = ?2) AND error = ?5"
+        ),
+        (Some(o), false) if o != OutcomeKind::Accepted => page_by!(
+            "INDEXED BY deliveries_by_outcome WHERE message_id = ?1 "
+            "AND outcome = ?2 AND outcome <> 'accepted'"
+        ),
+        _ => page_by!("WHERE message_id = ?1 AND (?2 IS NULL OR outcome = ?2)"),
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -961,30 +988,14 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<DeliveryRow>, Option<String>), StoreError> {
-        // A page of the push's rows, narrowed by outcome as `$outcome` says.
-        macro_rules! page_by {
-            ($outcome:literal) => {
-                select_deliveries!(
-                    "WHERE message_id = ?1 AND " $outcome " AND (?5 IS NULL OR error = ?5) \
-                     AND registration_id > ?3 ORDER BY registration_id LIMIT ?4"
-                )
-            };
-        }
-        // Rows not accepted are read from the index that keeps only them (the condition
-        // written out is what lets SQLite use it); the others in the key's order.
-        let rows = sqlx::query(match outcome {
-            Some(o) if o != OutcomeKind::Accepted => {
-                page_by!("outcome = ?2 AND outcome <> 'accepted'")
-            }
-            _ => page_by!("(?2 IS NULL OR outcome = ?2)"),
-        })
-        .bind(id)
-        .bind(outcome.map(|o| o.as_str()))
-        .bind(after.unwrap_or(""))
-        .bind(i64::from(limit) + 1)
-        .bind(error)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(deliveries_query(outcome, error.is_some()))
+            .bind(id)
+            .bind(outcome.map(|o| o.as_str()))
+            .bind(after.unwrap_or(""))
+            .bind(i64::from(limit) + 1)
+            .bind(error)
+            .fetch_all(&self.pool)
+            .await?;
         let items = rows
             .iter()
             .map(delivery_of)
@@ -1140,6 +1151,41 @@ mod tests {
         };
         let page = store.audience_page(&nobody, None, 2).await.unwrap();
         assert!(page.items.is_empty() && page.next.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_list_of_rows_by_error_or_outcome_reads_its_index() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let cases = [
+            (None, true, "deliveries_by_error"),
+            (Some(OutcomeKind::Rejected), true, "deliveries_by_error"),
+            (Some(OutcomeKind::Failed), false, "deliveries_by_outcome"),
+            (Some(OutcomeKind::Accepted), false, "PRIMARY KEY"),
+            (None, false, "PRIMARY KEY"),
+        ];
+        for (outcome, error, index) in cases {
+            let sql = format!("EXPLAIN QUERY PLAN {}", deliveries_query(outcome, error));
+            let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(1_i64)
+                .bind(outcome.map(|o| o.as_str()))
+                .bind("")
+                .bind(101_i64)
+                .bind(error.then_some("NotRegistered"))
+                .fetch_all(store.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>(3))
+                .collect();
+            let plan = plan.join("; ");
+            assert!(
+                plan.contains(&format!("SEARCH deliveries USING {index}"))
+                    || plan.contains(&format!("SEARCH deliveries USING INDEX {index}")),
+                "{outcome:?} {error}: {plan}"
+            );
+            // In the key's order already: no sort.
+            assert!(!plan.contains("TEMP B-TREE"), "{outcome:?} {error}: {plan}");
+        }
     }
 
     #[tokio::test]
