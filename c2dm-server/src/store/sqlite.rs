@@ -61,6 +61,13 @@ pub struct SqliteStore {
 /// push touches; their leaves come from the operating system's cache.
 const PAGE_CACHE_KIB: u32 = 512;
 
+/// The pool's connections to a file: the store's writer keeps one, and the job queue, the
+/// batches' reads and the API's share the rest. Each is a thread of its own with its own page
+/// cache, dropped whenever another connection writes: with four instead of eight, a push to
+/// 300,000 devices was 3-6% faster at 2-6% less CPU a message and 3-6 MiB less memory (three
+/// runs each, interleaved).
+const CONNECTIONS: u32 = 4;
+
 /// `SELECT` of one message's columns, in the order [`message_of`] reads them.
 const SELECT_MESSAGE: &str = select_message!("WHERE id = ?");
 
@@ -143,7 +150,7 @@ impl SqliteStore {
             // to the connection's thread) before each use.
             .test_before_acquire(false)
             .after_connect(|conn, _| Box::pin(super::busy::install(conn)))
-            .max_connections(if memory { 1 } else { 8 })
+            .max_connections(if memory { 1 } else { CONNECTIONS })
             .min_connections(usize::from(memory) as u32)
             .idle_timeout(if memory {
                 None
