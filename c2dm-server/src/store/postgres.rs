@@ -143,6 +143,54 @@ fn big(n: u64) -> i64 {
 }
 
 impl PostgresStore {
+    /// A batch's write in one transaction: [`write_batch`], and for its `last` write the
+    /// batches of the devices put back for later (each due at its time) and the batch marked
+    /// finished. Made again, keeping the rows already there, if it met one. `false` (and
+    /// nothing written) if a later run has claimed the batch.
+    async fn write_batch_then(
+        &self,
+        id: i64,
+        run: &BatchRun,
+        rows: &[DeliveryRow],
+        gone: &[(String, String)],
+        last: Option<&[(BatchJob, Option<SystemTime>)]>,
+    ) -> Result<bool, StoreError> {
+        let mut rows_may_exist = false;
+        let finished = loop {
+            let mut tx = self.pool.begin().await?;
+            match write_batch(&mut tx, id, run, rows, gone, rows_may_exist).await? {
+                BatchWrite::Refused => return Ok(false),
+                BatchWrite::RowsThere => {
+                    tracing::warn!(
+                        message_id = id,
+                        "rows already there: the batch's write is made again, keeping them"
+                    );
+                    tx.rollback().await?;
+                    rows_may_exist = true;
+                }
+                BatchWrite::Written { finished } => {
+                    if let Some(later) = last {
+                        enqueue_batches(&mut tx, later).await?;
+                        sqlx::query(
+                            "UPDATE batch_marks SET finished = TRUE \
+                             WHERE message_id = $1 AND batch = $2",
+                        )
+                        .bind(id)
+                        .bind(&run.batch)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    break finished;
+                }
+            }
+        };
+        if finished {
+            drop_batch_state(&self.pool, id).await?;
+        }
+        self.changed();
+        Ok(true)
+    }
     /// Connects to the database at `url` (`postgres://user@host/db`) with at most
     /// `max_connections` connections, and brings its tables up to date. Many processes may
     /// open one database at once: the migrations take a lock.
@@ -202,17 +250,64 @@ impl PostgresStore {
     }
 }
 
+/// What [`write_batch`] did.
+enum BatchWrite {
+    /// Nothing: the run is not the batch's latest, or the batch's marks went with its
+    /// finished push and it had rows to write.
+    Refused,
+    /// Its rows and gone devices, and whether that finished the push (now).
+    Written { finished: bool },
+    /// Nothing: a device had its row already, and `rows_may_exist` was false. The
+    /// transaction has failed; the write is to be made again, in a new one, with it true.
+    RowsThere,
+}
+
+/// The rows of a batch, without `ON CONFLICT`: a device that has its row already fails the
+/// statement (and its transaction). No run writes a device's row twice (a run again reads
+/// which devices have theirs first, and the batch's mark refuses an earlier run), so that is
+/// not expected; a write that meets one is made again with [`INSERT_ROWS_KEEPING`]. An `ON
+/// CONFLICT` insert looks each row's key up before inserting it, takes a lock to insert it
+/// alone, and confirms it after (a second change to the row's page, with its log record):
+/// PostgreSQL spent 1.3 times the CPU a row (docs/PERFORMANCE.md).
+macro_rules! insert_rows {
+    ($($on_conflict:literal)?) => {
+        concat!(
+            "WITH written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
+             c2dm_message_id, error, attempts, possible_duplicates, at) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::bigint[]) ",
+            $($on_conflict,)?
+            "RETURNING outcome) \
+             UPDATE messages SET \
+             recorded = recorded + (SELECT COUNT(*) FROM written), \
+             accepted = accepted + (SELECT COUNT(*) FROM written WHERE outcome = 'accepted'), \
+             rejected = rejected + (SELECT COUNT(*) FROM written WHERE outcome = 'rejected'), \
+             failed = failed + (SELECT COUNT(*) FROM written WHERE outcome = 'failed'), \
+             not_attempted = not_attempted + \
+             (SELECT COUNT(*) FROM written WHERE outcome = 'not_attempted') \
+             WHERE id = $1"
+        )
+    };
+}
+
+/// A batch's rows, and the push's counters by the rows written, in one statement.
+const INSERT_ROWS: &str = insert_rows!();
+
+/// [`INSERT_ROWS`], keeping the row a device has already (it is not counted again).
+const INSERT_ROWS_KEEPING: &str =
+    insert_rows!("ON CONFLICT (message_id, registration_id) DO NOTHING ");
+
 /// The rows and gone devices of `run` of a batch of push `id`, in the transaction `conn`, then
-/// the push finished if complete: `None` (nothing written) if the run is not the batch's latest,
-/// or if the batch's marks went with its finished push and it had rows to write; else whether
-/// the push finished (now).
+/// the push finished if complete. `rows_may_exist`: whether rows a device has already are
+/// to be kept (else such a row fails the write, see [`BatchWrite::RowsThere`]).
 async fn write_batch(
     conn: &mut sqlx::PgConnection,
     id: i64,
     run: &BatchRun,
     rows: &[DeliveryRow],
     gone: &[(String, String)],
-) -> Result<Option<bool>, StoreError> {
+    rows_may_exist: bool,
+) -> Result<BatchWrite, StoreError> {
     let now = millis(SystemTime::now());
     let ids: Vec<&str> = rows.iter().map(|r| r.registration_id.as_str()).collect();
     let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
@@ -245,7 +340,11 @@ async fn write_batch(
     if latest != Some(run.run) {
         // No mark at all: it went with the push, which this run's earlier writes finished.
         // Its last write then has nothing to say, and is no news of a takeover.
-        return Ok((latest.is_none() && rows.is_empty() && gone.is_empty()).then_some(false));
+        return Ok(if latest.is_none() && rows.is_empty() && gone.is_empty() {
+            BatchWrite::Written { finished: false }
+        } else {
+            BatchWrite::Refused
+        });
     }
     if !gone.is_empty() {
         sqlx::query(
@@ -261,23 +360,11 @@ async fn write_batch(
         .execute(&mut *conn)
         .await?;
     }
-    // The rows, and the push's counters by the rows actually written (a row a device
-    // already had is not counted again), in one statement.
-    sqlx::query(
-        "WITH written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
-         c2dm_message_id, error, attempts, possible_duplicates, at) \
-         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
-         $6::bigint[], $7::bigint[], $8::bigint[]) \
-         ON CONFLICT (message_id, registration_id) DO NOTHING RETURNING outcome) \
-         UPDATE messages SET \
-         recorded = recorded + (SELECT COUNT(*) FROM written), \
-         accepted = accepted + (SELECT COUNT(*) FROM written WHERE outcome = 'accepted'), \
-         rejected = rejected + (SELECT COUNT(*) FROM written WHERE outcome = 'rejected'), \
-         failed = failed + (SELECT COUNT(*) FROM written WHERE outcome = 'failed'), \
-         not_attempted = not_attempted + \
-         (SELECT COUNT(*) FROM written WHERE outcome = 'not_attempted') \
-         WHERE id = $1",
-    )
+    let inserted = sqlx::query(if rows_may_exist {
+        INSERT_ROWS_KEEPING
+    } else {
+        INSERT_ROWS
+    })
     .bind(id)
     .bind(&ids)
     .bind(&outcomes)
@@ -287,8 +374,16 @@ async fn write_batch(
     .bind(&duplicates)
     .bind(&at)
     .execute(&mut *conn)
-    .await?;
-    Ok(Some(finish_if_complete(conn, id, now).await?))
+    .await;
+    match inserted {
+        Err(sqlx::Error::Database(e)) if !rows_may_exist && e.is_unique_violation() => {
+            return Ok(BatchWrite::RowsThere);
+        }
+        inserted => inserted?,
+    };
+    Ok(BatchWrite::Written {
+        finished: finish_if_complete(conn, id, now).await?,
+    })
 }
 
 #[async_trait]
@@ -747,16 +842,7 @@ impl Store for PostgresStore {
         rows: &[DeliveryRow],
         gone: &[(String, String)],
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(finished) = write_batch(&mut tx, id, run, rows, gone).await? else {
-            return Ok(false);
-        };
-        tx.commit().await?;
-        if finished {
-            drop_batch_state(&self.pool, id).await?;
-        }
-        self.changed();
-        Ok(true)
+        self.write_batch_then(id, run, rows, gone, None).await
     }
 
     async fn finish_batch(
@@ -767,26 +853,12 @@ impl Store for PostgresStore {
         gone: &[(String, String)],
         later: &[(BatchJob, SystemTime)],
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(finished) = write_batch(&mut tx, id, run, rows, gone).await? else {
-            return Ok(false);
-        };
         let later: Vec<(BatchJob, Option<SystemTime>)> = later
             .iter()
             .map(|(job, at)| (job.clone(), Some(*at)))
             .collect();
-        enqueue_batches(&mut tx, &later).await?;
-        sqlx::query("UPDATE batch_marks SET finished = TRUE WHERE message_id = $1 AND batch = $2")
-            .bind(id)
-            .bind(&run.batch)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        if finished {
-            drop_batch_state(&self.pool, id).await?;
-        }
-        self.changed();
-        Ok(true)
+        self.write_batch_then(id, run, rows, gone, Some(&later))
+            .await
     }
 
     async fn deliveries(
