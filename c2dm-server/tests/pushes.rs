@@ -477,6 +477,45 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
     }
 }
 
+/// On SQLite the queue forgets the jobs it has done, as batches finish: apalis-sqlite marks a
+/// job done with a statement that reads every job its worker has run, done ones included,
+/// which made each batch's end slower than the one before for as long as the process ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_the_queue_keeps_no_job_done_before_the_last_batch() {
+    use sqlx::Connection;
+    let server = Server::start(Db::Sqlite).await;
+    for i in 0..30 {
+        server.register(&format!("phone-{i:02}"), None, &[]).await;
+    }
+    let _workers = server.workers(WorkerOptions {
+        workers: 1,
+        batch_size: 3,
+        ..WorkerOptions::default()
+    });
+    // Two pushes of ten batches each: 22 jobs, all run.
+    for _ in 0..2 {
+        let id = server.push(json!("all")).await;
+        let message = server.finished(&id).await;
+        assert_eq!(message["counts"]["accepted"], 30, "{message}");
+    }
+    let mut db = sqlx::SqliteConnection::connect(&server.database.url)
+        .await
+        .unwrap();
+    let jobs: Vec<(String, String)> = sqlx::query_as("SELECT job_type, status FROM Jobs")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    // Left: only jobs marked done (or not yet) after the second push's last batch wrote its
+    // rows: that batch's, the one before it if the queue heard of it late, and the push's
+    // own if its batches all finished before the queue heard of it.
+    assert!(jobs.len() <= 3, "{jobs:?}");
+    assert!(
+        jobs.iter()
+            .all(|(_, status)| status == "Done" || status == "Running"),
+        "{jobs:?}"
+    );
+}
+
 on_each_database!(
     pushes_and_devices_read_as_the_console_reads_them,
     a_push_to_all_reaches_every_active_device_once_and_disables_the_gone,

@@ -104,6 +104,24 @@ async fn finish_if_complete(
     Ok(())
 }
 
+/// Deletes the queue's jobs that are done, in the write transaction `conn`: each batch's last
+/// write does it, so the queue keeps only the few jobs done since the last batch finished.
+///
+/// apalis-sqlite marks a job done with a statement that SQLite runs as a read of every job
+/// its worker (one name per process) has ever taken, done ones included, under the write
+/// lock. Kept, they made each batch's end slower than the last for as long as the process
+/// ran: in the sqlite3 shell, on a copy of a queue, that statement took 1 ms with 300 done
+/// jobs and 3-4 ms with 3,000. Nothing reads a done job again; a failed or killed one is
+/// kept.
+async fn forget_done_jobs(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM Jobs WHERE job_type IN (?1, ?2) AND status = 'Done'")
+        .bind(queue::BATCH_QUEUE)
+        .bind(queue::PUSH_QUEUE)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Enqueues `batches`, each due at its time (or at once), in the write transaction `conn`:
 /// each batch's devices as a list of `batch_lists`, and in the queue a job that names it.
 async fn enqueue_batches(
@@ -977,6 +995,7 @@ impl Store for SqliteStore {
                     .bind(&run.batch)
                     .execute(&mut *tx)
                     .await?;
+                    forget_done_jobs(tx).await?;
                     Ok(true)
                 })
             })
