@@ -49,13 +49,13 @@ fn measure(mut cmd: Command) -> Result<Usage, String> {
 
 /// One measured run of a path: messages (or requests) per second, and CPU µs per message.
 #[derive(Clone, Copy)]
-struct Sample {
-    rate: f64,
-    cpu: f64,
+pub(crate) struct Sample {
+    pub(crate) rate: f64,
+    pub(crate) cpu: f64,
 }
 
 /// The median (the mean of the middle two for an even count); NaN for none.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     if values.is_empty() {
         return f64::NAN;
@@ -71,7 +71,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 
 /// The ratio of `ours` to wrk's, round by round: the median, and the range when there are
 /// several rounds. Empty without wrk.
-fn ratios(ours: &[Sample], wrk: &[Sample], field: impl Fn(&Sample) -> f64) -> String {
+pub(crate) fn ratios(ours: &[Sample], wrk: &[Sample], field: impl Fn(&Sample) -> f64) -> String {
     if wrk.is_empty() {
         return String::new();
     }
@@ -90,7 +90,7 @@ fn ratios(ours: &[Sample], wrk: &[Sample], field: impl Fn(&Sample) -> f64) -> St
 }
 
 /// `--rounds N` (default 3, or 1 with `--quick`).
-fn rounds_of(args: &[&str], quick: bool) -> Result<usize, String> {
+pub(crate) fn rounds_of(args: &[&str], quick: bool) -> Result<usize, String> {
     match args.iter().position(|a| *a == "--rounds") {
         Some(i) => args
             .get(i + 1)

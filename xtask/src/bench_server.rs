@@ -314,7 +314,7 @@ fn parse_wrk_duration(text: &str) -> Option<f64> {
     }
 }
 
-/// `cargo xtask bench --server [--quick] [--write]`.
+/// `cargo xtask bench --server [--quick] [--rounds N] [--write]`.
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let quick = args.contains(&"--quick");
     let big: u64 = if quick { 100_000 } else { 1_000_000 };
@@ -339,46 +339,77 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     };
     let cluster = c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
 
+    let rounds = crate::bench::rounds_of(args, quick)?;
     let mut rows = vec![
         "| path | devices | rate (msg/s) | rate / `c2dm broadcast` | POST answered in | peak RSS | CPU µs/msg |"
             .to_owned(),
         "|---|---:|---:|---:|---:|---:|---:|".to_owned(),
     ];
+    let names = ["SQLite", "PostgreSQL"];
     for size in [small, big] {
-        let (broadcast_rate, broadcast_cpu, broadcast_rss) =
-            crate::bench::broadcast(&bin, &dir, &emulator, size, 64)?;
+        // Round by round, `c2dm broadcast` and then a push on each database, so that each
+        // ratio is taken within a round: the machine's speed moves from minute to minute.
+        let mut broadcasts = Vec::with_capacity(rounds);
+        let mut broadcast_rss = 0;
+        let mut pushes: [Vec<Push>; 2] = [Vec::new(), Vec::new()];
+        for round in 1..=rounds {
+            let (rate, cpu, rss) = crate::bench::broadcast(&bin, &dir, &emulator, size, 64)?;
+            broadcasts.push(crate::bench::Sample { rate, cpu });
+            broadcast_rss = broadcast_rss.max(rss);
+            let file = dir.join(format!("push-{size}-{round}.db"));
+            let databases = [
+                Database::Sqlite(file.clone()),
+                Database::Postgres(
+                    cluster
+                        .create_database_blocking("bench")
+                        .map_err(|e| e.to_string())?,
+                    cluster.program("psql"),
+                ),
+            ];
+            for (database, results) in databases.iter().zip(&mut pushes) {
+                eprintln!(
+                    "== round {round} of {rounds}: a push to {size} devices on {}",
+                    database.name()
+                );
+                results.push(push(&bin, &dir, database, &send_url, size)?);
+            }
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            }
+        }
+        let median = |values: &mut dyn Iterator<Item = f64>| crate::bench::median(values);
         rows.push(format!(
-            "| `c2dm broadcast` | {size} | {broadcast_rate:.0} | 1.00 | | {:.1} MiB | {broadcast_cpu:.1} |",
-            broadcast_rss as f64 / 1024.0
+            "| `c2dm broadcast` | {size} | {:.0} | 1.00 | | {:.1} MiB | {:.1} |",
+            median(&mut broadcasts.iter().map(|b| b.rate)),
+            broadcast_rss as f64 / 1024.0,
+            median(&mut broadcasts.iter().map(|b| b.cpu)),
         ));
-        let databases = [
-            Database::Sqlite(dir.join(format!("push-{size}.db"))),
-            Database::Postgres(
-                cluster
-                    .create_database_blocking("bench")
-                    .map_err(|e| e.to_string())?,
-                cluster.program("psql"),
-            ),
-        ];
-        for database in &databases {
-            eprintln!("== a push to {size} devices on {}", database.name());
-            let push = push(&bin, &dir, database, &send_url, size)?;
+        for (name, results) in names.iter().zip(&pushes) {
+            let samples: Vec<crate::bench::Sample> = results
+                .iter()
+                .map(|p| crate::bench::Sample {
+                    rate: p.rate,
+                    cpu: p.cpu_us,
+                })
+                .collect();
             rows.push(format!(
-                "| `c2dm serve`, {} (4 batches × 64 sends) | {size} | {:.0} | {:.2} | {:.1} ms | {:.1} MiB | {:.1} |",
-                database.name(),
-                push.rate,
-                push.rate / broadcast_rate,
-                push.latency.as_secs_f64() * 1000.0,
-                push.rss_kib as f64 / 1024.0,
-                push.cpu_us,
+                "| `c2dm serve`, {name} (4 batches × 64 sends) | {size} | {:.0} | {} | {:.1} ms | {:.1} MiB | {:.1} |",
+                median(&mut samples.iter().map(|p| p.rate)),
+                crate::bench::ratios(&samples, &broadcasts, |x| x.rate),
+                median(&mut results.iter().map(|p| p.latency.as_secs_f64() * 1000.0)),
+                results.iter().map(|p| p.rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+                median(&mut samples.iter().map(|p| p.cpu)),
             ));
         }
     }
     let mut report = format!(
-        "Measured by `cargo xtask bench --server{}` on {}: one run each; the push's rate runs from \
-         the POST to the status saying done; the devices were written straight into the table.\n\n",
+        "Measured by `cargo xtask bench --server{}` on {}: medians of {rounds} round{}, each \
+         ratio taken within a round (median, and lowest-highest), the highest peak RSS; the \
+         push's rate runs from the POST to the status saying done; the devices were written \
+         straight into the table.\n\n",
         if quick { " --quick" } else { "" },
         crate::bench::machine(),
+        if rounds == 1 { "" } else { "s" },
     );
     report.push_str(&rows.join("\n"));
     if let Some((rate, p99)) = registered {
