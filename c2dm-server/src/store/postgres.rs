@@ -191,6 +191,7 @@ impl PostgresStore {
         self.changed();
         Ok(true)
     }
+
     /// Connects to the database at `url` (`postgres://user@host/db`) with at most
     /// `max_connections` connections, and brings its tables up to date. Many processes may
     /// open one database at once: the migrations take a lock.
@@ -268,7 +269,7 @@ enum BatchWrite {
 /// not expected; a write that meets one is made again with [`INSERT_ROWS_KEEPING`]. An `ON
 /// CONFLICT` insert looks each row's key up before inserting it, takes a lock to insert it
 /// alone, and confirms it after (a second change to the row's page, with its log record):
-/// PostgreSQL spent 1.3 times the CPU a row (docs/PERFORMANCE.md).
+/// rows written that way took 1.4-1.6 times as long (docs/PERFORMANCE.md).
 macro_rules! insert_rows {
     ($($on_conflict:literal)?) => {
         concat!(
