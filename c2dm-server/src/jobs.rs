@@ -600,13 +600,9 @@ fn budget_day(now: SystemTime, period: Duration) -> (i64, SystemTime) {
 /// before their batch runs again.
 const QUOTA_RETRY: Duration = Duration::from_secs(15 * 60);
 
-/// Rows are written at least this often while a batch sends, so that a worker that dies
-/// leaves little for the batch's next run to send again. Each write is a transaction with a
-/// few statements besides the rows': at 100 rows a write, PostgreSQL spent a tenth more CPU
-/// a message than at 250.
-const FLUSH_ROWS: usize = 250;
-
-/// …and at least this often.
+/// A batch writes the rows it holds at least this often while it sends (and at least every
+/// [`Store::rows_per_write`] rows), so that a worker that dies leaves little for the batch's
+/// next run to send again.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// A batch marks its list this many times its concurrency at a time (the next chunk while
@@ -705,7 +701,7 @@ impl Pending {
 
     /// Writes the rows held if there are many, or they have waited long.
     async fn flush_if_due(&mut self, store: &dyn Store) -> Result<(), StoreError> {
-        if self.rows.len() >= FLUSH_ROWS || self.flushed_at.elapsed() >= FLUSH_EVERY {
+        if self.rows.len() >= store.rows_per_write() || self.flushed_at.elapsed() >= FLUSH_EVERY {
             self.flush(store).await?;
         }
         Ok(())
@@ -758,11 +754,11 @@ fn marked(
 
 /// A batch job: one broadcast to the devices that have no row yet; their rows, with the
 /// devices C2DM reported gone, are written as they come, in transactions of up to
-/// [`FLUSH_ROWS`]. The batch's mark (keyed by its job's id, which a run again keeps) moves
-/// down its list before the sends, so that a run after a crash counts a possible duplicate
-/// for each device below it without a row. Devices the account's daily budget does not
-/// cover, or that the service's quota kept from being sent, go back to the queue for later,
-/// unsent and without a row.
+/// [`Store::rows_per_write`] rows. The batch's mark (keyed by its job's id, which a run again
+/// keeps) moves down its list before the sends, so that a run after a crash counts a possible
+/// duplicate for each device below it without a row. Devices the account's daily budget does
+/// not cover, or that the service's quota kept from being sent, go back to the queue for
+/// later, unsent and without a row.
 async fn run_batch(
     job: BatchJob,
     task: TaskId,
@@ -827,7 +823,7 @@ async fn run_batch(
                 (earlier > 0).then(|| ((*id).clone(), earlier))
             })
             .collect(),
-        rows: Vec::with_capacity(todo.len().min(FLUSH_ROWS)),
+        rows: Vec::with_capacity(todo.len().min(store.rows_per_write())),
         gone: Vec::new(),
         flushed_at: Instant::now(),
     };
