@@ -5,7 +5,8 @@
 //! - `cargo xtask contract`: the server's OpenAPI document validated, and schemathesis against
 //!   a running server with each key (also the last step of `ci`).
 //! - `cargo xtask bench [--write]`: end-to-end throughput and memory against the emulator;
-//!   `--server`: the application server's pushes on SQLite and PostgreSQL, and registrations;
+//!   `--server`: the application server's pushes on SQLite and PostgreSQL, in rounds beside
+//!   `c2dm broadcast`, and registrations;
 //!   `--server --scaling`: 1, 2 and 3 worker processes on one PostgreSQL database.
 //! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
 //! - `cargo xtask soak --server [--sqlite [--minutes M]] [--runs N] [--devices N]`: the
@@ -30,7 +31,8 @@ const HELP: &str = concat!(
     "  tidy     the repository's own rules (also run as a test)\n",
     "  contract the server's OpenAPI document validated, and schemathesis against it (in ci)\n",
     "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
-    "           --server: the application server's pushes (SQLite, PostgreSQL) and registrations;\n",
+    "           --server: the application server's pushes (SQLite, PostgreSQL) in rounds beside\n",
+    "           c2dm broadcast (--rounds N, default 3), and registrations;\n",
     "           --server --scaling [--workers N] [--concurrency N]: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms\n",
     "  soak     a long broadcast under every fault, checked afterwards (not in CI);\n",
     "           --server: the application server's processes on PostgreSQL, killed and\n",
