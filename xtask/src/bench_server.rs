@@ -345,13 +345,13 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             .to_owned(),
         "|---|---:|---:|---:|---:|---:|---:|".to_owned(),
     ];
-    let names = ["SQLite", "PostgreSQL"];
     for size in [small, big] {
         // Round by round, `c2dm broadcast` and then a push on each database, so that each
         // ratio is taken within a round: the machine's speed moves from minute to minute.
         let mut broadcasts = Vec::with_capacity(rounds);
         let mut broadcast_rss = 0;
-        let mut pushes: [Vec<Push>; 2] = [Vec::new(), Vec::new()];
+        // Each database's name, with its pushes of every round.
+        let mut pushes: Vec<(&str, Vec<Push>)> = Vec::new();
         for round in 1..=rounds {
             let (rate, cpu, rss) = crate::bench::broadcast(&bin, &dir, &emulator, size, 64)?;
             broadcasts.push(crate::bench::Sample { rate, cpu });
@@ -366,12 +366,16 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
                     cluster.program("psql"),
                 ),
             ];
-            for (database, results) in databases.iter().zip(&mut pushes) {
+            for (k, database) in databases.iter().enumerate() {
                 eprintln!(
                     "== round {round} of {rounds}: a push to {size} devices on {}",
                     database.name()
                 );
-                results.push(push(&bin, &dir, database, &send_url, size)?);
+                let result = push(&bin, &dir, database, &send_url, size)?;
+                match pushes.get_mut(k) {
+                    Some((_, results)) => results.push(result),
+                    None => pushes.push((database.name(), vec![result])),
+                }
             }
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
@@ -384,7 +388,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             broadcast_rss as f64 / 1024.0,
             median(&mut broadcasts.iter().map(|b| b.cpu)),
         ));
-        for (name, results) in names.iter().zip(&pushes) {
+        for (name, results) in &pushes {
             let samples: Vec<crate::bench::Sample> = results
                 .iter()
                 .map(|p| crate::bench::Sample {
