@@ -191,7 +191,10 @@ const FETCH: usize = 1;
 /// How one process's workers send.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Batch jobs run at once in this process (default 2).
+    /// Batch jobs sending at once in this process (default 2). One more is readied beside
+    /// them (its devices read, its run claimed, its first sends marked), and starts sending
+    /// as soon as one of them stops: a batch's start and end, each a few writes' wait, no
+    /// longer leave its sending slots idle.
     pub workers: usize,
     /// Sends at once within one batch (default 64).
     pub concurrency: usize,
@@ -268,12 +271,33 @@ impl PollStrategy for Every {
 /// often a batch looks whether its push was cancelled.
 const LOOK: Duration = Duration::from_millis(200);
 
+/// Batch jobs a process runs beyond [`WorkerOptions::workers`]: readied, each waits for one of
+/// those to stop sending. Measured on SQLite (`docs/PERFORMANCE.md`): with none, a batch sent
+/// for about two thirds of its run, and its slots idled through the rest; one ready batch
+/// gave as much as two or four.
+const READY_AHEAD: usize = 1;
+
 /// What the job handlers share.
 struct Runner {
     store: Arc<dyn Store>,
     sender: Sender,
     queues: Queues,
     options: WorkerOptions,
+    /// One permit per batch that may send at once ([`WorkerOptions::workers`]), held from a
+    /// batch's first send to its last answer.
+    sending: Arc<tokio::sync::Semaphore>,
+}
+
+impl Runner {
+    fn new(store: Arc<dyn Store>, sender: Sender, queues: Queues, options: WorkerOptions) -> Self {
+        Self {
+            store,
+            sender,
+            queues,
+            sending: Arc::new(tokio::sync::Semaphore::new(options.workers.max(1))),
+            options,
+        }
+    }
 }
 
 /// A name no other worker has, in this process or another: apalis tells a dead worker's jobs
@@ -289,9 +313,9 @@ fn worker_name(queue: &str) -> String {
 }
 
 /// Runs this process's workers until `shutdown` completes: one takes push jobs, and
-/// `options.workers` batch jobs run at once. Beside them, the sender's pause is shared with
-/// every other worker of the account through the database, and the queues' depth is kept
-/// in the metrics.
+/// `options.workers` batch jobs send at once, with one more readied beside them. Meanwhile the
+/// sender's pause is shared with every other worker of the account through the database, and
+/// the queues' depth is kept in the metrics.
 pub async fn run_workers(
     store: Arc<dyn Store>,
     sender: Sender,
@@ -299,12 +323,7 @@ pub async fn run_workers(
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), JobError> {
-    let runner = Arc::new(Runner {
-        store,
-        sender,
-        queues: queues.clone(),
-        options,
-    });
+    let runner = Arc::new(Runner::new(store, sender, queues.clone(), options));
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let signal = |stop: &tokio::sync::broadcast::Sender<()>| {
         let mut rx = stop.subscribe();
@@ -324,7 +343,7 @@ pub async fn run_workers(
         let batches = WorkerBuilder::new(worker_name(BATCH_QUEUE))
             .backend(batches.poll_with_strategy(Every::new(POLL)))
             .data(Arc::clone(&runner))
-            .concurrency(runner.options.workers.max(1))
+            .concurrency(runner.options.workers.max(1) + READY_AHEAD)
             .build(|job, task, runner| on_own_task(run_batch(job, task, runner)))
             .run_until(signal(&stop));
         let stopper = async {
@@ -781,6 +800,8 @@ async fn run_batch(
         },
         None => job,
     };
+    // Cancels asked for in this process from here on (its push read next) stop the sends.
+    let cancels = store.cancels();
     let Some(message) = store.message_to_send(job.message_id).await? else {
         return Ok(());
     };
@@ -893,7 +914,7 @@ async fn run_batch(
             adopt_shared_pause(&runner).await?;
             let template = template(&message, first)?;
             let concurrency = runner.options.concurrency.max(1);
-            let mut deliveries = runner.sender.broadcast_to(
+            let mut ids = Box::pin(
                 marked(
                     Arc::clone(store),
                     job.message_id,
@@ -901,13 +922,21 @@ async fn run_batch(
                     Arc::clone(&pending.taken_over),
                     &send,
                     concurrency.saturating_mul(MARK_CHUNKS),
-                ),
+                )
+                .peekable(),
+            );
+            // Readied: the first sends marked. Then the batch waits its turn to send.
+            ids.as_mut().peek().await;
+            let sending = Arc::clone(&runner.sending).acquire_owned().await?;
+            let mut deliveries = runner.sender.broadcast_to(
+                ids,
                 &template,
                 BroadcastOptions::default().concurrency(concurrency),
             )?;
             let watching = tokio::spawn(cancel_when_asked(
                 Arc::clone(store),
                 job.message_id,
+                cancels,
                 deliveries.cancel_handle(),
             ));
             let mut accepted = 0u64;
@@ -935,6 +964,7 @@ async fn run_batch(
                 pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
                 pending.flush_if_due(store.as_ref()).await?;
             }
+            drop(sending);
             watching.abort();
             unsent = send.len().saturating_sub(delivered);
             if let Some(granted) = granted {
@@ -998,10 +1028,14 @@ fn later_batches(
 
 /// Cancels a batch's broadcast as soon as a cancel of its push is asked for: sends under way
 /// finish, the others are not made, and their devices get `not_attempted: cancelled` rows.
-async fn cancel_when_asked(store: Arc<dyn Store>, message_id: i64, cancel: CancelHandle) {
-    // A cancel through this process's API is seen at once; one through another's, at the
-    // next look.
-    let mut changes = store.cancels();
+/// A cancel through this process's API since `changes` was taken is seen at once; one through
+/// another's, at the next look.
+async fn cancel_when_asked(
+    store: Arc<dyn Store>,
+    message_id: i64,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    cancel: CancelHandle,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOOK) => {}
@@ -1055,14 +1089,12 @@ mod tests {
         let store = SqliteStore::open("sqlite::memory:").await.unwrap();
         let queues = Queues::open(store.pool()).await.unwrap();
         let store: Arc<dyn Store> = Arc::new(store);
-        let runner = |account: &str| Runner {
-            store: Arc::clone(&store),
-            sender: sender(),
-            queues: queues.clone(),
-            options: WorkerOptions {
+        let runner = |account: &str| {
+            let options = WorkerOptions {
                 account: account.to_owned(),
                 ..WorkerOptions::default()
-            },
+            };
+            Runner::new(Arc::clone(&store), sender(), queues.clone(), options)
         };
         let (first, second, elsewhere) = (runner("acct"), runner("acct"), runner("other"));
         assert_eq!(share_pause(&second, None).await, None);

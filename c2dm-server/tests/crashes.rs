@@ -1,5 +1,6 @@
 //! What the durable jobs promise when things go wrong: a worker killed in the middle of a
-//! batch, a cancel while a batch sends, and an account's daily budget spent half way.
+//! batch, a cancel while a batch sends, and an account's daily budget spent half way; and how
+//! many batches a worker sends at once while it readies the next.
 //! Each runs on SQLite and on PostgreSQL, against the emulator.
 
 #[macro_use]
@@ -27,6 +28,8 @@ enum Then {
     Stall,
     /// Holds each until the receiver turns true, then fails it without having sent it.
     HoldUntil(tokio::sync::watch::Receiver<bool>),
+    /// Holds each until the receiver turns true, then forwards it to the emulator.
+    HoldThenForward(tokio::sync::watch::Receiver<bool>),
 }
 
 /// A transport that forwards requests to the emulator until it has forwarded `pass`, then
@@ -68,6 +71,11 @@ fn passing(
                         TransportErrorKind::Connect,
                         RequestSent::No,
                     ))
+                }
+                Then::HoldThenForward(release) => {
+                    fire();
+                    let _ = release.clone().wait_for(|released| *released).await;
+                    c2dm_core::Transport::execute(&*inner, request).await
                 }
             }
         }
@@ -219,6 +227,91 @@ async fn a_cancel_stops_a_batch_under_way(db: Db) {
     assert!(cancelled >= 300 - 20 - 4, "{message}");
     assert_eq!(server.rows(&id, "").await.len(), 300);
     assert_eq!(server.emulator.counters().accepted, 20);
+}
+
+/// `inner`, counting its requests under way: the most at once goes to `peak`.
+fn counting(
+    inner: impl c2dm_core::Transport + 'static,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+) -> impl c2dm_core::Transport + 'static {
+    use std::sync::atomic::Ordering::SeqCst;
+    let inner = Arc::new(inner);
+    let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    move |request: http::Request<Bytes>| {
+        let (inner, now, peak) = (Arc::clone(&inner), Arc::clone(&now), Arc::clone(&peak));
+        async move {
+            peak.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+            let answer = c2dm_core::Transport::execute(&*inner, request).await;
+            now.fetch_sub(1, SeqCst);
+            answer
+        }
+    }
+}
+
+/// How many batches of push `message_id` have marked sends, read from the database itself.
+async fn batches_marked(server: &Server, db: Db, message_id: i64) -> i64 {
+    use sqlx::Connection;
+    const MARKED: &str =
+        "SELECT COUNT(*) FROM batch_marks WHERE message_id = $1 AND sent_through > 0";
+    let url = &server.database.url;
+    match db {
+        Db::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+            let query = sqlx::query_scalar(MARKED).bind(message_id);
+            query.fetch_one(&mut conn).await.unwrap()
+        }
+        Db::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            let query = sqlx::query_scalar(MARKED).bind(message_id);
+            query.fetch_one(&mut conn).await.unwrap()
+        }
+    }
+}
+
+async fn a_worker_readies_its_next_batch_but_sends_no_more_at_once(db: Db) {
+    // One batch sending at once, two sends each: three batches of ten.
+    let options = WorkerOptions {
+        workers: 1,
+        concurrency: 2,
+        batch_size: 10,
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    register_phones(&server, 30).await;
+    let (reached, held) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let transport = counting(
+        passing(3, reached, Then::HoldThenForward(released)),
+        Arc::clone(&peak),
+    );
+    let _workers = server.workers_with(server.sender_over(transport), options);
+    let id = server.push(json!("all")).await;
+    let message_id: i64 = id.parse().unwrap();
+    // The first batch's sends are held after the third.
+    held.await.unwrap();
+    // The next batch is readied meanwhile (its first sends marked: it has a mark of its
+    // own), and waits: nothing of it is sent. Each look yields to the workers; none sleeps.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while batches_marked(&server, db, message_id).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second batch readied"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(server.emulator.counters().accepted, 3);
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    release.send(true).unwrap();
+    let message = server.finished(&id).await;
+    assert_eq!(message["counts"]["accepted"], 30, "{message}");
+    // Never more than one batch's sends at once, and each device sent to once.
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 2);
+    for i in 0..30 {
+        let device = format!("phone-{i:03}");
+        assert_eq!(server.emulator.inbox(&device).len(), 1, "{device}");
+    }
 }
 
 async fn a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent(db: Db) {
@@ -649,6 +742,7 @@ async fn an_accounts_pause_is_extended_never_shortened(db: Db) {
 on_each_database!(
     a_worker_killed_mid_batch_leaves_its_batch_to_another,
     a_cancel_stops_a_batch_under_way,
+    a_worker_readies_its_next_batch_but_sends_no_more_at_once,
     a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
     a_device_that_stops_being_active_after_the_walk_is_not_sent_to,
