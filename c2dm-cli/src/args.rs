@@ -218,7 +218,7 @@ pub struct ServeArgs {
     /// A file whose first line is the device key (else C2DM_SERVER_DEVICE_KEY).
     #[arg(long, value_name = "FILE")]
     pub device_key_file: Option<PathBuf>,
-    /// Batch jobs run at once in this process.
+    /// Batch jobs sending at once in this process (one more is readied beside them).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub workers: u32,
     /// Sends at once within one batch.
