@@ -301,7 +301,7 @@ async fn a_worker_readies_its_next_batch_but_sends_no_more_at_once(db: Db) {
         tokio::task::yield_now().await;
     }
     assert_eq!(server.emulator.counters().accepted, 3);
-    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 2);
 
     release.send(true).unwrap();
     let message = server.finished(&id).await;
