@@ -962,7 +962,10 @@ async fn run_batch(
                         .push((id, delivery.error_text().unwrap_or_default()));
                 }
                 pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
-                pending.flush_if_due(store.as_ref()).await?;
+                // The last answer's rows go with the batch's final write, not one of their own.
+                if delivered < send.len() {
+                    pending.flush_if_due(store.as_ref()).await?;
+                }
             }
             drop(sending);
             watching.abort();
