@@ -155,35 +155,38 @@ impl PostgresStore {
         gone: &[(String, String)],
         last: Option<&[(BatchJob, Option<SystemTime>)]>,
     ) -> Result<bool, StoreError> {
+        let finishing = last.is_some();
+        let later = last.unwrap_or_default();
         let mut rows_may_exist = false;
         let finished = loop {
-            let mut tx = self.pool.begin().await?;
-            match write_batch(&mut tx, id, run, rows, gone, rows_may_exist).await? {
-                BatchWrite::Refused => return Ok(false),
-                BatchWrite::RowsThere => {
-                    tracing::warn!(
-                        message_id = id,
-                        "rows already there: the batch's write is made again, keeping them"
-                    );
-                    tx.rollback().await?;
-                    rows_may_exist = true;
+            if gone.is_empty() && later.is_empty() {
+                // One statement, a transaction of its own.
+                let mut conn = self.pool.acquire().await?;
+                match write_batch(&mut conn, id, run, rows, gone, finishing, rows_may_exist).await?
+                {
+                    BatchWrite::Refused => return Ok(false),
+                    BatchWrite::RowsThere => rows_may_exist = true,
+                    BatchWrite::Written { finished } => break finished,
                 }
-                BatchWrite::Written { finished } => {
-                    if let Some(later) = last {
-                        enqueue_batches(&mut tx, later).await?;
-                        sqlx::query(
-                            "UPDATE batch_marks SET finished = TRUE \
-                             WHERE message_id = $1 AND batch = $2",
-                        )
-                        .bind(id)
-                        .bind(&run.batch)
-                        .execute(&mut *tx)
-                        .await?;
+            } else {
+                let mut tx = self.pool.begin().await?;
+                match write_batch(&mut tx, id, run, rows, gone, finishing, rows_may_exist).await? {
+                    BatchWrite::Refused => return Ok(false),
+                    BatchWrite::RowsThere => {
+                        tx.rollback().await?;
+                        rows_may_exist = true;
                     }
-                    tx.commit().await?;
-                    break finished;
+                    BatchWrite::Written { finished } => {
+                        enqueue_batches(&mut tx, later).await?;
+                        tx.commit().await?;
+                        break finished;
+                    }
                 }
             }
+            tracing::warn!(
+                message_id = id,
+                "rows already there: the batch's write is made again, keeping them"
+            );
         };
         if finished {
             drop_batch_state(&self.pool, id).await?;
@@ -263,50 +266,83 @@ enum BatchWrite {
     RowsThere,
 }
 
-/// The rows of a batch, without `ON CONFLICT`: a device that has its row already fails the
-/// statement (and its transaction). No run writes a device's row twice (a run again reads
-/// which devices have theirs first, and the batch's mark refuses an earlier run), so that is
-/// not expected; a write that meets one is made again with [`INSERT_ROWS_KEEPING`]. An `ON
-/// CONFLICT` insert looks each row's key up before inserting it, takes a lock to insert it
-/// alone, and confirms it after (a second change to the row's page, with its log record):
-/// rows written that way took 1.4-1.6 times as long (docs/PERFORMANCE.md).
-macro_rules! insert_rows {
+/// A write of a batch's rows, in one statement: the batch's mark locked (until the commit: a
+/// later run's claim waits for these rows, and then reads them as recorded), and only if it is
+/// still this run's (`$10`), the rows inserted, the push's counters moved by them, the push
+/// finished if that recorded its last device (at `$11`), and the batch marked finished if `$12`.
+/// It answers the mark's run (none if the mark is gone) and whether it finished the push.
+///
+/// One statement is a transaction of its own: a write with no gone devices and nothing left
+/// for later is one round trip, where a transaction of its statements took five. Each round
+/// trip wakes a server process and this one, and in a push to 200,000 devices the database
+/// made about 9,400 of them (docs/PERFORMANCE.md).
+///
+/// The rows go without `ON CONFLICT`: a device that has its row already fails the statement.
+/// No run writes a device's row twice (a run again reads which devices have theirs first, and
+/// the batch's mark refuses an earlier run), so that is not expected; a write that meets one
+/// is made again with [`WRITE_ROWS_KEEPING`]. An `ON CONFLICT` insert looks each row's key up
+/// before inserting it, takes a lock to insert it alone, and confirms it after (a second
+/// change to the row's page, with its log record): rows written that way took 1.4-1.6 times as
+/// long (docs/PERFORMANCE.md).
+///
+/// The push counts as finished by this write when its state is done (or cancelled) at this
+/// write's time: a write of another process that finished it in the same millisecond is
+/// taken for this one's too, which only means its batches' state is deleted twice.
+macro_rules! write_rows {
     ($($on_conflict:literal)?) => {
         concat!(
-            "WITH written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
+            "WITH mark AS (SELECT run FROM batch_marks WHERE message_id = $1 AND batch = $9 \
+             FOR UPDATE), \
+             ours AS (SELECT FROM mark WHERE run = $10), \
+             finishing AS (UPDATE batch_marks SET finished = TRUE \
+             WHERE message_id = $1 AND batch = $9 AND $12 AND EXISTS (SELECT FROM ours)), \
+             written AS (INSERT INTO deliveries (message_id, registration_id, outcome, \
              c2dm_message_id, error, attempts, possible_duplicates, at) \
              SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::bigint[], $7::bigint[], $8::bigint[]) ",
+             $6::bigint[], $7::bigint[], $8::bigint[]) WHERE EXISTS (SELECT FROM ours) ",
             $($on_conflict,)?
-            "RETURNING outcome) \
-             UPDATE messages SET \
-             recorded = recorded + (SELECT COUNT(*) FROM written), \
-             accepted = accepted + (SELECT COUNT(*) FROM written WHERE outcome = 'accepted'), \
-             rejected = rejected + (SELECT COUNT(*) FROM written WHERE outcome = 'rejected'), \
-             failed = failed + (SELECT COUNT(*) FROM written WHERE outcome = 'failed'), \
-             not_attempted = not_attempted + \
-             (SELECT COUNT(*) FROM written WHERE outcome = 'not_attempted') \
-             WHERE id = $1"
+            "RETURNING outcome), \
+             tally AS (SELECT COUNT(*) AS n, \
+             COUNT(*) FILTER (WHERE outcome = 'accepted') AS accepted, \
+             COUNT(*) FILTER (WHERE outcome = 'rejected') AS rejected, \
+             COUNT(*) FILTER (WHERE outcome = 'failed') AS failed, \
+             COUNT(*) FILTER (WHERE outcome = 'not_attempted') AS not_attempted \
+             FROM written), \
+             counted AS (UPDATE messages m SET \
+             recorded = m.recorded + t.n, accepted = m.accepted + t.accepted, \
+             rejected = m.rejected + t.rejected, failed = m.failed + t.failed, \
+             not_attempted = m.not_attempted + t.not_attempted, \
+             state = CASE WHEN m.total IS NOT NULL AND m.recorded + t.n >= m.total \
+             AND m.state IN ('queued', 'sending') \
+             THEN CASE WHEN m.cancel_requested THEN 'cancelled' ELSE 'done' END \
+             ELSE m.state END, \
+             finished_at = CASE WHEN m.total IS NOT NULL AND m.recorded + t.n >= m.total \
+             AND m.state IN ('queued', 'sending') THEN $11 ELSE m.finished_at END \
+             FROM tally t WHERE m.id = $1 AND EXISTS (SELECT FROM ours) \
+             RETURNING m.state IN ('done', 'cancelled') AND m.finished_at = $11 AS finished) \
+             SELECT (SELECT run FROM mark), COALESCE((SELECT finished FROM counted), FALSE)"
         )
     };
 }
 
-/// A batch's rows, and the push's counters by the rows written, in one statement.
-const INSERT_ROWS: &str = insert_rows!();
+/// A batch's rows, with its mark, the push's counters and its end, in one statement.
+const WRITE_ROWS: &str = write_rows!();
 
-/// [`INSERT_ROWS`], keeping the row a device has already (it is not counted again).
-const INSERT_ROWS_KEEPING: &str =
-    insert_rows!("ON CONFLICT (message_id, registration_id) DO NOTHING ");
+/// [`WRITE_ROWS`], keeping the row a device has already (it is not counted again).
+const WRITE_ROWS_KEEPING: &str =
+    write_rows!("ON CONFLICT (message_id, registration_id) DO NOTHING ");
 
-/// The rows and gone devices of `run` of a batch of push `id`, in the transaction `conn`, then
-/// the push finished if complete. `rows_may_exist`: whether rows a device has already are
-/// to be kept (else such a row fails the write, see [`BatchWrite::RowsThere`]).
+/// The rows and gone devices of `run` of a batch of push `id`, on `conn` (a transaction when
+/// there are gone devices: a refused write is rolled back), the push finished if complete,
+/// and the batch marked finished if `finishing`. `rows_may_exist`: whether rows a device has
+/// already are to be kept (else such a row fails the write, see [`BatchWrite::RowsThere`]).
 async fn write_batch(
     conn: &mut sqlx::PgConnection,
     id: i64,
     run: &BatchRun,
     rows: &[DeliveryRow],
     gone: &[(String, String)],
+    finishing: bool,
     rows_may_exist: bool,
 ) -> Result<BatchWrite, StoreError> {
     let now = millis(SystemTime::now());
@@ -321,33 +357,16 @@ async fn write_batch(
         .map(|r| i64::from(r.possible_duplicates))
         .collect();
     let at: Vec<i64> = rows.iter().map(|r| millis(r.at)).collect();
-    // Devices in one order in every transaction, so that two batches never wait on each
-    // other's rows the other way round.
-    let mut gone: Vec<&(String, String)> = gone.iter().collect();
-    gone.sort();
-    let gone_ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
-    let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
 
-    // The batch's mark, locked until the commit: a later run's claim waits for these rows,
-    // and then reads them as recorded. Not this run's (or gone with its finished push):
-    // nothing is written.
-    let latest: Option<i64> = sqlx::query_scalar(
-        "SELECT run FROM batch_marks WHERE message_id = $1 AND batch = $2 FOR UPDATE",
-    )
-    .bind(id)
-    .bind(&run.batch)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if latest != Some(run.run) {
-        // No mark at all: it went with the push, which this run's earlier writes finished.
-        // Its last write then has nothing to say, and is no news of a takeover.
-        return Ok(if latest.is_none() && rows.is_empty() && gone.is_empty() {
-            BatchWrite::Written { finished: false }
-        } else {
-            BatchWrite::Refused
-        });
-    }
     if !gone.is_empty() {
+        // Devices in one order in every transaction, so that two batches never wait on each
+        // other's rows the other way round. Before the rows' statement, so that the push's row
+        // it locks is held for as short a time as it can be; a write refused there is rolled
+        // back, these with it.
+        let mut gone: Vec<&(String, String)> = gone.iter().collect();
+        gone.sort();
+        let gone_ids: Vec<&str> = gone.iter().map(|(id, _)| id.as_str()).collect();
+        let gone_codes: Vec<&str> = gone.iter().map(|(_, code)| code.as_str()).collect();
         sqlx::query(
             "UPDATE devices SET state = 'gone', reason = g.code, updated_at = $3, \
              state_changed_at = CASE WHEN devices.state <> 'gone' THEN $3 \
@@ -361,10 +380,10 @@ async fn write_batch(
         .execute(&mut *conn)
         .await?;
     }
-    let inserted = sqlx::query(if rows_may_exist {
-        INSERT_ROWS_KEEPING
+    let written: Result<(Option<i64>, bool), sqlx::Error> = sqlx::query_as(if rows_may_exist {
+        WRITE_ROWS_KEEPING
     } else {
-        INSERT_ROWS
+        WRITE_ROWS
     })
     .bind(id)
     .bind(&ids)
@@ -374,17 +393,29 @@ async fn write_batch(
     .bind(&attempts)
     .bind(&duplicates)
     .bind(&at)
-    .execute(&mut *conn)
+    .bind(&run.batch)
+    .bind(run.run)
+    .bind(now)
+    .bind(finishing)
+    .fetch_one(&mut *conn)
     .await;
-    match inserted {
+    let (latest, finished) = match written {
         Err(sqlx::Error::Database(e)) if !rows_may_exist && e.is_unique_violation() => {
             return Ok(BatchWrite::RowsThere);
         }
-        inserted => inserted?,
+        written => written?,
     };
-    Ok(BatchWrite::Written {
-        finished: finish_if_complete(conn, id, now).await?,
-    })
+    if latest != Some(run.run) {
+        // Not this run's mark. No mark at all: it went with the push, which this run's earlier
+        // writes finished. Its last write then has nothing to say, and is no news of a
+        // takeover.
+        return Ok(if latest.is_none() && rows.is_empty() && gone.is_empty() {
+            BatchWrite::Written { finished: false }
+        } else {
+            BatchWrite::Refused
+        });
+    }
+    Ok(BatchWrite::Written { finished })
 }
 
 #[async_trait]
