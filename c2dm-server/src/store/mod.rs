@@ -376,9 +376,10 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// How many rows a batch holds before it writes them (it writes at least every quarter
-    /// second too). Each write is a transaction with a few statements besides the rows', so
-    /// fewer, larger writes cost less; a worker that dies leaves the rows it held unwritten,
-    /// and their devices are sent to again (counted as possible duplicates).
+    /// second too). Each write costs something besides its rows (on PostgreSQL a statement and
+    /// its round trip, on SQLite a turn of the store's writer), so fewer, larger writes cost
+    /// less; a worker that dies leaves the rows it held unwritten, and their devices are sent
+    /// to again (counted as possible duplicates).
     fn rows_per_write(&self) -> usize;
 
     /// Changes each time a batch, a walk or a cancel is recorded through this store in this
