@@ -372,6 +372,13 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
                     database.name()
                 );
                 let result = push(&bin, &dir, database, &send_url, size)?;
+                // Each round's figures, to three places: the table rounds its median to two.
+                eprintln!(
+                    "   {:.0} msg/s, {:.3} of `c2dm broadcast`'s {rate:.0}; {:.1} µs of CPU a message",
+                    result.rate,
+                    result.rate / rate,
+                    result.cpu_us
+                );
                 match pushes.get_mut(k) {
                     Some((_, results)) => results.push(result),
                     None => pushes.push((database.name(), vec![result])),
