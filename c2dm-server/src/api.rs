@@ -1246,7 +1246,7 @@ async fn status(
         return Err(ApiError::query("wait", "wait is at most 60 seconds"));
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
-    let mut changes = state.store.changes();
+    let mut finishes = state.store.finishes();
     // Read without its counts until the answer: counting a push's rows costs what it has.
     let mut message = state
         .store
@@ -1259,10 +1259,10 @@ async fn status(
             let counted = state.store.message(message.id).await?.unwrap_or(message);
             return Ok(Json(counted.into()));
         }
-        // Woken by a batch recorded in this process, or after a while for one recorded by
+        // Woken by a push finished in this process, or after a while for one finished by
         // another process.
         tokio::select! {
-            _ = changes.changed() => {}
+            _ = finishes.changed() => {}
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }

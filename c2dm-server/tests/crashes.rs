@@ -556,22 +556,41 @@ fn row(device: &str, outcome: OutcomeKind, error: Option<&str>) -> DeliveryRow {
 }
 
 /// A batch whose rows finish its push (its last flush wrote them all) ends with a last write
-/// of nothing: the push's marks are gone by then, and that is not taken for a takeover.
+/// of nothing: the push's marks are gone by then, and that is not taken for a takeover. A
+/// waiter for the push hears of its end, and of no write before.
 async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
     let server = Server::start(db).await;
-    let message_id = push_to(&server, &["phone-a", "phone-b"]).await;
+    let message_id = push_to(&server, &["phone-a", "phone-b", "phone-c"]).await;
     let store = &server.store;
-    store.finish_walk(message_id, 2).await.unwrap();
+    let (changes, finishes) = (store.changes(), store.finishes());
+    store.finish_walk(message_id, 3).await.unwrap();
     let run = store.claim_batch(message_id, "b1").await.unwrap();
-    let rows = ["phone-a", "phone-b"].map(|device| row(device, OutcomeKind::Accepted, None));
+    let first = [row("phone-a", OutcomeKind::Accepted, None)];
+    assert!(
+        store
+            .record_batch(message_id, &run, &first, &[])
+            .await
+            .unwrap()
+    );
+    assert!(changes.has_changed().unwrap(), "a write is a change");
+    assert!(
+        !finishes.has_changed().unwrap(),
+        "a write that leaves a row to come is no end"
+    );
+    let rows = ["phone-b", "phone-c"].map(|device| row(device, OutcomeKind::Accepted, None));
     assert!(
         store
             .record_batch(message_id, &run, &rows, &[])
             .await
             .unwrap()
     );
+    assert!(
+        finishes.has_changed().unwrap(),
+        "the last rows end the push"
+    );
     let message = store.message(message_id).await.unwrap().unwrap();
     assert_eq!(message.state, MessageState::Done, "{message:?}");
+    assert_eq!(message.tally.accepted, 3, "{message:?}");
     assert!(
         store
             .finish_batch(message_id, &run, &[], &[], &[])

@@ -383,8 +383,13 @@ pub trait Store: Send + Sync {
     fn rows_per_write(&self) -> usize;
 
     /// Changes each time a batch, a walk or a cancel is recorded through this store in this
-    /// process: what a waiter watches between its looks at a push.
+    /// process: what a test watches between its looks at a push.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Changes each time a push finishes, or a cancel is asked for, through this store in
+    /// this process: what a status request waiting for its push watches between its looks
+    /// (one look a batch's write was hundreds of reads in a push).
+    fn finishes(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Changes each time a cancel is asked for through this store in this process: what a
     /// batch under way watches, without looking at its push at every write of the others.

@@ -45,9 +45,13 @@ const SELECT_MESSAGE: &str = select_message!("WHERE id = $1");
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    /// Counts the batches and walks recorded through this store: what a waiter in the same
-    /// process watches (other processes' work is seen when the waiter looks again).
+    /// Counts the batches and walks recorded through this store: what a test in the same
+    /// process watches (other processes' work is seen when it looks again).
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts the pushes finished (and the cancels asked for) through this store: what a
+    /// status request waiting in the same process watches (other processes' work is seen
+    /// when it looks again).
+    finishes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts the cancels asked for through this store: what a batch under way watches.
     cancels: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -191,7 +195,7 @@ impl PostgresStore {
         if finished {
             drop_batch_state(&self.pool, id).await?;
         }
-        self.changed();
+        self.changed(finished);
         Ok(true)
     }
 
@@ -214,12 +218,18 @@ impl PostgresStore {
         Ok(Self {
             pool,
             changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            finishes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             cancels: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
-    fn changed(&self) {
+    /// Tells the watchers of [`Store::changes`] of a write recorded, and those of
+    /// [`Store::finishes`] too if it `finished` a push (or asked for a cancel).
+    fn changed(&self, finished: bool) {
         self.changes.send_modify(|n| *n += 1);
+        if finished {
+            self.finishes.send_modify(|n| *n += 1);
+        }
     }
 
     /// The connection pool, shared with the job queues.
@@ -428,6 +438,10 @@ impl Store for PostgresStore {
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn finishes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finishes.subscribe()
     }
 
     fn cancels(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -789,7 +803,7 @@ impl Store for PostgresStore {
         if finished {
             drop_batch_state(&self.pool, id).await?;
         }
-        self.changed();
+        self.changed(finished);
         Ok(())
     }
 
@@ -798,7 +812,7 @@ impl Store for PostgresStore {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        self.changed();
+        self.changed(true);
         self.cancels.send_modify(|n| *n += 1);
         self.message(id).await
     }

@@ -41,9 +41,12 @@ macro_rules! select_device {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// Counts the batches and walks recorded through this store: what a waiter in the same
+    /// Counts the batches and walks recorded through this store: what a test in the same
     /// process watches instead of polling.
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts the pushes finished (and the cancels asked for) through this store: what a
+    /// status request waiting in the same process watches instead of polling.
+    finishes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts the cancels asked for through this store: what a batch under way watches.
     cancels: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// Every write of this process goes through here: one task, which runs the writes waiting
@@ -68,16 +71,20 @@ const PAGE_CACHE_KIB: u32 = 512;
 /// runs each, interleaved).
 const CONNECTIONS: u32 = 4;
 
+/// The delivery rows a batch holds before it writes them ([`Store::rows_per_write`]).
+const ROWS_PER_WRITE: usize = 250;
+
 /// `SELECT` of one message's columns, in the order [`message_of`] reads them.
 const SELECT_MESSAGE: &str = select_message!("WHERE id = ?");
 
 /// Marks a push finished if its audience is walked and every device has its row:
-/// `cancelled` if a cancel was asked for, `done` otherwise.
+/// `cancelled` if a cancel was asked for, `done` otherwise, its batches' state dropped; whether it
+/// finished.
 async fn finish_if_complete(
     conn: &mut sqlx::SqliteConnection,
     id: i64,
     now: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let finished = sqlx::query(
         "UPDATE messages SET \
          state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'done' END, \
@@ -89,18 +96,24 @@ async fn finish_if_complete(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    // A finished push has no use for its marks and its batches' lists: they go at once,
-    // rather than row by row.
-    if finished.rows_affected() > 0 {
-        sqlx::query("DELETE FROM batch_marks WHERE message_id = ?")
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("DELETE FROM batch_lists WHERE message_id = ?")
-            .bind(id)
-            .execute(conn)
-            .await?;
+    let finished = finished.rows_affected() > 0;
+    if finished {
+        drop_batch_state(conn, id).await?;
     }
+    Ok(finished)
+}
+
+/// A finished push has no use for its marks and its batches' lists: they go at once, rather
+/// than row by row.
+async fn drop_batch_state(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM batch_marks WHERE message_id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM batch_lists WHERE message_id = ?")
+        .bind(id)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -193,6 +206,7 @@ impl SqliteStore {
         Ok(Self {
             pool: pool.clone(),
             changes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            finishes: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             cancels: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             writer: Writer::start(pool.clone()),
         })
@@ -210,8 +224,24 @@ impl SqliteStore {
         self.writer.write(Box::new(write)).await
     }
 
-    fn changed(&self) {
+    /// Tells the watchers of [`Store::changes`] of a write recorded, and those of
+    /// [`Store::finishes`] too if it `finished` a push (or asked for a cancel).
+    fn changed(&self, finished: bool) {
         self.changes.send_modify(|n| *n += 1);
+        if finished {
+            self.finishes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether a batch's write was kept; a waiter is told if it finished the push.
+    fn written(&self, written: BatchWrite) -> bool {
+        match written {
+            BatchWrite::Refused => false,
+            BatchWrite::Written { finished } => {
+                self.changed(finished);
+                true
+            }
+        }
     }
 
     /// The connection pool, shared with whatever else keeps its tables in the same file.
@@ -364,17 +394,25 @@ async fn claim(
     Ok((run, through, sending_runs, finished || push_finished))
 }
 
+/// What [`write_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchWrite {
+    /// Nothing: the run is not the batch's latest, or the batch's marks went with its
+    /// finished push and it had rows to write.
+    Refused,
+    /// The rows written (maybe none), and whether they finished the push.
+    Written { finished: bool },
+}
+
 /// The rows and gone devices of `run` of a batch of push `id`, in the write transaction
-/// `conn`, then the push finished if complete; `false` (nothing written) if the run is not the
-/// batch's latest, or if the batch's marks went with its finished push and it had rows to
-/// write.
+/// `conn`, then the push finished if complete.
 async fn write_batch(
     conn: &mut sqlx::SqliteConnection,
     id: i64,
     run: &BatchRun,
     rows: &[DeliveryRow],
     gone: &[(String, String)],
-) -> Result<bool, StoreError> {
+) -> Result<BatchWrite, StoreError> {
     let now = millis(SystemTime::now());
     // Writes are one at a time: a later run's claim comes before or after this whole
     // transaction. Not this run's (or gone with its finished push): nothing is written.
@@ -387,30 +425,30 @@ async fn write_batch(
     if latest != Some(run.run) {
         // No mark at all: it went with the push, which this run's earlier writes finished.
         // Its last write then has nothing to say, and is no news of a takeover.
-        return Ok(latest.is_none() && rows.is_empty() && gone.is_empty());
+        return Ok(if latest.is_none() && rows.is_empty() && gone.is_empty() {
+            BatchWrite::Written { finished: false }
+        } else {
+            BatchWrite::Refused
+        });
     }
     let mut written = Tally::default();
     let mut recount = false;
-    // A statement per hundred rows (800 parameters): one statement a row cost more than
-    // the row.
-    for chunk in rows.chunks(100) {
-        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
-             error, attempts, possible_duplicates, at) ",
-        );
-        query.push_values(chunk, |mut values, row| {
-            values
-                .push_bind(id)
-                .push_bind(&row.registration_id)
-                .push_bind(row.outcome.as_str())
-                .push_bind(&row.c2dm_message_id)
-                .push_bind(&row.error)
-                .push_bind(i64::from(row.attempts))
-                .push_bind(i64::from(row.possible_duplicates))
-                .push_bind(millis(row.at));
-        });
-        query.push(" ON CONFLICT (message_id, registration_id) DO NOTHING");
-        let inserted = query.build().execute(&mut *conn).await?.rows_affected();
+    // One statement for a write's rows (up to `ROWS_PER_STATEMENT`): each statement is a
+    // round trip to the connection's thread.
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut query = sqlx::query(insert_deliveries(chunk.len()));
+        for row in chunk {
+            query = query
+                .bind(id)
+                .bind(row.registration_id.as_str())
+                .bind(row.outcome.as_str())
+                .bind(row.c2dm_message_id.as_deref())
+                .bind(row.error.as_deref())
+                .bind(i64::from(row.attempts))
+                .bind(i64::from(row.possible_duplicates))
+                .bind(millis(row.at));
+        }
+        let inserted = query.execute(&mut *conn).await?.rows_affected();
         if inserted == chunk.len() as u64 {
             chunk.iter().for_each(|row| written.add(row.outcome));
         } else {
@@ -422,7 +460,7 @@ async fn write_batch(
     for (registration_id, code) in gone {
         set_device_state(conn, registration_id, DeviceState::Gone, Some(code), now).await?;
     }
-    if recount {
+    let finished = if recount {
         tracing::warn!(
             message_id = id,
             "rows already there: the push's counts are recounted"
@@ -443,24 +481,70 @@ async fn write_batch(
         .bind(id)
         .execute(&mut *conn)
         .await?;
+        finish_if_complete(conn, id, now).await?
     } else {
+        // The counts, and the push finished if these were its last rows, in one statement
+        // (each `SET` reads the row as it was).
         let [recorded, accepted, rejected, failed, not_attempted] = tally_update(&written);
-        sqlx::query(
-            "UPDATE messages SET recorded = recorded + ?, accepted = accepted + ?, \
-             rejected = rejected + ?, failed = failed + ?, not_attempted = not_attempted + ? \
-             WHERE id = ?",
+        sqlx::query_scalar(
+            "UPDATE messages SET recorded = recorded + ?1, accepted = accepted + ?2, \
+             rejected = rejected + ?3, failed = failed + ?4, \
+             not_attempted = not_attempted + ?5, \
+             state = CASE WHEN total IS NOT NULL AND recorded + ?1 >= total \
+                          AND state IN ('queued', 'sending') \
+                     THEN CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'done' END \
+                     ELSE state END, \
+             finished_at = CASE WHEN total IS NOT NULL AND recorded + ?1 >= total \
+                                AND state IN ('queued', 'sending') \
+                           THEN ?6 ELSE finished_at END \
+             WHERE id = ?7 \
+             RETURNING finished_at IS ?6 AND state IN ('done', 'cancelled')",
         )
         .bind(recorded)
         .bind(accepted)
         .bind(rejected)
         .bind(failed)
         .bind(not_attempted)
+        .bind(now)
         .bind(id)
-        .execute(&mut *conn)
-        .await?;
+        .fetch_optional(&mut *conn)
+        .await?
+        .unwrap_or(false)
+    };
+    if finished {
+        drop_batch_state(conn, id).await?;
     }
-    finish_if_complete(conn, id, now).await?;
-    Ok(true)
+    Ok(BatchWrite::Written { finished })
+}
+
+/// The most delivery rows one `INSERT` takes (eight parameters each: SQLite takes 32,766).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The `INSERT` of `n` delivery rows; the text for a whole write ([`Store::rows_per_write`]
+/// rows, most writes) made once.
+fn insert_deliveries(n: usize) -> sqlx::SqlStr {
+    fn text(n: usize) -> String {
+        let mut sql = String::from(
+            "INSERT INTO deliveries (message_id, registration_id, outcome, c2dm_message_id, \
+             error, attempts, possible_duplicates, at) VALUES ",
+        );
+        for at in 0..n {
+            if at > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
+        }
+        sql.push_str(" ON CONFLICT (message_id, registration_id) DO NOTHING");
+        sql
+    }
+    static WHOLE: std::sync::OnceLock<sqlx::SqlStr> = std::sync::OnceLock::new();
+    if n == ROWS_PER_WRITE {
+        WHOLE
+            .get_or_init(|| sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(text(n))))
+            .clone()
+    } else {
+        sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(text(n)))
+    }
 }
 
 /// The query of a page of a push's rows (`?1`), narrowed by outcome (`?2`) and error (`?5`)
@@ -495,11 +579,15 @@ impl Store for SqliteStore {
     /// 250: at 100 a write the rows cost more; at 500 and at 1,000 a push was no faster
     /// (docs/PERFORMANCE.md).
     fn rows_per_write(&self) -> usize {
-        250
+        ROWS_PER_WRITE
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn finishes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finishes.subscribe()
     }
 
     fn cancels(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -850,18 +938,19 @@ impl Store for SqliteStore {
 
     async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError> {
         let now = millis(SystemTime::now());
-        self.write(move |tx| {
-            Box::pin(async move {
-                sqlx::query("UPDATE messages SET total = ? WHERE id = ?")
-                    .bind(i64::try_from(total).unwrap_or(i64::MAX))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(finish_if_complete(tx, id, now).await?)
+        let finished = self
+            .write(move |tx| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE messages SET total = ? WHERE id = ?")
+                        .bind(i64::try_from(total).unwrap_or(i64::MAX))
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Ok(finish_if_complete(tx, id, now).await?)
+                })
             })
-        })
-        .await?;
-        self.changed();
+            .await?;
+        self.changed(finished);
         Ok(())
     }
 
@@ -876,7 +965,7 @@ impl Store for SqliteStore {
             })
         })
         .await?;
-        self.changed();
+        self.changed(true);
         self.cancels.send_modify(|n| *n += 1);
         self.message(id).await
     }
@@ -968,10 +1057,7 @@ impl Store for SqliteStore {
         let written = self
             .write(move |tx| Box::pin(async move { write_batch(tx, id, &run, &rows, &gone).await }))
             .await?;
-        if written {
-            self.changed();
-        }
-        Ok(written)
+        Ok(self.written(written))
     }
 
     async fn finish_batch(
@@ -990,8 +1076,9 @@ impl Store for SqliteStore {
         let written = self
             .write(move |tx| {
                 Box::pin(async move {
-                    if !write_batch(tx, id, &run, &rows, &gone).await? {
-                        return Ok(false);
+                    let written = write_batch(tx, id, &run, &rows, &gone).await?;
+                    if written == BatchWrite::Refused {
+                        return Ok(written);
                     }
                     enqueue_batches(tx, &later).await?;
                     sqlx::query(
@@ -1002,14 +1089,11 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                     forget_done_jobs(tx).await?;
-                    Ok(true)
+                    Ok(written)
                 })
             })
             .await?;
-        if written {
-            self.changed();
-        }
-        Ok(written)
+        Ok(self.written(written))
     }
 
     async fn deliveries(
