@@ -151,7 +151,7 @@ async fn a_worker_killed_mid_batch_leaves_its_batch_to_another(db: Db) {
         .await
         .unwrap()
         .unwrap();
-    // Rows are written every 250 devices (or quarter second): those of the sends under
+    // Rows are written every 500 devices (or quarter second): those of the sends under
     // way cannot have been.
     let unwritten = before.counts.pending.unwrap();
     assert!(unwritten >= 4, "{before:?}");

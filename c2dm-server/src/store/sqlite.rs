@@ -72,7 +72,7 @@ const PAGE_CACHE_KIB: u32 = 512;
 const CONNECTIONS: u32 = 4;
 
 /// The delivery rows a batch holds before it writes them ([`Store::rows_per_write`]).
-const ROWS_PER_WRITE: usize = 250;
+const ROWS_PER_WRITE: usize = 500;
 
 /// `SELECT` of one message's columns, in the order [`message_of`] reads them.
 const SELECT_MESSAGE: &str = select_message!("WHERE id = ?");
