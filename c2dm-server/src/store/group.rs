@@ -5,9 +5,10 @@
 //! loses nothing a caller was told is written) waits for the disk: 1.8 ms, measured once here
 //! while a build ran. One transaction per write, one at a time, would cap the process at a few
 //! hundred writes a second however small they are, and a batch of a push makes a few dozen.
-//! Here every write goes to one task. It takes all the writes waiting, runs each in a
-//! savepoint of one `BEGIN IMMEDIATE` transaction, and commits them together. Each write is
-//! still all or nothing (a write that fails is rolled back to its savepoint, alone), and its
+//! Here every write goes to one task. It takes all the writes waiting, runs them in one
+//! `BEGIN IMMEDIATE` transaction, each after the first in a savepoint, and commits them
+//! together. Each write is still all or nothing (a write that fails is rolled back to its
+//! savepoint, alone; a first write that fails, with the transaction it began), and its
 //! caller hears it succeeded only once the transaction holding it is committed. The writes of
 //! other processes on the same file, and the job queue's (which go through the pool), wait for
 //! SQLite's lock, trying again every quarter millisecond; when one waits, the writer lets a
