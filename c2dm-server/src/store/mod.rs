@@ -388,7 +388,7 @@ pub trait Store: Send + Sync {
 
     /// Changes each time a push finishes, or a cancel is asked for, through this store in
     /// this process: what a status request waiting for its push watches between its looks
-    /// (one look a batch's write was hundreds of reads in a push).
+    /// (a look after every batch's write was hundreds of reads a push).
     fn finishes(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Changes each time a cancel is asked for through this store in this process: what a
