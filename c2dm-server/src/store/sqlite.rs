@@ -79,8 +79,8 @@ const ROWS_PER_WRITE: usize = 500;
 const SELECT_MESSAGE: &str = select_message!("WHERE id = ?");
 
 /// Marks a push finished if its audience is walked and every device has its row:
-/// `cancelled` if a cancel was asked for, `done` otherwise, its batches' state dropped;
-/// whether it finished.
+/// `cancelled` if a cancel was asked for, `done` otherwise; whether it finished (its
+/// batches' state is then the caller's to drop, [`drop_batch_state`]).
 async fn finish_if_complete(
     conn: &mut sqlx::SqliteConnection,
     id: i64,
@@ -97,11 +97,7 @@ async fn finish_if_complete(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    let finished = finished.rows_affected() > 0;
-    if finished {
-        drop_batch_state(conn, id).await?;
-    }
-    Ok(finished)
+    Ok(finished.rows_affected() > 0)
 }
 
 /// A finished push has no use for its marks and its batches' lists: they go at once, rather
@@ -947,7 +943,11 @@ impl Store for SqliteStore {
                         .bind(id)
                         .execute(&mut *tx)
                         .await?;
-                    Ok(finish_if_complete(tx, id, now).await?)
+                    let finished = finish_if_complete(tx, id, now).await?;
+                    if finished {
+                        drop_batch_state(tx, id).await?;
+                    }
+                    Ok(finished)
                 })
             })
             .await?;
