@@ -520,20 +520,30 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     let _workers = server.workers(options);
     let message = server.finished(&id).await;
     assert_eq!(message["counts"]["accepted"], 1, "{message}");
-    // The push's marks went with it: a run after that starts from nothing, is told the push
-    // is finished (so it neither skips the row check of a first run nor sends), and records
-    // nothing.
+    // The push's marks went with it: a run after that claims nothing (it would leave a mark
+    // behind for good), is told the push is finished (so it neither sends nor skips the row
+    // check of a first run), and records nothing.
     let late = store.claim_batch(message_id, "b1").await.unwrap();
-    assert_eq!((late.run, late.marked_through), (1, 0));
+    assert_eq!(
+        (late.run, late.marked_through, late.sending_runs),
+        (0, 0, 0)
+    );
     assert!(late.finished, "{late:?}");
     assert!(
-        store
-            .record_batch(message_id, &late, &[row], &[])
+        !store
+            .record_batch(message_id, &late, std::slice::from_ref(&row), &[])
             .await
-            .unwrap()
+            .unwrap(),
+        "a run that claimed nothing records nothing"
     );
+    // No mark was left: a claim after it finds none either (one left behind would have
+    // counted this one as run 1, and the next as run 2).
+    let later = store.claim_batch(message_id, "b1").await.unwrap();
+    assert_eq!((later.run, later.finished), (0, true), "{later:?}");
+    assert!(!store.mark_sending(message_id, &later, 1).await.unwrap());
     let message = server.store.message(message_id).await.unwrap().unwrap();
     assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
+    assert_eq!(message.tally.accepted, 1, "{message:?}");
 }
 
 /// Pushes to `ids` through the API: the push's id, as the store keys it.

@@ -352,7 +352,8 @@ pub struct BatchRun {
     /// The batch (its job's id, which a run again keeps).
     pub batch: String,
     /// This run's number: the batch's runs count up, and only the latest may mark or record.
-    /// Run 1 of a push not finished is the batch's first: no device of it has a row yet.
+    /// Run 1 is the batch's first: no device of it has a row yet. 0 for a push already
+    /// finished: nothing was claimed (and [`BatchRun::finished`] is set).
     pub run: i64,
     /// How far earlier runs had marked the batch's list: the devices below it without a row
     /// may have been sent to (0 if no run sent).

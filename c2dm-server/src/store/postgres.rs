@@ -844,19 +844,22 @@ impl Store for PostgresStore {
     }
 
     async fn claim_batch(&self, id: i64, batch: &str) -> Result<BatchRun, StoreError> {
-        let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
-            "WITH claimed AS (INSERT INTO batch_marks (message_id, batch, sent_through, run) \
-             VALUES ($1, $2, 0, 1) \
+        // A push already finished has its batches' marks deleted with it (just after its
+        // last write), and a claim then writes none back (it would stay for good): run 0,
+        // finished. A claim that read the push before that write committed claims as usual,
+        // and the deletion that follows the write takes its mark too.
+        let claimed: Option<(i64, i64, i64, bool)> = sqlx::query_as(
+            "INSERT INTO batch_marks (message_id, batch, sent_through, run) \
+             SELECT $1, $2, 0, 1 WHERE NOT EXISTS (SELECT FROM messages WHERE id = $1 \
+             AND state IN ('done', 'cancelled')) \
              ON CONFLICT (message_id, batch) DO UPDATE SET run = batch_marks.run + 1 \
-             RETURNING run, sent_through, sending_runs, finished) \
-             SELECT c.run, c.sent_through, c.sending_runs, \
-             c.finished OR COALESCE(m.state IN ('done', 'cancelled'), FALSE) \
-             FROM claimed c LEFT JOIN messages m ON m.id = $1",
+             RETURNING run, sent_through, sending_runs, finished",
         )
         .bind(id)
         .bind(batch)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
+        let (run, through, sending_runs, finished) = claimed.unwrap_or((0, 0, 0, true));
         Ok(BatchRun {
             batch: batch.to_owned(),
             run,

@@ -366,29 +366,26 @@ async fn upsert(
 
 /// Claims a run of batch `batch` of push `id` in the write transaction `tx` (a first run, or
 /// the next): the run, the batch's mark, how many runs marked it, and whether the batch or its
-/// push is finished.
+/// push is finished. A push already finished has its batches' marks deleted with it, and a
+/// claim then writes none back (it would stay for good): run 0, finished.
 async fn claim(
     tx: &mut SqliteConnection,
     id: i64,
     batch: &str,
 ) -> Result<(i64, i64, i64, bool), StoreError> {
-    let (run, through, sending_runs, finished): (i64, i64, i64, bool) = sqlx::query_as(
-        "INSERT INTO batch_marks (message_id, batch, sent_through, run) VALUES (?1, ?2, 0, 1) \
+    // `WHERE` before `ON CONFLICT`: without it SQLite could not tell the clause from a join's.
+    let claimed: Option<(i64, i64, i64, bool)> = sqlx::query_as(
+        "INSERT INTO batch_marks (message_id, batch, sent_through, run) \
+         SELECT ?1, ?2, 0, 1 WHERE NOT EXISTS (SELECT 1 FROM messages WHERE id = ?1 \
+         AND state IN ('done', 'cancelled')) \
          ON CONFLICT (message_id, batch) DO UPDATE SET run = run + 1 \
          RETURNING run, sent_through, sending_runs, finished",
     )
     .bind(id)
     .bind(batch)
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    let push_finished: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM messages WHERE id = ?1 \
-         AND state IN ('done', 'cancelled'))",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok((run, through, sending_runs, finished || push_finished))
+    Ok(claimed.unwrap_or((0, 0, 0, true)))
 }
 
 /// What [`write_batch`] did.
