@@ -414,7 +414,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         scale: if quick { 10 } else { 1 },
         has_wrk: have("wrk"),
     };
-    let bin = crate::build_release(root, &["--bins", "-p", "c2dm-hyper", "--example", "load"])?;
+    let bin = crate::build_dist(root, &["--bins", "-p", "c2dm-hyper", "--example", "load"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     if !settings.has_wrk {
@@ -592,7 +592,8 @@ fn render(settings: &Settings, throughput: &Throughput, memory: &Memory) -> Stri
     }
     let rounds = settings.rounds;
     let header = format!(
-        "Measured by `cargo xtask bench{}` on {}: medians of {rounds} round{}{}.\n\n",
+        "Measured by `cargo xtask bench{}` on {}, built with the `dist` profile: medians of \
+         {rounds} round{}{}.\n\n",
         if settings.quick { " --quick" } else { "" },
         machine(),
         if rounds == 1 { "" } else { "s" },

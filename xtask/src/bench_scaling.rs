@@ -318,7 +318,7 @@ fn allowed(processes: usize, shape: Shape) -> f64 {
 /// `cargo xtask bench --server --scaling [--workers N] [--concurrency N] [--write]`.
 pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let shape = Shape::from_args(args)?;
-    let bin = crate::build_release(root, &["--bins"])?;
+    let bin = crate::build_dist(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-scaling-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let emulator =

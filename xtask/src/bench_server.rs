@@ -319,7 +319,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let quick = args.contains(&"--quick");
     let big: u64 = if quick { 100_000 } else { 1_000_000 };
     let small: u64 = 10_000;
-    let bin = crate::build_release(root, &["--bins"])?;
+    let bin = crate::build_dist(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-server-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let emulator = crate::bench::Emulator::start(&bin, &dir, false, true)?;
@@ -417,7 +417,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         "Measured by `cargo xtask bench --server{}` on {}: medians of {rounds} round{}, each \
          ratio taken within a round (median, and lowest-highest), the highest peak RSS; the \
          push's rate runs from the POST to the status saying done; the devices were written \
-         straight into the table.\n\n",
+         straight into the table; the programs were built with the `dist` profile.\n\n",
         if quick { " --quick" } else { "" },
         crate::bench::machine(),
         if rounds == 1 { "" } else { "s" },

@@ -29,7 +29,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         ["--messages", n] => n.parse().map_err(|_| "--messages N")?,
         _ => return Err("usage: cargo xtask soak [--messages N]".into()),
     };
-    let bin = crate::build_release(root, &["--bins"])?;
+    let bin = crate::build_dist(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let files = Files {

@@ -895,7 +895,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
             }
         }
     }
-    let bin = crate::build_release(root, &["--bins"])?;
+    let bin = crate::build_dist(root, &["--bins"])?;
     let base = std::env::temp_dir().join(format!("c2dm-soak-server-{}", std::process::id()));
     let result = if sqlite {
         std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;

@@ -418,10 +418,57 @@ pub fn check_build(root: &Path) -> Vec<String> {
     }
 }
 
+/// The `dist` profile builds every crate at opt-level 3: each crate that `release` lowers for
+/// the demo's build time (opt-level 1 or 2) is raised again there, since a custom profile
+/// inherits `release`'s per-crate settings. Crates `release` leaves at 0 only run in the
+/// compiler, and stay there.
+fn check_dist_profile(workspace: &toml::Table, problems: &mut Vec<String>) {
+    let packages = |profile: &str| {
+        workspace
+            .get("profile")
+            .and_then(|p| p.get(profile))
+            .and_then(|p| p.get("package"))
+            .and_then(toml::Value::as_table)
+            .cloned()
+            .unwrap_or_default()
+    };
+    if workspace
+        .get("profile")
+        .and_then(|p| p.get("dist"))
+        .is_none()
+    {
+        problems.push("Cargo.toml: [profile.dist] is missing".into());
+        return;
+    }
+    let dist = packages("dist");
+    for (name, settings) in packages("release") {
+        let lowered = settings
+            .get("opt-level")
+            .is_some_and(|level| level.as_integer().is_none_or(|n| (1..3).contains(&n)));
+        if !lowered {
+            continue;
+        }
+        let raised = dist
+            .get(&name)
+            .and_then(|s| s.get("opt-level"))
+            .and_then(toml::Value::as_integer)
+            == Some(3);
+        if !raised {
+            problems.push(format!(
+                "Cargo.toml: [profile.release.package.{name}] lowers its opt-level, and \
+                 [profile.dist.package.{name}] does not set it back to 3"
+            ));
+        }
+    }
+}
+
 /// Every rule that reads files only; an empty list means all hold.
 pub fn check(root: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     check_dependencies(root, &mut problems);
+    if let Ok(workspace) = read_toml(&root.join("Cargo.toml")) {
+        check_dist_profile(&workspace, &mut problems);
+    }
     check_metadata(root, &mut problems);
     check_hyper_api(root, &mut problems);
     check_no_todo(root, &mut problems);
@@ -447,6 +494,27 @@ mod tests {
     fn the_program_is_built_with_one_set_of_features_per_package() {
         let problems = check_build(&crate::root());
         assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn a_crate_lowered_in_release_must_be_raised_in_dist() {
+        let workspace: toml::Table = "[profile.release.package.a]\nopt-level = 1\n\
+             [profile.release.package.b]\nopt-level = \"s\"\n\
+             [profile.release.package.c]\nopt-level = 1\n\
+             [profile.release.package]\nd = { opt-level = 0 }\n\
+             [profile.dist]\ninherits = \"release\"\n\
+             [profile.dist.package.c]\nopt-level = 3\n"
+            .parse()
+            .unwrap();
+        let mut problems = Vec::new();
+        check_dist_profile(&workspace, &mut problems);
+        let text = problems.join("\n");
+        assert_eq!(problems.len(), 2, "{text}");
+        assert!(text.contains("[profile.dist.package.a]"), "{text}");
+        assert!(text.contains("[profile.dist.package.b]"), "{text}");
+        let mut problems = Vec::new();
+        check_dist_profile(&toml::Table::new(), &mut problems);
+        assert_eq!(problems, ["Cargo.toml: [profile.dist] is missing"]);
     }
 
     #[test]
