@@ -373,7 +373,8 @@ async fn claim(
     id: i64,
     batch: &str,
 ) -> Result<(i64, i64, i64, bool), StoreError> {
-    // `WHERE` before `ON CONFLICT`: without it SQLite could not tell the clause from a join's.
+    // The guard is the `SELECT`'s `WHERE`: for a finished push it yields no row, so there is
+    // nothing to insert and no conflict to update.
     let claimed: Option<(i64, i64, i64, bool)> = sqlx::query_as(
         "INSERT INTO batch_marks (message_id, batch, sent_through, run) \
          SELECT ?1, ?2, 0, 1 WHERE NOT EXISTS (SELECT 1 FROM messages WHERE id = ?1 \
