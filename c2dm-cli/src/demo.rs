@@ -269,10 +269,11 @@ async fn server_act(
             .map_or(0, |d| d.as_nanos())
     ));
     std::fs::create_dir_all(&dir).map_err(failed("a folder for the server"))?;
-    let keys = Keys {
-        admin: Key::new(DEMO_ADMIN).map_err(failed("key"))?,
-        device: Key::new(DEMO_DEVICE).map_err(failed("key"))?,
-    };
+    let keys = Keys::new(
+        Key::new(DEMO_ADMIN).map_err(failed("key"))?,
+        Key::new(DEMO_DEVICE).map_err(failed("key"))?,
+    )
+    .map_err(failed("keys"))?;
     let options = ServeOptions {
         database: format!("sqlite://{}", dir.join("c2dm.db").display()),
         api: Some(("127.0.0.1:0".parse().expect("a loopback address"), keys)),
@@ -315,7 +316,7 @@ async fn server_act(
 
 /// The demo server's keys: it listens on loopback only, for the length of the act.
 const DEMO_ADMIN: &str = "demo-admin-token";
-const DEMO_DEVICE: &str = "demo-device-key";
+const DEMO_DEVICE: &str = "demo-device-key-0";
 
 /// One exchange with the demo's server.
 async fn call(

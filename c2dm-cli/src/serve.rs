@@ -32,18 +32,19 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
     let api = if args.no_api {
         None
     } else {
-        let keys = Keys {
-            admin: key(
+        let keys = Keys::new(
+            key(
                 "--admin-token-file",
                 args.admin_token_file.as_deref(),
                 "C2DM_SERVER_ADMIN_TOKEN",
             )?,
-            device: key(
+            key(
                 "--device-key-file",
                 args.device_key_file.as_deref(),
                 "C2DM_SERVER_DEVICE_KEY",
             )?,
-        };
+        )
+        .map_err(|e| CliError::Usage(e.to_string()))?;
         Some((args.listen, keys))
     };
     let workers = (!args.no_workers).then_some(WorkerOptions {

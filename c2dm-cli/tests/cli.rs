@@ -295,6 +295,10 @@ async fn bad_input_exits_2_before_anything_is_sent() {
     let env = Env::new(Config::default()).await;
     let ids = env.path("ids");
     std::fs::write(&ids, "ok-1\nhas space\n").unwrap();
+    let long_ids = env.path("long-ids");
+    std::fs::write(&long_ids, format!("ok-1\n{}\n", "x".repeat(4097))).unwrap();
+    let format_ids = env.path("format-ids");
+    std::fs::write(&format_ids, "ok-1\nAPA91b\u{200b}x\n").unwrap();
     let cert = env.path("cert.pem");
     std::fs::write(&cert, "not a certificate").unwrap();
     let big = format!("k={}", "x".repeat(1024));
@@ -313,6 +317,8 @@ async fn bad_input_exits_2_before_anything_is_sent() {
             "k",
         ],
         vec!["broadcast", "--ids", &ids, "--collapse-key", "k"],
+        vec!["broadcast", "--ids", &long_ids, "--collapse-key", "k"],
+        vec!["broadcast", "--ids", &format_ids, "--collapse-key", "k"],
         vec![
             "broadcast",
             "--ids",
@@ -1054,8 +1060,8 @@ async fn spawn_serve_to(
         database,
     ])
     .args(args)
-    .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key")
-    .env("C2DM_SERVER_DEVICE_KEY", "device-key")
+    .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key-for-cli-tests")
+    .env("C2DM_SERVER_DEVICE_KEY", "device-key-for-cli-tests")
     .env_remove("C2DM_LOG")
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
@@ -1081,11 +1087,18 @@ async fn spawn_serve_to(
 /// must say done.
 async fn push_to_all_and_wait(base: &str) -> serde_json::Value {
     let push = serde_json::json!({"to": "all", "collapse_key": "news", "data": {"m": "hi"}});
-    let (status, push) = http(base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    let (status, push) = http(
+        base,
+        "POST",
+        "/v1/messages",
+        "admin-key-for-cli-tests",
+        Some(push),
+    )
+    .await;
     assert_eq!(status, 202, "{push}");
     let id = push["id"].as_str().unwrap();
     let path = format!("/v1/messages/{id}?wait=60");
-    let (status, done) = http(base, "GET", &path, "admin-key", None).await;
+    let (status, done) = http(base, "GET", &path, "admin-key-for-cli-tests", None).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["state"], "done", "{done}");
     done
@@ -1131,7 +1144,14 @@ async fn two_worker_processes_on_one_postgres_share_a_push() {
     for i in 0..400 {
         let id = format!("phone-{i:03}");
         let body = serde_json::json!({ "registration_id": id });
-        let (status, body) = http(&base, "POST", "/v1/devices", "device-key", Some(body)).await;
+        let (status, body) = http(
+            &base,
+            "POST",
+            "/v1/devices",
+            "device-key-for-cli-tests",
+            Some(body),
+        )
+        .await;
         assert_eq!(status, 201, "{body}");
     }
     // The API process learns of the workers' rows by looking again: no signal crosses
@@ -1207,11 +1227,25 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
         .collect();
     for id in &ids {
         let body = serde_json::json!({ "registration_id": id });
-        let (status, body) = http(&base, "POST", "/v1/devices", "device-key", Some(body)).await;
+        let (status, body) = http(
+            &base,
+            "POST",
+            "/v1/devices",
+            "device-key-for-cli-tests",
+            Some(body),
+        )
+        .await;
         assert_eq!(status, 201, "{body}");
     }
     let push = serde_json::json!({"to": "all", "collapse_key": "soak", "data": {"m": "hi"}});
-    let (status, push) = http(&base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    let (status, push) = http(
+        &base,
+        "POST",
+        "/v1/messages",
+        "admin-key-for-cli-tests",
+        Some(push),
+    )
+    .await;
     assert_eq!(status, 202, "{push}");
     let id = push["id"].as_str().unwrap().to_owned();
 
@@ -1221,7 +1255,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
             &base,
             "GET",
             &format!("/v1/messages/{id}"),
-            "admin-key",
+            "admin-key-for-cli-tests",
             None,
         )
         .await;
@@ -1245,7 +1279,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
     let (again, _) = spawn_serve(&env, &database, &worker_args).await;
 
     let path = format!("/v1/messages/{id}?wait=60");
-    let (status, done) = http(&base, "GET", &path, "admin-key", None).await;
+    let (status, done) = http(&base, "GET", &path, "admin-key-for-cli-tests", None).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["total"], 5_000, "{done}");
@@ -1258,7 +1292,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
     let mut after = String::new();
     loop {
         let page_path = format!("/v1/messages/{id}/deliveries?limit=200{after}");
-        let (status, page) = http(&base, "GET", &page_path, "admin-key", None).await;
+        let (status, page) = http(&base, "GET", &page_path, "admin-key-for-cli-tests", None).await;
         assert_eq!(status, 200, "{page}");
         for row in page["deliveries"].as_array().unwrap() {
             let device = row["registration_id"].as_str().unwrap().to_owned();
@@ -1309,7 +1343,7 @@ async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
             &base,
             "POST",
             "/v1/devices",
-            "device-key",
+            "device-key-for-cli-tests",
             Some(serde_json::json!({"registration_id": id})),
         )
         .await;
@@ -1319,7 +1353,14 @@ async fn serve_registers_devices_and_pushes_then_stops_on_sigterm() {
     assert_eq!(done["counts"]["accepted"], 2, "{done}");
     assert_eq!(done["counts"]["rejected"]["NotRegistered"], 1, "{done}");
     assert_eq!(env.emulator.delivered_count("phone-1"), 1);
-    let (_, gone) = http(&base, "GET", "/v1/devices?state=gone", "admin-key", None).await;
+    let (_, gone) = http(
+        &base,
+        "GET",
+        "/v1/devices?state=gone",
+        "admin-key-for-cli-tests",
+        None,
+    )
+    .await;
     assert_eq!(gone["devices"][0]["registration_id"], "gone-3");
 
     terminate(child).await;
@@ -1342,13 +1383,20 @@ async fn serve_stops_at_once_on_a_second_sigterm() {
         &base,
         "POST",
         "/v1/devices",
-        "device-key",
+        "device-key-for-cli-tests",
         Some(serde_json::json!({"registration_id": "phone-1"})),
     )
     .await;
     assert_eq!(status, 201, "{body}");
     let push = serde_json::json!({"to": "all", "collapse_key": "news"});
-    let (status, body) = http(&base, "POST", "/v1/messages", "admin-key", Some(push)).await;
+    let (status, body) = http(
+        &base,
+        "POST",
+        "/v1/messages",
+        "admin-key-for-cli-tests",
+        Some(push),
+    )
+    .await;
     assert_eq!(status, 202, "{body}");
     let (_held, _) = tokio::time::timeout(Duration::from_secs(60), hole.accept())
         .await
@@ -1409,8 +1457,8 @@ async fn serve_without_keys_or_with_an_unsupported_database_exits_2() {
             &[
                 ("C2DM_EMAIL", DEFAULT_EMAIL),
                 ("C2DM_PASSWORD", DEFAULT_PASSWORD),
-                ("C2DM_SERVER_ADMIN_TOKEN", "a"),
-                ("C2DM_SERVER_DEVICE_KEY", "d"),
+                ("C2DM_SERVER_ADMIN_TOKEN", "admin-key-for-cli-tests"),
+                ("C2DM_SERVER_DEVICE_KEY", "device-key-for-cli-tests"),
             ],
         )
         .await;
@@ -1420,4 +1468,38 @@ async fn serve_without_keys_or_with_an_unsupported_database_exits_2() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Weak keys stop the server at start, with a message that says what to do: a short key, or
+/// the admin token equal to the device key (which every app ships).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_weak_keys_exits_2() {
+    let env = Env::new(Config::default()).await;
+    for (admin, device, says) in [
+        ("a", "device-key-for-cli-tests", "at least 16"),
+        ("admin-key-for-cli-tests", "fifteen-chars-x", "at least 16"),
+        (
+            "same-key-for-both-0123",
+            "same-key-for-both-0123",
+            "must differ",
+        ),
+    ] {
+        let out = env
+            .run_with(
+                &["serve", "--listen", "127.0.0.1:0"],
+                &[
+                    ("C2DM_EMAIL", DEFAULT_EMAIL),
+                    ("C2DM_PASSWORD", DEFAULT_PASSWORD),
+                    ("C2DM_SERVER_ADMIN_TOKEN", admin),
+                    ("C2DM_SERVER_DEVICE_KEY", device),
+                ],
+            )
+            .await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{admin} {device}: {err}");
+        assert!(err.contains(says), "{admin} {device}: {err}");
+        for key in [admin, device].into_iter().filter(|k| k.len() >= 16) {
+            assert!(!err.contains(key), "no key shown: {err}");
+        }
+    }
 }

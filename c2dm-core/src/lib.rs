@@ -41,8 +41,8 @@ pub use broadcast::{
 };
 pub use error::{Error, ErrorCode};
 pub use message::{
-    CollapseKey, DEFAULT_PAYLOAD_LIMIT, Message, MessageBuilder, MessageError, MessageId,
-    RegistrationId, payload_size,
+    CollapseKey, DEFAULT_PAYLOAD_LIMIT, MAX_REGISTRATION_ID, Message, MessageBuilder, MessageError,
+    MessageId, RegistrationId, payload_size,
 };
 pub use report::DeliveryReport;
 pub use retry::{RetryDecision, RetryPolicy};

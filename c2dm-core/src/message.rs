@@ -6,6 +6,10 @@ use std::sync::Arc;
 /// The payload limit of the C2DM service, in bytes (see [`MessageBuilder::payload_limit`]).
 pub const DEFAULT_PAYLOAD_LIMIT: usize = 1024;
 
+/// The longest registration id taken, in bytes (UTF-8). Real ids are a few hundred bytes; the
+/// bound keeps one peer from storing, and having sent again, megabytes per device.
+pub const MAX_REGISTRATION_ID: usize = 4096;
+
 /// Data keys that the client refuses: reserved by the service for its own use.
 const RESERVED_KEYS: &[&str] = &["from"];
 /// Data keys with this prefix are refused, as GCM reserved them.
@@ -18,9 +22,13 @@ pub enum MessageError {
     /// The registration id is empty.
     #[error("registration_id: must not be empty")]
     EmptyRegistrationId,
-    /// The registration id holds white space or a control character, which no real id has.
-    #[error("registration_id: must not contain white space or control characters")]
+    /// The registration id holds white space, a control character or a format character
+    /// (Unicode `Cc`, `Cf`: U+200B, U+202E, …), which no real id has.
+    #[error("registration_id: must not contain white space, control or format characters")]
     InvalidRegistrationId,
+    /// The registration id is longer than [`MAX_REGISTRATION_ID`] bytes, which no real id is.
+    #[error("registration_id: is over {MAX_REGISTRATION_ID} bytes")]
+    RegistrationIdTooLong,
     /// No collapse key was given; the service answers `MissingCollapseKey` without one.
     #[error("collapse_key: is required")]
     MissingCollapseKey,
@@ -93,17 +101,55 @@ string_newtype!(
 );
 
 impl RegistrationId {
-    /// Checks and wraps a registration id: non-empty, without white space or control characters.
+    /// Checks and wraps a registration id: non-empty, at most [`MAX_REGISTRATION_ID`] bytes,
+    /// without white space, control or format characters.
     pub fn new(id: impl AsRef<str>) -> Result<Self, MessageError> {
         let id = id.as_ref();
         if id.is_empty() {
             return Err(MessageError::EmptyRegistrationId);
         }
-        if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if id.len() > MAX_REGISTRATION_ID {
+            return Err(MessageError::RegistrationIdTooLong);
+        }
+        if id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || is_format(c))
+        {
             return Err(MessageError::InvalidRegistrationId);
         }
         Ok(Self(id.into()))
     }
+}
+
+/// Whether `c` is a format character (Unicode general category `Cf`, as of Unicode 16):
+/// invisible characters that change how text around them shows (zero-width spaces, direction
+/// overrides), which an id can only carry to mislead.
+fn is_format(c: char) -> bool {
+    const CF: &[(u32, u32)] = &[
+        (0xAD, 0xAD),
+        (0x600, 0x605),
+        (0x61C, 0x61C),
+        (0x6DD, 0x6DD),
+        (0x70F, 0x70F),
+        (0x890, 0x891),
+        (0x8E2, 0x8E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    let c = u32::from(c);
+    CF.iter().any(|&(low, high)| (low..=high).contains(&c))
 }
 
 string_newtype!(
@@ -375,13 +421,30 @@ mod tests {
             Message::builder("").collapse_key("k").build(),
             Err(MessageError::EmptyRegistrationId)
         );
-        for bad in ["a b", "a\nb", "a\u{7f}b", " a"] {
+        for bad in [
+            "a b",
+            "a\nb",
+            "a\u{7f}b",
+            " a",
+            "a\u{200b}b",
+            "a\u{202e}b",
+            "\u{feff}a",
+            "a\u{e0041}",
+        ] {
             assert_eq!(
                 Message::builder(bad).collapse_key("k").build(),
                 Err(MessageError::InvalidRegistrationId),
                 "{bad:?}"
             );
         }
+        let longest = "a".repeat(MAX_REGISTRATION_ID);
+        assert!(RegistrationId::new(&longest).is_ok());
+        assert_eq!(
+            RegistrationId::new(format!("{longest}b")),
+            Err(MessageError::RegistrationIdTooLong)
+        );
+        // Letters of every script are fine; only the format characters are not.
+        assert!(RegistrationId::new("APA91b-ü-ж-中").is_ok());
     }
 
     #[test]

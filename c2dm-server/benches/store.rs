@@ -81,10 +81,7 @@ fn store(c: &mut Criterion) {
             store
                 .upsert_device(&NewDevice {
                     registration_id: format!("walk-{i:08}"),
-                    device_id: None,
-                    user_id: None,
-                    tags: Vec::new(),
-                    app_version: None,
+                    ..NewDevice::default()
                 })
                 .await
                 .unwrap();

@@ -38,17 +38,43 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Key(Arc<str>);
 
-/// A key given is unusable: empty, or with characters a header cannot carry.
+/// Why a key, or a pair of keys, is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a key must be non-empty visible ASCII")]
-pub struct InvalidKey;
+#[non_exhaustive]
+pub enum InvalidKey {
+    /// The key has characters a header cannot carry, or none at all.
+    #[error("a key must be visible ASCII")]
+    NotVisibleAscii,
+    /// The key is shorter than [`MIN_KEY_LEN`] bytes: guessable.
+    #[error(
+        "a key must be at least {MIN_KEY_LEN} characters long (openssl rand -hex 16 makes one)"
+    )]
+    TooShort,
+    /// The admin token and the device key are the same: every app would hold the admin token.
+    #[error("the admin token and the device key must differ: every app holds the device key")]
+    Same,
+}
+
+/// The shortest key taken, in bytes.
+pub const MIN_KEY_LEN: usize = 16;
 
 impl Key {
-    /// Wraps a key; it must be non-empty visible ASCII (it travels in a header).
+    /// Wraps a key: at least [`MIN_KEY_LEN`] characters of visible ASCII (it travels in a
+    /// header), white space around it trimmed.
+    ///
+    /// ```
+    /// use c2dm_server::api::{InvalidKey, Key};
+    /// assert!(Key::new("0123456789abcdef").is_ok());
+    /// assert_eq!(Key::new("short").unwrap_err(), InvalidKey::TooShort);
+    /// assert_eq!(Key::new("has a space in it").unwrap_err(), InvalidKey::NotVisibleAscii);
+    /// ```
     pub fn new(key: impl AsRef<str>) -> Result<Self, InvalidKey> {
         let key = key.as_ref().trim();
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(InvalidKey);
+            return Err(InvalidKey::NotVisibleAscii);
+        }
+        if key.len() < MIN_KEY_LEN {
+            return Err(InvalidKey::TooShort);
         }
         Ok(Self(key.into()))
     }
@@ -70,13 +96,33 @@ impl fmt::Debug for Key {
     }
 }
 
-/// The two keys: the admin token (every route) and the device key (the device routes only).
+/// The two keys: the admin token (every route) and the device key (the device routes only),
+/// never the same.
 #[derive(Debug, Clone)]
 pub struct Keys {
-    /// Lets operators list devices and send pushes.
-    pub admin: Key,
-    /// Lets apps register and unregister their devices.
-    pub device: Key,
+    admin: Key,
+    device: Key,
+}
+
+impl Keys {
+    /// The admin token, which lets operators list devices and send pushes, and the device
+    /// key, which lets apps register and unregister their devices; refused if they are the
+    /// same (every app ships the device key).
+    ///
+    /// ```
+    /// use c2dm_server::api::{InvalidKey, Key, Keys};
+    /// let admin = Key::new("admin-token-0123456789")?;
+    /// let device = Key::new("device-key-0123456789")?;
+    /// assert!(Keys::new(admin.clone(), device).is_ok());
+    /// assert_eq!(Keys::new(admin.clone(), admin).unwrap_err(), InvalidKey::Same);
+    /// # Ok::<(), InvalidKey>(())
+    /// ```
+    pub fn new(admin: Key, device: Key) -> Result<Self, InvalidKey> {
+        if admin.0 == device.0 {
+            return Err(InvalidKey::Same);
+        }
+        Ok(Self { admin, device })
+    }
 }
 
 #[derive(Clone)]
@@ -221,7 +267,7 @@ struct ErrorBody {
 struct ErrorDetail {
     /// A stable word to act on: `unauthorized`, `forbidden`, `not_found`, `malformed_body`,
     /// `invalid_body`, `invalid_field`, `invalid_query`, `invalid_header`, `body_too_large`,
-    /// `idempotency_key_reused`, `timeout`, `internal`.
+    /// `idempotency_key_reused`, `already_finished`, `timeout`, `internal`.
     code: &'static str,
     /// For people: what was wrong, and what to do.
     message: String,
@@ -397,8 +443,7 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer)
             .ok_or_else(unauthorized)?;
         // Both compared, whichever matches: the time taken does not tell which key it was.
         let admin = state.keys.admin.matches(given);
@@ -409,6 +454,15 @@ impl FromRequestParts<AppState> for Caller {
             (false, false) => Err(unauthorized()),
         }
     }
+}
+
+/// The credentials of an `Authorization: Bearer <key>` value. The scheme's name is matched
+/// without regard to case, as every scheme's is (RFC 9110, section 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(credentials.trim())
 }
 
 impl Caller {
@@ -424,42 +478,63 @@ impl Caller {
     }
 }
 
-/// `POST /v1/devices`: a device registers (or registers again).
+/// `POST /v1/devices`: a device registers (or registers again). A field left out keeps what is
+/// stored (a new device has none); `null` (or `[]` for `tags`) clears it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Registration {
-    /// The id C2DM gave the app: no white space or control characters.
-    #[schema(min_length = 1, pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$")]
+    /// The id C2DM gave the app: at most 4,096 bytes, no white space, control or format
+    /// characters.
+    #[schema(schema_with = registration_id_schema)]
     registration_id: String,
-    /// The app's own name for the device.
-    #[serde(default)]
+    /// The app's own name for the device; left out, kept; `null`, cleared.
+    #[serde(default, deserialize_with = "present")]
     #[schema(
+        value_type = Option<String>,
         min_length = 1,
         max_length = 256,
         pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
     )]
-    device_id: Option<String>,
-    /// Whom the device belongs to: pushes can go to every device of a user.
-    #[serde(default)]
+    device_id: Option<Option<String>>,
+    /// Whom the device belongs to (pushes can go to every device of a user); left out, kept;
+    /// `null`, cleared.
+    #[serde(default, deserialize_with = "present")]
     #[schema(
+        value_type = Option<String>,
         min_length = 1,
         max_length = 256,
         pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
     )]
-    user_id: Option<String>,
-    /// Labels: pushes can go to every device with a tag (at most 32).
-    #[serde(default)]
-    #[schema(max_items = 32, inline)]
-    tags: Vec<Tag>,
-    /// The app's version.
-    #[serde(default)]
+    user_id: Option<Option<String>>,
+    /// Labels (pushes can go to every device with a tag), at most 32: they replace the stored
+    /// ones; left out, kept; `null` or `[]`, cleared.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<Tag>>, max_items = 32, inline)]
+    tags: Option<Option<Vec<Tag>>>,
+    /// The app's version; left out, kept; `null`, cleared.
+    #[serde(default, deserialize_with = "present")]
     #[schema(
+        value_type = Option<String>,
         min_length = 1,
         max_length = 256,
         pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
     )]
-    app_version: Option<String>,
+    app_version: Option<Option<String>>,
 }
+
+/// A field that is present (`Some`, holding `None` for `null`); with `#[serde(default)]`, a
+/// field left out is `None`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// What the OpenAPI document says a registration id is: what
+/// [`c2dm_core::RegistrationId::new`] takes, but for its bound in bytes (the document's
+/// `maxLength` counts characters). The format characters (Unicode `Cf`) are written out, those
+/// past the BMP as themselves: the pattern dialects that read the document know no `\p{Cf}`.
+const REGISTRATION_ID_PATTERN: &str = "^[^\\s\\x00-\\x1f\\x7f-\\x9f\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890\\u0891\\u08e2\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u206f\\ufeff\\ufff9-\\ufffb\u{110BD}\u{110CD}\u{13430}-\u{1343F}\u{1BCA0}-\u{1BCA3}\u{1D173}-\u{1D17A}\u{E0001}\u{E0020}-\u{E007F}]+$";
 
 /// A tag: non-empty, at most 256 characters, no control characters.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -492,21 +567,30 @@ impl Registration {
     fn check(self) -> Result<NewDevice, ApiError> {
         let id = c2dm_core::RegistrationId::new(&self.registration_id)
             .map_err(|e| ApiError::field("registration_id", e.to_string()))?;
-        if self.tags.len() > MAX_TAGS {
-            return Err(ApiError::field("tags", format!("at most {MAX_TAGS} tags")));
-        }
-        let mut tags = Vec::with_capacity(self.tags.len());
-        for Tag(tag) in self.tags {
-            tags.extend(text_field("tags", Some(tag))?);
-        }
-        tags.sort();
-        tags.dedup();
+        let tags = match self.tags {
+            None => None,
+            Some(given) => {
+                let given = given.unwrap_or_default();
+                if given.len() > MAX_TAGS {
+                    return Err(ApiError::field("tags", format!("at most {MAX_TAGS} tags")));
+                }
+                let mut tags = Vec::with_capacity(given.len());
+                for Tag(tag) in given {
+                    tags.extend(text_field("tags", Some(tag))?);
+                }
+                tags.sort();
+                tags.dedup();
+                Some(tags)
+            }
+        };
+        let given =
+            |field, value: Option<Option<String>>| value.map(|v| text_field(field, v)).transpose();
         Ok(NewDevice {
             registration_id: id.as_str().to_owned(),
-            device_id: text_field("device_id", self.device_id)?,
-            user_id: text_field("user_id", self.user_id)?,
+            device_id: given("device_id", self.device_id)?,
+            user_id: given("user_id", self.user_id)?,
             tags,
-            app_version: text_field("app_version", self.app_version)?,
+            app_version: given("app_version", self.app_version)?,
         })
     }
 }
@@ -876,16 +960,32 @@ enum AudienceSchema {
 #[allow(dead_code)] // read only by the OpenAPI document
 struct ToIds {
     /// At most 10,000 ids.
-    #[schema(max_items = 10_000, inline)]
-    registration_ids: Vec<RegistrationIdText>,
+    #[schema(schema_with = registration_ids_schema)]
+    registration_ids: Vec<String>,
 }
 
-/// A registration id: no white space or control characters.
-#[derive(Deserialize, ToSchema)]
-#[serde(transparent)]
-#[schema(value_type = String, min_length = 1, pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$")]
-#[allow(dead_code)] // read only by the OpenAPI document
-struct RegistrationIdText(String);
+/// The schema of a push's list of ids: at most 10,000 registration ids.
+fn registration_ids_schema() -> utoipa::openapi::Array {
+    utoipa::openapi::ArrayBuilder::new()
+        .items(registration_id_schema())
+        .max_items(Some(MAX_LISTED))
+        .description(Some("At most 10,000 ids."))
+        .build()
+}
+
+/// The schema of a registration id (as [`REGISTRATION_ID_PATTERN`] says).
+fn registration_id_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(
+            "A registration id: at most 4,096 bytes (UTF-8), no white space, control or format characters.",
+        ))
+        .min_length(Some(1))
+        .max_length(Some(c2dm_core::MAX_REGISTRATION_ID))
+        .pattern(Some(REGISTRATION_ID_PATTERN))
+        .build()
+}
 
 /// A push to every active device of a user.
 #[derive(Deserialize, ToSchema)]
@@ -1283,6 +1383,7 @@ async fn status(
     responses(
         (status = 200, description = "the push, its cancel asked for", body = MessageView),
         (status = 404, description = "no such push", body = ErrorBody),
+        (status = 409, description = "the push has finished (`already_finished`, the message says whether done or cancelled): nothing changes", body = ErrorBody),
         ParamErrors,
         AdminErrors,
         KeyErrors,
@@ -1295,6 +1396,16 @@ async fn cancel(
 ) -> Result<Json<MessageView>, ApiError> {
     caller.require_admin()?;
     let message = find(&state, &id).await?;
+    if matches!(message.state, MessageState::Done | MessageState::Cancelled) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_finished",
+            format!(
+                "the push is {}: nothing is left to cancel",
+                message.state.as_str()
+            ),
+        ));
+    }
     let cancelled = state
         .store
         .request_cancel(message.id)

@@ -21,7 +21,7 @@
 //! let store = SqliteStore::open("sqlite::memory:").await?;
 //! // The queues' tables, in the same database: the API enqueues into them.
 //! let queues = Queues::open_sqlite(store.pool(), &WorkerOptions::default()).await?;
-//! let keys = Keys { admin: Key::new("admin-secret")?, device: Key::new("device-secret")? };
+//! let keys = Keys::new(Key::new("admin-token-0123456789")?, Key::new("device-key-0123456789")?)?;
 //! let app = router(Arc::new(store), keys);
 //! // jobs::run_workers(store, sender, queues, WorkerOptions::default(), shutdown) sends.
 //! # let _ = queues;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use c2dm_server::api::{BODY_LIMIT, Key, Keys};
+use c2dm_server::api::{BODY_LIMIT, InvalidKey, Key, Keys};
 use c2dm_server::store::Store;
 use http::{Request, StatusCode};
 use serde_json::{Value, json};
@@ -100,7 +100,7 @@ async fn register_update_unregister_and_register_again(db: Db) {
         .await;
     assert_eq!(status, StatusCode::OK, "{device}");
     assert_eq!(device["tags"], json!(["sport"]));
-    assert_eq!(device["device_id"], Value::Null);
+    assert_eq!(device["device_id"], "pixel", "a field left out is kept");
 
     let (status, device) = server
         .call("DELETE", "/v1/devices/APA91b-phone-1", Some(DEVICE), None)
@@ -120,6 +120,76 @@ async fn register_update_unregister_and_register_again(db: Db) {
     assert_eq!(
         device["state"], "active",
         "registering again makes it active"
+    );
+}
+
+/// An app that registers again with its id alone (as many do at each start) keeps its user,
+/// tags and version, and so stays in their audiences; `null` (or `[]` for tags) clears one.
+async fn registering_again_keeps_what_the_body_leaves_out(db: Db) {
+    let server = Server::start(db).await;
+    let full = json!({
+        "registration_id": "APA91b-phone-2",
+        "device_id": "pixel",
+        "user_id": "bob",
+        "tags": ["news"],
+        "app_version": "1.0"
+    });
+    let (status, _) = server.register(full).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, device) = server
+        .register(json!({"registration_id": "APA91b-phone-2"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{device}");
+    for (field, kept) in [
+        ("device_id", json!("pixel")),
+        ("user_id", json!("bob")),
+        ("tags", json!(["news"])),
+        ("app_version", json!("1.0")),
+    ] {
+        assert_eq!(device[field], kept, "{field}: {device}");
+    }
+    assert_eq!(server.list_all("&user_id=bob", 10).await.len(), 1);
+    assert_eq!(server.list_all("&tag=news", 10).await.len(), 1);
+    // One field changed, the others kept.
+    let (_, device) = server
+        .register(json!({"registration_id": "APA91b-phone-2", "app_version": "1.1"}))
+        .await;
+    assert_eq!(
+        (&device["app_version"], &device["user_id"]),
+        (&json!("1.1"), &json!("bob"))
+    );
+    // `null` and `[]` clear.
+    let (status, device) = server
+        .register(json!({
+            "registration_id": "APA91b-phone-2",
+            "user_id": null,
+            "tags": [],
+            "device_id": null
+        }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{device}");
+    assert_eq!(device["user_id"], Value::Null);
+    assert_eq!(device["device_id"], Value::Null);
+    assert_eq!(device["tags"], json!([]));
+    assert_eq!(device["app_version"], "1.1", "left out: kept");
+    assert!(server.list_all("&user_id=bob", 10).await.is_empty());
+    assert!(server.list_all("&tag=news", 10).await.is_empty());
+    let (_, device) = server
+        .register(json!({"registration_id": "APA91b-phone-2", "tags": ["a"]}))
+        .await;
+    assert_eq!(device["tags"], json!(["a"]));
+    let (_, device) = server
+        .register(json!({"registration_id": "APA91b-phone-2", "tags": null}))
+        .await;
+    assert_eq!(device["tags"], json!([]), "null clears the tags too");
+    // A new device registered with its id alone has nothing to keep.
+    let (status, device) = server
+        .register(json!({"registration_id": "APA91b-phone-3"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        (&device["user_id"], &device["tags"]),
+        (&Value::Null, &json!([]))
     );
 }
 
@@ -231,13 +301,40 @@ async fn keys_are_checked_on_every_route_but_healthz(db: Db) {
         (StatusCode::OK, Some("ok"))
     );
     // Keys never show in Debug.
-    let keys = Keys {
-        admin: Key::new(ADMIN).unwrap(),
-        device: Key::new(DEVICE).unwrap(),
-    };
+    let keys = Keys::new(Key::new(ADMIN).unwrap(), Key::new(DEVICE).unwrap()).unwrap();
     let shown = format!("{keys:?}");
     assert!(!shown.contains(ADMIN) && !shown.contains(DEVICE), "{shown}");
-    assert!(Key::new("").is_err() && Key::new("has space").is_err());
+    assert!(Key::new("").is_err() && Key::new("has space, and long").is_err());
+    // Weak keys: short ones, and the same key for both.
+    assert_eq!(
+        Key::new("fifteen-chars-x").unwrap_err(),
+        InvalidKey::TooShort
+    );
+    assert!(Key::new("sixteen-chars-xx").is_ok());
+    assert_eq!(
+        Keys::new(Key::new(ADMIN).unwrap(), Key::new(ADMIN).unwrap()).unwrap_err(),
+        InvalidKey::Same
+    );
+    // The scheme's name is matched whatever its case (RFC 9110).
+    let with_authorization = |value: String| {
+        let app = server.app.clone();
+        async move {
+            let header = [("authorization", value.as_str())];
+            common::call(&app, "GET", "/v1/devices", None, None, &header).await
+        }
+    };
+    for scheme in ["bearer", "BEARER", "Bearer", "bEaReR"] {
+        let (status, answer) = with_authorization(format!("{scheme} {ADMIN}")).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}: {answer}");
+    }
+    for wrong in [
+        format!("Basic {ADMIN}"),
+        format!("Bearer{ADMIN}"),
+        ADMIN.to_owned(),
+    ] {
+        let (status, _) = with_authorization(wrong.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong}");
+    }
 }
 
 async fn bad_input_gets_a_clear_error_and_is_not_stored(db: Db) {
@@ -254,6 +351,11 @@ async fn bad_input_gets_a_clear_error_and_is_not_stored(db: Db) {
         ("a tag too long", json!({"registration_id": "a", "tags": [long]}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("tags")),
         ("too many tags", json!({"registration_id": "a", "tags": (0..40).map(|i| i.to_string()).collect::<Vec<_>>()}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("tags")),
         ("a control character", json!({"registration_id": "a", "device_id": "x\u{7}"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("device_id")),
+        ("a registration id over 4,096 bytes", json!({"registration_id": "r".repeat(4097)}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("registration_id")),
+        ("a registration id of 4,096 bytes in 2,048 characters, and one more", json!({"registration_id": format!("{}r", "é".repeat(2048))}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("registration_id")),
+        ("a zero-width space in a registration id", json!({"registration_id": "APA91b\u{200b}x"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("registration_id")),
+        ("a direction override in a registration id", json!({"registration_id": "APA91b\u{202e}x"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("registration_id")),
+        ("tags that are not a list", json!({"registration_id": "a", "tags": "news"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", None),
         ("a body over the limit", format!("{{\"registration_id\": \"{}\"}}", "y".repeat(BODY_LIMIT)), StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
     ];
     for (what, body, status, code, field) in cases {
@@ -326,6 +428,7 @@ async fn simultaneous_registrations_of_one_id_create_it_once(db: Db) {
 
 on_each_database!(
     register_update_unregister_and_register_again,
+    registering_again_keeps_what_the_body_leaves_out,
     a_gone_device_stays_gone_until_registered_again,
     listing_pages_through_everything_once_and_filters,
     keys_are_checked_on_every_route_but_healthz,

@@ -234,6 +234,41 @@ async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
     assert_eq!(message["counts"]["not_attempted"]["cancelled"], 25);
     assert_eq!(server.rows(&id, "&outcome=not_attempted").await.len(), 25);
     assert_eq!(server.emulator.counters().accepted, 0);
+    // A cancel of a finished push is refused, and changes nothing: cancelled or done.
+    let (status, answer) = server
+        .call("POST", &format!("/v1/messages/{id}/cancel"), ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["code"], "already_finished");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{answer}"
+    );
+    let done = server.push(json!("all")).await;
+    let before = server.finished(&done).await;
+    assert_eq!(before["state"], "done");
+    let (status, answer) = server
+        .call("POST", &format!("/v1/messages/{done}/cancel"), ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("done"),
+        "{answer}"
+    );
+    let (_, after) = server
+        .call("GET", &format!("/v1/messages/{done}"), ADMIN, None)
+        .await;
+    assert_eq!(
+        (&after["state"], &after["cancel_requested"]),
+        (&json!("done"), &json!(false)),
+        "nothing changed"
+    );
 }
 
 async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
@@ -271,6 +306,18 @@ async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
         ),
         (
             json!({"to": {"registration_ids": ["has space"]}, "collapse_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("to"),
+        ),
+        (
+            json!({"to": {"registration_ids": ["ok", "x".repeat(4097)]}, "collapse_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("to"),
+        ),
+        (
+            json!({"to": {"registration_ids": ["APA91b\u{202e}x"]}, "collapse_key": "k"}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
             Some("to"),

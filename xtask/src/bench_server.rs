@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub(crate) const ADMIN: &str = "bench-admin";
-pub(crate) const DEVICE: &str = "bench-device";
+pub(crate) const ADMIN: &str = "bench-admin-token";
+pub(crate) const DEVICE: &str = "bench-device-key";
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, body, time to the whole answer).
 pub(crate) fn http(
@@ -261,7 +261,7 @@ fn push(
 
 const REGISTER_SCRIPT: &str = r#"wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer bench-device"
+wrk.headers["Authorization"] = "Bearer bench-device-key"
 counter = 0
 request = function()
   counter = counter + 1

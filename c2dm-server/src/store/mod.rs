@@ -50,19 +50,22 @@ impl DeviceState {
 }
 
 /// A device as the app registers it. Registering an id that exists updates it and makes it
-/// active again.
+/// active again; a field given as `None` is left as stored (on a new device, empty), so an app
+/// that registers again with its id alone keeps its user, tags and version.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NewDevice {
     /// The registration id C2DM gave the app (checked by [`c2dm_core::RegistrationId`]).
     pub registration_id: String,
-    /// The app's own name for the device.
-    pub device_id: Option<String>,
-    /// Whom the device belongs to: pushes can go to every device of a user.
-    pub user_id: Option<String>,
-    /// Labels: pushes can go to every device with a tag.
-    pub tags: Vec<String>,
-    /// The app's version.
-    pub app_version: Option<String>,
+    /// The app's own name for the device: `Some(None)` clears it, `None` keeps it.
+    pub device_id: Option<Option<String>>,
+    /// Whom the device belongs to (pushes can go to every device of a user): `Some(None)`
+    /// clears it, `None` keeps it.
+    pub user_id: Option<Option<String>>,
+    /// Labels (pushes can go to every device with a tag): `Some` replaces them (`Some(vec![])`
+    /// clears them), `None` keeps them.
+    pub tags: Option<Vec<String>>,
+    /// The app's version: `Some(None)` clears it, `None` keeps it.
+    pub app_version: Option<Option<String>>,
 }
 
 /// A device as the server keeps it.
@@ -397,7 +400,8 @@ pub trait Store: Send + Sync {
     fn cancels(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Registers a device, or updates a known one and makes it active again, in one
-    /// transaction; returns which, and the device as stored.
+    /// transaction, keeping the fields `device` leaves out; returns which, and the device as
+    /// stored.
     async fn upsert_device(&self, device: &NewDevice) -> Result<(Upserted, Device), StoreError>;
 
     /// The app unregistered `registration_id`: its state becomes `unregistered`. `None` when
@@ -504,7 +508,8 @@ pub trait Store: Send + Sync {
     async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError>;
 
     /// Asks to cancel a push: batches not started write `not_attempted: cancelled` rows.
-    /// `None` for an unknown push.
+    /// A push already finished (`done` or `cancelled`) is left as it is. `None` for an unknown
+    /// push.
     async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError>;
 
     /// Those of `registration_ids` that already have a row for push `id` (a batch run again

@@ -457,37 +457,43 @@ impl Store for PostgresStore {
         let now = millis(SystemTime::now());
         let mut tx = self.pool.begin().await?;
         // One statement: two registrations of one id wait for each other on its row.
-        // `xmax = 0` holds for a row this statement inserted.
+        // `xmax = 0` holds for a row this statement inserted. A field the registration leaves
+        // out (its flag set) keeps what is stored.
         let (id, created): (i64, bool) = sqlx::query_as(
             "INSERT INTO devices (registration_id, device_id, user_id, app_version, state, \
              created_at, updated_at, state_changed_at) \
              VALUES ($1, $2, $3, $4, 'active', $5, $5, $5) \
-             ON CONFLICT (registration_id) DO UPDATE SET device_id = EXCLUDED.device_id, \
-             user_id = EXCLUDED.user_id, app_version = EXCLUDED.app_version, state = 'active', \
-             reason = NULL, updated_at = EXCLUDED.updated_at, \
+             ON CONFLICT (registration_id) DO UPDATE SET \
+             device_id = CASE WHEN $6 THEN devices.device_id ELSE EXCLUDED.device_id END, \
+             user_id = CASE WHEN $7 THEN devices.user_id ELSE EXCLUDED.user_id END, \
+             app_version = CASE WHEN $8 THEN devices.app_version ELSE EXCLUDED.app_version END, \
+             state = 'active', reason = NULL, updated_at = EXCLUDED.updated_at, \
              state_changed_at = CASE WHEN devices.state <> 'active' \
              THEN EXCLUDED.updated_at ELSE devices.state_changed_at END \
              RETURNING id, (xmax = 0)",
         )
         .bind(&device.registration_id)
-        .bind(&device.device_id)
-        .bind(&device.user_id)
-        .bind(&device.app_version)
+        .bind(device.device_id.clone().flatten())
+        .bind(device.user_id.clone().flatten())
+        .bind(device.app_version.clone().flatten())
         .bind(now)
+        .bind(device.device_id.is_none())
+        .bind(device.user_id.is_none())
+        .bind(device.app_version.is_none())
         .fetch_one(&mut *tx)
         .await?;
-        if !created {
+        if !created && device.tags.is_some() {
             sqlx::query("DELETE FROM device_tags WHERE device = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
         }
-        if !device.tags.is_empty() {
+        if let Some(tags) = device.tags.as_ref().filter(|tags| !tags.is_empty()) {
             sqlx::query(
                 "INSERT INTO device_tags (tag, device) SELECT t, $2 FROM UNNEST($1::text[]) t \
                  ON CONFLICT DO NOTHING",
             )
-            .bind(&device.tags)
+            .bind(tags)
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -808,10 +814,13 @@ impl Store for PostgresStore {
     }
 
     async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
-        sqlx::query("UPDATE messages SET cancel_requested = TRUE WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE messages SET cancel_requested = TRUE \
+             WHERE id = $1 AND state NOT IN ('done', 'cancelled')",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         self.changed(true);
         self.cancels.send_modify(|n| *n += 1);
         self.message(id).await

@@ -315,23 +315,31 @@ async fn upsert(
         .await?;
     let (upserted, id) = match known {
         Some(id) => {
+            // A field the registration leaves out (its flag set) keeps what is stored.
             sqlx::query(
-                "UPDATE devices SET device_id = ?1, user_id = ?2, app_version = ?3, \
-                 state = 'active', reason = NULL, updated_at = ?4, state_changed_at = \
-                 CASE WHEN state <> 'active' THEN ?4 ELSE state_changed_at END \
-                 WHERE id = ?5",
+                "UPDATE devices SET device_id = CASE WHEN ?1 THEN device_id ELSE ?2 END, \
+                 user_id = CASE WHEN ?3 THEN user_id ELSE ?4 END, \
+                 app_version = CASE WHEN ?5 THEN app_version ELSE ?6 END, \
+                 state = 'active', reason = NULL, updated_at = ?7, state_changed_at = \
+                 CASE WHEN state <> 'active' THEN ?7 ELSE state_changed_at END \
+                 WHERE id = ?8",
             )
-            .bind(&device.device_id)
-            .bind(&device.user_id)
-            .bind(&device.app_version)
+            .bind(device.device_id.is_none())
+            .bind(device.device_id.clone().flatten())
+            .bind(device.user_id.is_none())
+            .bind(device.user_id.clone().flatten())
+            .bind(device.app_version.is_none())
+            .bind(device.app_version.clone().flatten())
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM device_tags WHERE device = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            if device.tags.is_some() {
+                sqlx::query("DELETE FROM device_tags WHERE device = ?")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             (Upserted::Updated, id)
         }
         None => {
@@ -341,16 +349,16 @@ async fn upsert(
                  VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?5, ?5) RETURNING id",
             )
             .bind(&device.registration_id)
-            .bind(&device.device_id)
-            .bind(&device.user_id)
-            .bind(&device.app_version)
+            .bind(device.device_id.clone().flatten())
+            .bind(device.user_id.clone().flatten())
+            .bind(device.app_version.clone().flatten())
             .bind(now)
             .fetch_one(&mut *tx)
             .await?;
             (Upserted::Created, id)
         }
     };
-    for tag in &device.tags {
+    for tag in device.tags.iter().flatten() {
         sqlx::query("INSERT OR IGNORE INTO device_tags (tag, device) VALUES (?, ?)")
             .bind(tag)
             .bind(id)
@@ -956,10 +964,13 @@ impl Store for SqliteStore {
     async fn request_cancel(&self, id: i64) -> Result<Option<MessageRecord>, StoreError> {
         self.write(move |tx| {
             Box::pin(async move {
-                sqlx::query("UPDATE messages SET cancel_requested = 1 WHERE id = ?")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE messages SET cancel_requested = 1 \
+                     WHERE id = ? AND state NOT IN ('done', 'cancelled')",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
                 Ok(())
             })
         })
@@ -1228,10 +1239,8 @@ mod tests {
             store
                 .upsert_device(&NewDevice {
                     registration_id: id.to_owned(),
-                    device_id: None,
-                    user_id: Some("u".into()),
-                    tags: Vec::new(),
-                    app_version: None,
+                    user_id: Some(Some("u".into())),
+                    ..NewDevice::default()
                 })
                 .await
                 .unwrap();

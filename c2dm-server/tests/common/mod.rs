@@ -145,10 +145,7 @@ impl Api {
     pub async fn start_with(db: Db, options: &WorkerOptions) -> Self {
         let database = db.fresh().await;
         let (store, queues) = open_database(&database.url, options).await.unwrap();
-        let keys = Keys {
-            admin: Key::new(ADMIN).unwrap(),
-            device: Key::new(DEVICE).unwrap(),
-        };
+        let keys = Keys::new(Key::new(ADMIN).unwrap(), Key::new(DEVICE).unwrap()).unwrap();
         Self {
             app: router(Arc::clone(&store), keys),
             store,
