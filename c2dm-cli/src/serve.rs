@@ -60,6 +60,12 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
         budget_period: std::time::Duration::from_secs(args.budget_period),
         heartbeat: std::time::Duration::from_secs_f64(args.heartbeat),
     });
+    // Before anything starts: a value the workers cannot add is a usage error.
+    if let Some(options) = &workers {
+        options
+            .check()
+            .map_err(|e| CliError::Usage(format!("serve: {e}")))?;
+    }
     // Every batch of this process may send its `--concurrency` at once.
     let sends_at_once = (args.workers as usize).saturating_mul(args.concurrency as usize);
     let sender = client::sender(global, None, sends_at_once)?;

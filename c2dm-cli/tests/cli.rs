@@ -1470,6 +1470,35 @@ async fn serve_without_keys_or_with_an_unsupported_database_exits_2() {
     );
 }
 
+/// Counts and periods beyond what the workers can add stop the server at start: a budget
+/// period of u64::MAX seconds used to be taken, and then every batch panicked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_options_the_workers_cannot_add_exits_2() {
+    let env = Env::new(Config::default()).await;
+    for (flag, value) in [
+        ("--budget-period", "18446744073709551615"),
+        ("--budget-period", "31622401"),
+        ("--batch-size", "4000000000"),
+        ("--concurrency", "4000000000"),
+        ("--workers", "100000"),
+    ] {
+        let out = env
+            .run_with(
+                &["serve", "--listen", "127.0.0.1:0", flag, value],
+                &[
+                    ("C2DM_EMAIL", DEFAULT_EMAIL),
+                    ("C2DM_PASSWORD", DEFAULT_PASSWORD),
+                    ("C2DM_SERVER_ADMIN_TOKEN", "admin-key-for-cli-tests"),
+                    ("C2DM_SERVER_DEVICE_KEY", "device-key-for-cli-tests"),
+                ],
+            )
+            .await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}
+
 /// Weak keys stop the server at start, with a message that says what to do: a short key, or
 /// the admin token equal to the device key (which every app ships).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

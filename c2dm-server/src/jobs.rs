@@ -38,6 +38,9 @@ pub enum JobError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An option is beyond what the workers take.
+    #[error(transparent)]
+    Options(#[from] InvalidOption),
 }
 
 /// The two queues, in the store's database and on its pool.
@@ -216,6 +219,86 @@ pub struct WorkerOptions {
     pub heartbeat: Duration,
 }
 
+/// A [`WorkerOptions`] value beyond what the workers take: the option, and the range it must
+/// fall in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{option} must be between {min} and {max}")]
+pub struct InvalidOption {
+    /// The option, as `c2dm serve` names its flag.
+    pub option: &'static str,
+    /// The least it may be.
+    pub min: String,
+    /// The most it may be.
+    pub max: String,
+}
+
+impl WorkerOptions {
+    /// The most batches a process may send at once.
+    pub const MAX_WORKERS: usize = 1024;
+    /// The most sends at once within one batch.
+    pub const MAX_CONCURRENCY: usize = 10_000;
+    /// The most devices one batch job may hold.
+    pub const MAX_BATCH_SIZE: usize = 100_000;
+    /// The longest budget period: a leap year. Periods start at multiples of it since the
+    /// epoch, which must stay a time the clock can tell.
+    pub const MAX_BUDGET_PERIOD: Duration = Duration::from_secs(366 * 86_400);
+    /// The longest heartbeat: a day.
+    pub const MAX_HEARTBEAT: Duration = Duration::from_secs(86_400);
+
+    /// Every option within what the workers can count and add: checked when they start
+    /// ([`run_workers`] and [`crate::serve::serve`] refuse options that are not), so that no
+    /// batch fails on a sum that overflows.
+    pub fn check(&self) -> Result<(), InvalidOption> {
+        fn within<T: PartialOrd + std::fmt::Debug>(
+            option: &'static str,
+            value: T,
+            min: T,
+            max: T,
+            show: impl Fn(&T) -> String,
+        ) -> Result<(), InvalidOption> {
+            if value < min || value > max {
+                return Err(InvalidOption {
+                    option,
+                    min: show(&min),
+                    max: show(&max),
+                });
+            }
+            Ok(())
+        }
+        let count = |n: &usize| n.to_string();
+        let secs = |d: &Duration| format!("{} s", d.as_secs_f64());
+        within("--workers", self.workers, 1, Self::MAX_WORKERS, count)?;
+        within(
+            "--concurrency",
+            self.concurrency,
+            1,
+            Self::MAX_CONCURRENCY,
+            count,
+        )?;
+        within(
+            "--batch-size",
+            self.batch_size,
+            1,
+            Self::MAX_BATCH_SIZE,
+            count,
+        )?;
+        within(
+            "--budget-period",
+            self.budget_period,
+            Duration::from_secs(1),
+            Self::MAX_BUDGET_PERIOD,
+            secs,
+        )?;
+        within(
+            "--heartbeat",
+            self.heartbeat,
+            Duration::from_millis(1),
+            Self::MAX_HEARTBEAT,
+            secs,
+        )
+    }
+}
+
 impl Default for WorkerOptions {
     fn default() -> Self {
         Self {
@@ -323,6 +406,7 @@ pub async fn run_workers(
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), JobError> {
+    options.check()?;
     let runner = Arc::new(Runner::new(store, sender, queues.clone(), options));
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let signal = |stop: &tokio::sync::broadcast::Sender<()>| {
@@ -611,7 +695,12 @@ fn budget_day(now: SystemTime, period: Duration) -> (i64, SystemTime) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let day = secs / period;
-    let next = std::time::UNIX_EPOCH + Duration::from_secs((day + 1).saturating_mul(period));
+    // Checked: a period past what the clock can tell (which `WorkerOptions::check` refuses)
+    // ends at the furthest time this code waits for, never in a panic.
+    let next = (day + 1)
+        .checked_mul(period)
+        .and_then(|at| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(at)))
+        .unwrap_or_else(|| now + WorkerOptions::MAX_BUDGET_PERIOD);
     (i64::try_from(day).unwrap_or(i64::MAX), next)
 }
 
@@ -1208,5 +1297,68 @@ mod tests {
         );
         // Less than a second counts as a second, never as a division by zero.
         assert_eq!(budget_day(at, Duration::ZERO).0, 1_000_030);
+        // A period past what the clock can tell ends far ahead, without a panic.
+        let (period, next) = budget_day(at, Duration::from_secs(u64::MAX));
+        assert_eq!(period, 0);
+        assert!(next > at);
+        let (_, next) = budget_day(at, Duration::MAX);
+        assert!(next > at);
+    }
+
+    #[test]
+    fn options_beyond_what_the_workers_can_add_are_refused() {
+        assert_eq!(WorkerOptions::default().check(), Ok(()));
+        for (options, option) in [
+            (
+                WorkerOptions {
+                    budget_period: Duration::from_secs(u64::MAX),
+                    ..WorkerOptions::default()
+                },
+                "--budget-period",
+            ),
+            (
+                WorkerOptions {
+                    budget_period: Duration::ZERO,
+                    ..WorkerOptions::default()
+                },
+                "--budget-period",
+            ),
+            (
+                WorkerOptions {
+                    heartbeat: Duration::ZERO,
+                    ..WorkerOptions::default()
+                },
+                "--heartbeat",
+            ),
+            (
+                WorkerOptions {
+                    workers: 0,
+                    ..WorkerOptions::default()
+                },
+                "--workers",
+            ),
+            (
+                WorkerOptions {
+                    concurrency: usize::MAX,
+                    ..WorkerOptions::default()
+                },
+                "--concurrency",
+            ),
+            (
+                WorkerOptions {
+                    batch_size: WorkerOptions::MAX_BATCH_SIZE + 1,
+                    ..WorkerOptions::default()
+                },
+                "--batch-size",
+            ),
+        ] {
+            let err = options.check().unwrap_err();
+            assert_eq!(err.option, option, "{err}");
+        }
+        let longest = WorkerOptions {
+            budget_period: WorkerOptions::MAX_BUDGET_PERIOD,
+            ..WorkerOptions::default()
+        };
+        assert_eq!(longest.check(), Ok(()));
     }
 }

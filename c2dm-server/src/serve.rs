@@ -126,6 +126,9 @@ async fn unboxed(
     on_listening: Box<dyn FnOnce(SocketAddr) + Send>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 ) -> Result<(), ServeError> {
+    if let Some(workers) = &options.workers {
+        workers.check().map_err(JobError::from)?;
+    }
     crate::api::install_metrics();
     let worker_options = options.workers.clone().unwrap_or_default();
     let (store, queues) = open_database(&options.database, &worker_options).await?;
