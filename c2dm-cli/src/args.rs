@@ -209,7 +209,8 @@ pub struct ServeArgs {
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
-    /// Write the API's port here once it listens (useful with port 0).
+    /// Write the API's port here once it listens (useful with port 0); with --no-api, the
+    /// metrics listener's.
     #[arg(long, value_name = "FILE")]
     pub port_file: Option<PathBuf>,
     /// A file whose first line is the admin token (else C2DM_SERVER_ADMIN_TOKEN).
@@ -254,6 +255,20 @@ pub struct ServeArgs {
     /// Also serve GET /metrics, without a key, here (for a worker process with --no-api).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a request head may take to arrive, from its first byte, in seconds.
+    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_seconds)]
+    pub header_timeout: f64,
+    /// How long a connection may wait for its next request before it is closed, in seconds.
+    #[arg(long, default_value = "75", value_name = "SECS", value_parser = parse_seconds)]
+    pub idle_timeout: f64,
+    /// The most connections open at once on each listener; past it, the longest idle one is
+    /// closed for a new one. Keep it well below the open-file limit (ulimit -n).
+    #[arg(long, default_value_t = 512, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// How long a stop (SIGTERM, Ctrl-C) may take, in seconds: the requests under way finish,
+    /// the batches in hand stop and write what they have; past it the process stops at once.
+    #[arg(long, default_value = "20", value_name = "SECS", value_parser = parse_seconds)]
+    pub shutdown_timeout: f64,
     /// A worker process only: no API.
     #[arg(long, conflicts_with = "no_workers")]
     pub no_api: bool,
@@ -282,6 +297,10 @@ impl std::fmt::Debug for ServeArgs {
             .field("budget_period", &self.budget_period)
             .field("heartbeat", &self.heartbeat)
             .field("metrics_listen", &self.metrics_listen)
+            .field("header_timeout", &self.header_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .field("no_api", &self.no_api)
             .field("no_workers", &self.no_workers)
             .finish()

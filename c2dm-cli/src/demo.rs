@@ -280,6 +280,7 @@ async fn server_act(
         port_file: None,
         workers: Some(c2dm_server::jobs::WorkerOptions::default()),
         metrics: None,
+        http: c2dm_server::listen::HttpLimits::default(),
     };
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -2,9 +2,11 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use c2dm_server::api::{Key, Keys};
 use c2dm_server::jobs::WorkerOptions;
+use c2dm_server::listen::HttpLimits;
 use c2dm_server::serve::{ServeError, ServeOptions, serve};
 
 use crate::args::{Global, ServeArgs};
@@ -29,6 +31,7 @@ fn key(flag: &str, file: Option<&Path>, env: &str) -> Result<Key, CliError> {
 
 /// `c2dm serve`.
 pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError> {
+    let no_api = args.no_api;
     let api = if args.no_api {
         None
     } else {
@@ -69,29 +72,52 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
     // Every batch of this process may send its `--concurrency` at once.
     let sends_at_once = (args.workers as usize).saturating_mul(args.concurrency as usize);
     let sender = client::sender(global, None, sends_at_once)?;
+    let shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout);
     let options = ServeOptions {
         database: args.database,
         api,
         port_file: args.port_file,
         workers,
         metrics: args.metrics_listen,
+        http: HttpLimits {
+            header_timeout: Duration::from_secs_f64(args.header_timeout),
+            idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+            max_connections: args.max_connections as usize,
+            shutdown_grace: shutdown_timeout,
+        },
     };
-    let shutdown = async {
+    let shutdown = async move {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         next_signal(&mut terminate).await;
         eprintln!(
-            "c2dm serve: stopping: finishing the requests and the batches in hand (SIGTERM or Ctrl-C again to stop at once)"
+            "c2dm serve: stopping: finishing the requests and the batches in hand, for at most {} s (SIGTERM or Ctrl-C again to stop at once)",
+            shutdown_timeout.as_secs_f64()
         );
+        // As if the process died, either way: a batch in hand is taken over by another worker
+        // once its heartbeat is missed, and its marks say which devices may have been sent to.
         tokio::spawn(async move {
-            next_signal(&mut terminate).await;
-            // As if the process died: a batch in hand is taken over by another worker once
-            // its heartbeat is missed, and its marks say which devices may have been sent to.
-            eprintln!("c2dm serve: stopped at once; batches in hand are left to other workers");
-            std::process::exit(130);
+            tokio::select! {
+                () = next_signal(&mut terminate) => {
+                    eprintln!("c2dm serve: stopped at once; batches in hand are left to other workers");
+                    std::process::exit(130);
+                }
+                () = tokio::time::sleep(shutdown_timeout) => {
+                    eprintln!(
+                        "c2dm serve: the stop took longer than --shutdown-timeout: stopped at once; batches in hand are left to other workers"
+                    );
+                    std::process::exit(1);
+                }
+            }
         });
     };
-    let on_listening = |address| println!("c2dm serve: API on http://{address}");
+    let on_listening = move |address| {
+        if no_api {
+            println!("c2dm serve: metrics and health on http://{address}");
+        } else {
+            println!("c2dm serve: API on http://{address}");
+        }
+    };
     match serve(options, sender, on_listening, shutdown).await {
         Ok(()) => {
             eprintln!("c2dm serve: stopped");

@@ -1587,14 +1587,19 @@ fn rendered_metrics() -> Response {
         .into_response()
 }
 
-/// `GET /metrics` alone, without a key: for a listener of its own (`c2dm serve
-/// --metrics-listen`), where a worker process without the API is scraped. Keep it on an
-/// address only the scraper reaches.
-pub fn metrics_router() -> Router {
+/// `GET /metrics` and `GET /healthz` over `store`, without a key: for a listener of its own
+/// (`c2dm serve --metrics-listen`), where a worker process without the API is scraped and
+/// checked. Keep it on an address only the scraper and the process manager reach.
+pub fn ops_router(store: Arc<dyn Store>) -> Router {
     install_metrics();
     Router::new()
         .route("/metrics", get(|| async { rendered_metrics() }))
+        .route(
+            "/healthz",
+            get(|State(store): State<Arc<dyn Store>>| async move { health(store.as_ref()).await }),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(store)
 }
 
 /// The answer to `GET /healthz`.
@@ -1614,7 +1619,12 @@ struct Health {
     )
 )]
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.store.ping().await {
+    health(state.store.as_ref()).await
+}
+
+/// The health check's answer: 200 when `store` answers, else 503 naming why.
+async fn health(store: &dyn Store) -> Response {
+    match store.ping().await {
         Ok(()) => Json(Health { status: "ok" }).into_response(),
         Err(err) => {
             tracing::warn!(%err, "health check: the database does not answer");

@@ -10,6 +10,7 @@ use c2dm_core::Sender;
 
 use crate::api::{Keys, router};
 use crate::jobs::{JobError, Queues, WorkerOptions, run_workers};
+use crate::listen::{HttpLimits, serve_http};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 
 /// What one process does. Its `Debug` hides the database URL's password.
@@ -20,13 +21,17 @@ pub struct ServeOptions {
     pub database: String,
     /// Serve the API on this address, with these keys; `None` for a worker-only process.
     pub api: Option<(SocketAddr, Keys)>,
-    /// Write the API's bound port here once it listens (useful with port 0).
+    /// Write the API's bound port here once it listens (useful with port 0); in a process
+    /// without the API, the metrics listener's.
     pub port_file: Option<PathBuf>,
     /// Run workers with these options; `None` for an API-only process.
     pub workers: Option<WorkerOptions>,
-    /// Also serve `GET /metrics`, without a key, on this address (for a worker-only process,
-    /// whose figures the API's `/metrics` of another process does not show).
+    /// Also serve `GET /metrics` and `GET /healthz`, without a key, on this address (for a
+    /// worker-only process, whose figures the API's `/metrics` of another process does not
+    /// show, and whose health only it can tell).
     pub metrics: Option<SocketAddr>,
+    /// Bounds on the listeners' connections: slow heads, idle connections, how many.
+    pub http: HttpLimits,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -37,6 +42,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("port_file", &self.port_file)
             .field("workers", &self.workers)
             .field("metrics", &self.metrics)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -97,7 +103,8 @@ pub enum ServeError {
 
 /// Runs the API and the workers as `options` says, until `shutdown` completes: then the API
 /// stops taking connections and finishes the requests under way, and the workers finish the
-/// jobs in hand. `on_listening` is told the API's address once it listens.
+/// jobs in hand. `on_listening` is told the API's address once it listens; in a process without
+/// the API, the metrics listener's (whose port then goes to `port_file`).
 pub async fn serve(
     options: ServeOptions,
     sender: Sender,
@@ -139,35 +146,49 @@ async fn unboxed(
             let _ = rx.recv().await;
         }
     };
+    let mut on_listening = Some(on_listening);
+    let mut listening = |bound: SocketAddr| -> Result<(), ServeError> {
+        if let Some(path) = &options.port_file {
+            std::fs::write(path, format!("{}\n", bound.port()))?;
+        }
+        if let Some(tell) = on_listening.take() {
+            tell(bound);
+        }
+        Ok(())
+    };
     let api = match options.api {
         Some((address, keys)) => {
             let listener = tokio::net::TcpListener::bind(address).await?;
             let bound = listener.local_addr()?;
-            if let Some(path) = &options.port_file {
-                std::fs::write(path, format!("{}\n", bound.port()))?;
-            }
-            on_listening(bound);
+            listening(bound)?;
             tracing::info!(%bound, console = %format!("http://{bound}/"), "API listening");
             let app = router(Arc::clone(&store), keys);
             let signal = stopped(&stop);
-            Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(signal)
-                    .await
-            }))
+            Some(tokio::spawn(serve_http(
+                listener,
+                app,
+                options.http,
+                signal,
+            )))
         }
         None => None,
     };
     let metrics = match options.metrics {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address).await?;
-            tracing::info!(bound = %listener.local_addr()?, "metrics listening");
+            let bound = listener.local_addr()?;
+            if api.is_none() {
+                listening(bound)?;
+            }
+            tracing::info!(%bound, "metrics and health listening");
             let signal = stopped(&stop);
-            Some(tokio::spawn(async move {
-                axum::serve(listener, crate::api::metrics_router())
-                    .with_graceful_shutdown(signal)
-                    .await
-            }))
+            let app = crate::api::ops_router(Arc::clone(&store));
+            Some(tokio::spawn(serve_http(
+                listener,
+                app,
+                options.http,
+                signal,
+            )))
         }
         None => None,
     };
@@ -184,14 +205,10 @@ async fn unboxed(
     shutdown.await;
     tracing::info!("stopping: finishing the requests and jobs in hand");
     let _ = stop.send(());
-    if let Some(api) = api {
-        api.await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-    }
-    if let Some(metrics) = metrics {
-        metrics
+    for listener in [api, metrics].into_iter().flatten() {
+        listener
             .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     if let Some(workers) = workers {
         workers
@@ -236,6 +253,7 @@ mod tests {
             port_file: None,
             workers: None,
             metrics: None,
+            http: HttpLimits::default(),
         };
         let shown = format!("{options:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
