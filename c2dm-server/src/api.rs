@@ -12,11 +12,12 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::jobs::WorkerHealth;
 use crate::store::{
     Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
     MessageState, NewDevice, NewMessage, Store, Upserted,
@@ -1144,6 +1145,22 @@ struct MessageSummary {
     /// When its last row was written.
     #[schema(format = DateTime)]
     finished_at: Option<String>,
+    /// The last database error its batches met, if any: each batch keeps its rows and tries
+    /// again until the database takes them.
+    last_error: Option<PushErrorView>,
+}
+
+/// A database error a push's batch met.
+#[derive(Debug, Serialize, ToSchema)]
+struct PushErrorView {
+    /// What failed, and how.
+    error: String,
+    /// When it last happened (RFC 3339).
+    #[schema(format = DateTime)]
+    at: String,
+    /// Since when its batches have been failing (RFC 3339); `null` once they write again.
+    #[schema(format = DateTime)]
+    failing_since: Option<String>,
 }
 
 /// A push with its counts by outcome and code.
@@ -1173,6 +1190,15 @@ impl From<MessageRecord> for MessageSummary {
             },
             created_at: rfc3339(m.created_at),
             finished_at: m.finished_at.map(rfc3339),
+            last_error: m.last_error.map(|e| PushErrorView {
+                error: e.error,
+                at: rfc3339(e.at),
+                // A finished push is failing no more, whichever batch said so last.
+                failing_since: e
+                    .failing_since
+                    .filter(|_| matches!(m.state, MessageState::Queued | MessageState::Sending))
+                    .map(rfc3339),
+            }),
         }
     }
 }
@@ -1596,7 +1622,12 @@ pub fn ops_router(store: Arc<dyn Store>) -> Router {
         .route("/metrics", get(|| async { rendered_metrics() }))
         .route(
             "/healthz",
-            get(|State(store): State<Arc<dyn Store>>| async move { health(store.as_ref()).await }),
+            get(
+                |State(store): State<Arc<dyn Store>>,
+                 workers: Option<Extension<WorkerHealth>>| async move {
+                    health(store.as_ref(), workers).await
+                },
+            ),
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(store)
@@ -1605,8 +1636,8 @@ pub fn ops_router(store: Arc<dyn Store>) -> Router {
 /// The answer to `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
 struct Health {
-    /// `ok`, or what is wrong.
-    status: &'static str,
+    /// `ok`, or what is wrong: `database unavailable`, or `workers unavailable: …` with why.
+    status: String,
 }
 
 /// Whether the server can serve: 200 when its database answers. No key needed.
@@ -1618,20 +1649,37 @@ struct Health {
         (status = 503, description = "the database does not answer, or the request took too long", body = Health),
     )
 )]
-async fn healthz(State(state): State<AppState>) -> Response {
-    health(state.store.as_ref()).await
+async fn healthz(
+    State(state): State<AppState>,
+    workers: Option<Extension<WorkerHealth>>,
+) -> Response {
+    health(state.store.as_ref(), workers).await
 }
 
-/// The health check's answer: 200 when `store` answers, else 503 naming why.
-async fn health(store: &dyn Store) -> Response {
+/// The health check's answer: 200 when `store` answers and this process's workers (told by
+/// the `WorkerHealth` extension, where the server adds one) can work, else 503 naming why.
+async fn health(store: &dyn Store, workers: Option<Extension<WorkerHealth>>) -> Response {
+    if let Some(problem) = workers.and_then(|Extension(workers)| workers.problem()) {
+        tracing::debug!(%problem, "health check: the workers cannot work");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: format!("workers unavailable: {problem}"),
+            }),
+        )
+            .into_response();
+    }
     match store.ping().await {
-        Ok(()) => Json(Health { status: "ok" }).into_response(),
+        Ok(()) => Json(Health {
+            status: "ok".to_owned(),
+        })
+        .into_response(),
         Err(err) => {
             tracing::warn!(%err, "health check: the database does not answer");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(Health {
-                    status: "database unavailable",
+                    status: "database unavailable".to_owned(),
                 }),
             )
                 .into_response()

@@ -369,16 +369,250 @@ struct Runner {
     /// One permit per batch that may send at once ([`WorkerOptions::workers`]), held from a
     /// batch's first send to its last answer.
     sending: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the process stops: batches stop their sends and retries, write what
+    /// they can, and leave the rest to their next run.
+    stopping: tokio::sync::watch::Receiver<bool>,
+    /// Set while the account's pause cannot be read or shared: the log says so once.
+    account_unread: AtomicBool,
 }
 
 impl Runner {
-    fn new(store: Arc<dyn Store>, sender: Sender, queues: Queues, options: WorkerOptions) -> Self {
+    fn new(
+        store: Arc<dyn Store>,
+        sender: Sender,
+        queues: Queues,
+        options: WorkerOptions,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             store,
             sender,
             queues,
             sending: Arc::new(tokio::sync::Semaphore::new(options.workers.max(1))),
             options,
+            stopping,
+            account_unread: AtomicBool::new(false),
+        }
+    }
+
+    /// The account's pause could not be read or shared: said once, until it can be again
+    /// (the watcher looks five times a second).
+    fn account_unread(&self, error: &StoreError) {
+        if !self.account_unread.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%error, account = self.options.account, "could not read or share the account's pause");
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+}
+
+/// Whether this process's workers can work, for its health check: `None` while they can,
+/// else why not. Clones share one state.
+#[derive(Debug, Clone)]
+pub struct WorkerHealth(Arc<tokio::sync::watch::Sender<Problems>>);
+
+/// Each worker's problem, by its queue.
+type Problems = std::collections::BTreeMap<&'static str, String>;
+
+impl Default for WorkerHealth {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(Problems::new())))
+    }
+}
+
+impl WorkerHealth {
+    /// Why the workers cannot work now, if they cannot.
+    pub fn problem(&self) -> Option<String> {
+        Self::problem_in(&self.0.borrow())
+    }
+
+    /// Waits until `ok(problem)` holds of the workers' health (`problem` as
+    /// [`WorkerHealth::problem`] gives it); at once if it holds now.
+    pub async fn wait_for(&self, ok: impl Fn(Option<&str>) -> bool) {
+        let mut changes = self.0.subscribe();
+        // The sender lives as long as `self`: the wait ends only when `ok` holds.
+        let _ = changes
+            .wait_for(|problems| ok(Self::problem_in(problems).as_deref()))
+            .await;
+    }
+
+    fn problem_in(problems: &Problems) -> Option<String> {
+        (!problems.is_empty()).then(|| problems.values().cloned().collect::<Vec<_>>().join("; "))
+    }
+
+    /// The worker of `queue` cannot work, for this reason (`None`: it can).
+    fn set(&self, queue: &'static str, problem: Option<String>) {
+        self.0.send_modify(|problems| {
+            match problem {
+                Some(problem) => problems.insert(queue, problem),
+                None => problems.remove(queue),
+            };
+        });
+    }
+}
+
+/// The waits between tries of a store operation that failed: the first, doubled after each
+/// try up to the last.
+const STORE_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
+
+/// A job's tries of a store operation: after each failure it notes the error (the log at
+/// WARN, a metric, the push's status) and waits, with backoff, for the next try, unless the
+/// process is stopping.
+struct StoreRetry {
+    store: Arc<dyn Store>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    message_id: i64,
+    /// The job's step, as the log and the metric name it.
+    step: &'static str,
+    failures: u32,
+    since: Option<SystemTime>,
+    wait: Duration,
+}
+
+/// A job stopped with its process before it finished: its next run does the rest.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped with the process: the rest is left to the job's next run")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+impl StoreRetry {
+    fn new(runner: &Runner, message_id: i64, step: &'static str) -> Self {
+        Self {
+            store: Arc::clone(&runner.store),
+            stopping: runner.stopping.clone(),
+            message_id,
+            step,
+            failures: 0,
+            since: None,
+            wait: STORE_RETRY.0,
+        }
+    }
+
+    /// After a failed try: notes `error`, then waits for the next try. `Err` if the process
+    /// is stopping: no more tries.
+    async fn failed(&mut self, error: &StoreError) -> Result<(), Stopped> {
+        self.failures += 1;
+        let now = SystemTime::now();
+        let since = *self.since.get_or_insert(now);
+        metrics::counter!("c2dm_store_errors_total", "step" => self.step).increment(1);
+        // Every failure counts; the log says the first, then each time their number doubles.
+        if self.failures.is_power_of_two() {
+            tracing::warn!(
+                message_id = self.message_id,
+                step = self.step,
+                failures = self.failures,
+                %error,
+                "a push's job could not use the database: it keeps what it has and tries again"
+            );
+        }
+        // Best effort (the database may be what fails), and waited for, so that this job's
+        // notes and its clear (`passed`) reach the push in the order they were made.
+        let noted = format!("{}: {error}", self.step);
+        let note = self
+            .store
+            .note_push_error(self.message_id, &noted, now, since);
+        tokio::select! {
+            _ = note => {}
+            _ = self.stopping.wait_for(|stopping| *stopping) => return Err(Stopped),
+        }
+        let wait = self.wait;
+        self.wait = (self.wait * 2).min(STORE_RETRY.1);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => Ok(()),
+            _ = self.stopping.wait_for(|stopping| *stopping) => Err(Stopped),
+        }
+    }
+
+    /// After a try that worked: if earlier ones failed, the push is no longer failing.
+    async fn passed(&mut self) {
+        if self.failures == 0 {
+            return;
+        }
+        tracing::info!(
+            message_id = self.message_id,
+            step = self.step,
+            failures = self.failures,
+            "the database answers again: the job goes on"
+        );
+        (self.failures, self.since, self.wait) = (0, None, STORE_RETRY.0);
+        if let Err(error) = self.store.clear_push_failing(self.message_id).await {
+            tracing::debug!(%error, "could not note that the push writes again");
+        }
+    }
+
+    /// The same tries, for another step of the same job.
+    fn for_step(&self, step: &'static str) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            stopping: self.stopping.clone(),
+            message_id: self.message_id,
+            step,
+            failures: 0,
+            since: None,
+            wait: STORE_RETRY.0,
+        }
+    }
+}
+
+/// Why one try of a job ended early.
+enum Step {
+    /// The store failed before anything was sent: the job tries again from its start.
+    Store(StoreError),
+    /// Anything else: the job fails, and the queue runs it again.
+    Other(BoxDynError),
+}
+
+impl From<StoreError> for Step {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+impl From<Stopped> for Step {
+    fn from(stopped: Stopped) -> Self {
+        Self::Other(stopped.into())
+    }
+}
+
+/// `$op` (a store operation), tried again with `$retry`'s backoff until it works; `?` on the
+/// process stopping first.
+macro_rules! retried {
+    ($retry:expr, $op:expr) => {
+        loop {
+            match $op {
+                Ok(value) => {
+                    $retry.passed().await;
+                    break value;
+                }
+                Err(error) => $retry.failed(&error).await?,
+            }
+        }
+    };
+}
+
+/// Runs one try of a job after another until one ends other than on a store error, which
+/// `retry` notes and waits out.
+async fn tried<F, Fut>(retry: &mut StoreRetry, mut one_try: F) -> Result<(), BoxDynError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Step>>,
+{
+    loop {
+        match one_try().await {
+            Ok(()) => {
+                retry.passed().await;
+                return Ok(());
+            }
+            Err(Step::Store(error)) => retry.failed(&error).await?,
+            Err(Step::Other(error)) => return Err(error),
         }
     }
 }
@@ -398,7 +632,9 @@ fn worker_name(queue: &str) -> String {
 /// Runs this process's workers until `shutdown` completes: one takes push jobs, and
 /// `options.workers` batch jobs send at once, with one more readied beside them. Meanwhile the
 /// sender's pause is shared with every other worker of the account through the database, and
-/// the queues' depth is kept in the metrics.
+/// the queues' depth is kept in the metrics. A worker that loses its queue (the database went
+/// away) starts again, with backoff, under a new name; the jobs it held go to the workers
+/// that are alive once its heartbeat is missed.
 pub async fn run_workers(
     store: Arc<dyn Store>,
     sender: Sender,
@@ -406,49 +642,149 @@ pub async fn run_workers(
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), JobError> {
+    run_workers_reporting(
+        store,
+        sender,
+        queues,
+        options,
+        WorkerHealth::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run_workers`], telling `health` whether the workers can work (for `/healthz`).
+pub async fn run_workers_reporting(
+    store: Arc<dyn Store>,
+    sender: Sender,
+    queues: Queues,
+    options: WorkerOptions,
+    health: WorkerHealth,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), JobError> {
     options.check()?;
-    let runner = Arc::new(Runner::new(store, sender, queues.clone(), options));
-    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
-    let signal = |stop: &tokio::sync::broadcast::Sender<()>| {
-        let mut rx = stop.subscribe();
-        async move {
-            let _ = rx.recv().await;
-            Ok::<(), std::io::Error>(())
-        }
-    };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let runner = Arc::new(Runner::new(
+        store,
+        sender,
+        queues.clone(),
+        options,
+        stopping,
+    ));
     let watcher = tokio::spawn(watch_account(Arc::clone(&runner)));
-    let workers = on_queues!(queues, |pushes, batches| {
-        let pushes = WorkerBuilder::new(worker_name(PUSH_QUEUE))
-            .backend(pushes.poll_with_strategy(Every::new(POLL)))
-            .data(Arc::clone(&runner))
-            .concurrency(1)
-            .build(|job, runner| on_own_task(run_push(job, runner)))
-            .run_until(signal(&stop));
-        let batches = WorkerBuilder::new(worker_name(BATCH_QUEUE))
-            .backend(batches.poll_with_strategy(Every::new(POLL)))
-            .data(Arc::clone(&runner))
-            .concurrency(runner.options.workers.max(1) + READY_AHEAD)
-            .build(|job, task, runner| on_own_task(run_batch(job, task, runner)))
-            .run_until(signal(&stop));
-        let stopper = async {
-            shutdown.await;
-            let _ = stop.send(());
-        };
-        // Each worker on a task of its own. Polled together on one task, each woke the other:
-        // the end of one's empty fetch polled the other, which then fetched again at once,
-        // so an idle process queried its queue about a thousand times a second and kept most
-        // of a core busy (the poll interval never came into play).
-        let (pushes, batches, ()) = tokio::join!(owned_task(pushes), owned_task(batches), stopper);
-        // A worker's task may fail to end (a panic) or end with the worker's own error.
-        let ended = |worker: Result<Result<(), _>, _>| {
-            worker
-                .map_err(queue_error)
-                .and_then(|r| r.map_err(queue_error))
-        };
-        ended(pushes).and(ended(batches))
+    let stopper = async {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    let pushes = supervised(PUSH_QUEUE, &runner, &health, |runner, signal| {
+        on_queues!(runner.queues, |pushes, _batches| {
+            let worker = WorkerBuilder::new(worker_name(PUSH_QUEUE))
+                .backend(pushes.poll_with_strategy(Every::new(POLL)))
+                .data(Arc::clone(runner))
+                .concurrency(1)
+                .build(|job, runner| on_own_task(run_push(job, runner)))
+                .run_until(signal);
+            Box::pin(async move { flatten(owned_task(worker).await) })
+        })
     });
+    let batches = supervised(BATCH_QUEUE, &runner, &health, |runner, signal| {
+        on_queues!(runner.queues, |_pushes, batches| {
+            let worker = WorkerBuilder::new(worker_name(BATCH_QUEUE))
+                .backend(batches.poll_with_strategy(Every::new(POLL)))
+                .data(Arc::clone(runner))
+                .concurrency(runner.options.workers.max(1) + READY_AHEAD)
+                .build(|job, task, runner| on_own_task(run_batch(job, task, runner)))
+                .run_until(signal);
+            Box::pin(async move { flatten(owned_task(worker).await) })
+        })
+    });
+    // Each worker on a task of its own (`owned_task`). Polled together on one task, each woke
+    // the other: the end of one's empty fetch polled the other, which then fetched again at
+    // once, so an idle process queried its queue about a thousand times a second and kept
+    // most of a core busy (the poll interval never came into play).
+    let ((), (), ()) = tokio::join!(pushes, batches, stopper);
     watcher.abort();
-    workers
+    Ok(())
+}
+
+/// A worker's end: its task's, then its own.
+fn flatten<E: std::fmt::Display>(
+    ended: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<(), String> {
+    match ended {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The waits before a worker that lost its queue starts again: the first, doubled after each
+/// start that fails again soon, up to the last.
+const RESTART: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(15));
+
+/// A worker that ran this long before it failed counts as having worked: its next start
+/// waits the first wait again.
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// A worker of `queue`, made by `start` and run until the process stops, started again (a
+/// new worker, under a new name) whenever it ends on its own: apalis ends a worker whose
+/// queue fails to answer a poll. Meanwhile `health` says so.
+async fn supervised<F>(queue: &'static str, runner: &Arc<Runner>, health: &WorkerHealth, start: F)
+where
+    F: Fn(
+        &Arc<Runner>,
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), std::io::Error>> + Send>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>,
+{
+    let mut wait = RESTART.0;
+    let mut restarted = false;
+    loop {
+        let mut stopping = runner.stopping.clone();
+        let signal = Box::pin(async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+            Ok::<(), std::io::Error>(())
+        });
+        let started = Instant::now();
+        let mut running = start(runner, signal);
+        let ended = if restarted {
+            // Healthy again once the new worker has polled for a heartbeat without failing.
+            tokio::select! {
+                ended = &mut running => ended,
+                () = tokio::time::sleep(runner.options.heartbeat) => {
+                    tracing::info!(queue, "the worker works again");
+                    health.set(queue, None);
+                    running.await
+                }
+            }
+        } else {
+            running.await
+        };
+        if runner.is_stopping() {
+            return;
+        }
+        let why = ended.err().unwrap_or_else(|| "it stopped".to_owned());
+        if started.elapsed() >= RESTART_RESET {
+            wait = RESTART.0;
+        }
+        tracing::error!(
+            queue,
+            error = %why,
+            retry_in = ?wait,
+            "a worker lost its queue: starting it again"
+        );
+        metrics::counter!("c2dm_worker_restarts_total", "queue" => queue).increment(1);
+        health.set(
+            queue,
+            Some(format!("the {queue} worker lost its queue: {why}")),
+        );
+        let mut stopping = runner.stopping.clone();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
+        wait = (wait * 2).min(RESTART.1);
+        restarted = true;
+    }
 }
 
 /// Runs a job on a task of its own, and aborts it if the job's future is dropped (its worker
@@ -565,7 +901,7 @@ async fn watch_account(runner: Arc<Runner>) {
                     metrics::gauge!("c2dm_queue_depth", "queue" => PUSH_QUEUE).set(pushes as f64);
                     metrics::gauge!("c2dm_queue_depth", "queue" => BATCH_QUEUE).set(batches as f64);
                 }
-                Err(e) => tracing::warn!(error = %e, "could not count the queues"),
+                Err(e) => tracing::debug!(error = %e, "could not count the queues"),
             }
         }
     }
@@ -587,11 +923,14 @@ async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<Syst
                 metrics::counter!("c2dm_pauses_total").increment(1);
                 tracing::info!(account, until = ?mine, "pausing every worker of the account");
             }
-            Err(e) => tracing::warn!(error = %e, "could not share a pause"),
+            Err(e) => runner.account_unread(&e),
         }
     }
     match store.shared_pause(account).await {
         Ok(until) => {
+            if runner.account_unread.swap(false, Ordering::Relaxed) {
+                tracing::info!(account, "the account's pause can be read again");
+            }
             if let Some(until) = until {
                 adopt_pause(&runner.sender, until);
             }
@@ -599,14 +938,21 @@ async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<Syst
             until
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not read the account's pause");
+            runner.account_unread(&e);
             shared
         }
     }
 }
 
-/// A push job: walk the audience, page by page, into batch jobs; then record its size.
+/// A push job: walk the audience, page by page, into batch jobs; then record its size. A
+/// store error makes it wait and go on where its walk got to: the queue never sees it.
 async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
+    let mut retry = StoreRetry::new(&runner, job.message_id, "walk");
+    tried(&mut retry, || walk(&job, &runner)).await
+}
+
+/// One try of a push job.
+async fn walk(job: &PushJob, runner: &Runner) -> Result<(), Step> {
     let store = &runner.store;
     let Some(message) = store.message_to_send(job.message_id).await? else {
         tracing::warn!(
@@ -623,7 +969,7 @@ async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynE
     // A walk that died goes on where its last page left it.
     let mut from = message.walk_after;
     let mut total = message.walked;
-    let moved_on = || -> BoxDynError { "another walker moved this push's walk on".into() };
+    let moved_on = || Step::Other("another walker moved this push's walk on".into());
     match &message.audience {
         Audience::RegistrationIds { registration_ids } => {
             let mut seen = HashSet::new();
@@ -818,11 +1164,10 @@ impl Pending {
 
 /// The devices of `send` (each with its position in the batch's list), each chunk of
 /// `chunk` marked as about to be sent (the batch's mark moved past it) before it is handed
-/// to the broadcast; the stream ends early (and the batch fails, to run again) if a mark
-/// cannot be written.
+/// to the broadcast. A mark that fails is tried again with `retry`'s backoff; the stream ends
+/// early if a later run took the batch over, or the process stops first.
 fn marked(
-    store: Arc<dyn Store>,
-    message_id: i64,
+    retry: StoreRetry,
     run: Arc<BatchRun>,
     taken_over: Arc<AtomicBool>,
     send: &[(u64, RegistrationId)],
@@ -835,23 +1180,26 @@ fn marked(
     // stream (a mark left half done would hold the store's write turn).
     futures::stream::iter(chunks)
         .map(move |chunk| {
-            let store = Arc::clone(&store);
+            let mut retry = retry.for_step("mark");
             let run = Arc::clone(&run);
             let taken_over = Arc::clone(&taken_over);
             tokio::spawn(async move {
                 let through = chunk.last().map_or(0, |(at, _)| at + 1);
-                match store.mark_sending(message_id, &run, through).await {
-                    Ok(true) => Some(chunk),
-                    Ok(false) => {
-                        tracing::warn!(message_id, batch = %run.batch, "another worker took this batch over: it stops sending");
-                        taken_over.store(true, Ordering::Relaxed);
-                        None
+                let message_id = retry.message_id;
+                let store = Arc::clone(&retry.store);
+                let marked = loop {
+                    match store.mark_sending(message_id, &run, through).await {
+                        Ok(marked) => break marked,
+                        Err(error) => retry.failed(&error).await.ok()?,
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, message_id, "could not mark sends: stopping the batch");
-                        None
-                    }
+                };
+                retry.passed().await;
+                if !marked {
+                    tracing::warn!(message_id, batch = %run.batch, "another worker took this batch over: it stops sending");
+                    taken_over.store(true, Ordering::Relaxed);
+                    return None;
                 }
+                Some(chunk)
             })
         })
         .buffered(2)
@@ -867,11 +1215,41 @@ fn marked(
 /// duplicate for each device below it without a row. Devices the account's daily budget does
 /// not cover, or that the service's quota kept from being sent, go back to the queue for
 /// later, unsent and without a row.
+///
+/// A store error before the first send makes the batch wait and start again; one after it
+/// (a mark, a write of rows) is tried again, with backoff, by this run, which keeps its rows
+/// and sends nothing more meanwhile. The queue never sees either: they use up no attempt, and
+/// never make the batch send again. When the process stops, the batch stops its sends and
+/// their waits, writes the rows it has, and fails: its next run sends the rest.
 async fn run_batch(
     job: BatchJob,
     task: TaskId,
     runner: Data<Arc<Runner>>,
 ) -> Result<(), BoxDynError> {
+    let mut retry = StoreRetry::new(&runner, job.message_id, "batch");
+    let task = task.to_string();
+    loop {
+        if runner.is_stopping() {
+            return Err(Stopped.into());
+        }
+        match batch_run(job.clone(), &task, &runner, &mut retry).await {
+            Ok(()) => {
+                retry.passed().await;
+                return Ok(());
+            }
+            Err(Step::Store(error)) => retry.failed(&error).await?,
+            Err(Step::Other(error)) => return Err(error),
+        }
+    }
+}
+
+/// One run of a batch job (see [`run_batch`]).
+async fn batch_run(
+    job: BatchJob,
+    task: &str,
+    runner: &Runner,
+    retry: &mut StoreRetry,
+) -> Result<(), Step> {
     let store = &runner.store;
     // A job names its stored list of devices (one queued before lists were kept carries them).
     let job = match job.list {
@@ -896,7 +1274,7 @@ async fn run_batch(
     };
     // The claim first: whatever an earlier run still going records after it is refused, and
     // what it recorded before is read next.
-    let run = Arc::new(store.claim_batch(job.message_id, &task.to_string()).await?);
+    let run = Arc::new(store.claim_batch(job.message_id, task).await?);
     if run.finished {
         // An earlier run wrote all it had to, and its worker died before the queue heard.
         return Ok(());
@@ -946,6 +1324,8 @@ async fn run_batch(
     }
     let mut later: Vec<(String, SystemTime)> = Vec::new();
     let mut unsent = 0usize;
+    // Devices whose sends the process's stop ended: no row; the next run sends them.
+    let mut left = 0usize;
     if message.cancel_requested {
         for (_, id) in &todo {
             pending.push(DeliveryRow::not_attempted(id, "cancelled", now));
@@ -999,14 +1379,15 @@ async fn run_batch(
                     .map(|(_, id)| (id.as_str().to_owned(), tomorrow)),
             );
         }
+        let mut accepted = 0u64;
         if let Some((_, first)) = send.first().cloned() {
-            adopt_shared_pause(&runner).await?;
-            let template = template(&message, first)?;
+            // From here on, a store error is tried again in place: sends may have been made.
+            retried!(retry, adopt_shared_pause(runner).await);
+            let template = template(&message, first).map_err(|e| Step::Other(e.into()))?;
             let concurrency = runner.options.concurrency.max(1);
             let mut ids = Box::pin(
                 marked(
-                    Arc::clone(store),
-                    job.message_id,
+                    retry.for_step("mark"),
                     Arc::clone(&run),
                     Arc::clone(&pending.taken_over),
                     &send,
@@ -1014,57 +1395,82 @@ async fn run_batch(
                 )
                 .peekable(),
             );
-            // Readied: the first sends marked. Then the batch waits its turn to send.
+            // Readied: the first sends marked. Then the batch waits its turn to send, unless
+            // the process stops first.
             ids.as_mut().peek().await;
-            let sending = Arc::clone(&runner.sending).acquire_owned().await?;
-            let mut deliveries = runner.sender.broadcast_to(
-                ids,
-                &template,
-                BroadcastOptions::default().concurrency(concurrency),
-            )?;
-            let watching = tokio::spawn(cancel_when_asked(
-                Arc::clone(store),
-                job.message_id,
-                cancels,
-                deliveries.cancel_handle(),
-            ));
-            let mut accepted = 0u64;
+            let mut stopping = runner.stopping.clone();
+            let sending = tokio::select! {
+                permit = Arc::clone(&runner.sending).acquire_owned() => {
+                    Some(permit.map_err(|e| Step::Other(e.into()))?)
+                }
+                _ = stopping.wait_for(|stopping| *stopping) => None,
+            };
             let mut delivered = 0usize;
-            while let Some(delivery) = deliveries.next().await {
-                delivered += 1;
-                let id = delivery.registration_id().to_string();
-                match delivery.outcome() {
-                    Outcome::NotAttempted(NotAttempted::BudgetExhausted) => {
-                        later.push((id, tomorrow));
-                        continue;
+            if let Some(sending) = sending {
+                let mut deliveries = runner
+                    .sender
+                    .broadcast_to(
+                        ids,
+                        &template,
+                        BroadcastOptions::default().concurrency(concurrency),
+                    )
+                    .map_err(|e| Step::Other(e.into()))?;
+                let watching = tokio::spawn(cancel_when_asked(
+                    Arc::clone(store),
+                    job.message_id,
+                    cancels,
+                    deliveries.cancel_handle(),
+                ));
+                let halted = Arc::new(AtomicBool::new(false));
+                let halting = tokio::spawn(halt_when_stopping(
+                    runner.stopping.clone(),
+                    Arc::clone(&halted),
+                    deliveries.cancel_handle(),
+                ));
+                while let Some(delivery) = deliveries.next().await {
+                    delivered += 1;
+                    let id = delivery.registration_id().to_string();
+                    match delivery.outcome() {
+                        Outcome::NotAttempted(NotAttempted::BudgetExhausted) => {
+                            later.push((id, tomorrow));
+                            continue;
+                        }
+                        Outcome::NotAttempted(NotAttempted::QuotaExhausted) => {
+                            later.push((id, SystemTime::now() + QUOTA_RETRY));
+                            continue;
+                        }
+                        Outcome::NotAttempted(NotAttempted::Cancelled)
+                        | Outcome::Failed {
+                            error: c2dm_core::Error::Cancelled { .. },
+                        } if halted.load(Ordering::Relaxed) => {
+                            left += 1;
+                            continue;
+                        }
+                        Outcome::Accepted { .. } => accepted += 1,
+                        _ => {}
                     }
-                    Outcome::NotAttempted(NotAttempted::QuotaExhausted) => {
-                        later.push((id, SystemTime::now() + QUOTA_RETRY));
-                        continue;
+                    if delivery.should_remove() {
+                        pending
+                            .gone
+                            .push((id, delivery.error_text().unwrap_or_default()));
                     }
-                    Outcome::Accepted { .. } => accepted += 1,
-                    _ => {}
+                    pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
+                    // The last answer's rows go with the batch's final write, not one of
+                    // their own. A write that fails holds the sends up until it passes.
+                    if delivered < send.len() {
+                        retried!(retry, pending.flush_if_due(store.as_ref()).await);
+                    }
                 }
-                if delivery.should_remove() {
-                    pending
-                        .gone
-                        .push((id, delivery.error_text().unwrap_or_default()));
-                }
-                pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
-                // The last answer's rows go with the batch's final write, not one of their own.
-                if delivered < send.len() {
-                    pending.flush_if_due(store.as_ref()).await?;
-                }
+                drop(sending);
+                watching.abort();
+                halting.abort();
             }
-            drop(sending);
-            watching.abort();
             unsent = send.len().saturating_sub(delivered);
-            if let Some(granted) = granted {
-                let account = runner.options.account.as_str();
-                store
-                    .release_budget(account, day, granted.saturating_sub(accepted))
-                    .await?;
-            }
+        }
+        if let Some(granted) = granted {
+            let account = runner.options.account.as_str();
+            let unused = granted.saturating_sub(accepted);
+            retried!(retry, store.release_budget(account, day, unused).await);
         }
     }
     if pending.taken_over.load(Ordering::Relaxed) {
@@ -1072,19 +1478,40 @@ async fn run_batch(
         // this one has not recorded; apalis ignores this run's result.
         return Ok(());
     }
-    if unsent > 0 {
-        // Marks could not be written: what was not sent, and what waits for later, is the
-        // next run's, which the queue makes when this one fails.
-        pending.flush(store.as_ref()).await?;
-        return Err(format!("{unsent} devices of the batch were not sent: it runs again").into());
+    if left > 0 || unsent > 0 || runner.is_stopping() && !pending.rows.is_empty() {
+        // The process stops (or marks could not be written): the rows held are written once,
+        // and what was not sent, and what waits for later, is the next run's.
+        if let Err(error) = pending.flush(store.as_ref()).await {
+            tracing::warn!(message_id = job.message_id, %error, "stopping: the batch's last rows could not be written; its next run sends them again");
+        }
+        if runner.is_stopping() {
+            return Err(Stopped.into());
+        }
+        return Err(Step::Other(
+            format!("{unsent} devices of the batch were not sent: it runs again").into(),
+        ));
     }
     // The last rows, the devices left for later as batches of their own, and the batch
     // finished, in one transaction: a run after this one does nothing, so nothing goes back
     // twice.
     let later = later_batches(job.message_id, job.positions, later, &pending.resent);
-    pending.finish(store.as_ref(), &later).await?;
+    retried!(retry, pending.finish(store.as_ref(), &later).await);
     metrics::counter!("c2dm_batches_total").increment(1);
     Ok(())
+}
+
+/// Cancels a batch's broadcast when the process stops, first setting `halted`: its sends
+/// under way finish, the others are not made and their waits end, and none of those gets a
+/// row (the batch's next run sends them).
+async fn halt_when_stopping(
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    halted: Arc<AtomicBool>,
+    cancel: CancelHandle,
+) {
+    if stopping.wait_for(|stopping| *stopping).await.is_ok() {
+        halted.store(true, Ordering::Relaxed);
+        cancel.cancel();
+    }
 }
 
 /// The devices left for later as batches, one per time they are due; those in `resent` (this
@@ -1186,7 +1613,13 @@ mod tests {
                 account: account.to_owned(),
                 ..WorkerOptions::default()
             };
-            Runner::new(Arc::clone(&store), sender(), queues.clone(), options)
+            Runner::new(
+                Arc::clone(&store),
+                sender(),
+                queues.clone(),
+                options,
+                tokio::sync::watch::channel(false).1,
+            )
         };
         let (first, second, elsewhere) = (runner("acct"), runner("acct"), runner("other"));
         assert_eq!(share_pause(&second, None).await, None);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use c2dm_core::Sender;
 
 use crate::api::{Keys, router};
-use crate::jobs::{JobError, Queues, WorkerOptions, run_workers};
+use crate::jobs::{JobError, Queues, WorkerHealth, WorkerOptions, run_workers_reporting};
 use crate::listen::{HttpLimits, serve_http};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 
@@ -146,6 +146,8 @@ async fn unboxed(
             let _ = rx.recv().await;
         }
     };
+    // What the workers say of themselves, for both listeners' `/healthz`.
+    let health = WorkerHealth::default();
     let mut on_listening = Some(on_listening);
     let mut listening = |bound: SocketAddr| -> Result<(), ServeError> {
         if let Some(path) = &options.port_file {
@@ -162,7 +164,7 @@ async fn unboxed(
             let bound = listener.local_addr()?;
             listening(bound)?;
             tracing::info!(%bound, console = %format!("http://{bound}/"), "API listening");
-            let app = router(Arc::clone(&store), keys);
+            let app = router(Arc::clone(&store), keys).layer(axum::Extension(health.clone()));
             let signal = stopped(&stop);
             Some(tokio::spawn(serve_http(
                 listener,
@@ -182,7 +184,8 @@ async fn unboxed(
             }
             tracing::info!(%bound, "metrics and health listening");
             let signal = stopped(&stop);
-            let app = crate::api::ops_router(Arc::clone(&store));
+            let app =
+                crate::api::ops_router(Arc::clone(&store)).layer(axum::Extension(health.clone()));
             Some(tokio::spawn(serve_http(
                 listener,
                 app,
@@ -194,11 +197,12 @@ async fn unboxed(
     };
     let workers = options.workers.map(|worker_options| {
         let signal = stopped(&stop);
-        tokio::spawn(run_workers(
+        tokio::spawn(run_workers_reporting(
             Arc::clone(&store),
             sender,
             queues.clone(),
             worker_options,
+            health.clone(),
             signal,
         ))
     });

@@ -22,6 +22,8 @@ pub struct PostgresCluster {
     port: u16,
     folder: PathBuf,
     bin: PathBuf,
+    root: bool,
+    settings: Vec<(String, String)>,
 }
 
 /// Why the cluster could not start.
@@ -184,29 +186,36 @@ impl PostgresCluster {
             "--no-sync",
         ]);
         run(initdb, "initdb")?;
-        let port = free_port()?;
-        let mut wrapper = if root {
-            let mut command = Command::new("setpriv");
-            command.args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--pdeathsig=TERM",
-                "--",
-            ]);
-            command
-        } else {
-            let mut command = Command::new("setpriv");
-            command.args(["--pdeathsig=TERM", "--"]);
-            command
+        let cluster = PostgresCluster {
+            port: free_port()?,
+            folder,
+            bin,
+            root,
+            settings: settings
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
         };
+        cluster.spawn_server()?;
+        Ok(cluster)
+    }
+
+    /// Starts the server on the cluster's folder and port, and waits until it takes
+    /// connections.
+    fn spawn_server(&self) -> Result<(), ClusterError> {
+        // The log says when the server is ready: a new server's, not an earlier one's.
+        let _ = std::fs::remove_file(self.folder.join("server.log"));
+        let mut wrapper = Command::new("setpriv");
+        if self.root {
+            wrapper.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]);
+        }
         wrapper
-            .args(["sh", "-c", WRAPPER])
-            .arg(&folder)
-            .arg(bin.join("postgres"))
-            .arg(port.to_string())
+            .args(["--pdeathsig=TERM", "--", "sh", "-c", WRAPPER])
+            .arg(&self.folder)
+            .arg(self.bin.join("postgres"))
+            .arg(self.port.to_string())
             .args(
-                settings
+                self.settings
                     .iter()
                     .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
             )
@@ -233,9 +242,26 @@ impl PostgresCluster {
             .recv()
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(format!("setpriv sh (the server's wrapper): {e}")))?;
-        let cluster = PostgresCluster { port, folder, bin };
-        cluster.wait_until_ready()?;
-        Ok(cluster)
+        self.wait_until_ready()
+    }
+
+    /// Stops the server at once, as a crash or a power cut would (`pg_ctl stop -m
+    /// immediate`): every connection drops, and new ones are refused until
+    /// [`PostgresCluster::start_again`]. For tests of what a database outage does.
+    pub fn stop_immediately(&self) -> Result<(), ClusterError> {
+        let mut pg_ctl = as_postgres(&self.program("pg_ctl"), self.root);
+        pg_ctl
+            .arg("-D")
+            .arg(self.folder.join("data"))
+            .args(["stop", "-m", "immediate", "-w"]);
+        run(pg_ctl, "pg_ctl stop -m immediate")
+    }
+
+    /// Starts the server again after [`PostgresCluster::stop_immediately`], on the same
+    /// data, port and settings (it recovers from its log first), and waits until it takes
+    /// connections.
+    pub fn start_again(&self) -> Result<(), ClusterError> {
+        self.spawn_server()
     }
 
     /// Waits, up to a minute, for the server to say it takes connections.

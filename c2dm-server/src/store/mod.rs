@@ -299,6 +299,20 @@ pub struct MessageRecord {
     pub created_at: SystemTime,
     /// When its last row was written.
     pub finished_at: Option<SystemTime>,
+    /// The last store error its batches met (each retried until it passed), if any.
+    pub last_error: Option<PushError>,
+}
+
+/// A store error a push's batch met: the batch keeps its rows and tries again, with backoff,
+/// until the database takes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushError {
+    /// What failed, and how (for the operator; never a secret).
+    pub error: String,
+    /// When it last happened.
+    pub at: SystemTime,
+    /// Since when its batches have been failing; `None` once a batch that failed wrote again.
+    pub failing_since: Option<SystemTime>,
 }
 
 /// What became of a push on one device.
@@ -386,8 +400,8 @@ pub trait Store: Send + Sync {
     /// to again (counted as possible duplicates).
     fn rows_per_write(&self) -> usize;
 
-    /// Changes each time a batch, a walk or a cancel is recorded through this store in this
-    /// process: what a test watches between its looks at a push.
+    /// Changes each time a batch, a walk, a cancel or a push's error is recorded through this
+    /// store in this process: what a test watches between its looks at a push.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Changes each time a push finishes, or a cancel is asked for, through this store in
@@ -506,6 +520,21 @@ pub trait Store: Send + Sync {
     /// The push's audience has been walked: `total` devices. When every one has its row
     /// already (none at all, say), the push is finished now.
     async fn finish_walk(&self, id: i64, total: u64) -> Result<(), StoreError>;
+
+    /// Notes on the push that a batch of it met `error` at `at` (its batches failing since
+    /// `since`, if not already noted earlier): best effort, for the push's status, while the
+    /// batch tries again.
+    async fn note_push_error(
+        &self,
+        id: i64,
+        error: &str,
+        at: SystemTime,
+        since: SystemTime,
+    ) -> Result<(), StoreError>;
+
+    /// Notes on the push that a batch that failed wrote again: it is no longer failing (its
+    /// last error stays, with when it happened).
+    async fn clear_push_failing(&self, id: i64) -> Result<(), StoreError>;
 
     /// Asks to cancel a push: batches not started write `not_attempted: cancelled` rows.
     /// A push already finished (`done` or `cancelled`) is left as it is. `None` for an unknown

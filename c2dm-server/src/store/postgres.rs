@@ -16,8 +16,9 @@ use sqlx::{PgPool, Row};
 use crate::queue::{self, BatchJob, PushJob};
 
 use super::rows::{
-    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis, page_of,
-    select_deliveries, select_message, states_among, time_of, trim_page,
+    CLEAR_PUSH_FAILING, NOTE_PUSH_ERROR, counts_of, delivery_of, device_counts_of, device_of,
+    json_error, message_of, millis, page_of, select_deliveries, select_message, states_among,
+    time_of, trim_page,
 };
 use super::{
     Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
@@ -810,6 +811,33 @@ impl Store for PostgresStore {
             drop_batch_state(&self.pool, id).await?;
         }
         self.changed(finished);
+        Ok(())
+    }
+
+    async fn note_push_error(
+        &self,
+        id: i64,
+        error: &str,
+        at: SystemTime,
+        since: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(NOTE_PUSH_ERROR)
+            .bind(id)
+            .bind(error)
+            .bind(millis(at))
+            .bind(millis(since))
+            .execute(&self.pool)
+            .await?;
+        self.changed(false);
+        Ok(())
+    }
+
+    async fn clear_push_failing(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query(CLEAR_PUSH_FAILING)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.changed(false);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use c2dm_core::OutcomeKind;
 
 use super::{
     Counts, DeliveryRow, Device, DeviceCounts, DeviceState, MessageRecord, MessageState, Page,
-    Tally,
+    PushError, Tally,
 };
 
 /// The columns a row of either database gives, by position.
@@ -103,12 +103,24 @@ macro_rules! select_message {
         concat!(
             "SELECT id, audience, collapse_key, data, delay_while_idle, state, ",
             "cancel_requested, total, created_at, finished_at, walk_after, walked, ",
-            "accepted, rejected, failed, not_attempted FROM messages ",
+            "accepted, rejected, failed, not_attempted, last_error, last_error_at, ",
+            "failing_since FROM messages ",
             $($rest),*
         )
     };
 }
 pub(super) use select_message;
+
+/// Notes a batch's store error on its push, unless it has finished: `$1` the push, `$2` the
+/// error, `$3` when, `$4` since when its batches have been failing (kept if already set). One
+/// text for both databases.
+pub(super) const NOTE_PUSH_ERROR: &str = "UPDATE messages SET last_error = $2, last_error_at = $3, \
+     failing_since = COALESCE(failing_since, $4) \
+     WHERE id = $1 AND state NOT IN ('done', 'cancelled')";
+
+/// Clears a push's `failing_since` (`$1` the push): its batches write again.
+pub(super) const CLEAR_PUSH_FAILING: &str =
+    "UPDATE messages SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL";
 
 /// The columns of a delivery row, in the order [`delivery_of`] reads them, from `deliveries`,
 /// followed by the rest of the query: a macro, so that every query stays one literal string.
@@ -125,7 +137,8 @@ pub(super) use select_deliveries;
 
 /// A push from `id, audience, collapse_key, data, delay_while_idle, state, cancel_requested,
 /// total, created_at, finished_at, walk_after, walked, accepted, rejected, failed,
-/// not_attempted` (as [`select_message`] gives them), with `counts`.
+/// not_attempted, last_error, last_error_at, failing_since` (as [`select_message`] gives
+/// them), with `counts`.
 pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRecord, sqlx::Error> {
     let state = row.text(5)?;
     Ok(MessageRecord {
@@ -148,6 +161,14 @@ pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRe
             rejected: u64::try_from(row.int(13)?).unwrap_or(0),
             failed: u64::try_from(row.int(14)?).unwrap_or(0),
             not_attempted: u64::try_from(row.int(15)?).unwrap_or(0),
+        },
+        last_error: match row.maybe_text(16)? {
+            Some(error) => Some(PushError {
+                error,
+                at: row.maybe_int(17)?.map_or(UNIX_EPOCH, time_of),
+                failing_since: row.maybe_int(18)?.map(time_of),
+            }),
+            None => None,
         },
     })
 }

@@ -14,8 +14,9 @@ use crate::queue::{self, BatchJob, PushJob};
 
 use super::group::Writer;
 use super::rows::{
-    counts_of, delivery_of, device_counts_of, device_of, json_error, message_of, millis, page_of,
-    select_deliveries, select_message, states_among, tally_update, time_of, trim_page,
+    CLEAR_PUSH_FAILING, NOTE_PUSH_ERROR, counts_of, delivery_of, device_counts_of, device_of,
+    json_error, message_of, millis, page_of, select_deliveries, select_message, states_among,
+    tally_update, time_of, trim_page,
 };
 use super::{
     Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
@@ -958,6 +959,46 @@ impl Store for SqliteStore {
             })
             .await?;
         self.changed(finished);
+        Ok(())
+    }
+
+    async fn note_push_error(
+        &self,
+        id: i64,
+        error: &str,
+        at: SystemTime,
+        since: SystemTime,
+    ) -> Result<(), StoreError> {
+        let (error, at, since) = (error.to_owned(), millis(at), millis(since));
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query(NOTE_PUSH_ERROR)
+                    .bind(id)
+                    .bind(error)
+                    .bind(at)
+                    .bind(since)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.changed(false);
+        Ok(())
+    }
+
+    async fn clear_push_failing(&self, id: i64) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            Box::pin(async move {
+                sqlx::query(CLEAR_PUSH_FAILING)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.changed(false);
         Ok(())
     }
 

@@ -143,7 +143,11 @@ impl Api {
 
     /// With the queues' heartbeat of `options`.
     pub async fn start_with(db: Db, options: &WorkerOptions) -> Self {
-        let database = db.fresh().await;
+        Self::start_on(db.fresh().await, options).await
+    }
+
+    /// On `database`, with the queues' heartbeat of `options`.
+    pub async fn start_on(database: Database, options: &WorkerOptions) -> Self {
         let (store, queues) = open_database(&database.url, options).await.unwrap();
         let keys = Keys::new(Key::new(ADMIN).unwrap(), Key::new(DEVICE).unwrap()).unwrap();
         Self {
@@ -177,7 +181,16 @@ impl Server {
         configure: impl FnOnce(&mut Config),
         options: &WorkerOptions,
     ) -> Self {
-        let api = Api::start_with(db, options).await;
+        Self::start_on(db.fresh().await, configure, options).await
+    }
+
+    /// [`Server::start_with`] on `database`.
+    pub async fn start_on(
+        database: Database,
+        configure: impl FnOnce(&mut Config),
+        options: &WorkerOptions,
+    ) -> Self {
+        let api = Api::start_on(database, options).await;
         let mut config = Config {
             static_tokens: vec!["server-token".into()],
             devices: c2dm_emulator::DeviceRules {
