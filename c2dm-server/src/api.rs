@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::jobs::WorkerHealth;
+use crate::health::WorkerHealth;
 use crate::store::{
     Audience, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, MessageRecord,
     MessageState, NewDevice, NewMessage, Store, Upserted,
@@ -1640,13 +1640,14 @@ struct Health {
     status: String,
 }
 
-/// Whether the server can serve: 200 when its database answers. No key needed.
+/// Whether the server can serve: 200 when its database answers and its workers (if any) can
+/// work. No key needed.
 #[utoipa::path(
     get, path = "/healthz", tag = "operations",
     security(()),
     responses(
         (status = 200, description = "the database answers", body = Health),
-        (status = 503, description = "the database does not answer, or the request took too long", body = Health),
+        (status = 503, description = "the database does not answer, this process's workers cannot work, or the request took too long", body = Health),
     )
 )]
 async fn healthz(

@@ -26,6 +26,7 @@ use crate::store::{
     Audience, BatchRun, DeliveryRow, DeviceState, Positions, Store, StoreError, Tally,
 };
 
+use crate::health::WorkerHealth;
 use crate::queue::{BATCH_QUEUE, PUSH_QUEUE};
 pub use crate::queue::{BatchJob, PushJob};
 
@@ -246,7 +247,7 @@ impl WorkerOptions {
     pub const MAX_HEARTBEAT: Duration = Duration::from_secs(86_400);
 
     /// Every option within what the workers can count and add: checked when they start
-    /// ([`run_workers`] and [`crate::serve::serve`] refuse options that are not), so that no
+    /// ([`run_workers`] and the server's `serve` refuse options that are not), so that no
     /// batch fails on a sum that overflows.
     pub fn check(&self) -> Result<(), InvalidOption> {
         fn within<T: PartialOrd + std::fmt::Debug>(
@@ -405,51 +406,6 @@ impl Runner {
 
     fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
-    }
-}
-
-/// Whether this process's workers can work, for its health check: `None` while they can,
-/// else why not. Clones share one state.
-#[derive(Debug, Clone)]
-pub struct WorkerHealth(Arc<tokio::sync::watch::Sender<Problems>>);
-
-/// Each worker's problem, by its queue.
-type Problems = std::collections::BTreeMap<&'static str, String>;
-
-impl Default for WorkerHealth {
-    fn default() -> Self {
-        Self(Arc::new(tokio::sync::watch::Sender::new(Problems::new())))
-    }
-}
-
-impl WorkerHealth {
-    /// Why the workers cannot work now, if they cannot.
-    pub fn problem(&self) -> Option<String> {
-        Self::problem_in(&self.0.borrow())
-    }
-
-    /// Waits until `ok(problem)` holds of the workers' health (`problem` as
-    /// [`WorkerHealth::problem`] gives it); at once if it holds now.
-    pub async fn wait_for(&self, ok: impl Fn(Option<&str>) -> bool) {
-        let mut changes = self.0.subscribe();
-        // The sender lives as long as `self`: the wait ends only when `ok` holds.
-        let _ = changes
-            .wait_for(|problems| ok(Self::problem_in(problems).as_deref()))
-            .await;
-    }
-
-    fn problem_in(problems: &Problems) -> Option<String> {
-        (!problems.is_empty()).then(|| problems.values().cloned().collect::<Vec<_>>().join("; "))
-    }
-
-    /// The worker of `queue` cannot work, for this reason (`None`: it can).
-    fn set(&self, queue: &'static str, problem: Option<String>) {
-        self.0.send_modify(|problems| {
-            match problem {
-                Some(problem) => problems.insert(queue, problem),
-                None => problems.remove(queue),
-            };
-        });
     }
 }
 

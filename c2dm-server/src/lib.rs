@@ -7,6 +7,7 @@
 //!   migrated when opened.
 //! - [`api`]: the axum [`router`](api::router) with its keys and JSON errors.
 //! - [`jobs`]: the push and batch jobs on apalis, and [`run_workers`](jobs::run_workers).
+//! - [`health`]: whether this process's workers can work, as `/healthz` tells it.
 //! - [`listen`]: the HTTP listener, with bounds on slow, idle and too many connections.
 //! - [`serve`]: one process, the API, the workers or both, until told to stop (`c2dm serve`).
 //! - [`throwaway`]: a PostgreSQL cluster of its own for tests and benchmarks.
@@ -38,6 +39,7 @@
 
 pub mod api;
 pub mod console;
+pub mod health;
 pub mod jobs;
 pub mod listen;
 pub mod queue;

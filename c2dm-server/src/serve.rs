@@ -9,7 +9,8 @@ use std::sync::Arc;
 use c2dm_core::Sender;
 
 use crate::api::{Keys, router};
-use crate::jobs::{JobError, Queues, WorkerHealth, WorkerOptions, run_workers_reporting};
+use crate::health::WorkerHealth;
+use crate::jobs::{JobError, Queues, WorkerOptions, run_workers_reporting};
 use crate::listen::{HttpLimits, serve_http};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 

@@ -10,7 +10,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use c2dm_server::jobs::{WorkerHealth, WorkerOptions, run_workers_reporting};
+use c2dm_server::health::WorkerHealth;
+use c2dm_server::jobs::{WorkerOptions, run_workers_reporting};
 use c2dm_server::throwaway::PostgresCluster;
 use serde_json::{Value, json};
 use sqlx::Connection;
