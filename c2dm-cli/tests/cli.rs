@@ -1070,14 +1070,7 @@ async fn spawn_serve_to(
     if args.contains(&"--no-api") {
         return (child, None);
     }
-    let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
+    let line = common::first_line(&mut child).await;
     let base = line.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(base.starts_with("http://127.0.0.1:"), "{line}");
     (child, Some(base))

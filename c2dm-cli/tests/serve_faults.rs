@@ -3,6 +3,8 @@
 //! stop (a real SIGTERM) while C2DM refuses every connection. Real processes, real sockets,
 //! loopback only.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -101,14 +103,7 @@ impl Serve {
             });
             read
         });
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line
-        })
-        .await
-        .unwrap();
+        let line = common::first_line(&mut child).await;
         let address = line
             .trim()
             .rsplit("http://")

@@ -82,25 +82,6 @@ fn passing(
     }
 }
 
-/// Waits, as the store records work in this process, until the push's status passes `test`
-/// (a minute at most, then the test fails).
-async fn until(server: &Server, id: &str, test: impl Fn(&Value) -> bool) -> Value {
-    let mut changes = server.store.changes();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, message) = server
-            .call("GET", &format!("/v1/messages/{id}"), common::ADMIN, None)
-            .await;
-        if test(&message) {
-            return message;
-        }
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => panic!("still {message}"),
-        }
-    }
-}
-
 async fn register_phones(server: &Server, n: usize) {
     for i in 0..n {
         server.register(&format!("phone-{i:03}"), None, &[]).await;
@@ -324,7 +305,7 @@ async fn a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent(db: Db) {
     register_phones(&server, 30).await;
     let _workers = server.workers(options);
     let id = server.push(json!("all")).await;
-    let message = until(&server, &id, |m| m["counts"]["accepted"] == 10).await;
+    let message = server.until(&id, |m| m["counts"]["accepted"] == 10).await;
     assert_eq!(message["state"], "sending", "{message}");
     assert_eq!(message["counts"]["pending"], 20, "{message}");
     // The 20 others wait, unsent and without a row, in a batch due tomorrow.
@@ -337,7 +318,7 @@ async fn a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent(db: Db) {
     let next = server
         .push(json!({"registration_ids": ["phone-000"]}))
         .await;
-    let message = until(&server, &next, |m| m["total"] == 1).await;
+    let message = server.until(&next, |m| m["total"] == 1).await;
     assert_eq!(message["counts"]["pending"], 1, "{message}");
     assert_eq!(server.emulator.counters().accepted, 10);
 }

@@ -1,4 +1,5 @@
 //! What the CLI's integration tests share: running `c2dm` beside an in-process emulator.
+#![allow(dead_code)] // each test file uses its own part
 
 use std::ffi::OsStr;
 use std::process::{Command, Output, Stdio};
@@ -38,4 +39,20 @@ where
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
+}
+
+/// The first line a `c2dm serve` child prints on its standard output (where it listens), read
+/// on a blocking thread: waited for by reading, not sleeping.
+pub async fn first_line(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("a piped standard output");
+    tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap()
 }

@@ -309,6 +309,25 @@ impl Server {
         message
     }
 
+    /// Waits, as the store records work in this process, until the push's status passes
+    /// `test` (two minutes at most, then the test fails).
+    pub async fn until(&self, id: &str, test: impl Fn(&Value) -> bool) -> Value {
+        let mut changes = self.store.changes();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let (_, message) = self
+                .call("GET", &format!("/v1/messages/{id}"), ADMIN, None)
+                .await;
+            if test(&message) {
+                return message;
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => panic!("still {message}"),
+            }
+        }
+    }
+
     /// Every row of a push, page after page.
     pub async fn rows(&self, id: &str, query: &str) -> Vec<Value> {
         let mut rows = Vec::new();
