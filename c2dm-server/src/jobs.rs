@@ -1434,11 +1434,16 @@ async fn batch_run(
         // this one has not recorded; apalis ignores this run's result.
         return Ok(());
     }
-    if left > 0 || unsent > 0 || runner.is_stopping() && !pending.rows.is_empty() {
-        // The process stops (or marks could not be written): the rows held are written once,
-        // and what was not sent, and what waits for later, is the next run's.
+    if left > 0 || unsent > 0 {
+        // The process stops (or a mark's task failed): the rows held are written once, and
+        // what was not sent, and what waits for later, is the next run's. A batch that sent
+        // everything finishes below, stopping or not.
         if let Err(error) = pending.flush(store.as_ref()).await {
-            tracing::warn!(message_id = job.message_id, %error, "stopping: the batch's last rows could not be written; its next run sends them again");
+            tracing::warn!(
+                message_id = job.message_id,
+                %error,
+                "the batch's last rows could not be written: its next run sends them again"
+            );
         }
         if runner.is_stopping() {
             return Err(Stopped.into());
