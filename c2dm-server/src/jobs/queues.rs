@@ -1,0 +1,157 @@
+//! The two queues (pushes, batches), in the store's database: apalis-sqlite or apalis-postgres.
+
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use sqlx::{PgPool, SqlitePool};
+
+use super::{JobError, WorkerOptions};
+use crate::queue::{BATCH_QUEUE, BatchJob, PUSH_QUEUE, PushJob};
+
+/// The two queues, in the store's database and on its pool.
+#[derive(Debug, Clone)]
+pub struct Queues {
+    pub(super) backend: QueueBackend,
+}
+
+#[derive(Clone)]
+pub(super) enum QueueBackend {
+    Sqlite {
+        pushes: SqliteStorage<PushJob>,
+        batches: SqliteStorage<BatchJob>,
+    },
+    Postgres {
+        pushes: PostgresStorage<PushJob>,
+        batches: PostgresStorage<BatchJob>,
+    },
+}
+
+impl std::fmt::Debug for QueueBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sqlite { .. } => "Sqlite",
+            Self::Postgres { .. } => "Postgres",
+        })
+    }
+}
+
+pub(super) fn queue_error(e: impl std::fmt::Display) -> JobError {
+    JobError::Queue(e.to_string())
+}
+
+/// Runs `$body` with `$pushes` and `$batches` bound to the queues of whichever database
+/// they are in: one body for two storage types that share no trait object.
+macro_rules! on_queues {
+    ($queues:expr, |$pushes:ident, $batches:ident| $body:expr) => {
+        match &$queues.backend {
+            $crate::jobs::queues::QueueBackend::Sqlite { pushes, batches } => {
+                let ($pushes, $batches) = (pushes.clone(), batches.clone());
+                $body
+            }
+            $crate::jobs::queues::QueueBackend::Postgres { pushes, batches } => {
+                let ($pushes, $batches) = (pushes.clone(), batches.clone());
+                $body
+            }
+        }
+    };
+}
+pub(super) use on_queues;
+
+impl Queues {
+    /// The queues' tables in the SQLite file of `pool` (created or migrated now), with the
+    /// default heartbeat.
+    pub async fn open(pool: &SqlitePool) -> Result<Self, JobError> {
+        Self::open_sqlite(pool, &WorkerOptions::default()).await
+    }
+
+    /// The queues in a SQLite file, with `options`' heartbeat.
+    pub async fn open_sqlite(pool: &SqlitePool, options: &WorkerOptions) -> Result<Self, JobError> {
+        // Only the queue's migrations: `SqliteStorage::setup` would also turn off `synchronous`
+        // on whichever connection of the shared pool it ran on, and the store's writes on that
+        // connection could then be lost to a power cut.
+        SqliteStorage::<()>::migrations()
+            .run(pool)
+            .await
+            .map_err(queue_error)?;
+        let config = |queue: &str| {
+            apalis_sqlite::Config::default()
+                .queue(queue)
+                .batch_size(FETCH)
+                .heartbeat_interval(options.heartbeat)
+                .missed_heartbeats(MISSED_HEARTBEATS)
+        };
+        Ok(Self {
+            backend: QueueBackend::Sqlite {
+                pushes: SqliteStorage::new(pool).with_config(config(PUSH_QUEUE)),
+                batches: SqliteStorage::new(pool).with_config(config(BATCH_QUEUE)),
+            },
+        })
+    }
+
+    /// The queues in a PostgreSQL database (created or migrated now, under a lock, so many
+    /// processes may start at once), with `options`' heartbeat.
+    pub async fn open_postgres(pool: &PgPool, options: &WorkerOptions) -> Result<Self, JobError> {
+        PostgresStorage::setup(pool).await.map_err(queue_error)?;
+        let config = |queue: &str| {
+            apalis_postgres::Config::default()
+                .queue(queue)
+                .batch_size(FETCH)
+                .heartbeat_interval(options.heartbeat)
+                .missed_heartbeats(MISSED_HEARTBEATS)
+        };
+        Ok(Self {
+            backend: QueueBackend::Postgres {
+                pushes: PostgresStorage::new(pool).with_config(config(PUSH_QUEUE)),
+                batches: PostgresStorage::new(pool).with_config(config(BATCH_QUEUE)),
+            },
+        })
+    }
+
+    /// Jobs of each queue not finished yet (waiting, taken or running): `(pushes, batches)`.
+    pub async fn depth(&self) -> Result<(u64, u64), JobError> {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        match &self.backend {
+            QueueBackend::Sqlite { pushes, .. } => {
+                let pool = pushes.pool();
+                let mut depth = [0; 2];
+                for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM Jobs WHERE job_type = ? \
+                         AND status IN ('Pending', 'Queued', 'Running')",
+                    )
+                    .bind(queue)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(queue_error)?;
+                    *slot = count(n);
+                }
+                Ok((depth[0], depth[1]))
+            }
+            QueueBackend::Postgres { pushes, .. } => {
+                let pool = pushes.pool();
+                let mut depth = [0; 2];
+                for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 \
+                         AND status IN ('Pending', 'Queued', 'Running')",
+                    )
+                    .bind(queue)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(queue_error)?;
+                    *slot = count(n);
+                }
+                Ok((depth[0], depth[1]))
+            }
+        }
+    }
+}
+
+/// Heartbeats a worker may miss before its jobs go to another worker.
+pub(super) const MISSED_HEARTBEATS: usize = 3;
+
+/// Jobs a worker fetches at once: one. apalis 1.0 sends no heartbeat while a job it fetched
+/// waits in its buffer for a free slot (its `poll_ready` looks at the heartbeat timer only
+/// when nothing is buffered), and it fetches when one slot is free: a second job fetched with
+/// the first would wait for the next slot to free, a whole batch or a 503's pause, while the
+/// worker, silent, is taken for dead and its batches given to others.
+pub(super) const FETCH: usize = 1;
