@@ -422,17 +422,47 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
     }
 }
 
-/// Who a request is from, by its key.
+/// A push's `Idempotency-Key` header, if it has one: visible text of at most 256 characters,
+/// else 400 `invalid_header`.
+struct IdempotencyKey(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(Self(None));
+        };
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                text_field("Idempotency-Key", Some(v.to_owned()))
+                    .ok()
+                    .flatten()
+            })
+            .map(|key| Self(Some(key)))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_header",
+                    "Idempotency-Key is visible text of at most 256 characters",
+                )
+            })
+    }
+}
+
+/// Which key a request carries: the admin token, the device key, or neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Caller {
     Admin,
     Device,
 }
 
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+impl Caller {
+    /// The request's key, checked against both keys (in time that does not tell which one
+    /// it was): 401 for none or a wrong one.
+    fn of(parts: &Parts, keys: &Keys) -> Result<Self, ApiError> {
         let unauthorized = || {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -446,9 +476,8 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(bearer)
             .ok_or_else(unauthorized)?;
-        // Both compared, whichever matches: the time taken does not tell which key it was.
-        let admin = state.keys.admin.matches(given);
-        let device = state.keys.device.matches(given);
+        let admin = keys.admin.matches(given);
+        let device = keys.device.matches(given);
         match (admin, device) {
             (true, _) => Ok(Self::Admin),
             (false, true) => Ok(Self::Device),
@@ -466,16 +495,35 @@ fn bearer(value: &str) -> Option<&str> {
         .then_some(credentials.trim())
 }
 
-impl Caller {
-    fn require_admin(self) -> Result<(), ApiError> {
-        match self {
-            Self::Admin => Ok(()),
-            Self::Device => Err(ApiError::new(
+/// A handler's permission: the request carries the admin token. The device key is refused
+/// 403, no key or a wrong one 401; either before the body is read, so a handler that takes
+/// `Admin` cannot run for anyone else, whatever it is sent.
+struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match Caller::of(parts, &state.keys)? {
+            Caller::Admin => Ok(Self),
+            Caller::Device => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this route needs the admin token, not the device key",
             )),
         }
+    }
+}
+
+/// A handler's permission: the request carries either key (no key or a wrong one: 401,
+/// before the body is read).
+struct AnyKey;
+
+impl FromRequestParts<AppState> for AnyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Caller::of(parts, &state.keys).map(|_| Self)
     }
 }
 
@@ -659,7 +707,7 @@ impl From<Device> for DeviceView {
 )]
 async fn register(
     State(state): State<AppState>,
-    _caller: Caller,
+    _: AnyKey,
     JsonBody(registration): JsonBody<Registration>,
 ) -> Result<(StatusCode, Json<DeviceView>), ApiError> {
     let device = registration.check()?;
@@ -695,7 +743,7 @@ fn no_such_device() -> ApiError {
 )]
 async fn unregister(
     State(state): State<AppState>,
-    _caller: Caller,
+    _: AnyKey,
     PathParam(registration_id): PathParam,
 ) -> Result<Json<DeviceView>, ApiError> {
     match state.store.unregister_device(&registration_id).await? {
@@ -719,10 +767,9 @@ async fn unregister(
 )]
 async fn device(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     PathParam(registration_id): PathParam,
 ) -> Result<Json<DeviceView>, ApiError> {
-    caller.require_admin()?;
     match state.store.device(&registration_id).await? {
         Some(device) => Ok(Json(device.into())),
         None => Err(no_such_device()),
@@ -796,10 +843,9 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 )]
 async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<DevicePage>, ApiError> {
-    caller.require_admin()?;
     let filter = DeviceFilter {
         state: query
             .state
@@ -848,10 +894,9 @@ struct CountsQuery {
 )]
 async fn device_counts(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     QueryParams(query): QueryParams<CountsQuery>,
 ) -> Result<Json<DeviceCounts>, ApiError> {
-    caller.require_admin()?;
     let filter = DeviceFilter {
         state: None,
         user_id: query.user_id,
@@ -910,11 +955,10 @@ struct DeviceHistory {
 )]
 async fn device_history(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     PathParam(registration_id): PathParam,
     QueryParams(query): QueryParams<NewestFirstQuery>,
 ) -> Result<Json<DeviceHistory>, ApiError> {
-    caller.require_admin()?;
     let before = cursor(query.after.as_deref())?;
     let limit = page_limit(query.limit)?;
     if state.store.device(&registration_id).await?.is_none() {
@@ -1234,31 +1278,10 @@ impl From<MessageRecord> for MessageView {
 )]
 async fn push(
     State(state): State<AppState>,
-    caller: Caller,
-    headers: axum::http::HeaderMap,
+    _: Admin,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(push): JsonBody<Push>,
 ) -> Result<(StatusCode, Json<MessageView>), ApiError> {
-    caller.require_admin()?;
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| {
-                    text_field("Idempotency-Key", Some(v.to_owned()))
-                        .ok()
-                        .flatten()
-                })
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_header",
-                        "Idempotency-Key is visible text of at most 256 characters",
-                    )
-                })?,
-        ),
-    };
     let message = push.check(key)?;
     let (created, stored) = state.store.create_message(&message).await?;
     if !created {
@@ -1302,10 +1325,9 @@ struct MessagePage {
 )]
 async fn messages(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     QueryParams(query): QueryParams<NewestFirstQuery>,
 ) -> Result<Json<MessagePage>, ApiError> {
-    caller.require_admin()?;
     let before = cursor(query.after.as_deref())?;
     let limit = page_limit(query.limit)?;
     let page = state.store.messages(before, limit).await?;
@@ -1362,11 +1384,10 @@ const MAX_WAIT: u64 = 60;
 )]
 async fn status(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     PathParam(id): PathParam,
     QueryParams(query): QueryParams<StatusQuery>,
 ) -> Result<Json<MessageView>, ApiError> {
-    caller.require_admin()?;
     let wait = query.wait.unwrap_or(0);
     if wait > MAX_WAIT {
         return Err(ApiError::query("wait", "wait is at most 60 seconds"));
@@ -1417,10 +1438,9 @@ async fn status(
 )]
 async fn cancel(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     PathParam(id): PathParam,
 ) -> Result<Json<MessageView>, ApiError> {
-    caller.require_admin()?;
     let message = find(&state, &id).await?;
     if matches!(message.state, MessageState::Done | MessageState::Cancelled) {
         return Err(ApiError::new(
@@ -1532,11 +1552,10 @@ struct DeliveryPage {
 )]
 async fn deliveries(
     State(state): State<AppState>,
-    caller: Caller,
+    _: Admin,
     PathParam(id): PathParam,
     QueryParams(query): QueryParams<DeliveriesQuery>,
 ) -> Result<Json<DeliveryPage>, ApiError> {
-    caller.require_admin()?;
     let message = find(&state, &id).await?;
     let outcome = match query.outcome.as_deref() {
         None => None,
@@ -1600,9 +1619,8 @@ pub fn install_metrics() {
         KeyErrors,
     )
 )]
-async fn metrics_text(caller: Caller) -> Result<Response, ApiError> {
-    caller.require_admin()?;
-    Ok(rendered_metrics())
+async fn metrics_text(_: Admin) -> Response {
+    rendered_metrics()
 }
 
 fn rendered_metrics() -> Response {

@@ -292,6 +292,23 @@ async fn keys_are_checked_on_every_route_but_healthz(db: Db) {
         "the device key on an admin route"
     );
     assert_eq!(error_of(&answer).0, "forbidden");
+    // The key is checked before anything else: the device key on an admin route is refused
+    // 403 whatever it sends (a body that is not a push, a query that is not a listing's), and
+    // no key 401.
+    for (method, uri, body) in [
+        ("POST", "/v1/messages", Some("{\"not\": \"a push\"}")),
+        ("POST", "/v1/messages", Some("not JSON")),
+        ("GET", "/v1/devices?limit=0&colour=red", None),
+        ("GET", "/v1/messages/not-an-id?wait=999", None),
+    ] {
+        for (key, expected) in [
+            (Some(DEVICE), StatusCode::FORBIDDEN),
+            (None, StatusCode::UNAUTHORIZED),
+        ] {
+            let (status, answer) = server.call(method, uri, key, body.map(Body::from)).await;
+            assert_eq!(status, expected, "{method} {uri} {key:?}: {answer}");
+        }
+    }
     let (status, answer) = server.call("GET", "/v1/devices", None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(error_of(&answer).0, "unauthorized");
