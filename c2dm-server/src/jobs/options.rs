@@ -57,7 +57,7 @@ impl WorkerOptions {
     pub const MAX_HEARTBEAT: Duration = Duration::from_secs(86_400);
 
     /// Every option within what the workers can count and add: checked when they start
-    /// ([`run_workers`] and the server's `serve` refuse options that are not), so that no
+    /// ([`run_workers`](super::run_workers) and the server's `serve` refuse options that are not), so that no
     /// batch fails on a sum that overflows.
     pub fn check(&self) -> Result<(), InvalidOption> {
         fn within<T: PartialOrd + std::fmt::Debug>(
