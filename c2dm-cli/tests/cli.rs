@@ -1035,8 +1035,7 @@ async fn spawn_serve(
 /// A fresh database on the shared throwaway PostgreSQL cluster (named after `prefix`), and an
 /// API process on it without workers: the process, its base URL, the database URL.
 async fn postgres_api(env: &Env, prefix: &str) -> (std::process::Child, String, String) {
-    let cluster =
-        c2dm_server::throwaway::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
+    let cluster = c2dm_testkit::PostgresCluster::shared().unwrap_or_else(|e| panic!("{e}"));
     let database = cluster.create_database(prefix).await.unwrap();
     let (api, base) =
         spawn_serve(env, &database, &["--listen", "127.0.0.1:0", "--no-workers"]).await;

@@ -10,7 +10,6 @@
 //! - [`health`]: whether this process's workers can work, as `/healthz` tells it.
 //! - [`listen`]: the HTTP listener, with bounds on slow, idle and too many connections.
 //! - [`serve`]: one process, the API, the workers or both, until told to stop (`c2dm serve`).
-//! - [`throwaway`]: a PostgreSQL cluster of its own for tests and benchmarks.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -45,4 +44,3 @@ pub mod listen;
 pub mod queue;
 pub mod serve;
 pub mod store;
-pub mod throwaway;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use c2dm_server::health::WorkerHealth;
 use c2dm_server::jobs::{WorkerOptions, run_workers_reporting};
-use c2dm_server::throwaway::PostgresCluster;
+use c2dm_testkit::PostgresCluster;
 use serde_json::{Value, json};
 use sqlx::Connection;
 

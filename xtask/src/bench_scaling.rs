@@ -145,7 +145,7 @@ fn machine_cpu() -> (u64, u64) {
 fn run_once(
     bin: &Path,
     dir: &Path,
-    cluster: &c2dm_server::throwaway::PostgresCluster,
+    cluster: &c2dm_testkit::PostgresCluster,
     send_url: &str,
     processes: usize,
     shape: Shape,
@@ -324,7 +324,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let emulator =
         crate::bench::Emulator::start_with(&bin, &dir, false, true, &["--latency-ms", LATENCY_MS])?;
     let send_url = emulator.send_url();
-    let cluster = c2dm_server::throwaway::PostgresCluster::start_with(&[
+    let cluster = c2dm_testkit::PostgresCluster::start_with(&[
         ("shared_preload_libraries", "pg_stat_statements"),
         ("pg_stat_statements.track", "all"),
     ])

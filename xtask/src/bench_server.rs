@@ -337,7 +337,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         eprintln!("note: wrk is not installed (apt-get install -y wrk): no registration figures");
         None
     };
-    let cluster = c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
+    let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
 
     let rounds = crate::bench::rounds_of(args, quick)?;
     let mut rows = vec![

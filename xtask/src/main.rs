@@ -13,6 +13,7 @@
 //!   application server under every fault, with processes killed, checked afterwards.
 //! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
 
+mod arrivals;
 mod bench;
 mod bench_scaling;
 mod bench_server;

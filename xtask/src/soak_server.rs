@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use c2dm_emulator::{Arrival, ArrivalAnswer};
+use crate::arrivals::{Arrival, ArrivalAnswer};
 use serde_json::Value;
 
 use crate::bench_server::{ADMIN, DEVICE, http};
@@ -644,7 +644,7 @@ struct Soak {
 fn postgres_run(
     bin: &Path,
     dir: &Path,
-    cluster: &c2dm_server::throwaway::PostgresCluster,
+    cluster: &c2dm_testkit::PostgresCluster,
     soak: &Soak,
     seed: u64,
 ) -> Result<(), String> {
@@ -901,8 +901,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
         sqlite_run(&bin, &base, devices.unwrap_or(2_000), minutes, 20_261_130)
     } else {
-        let cluster =
-            c2dm_server::throwaway::PostgresCluster::start().map_err(|e| e.to_string())?;
+        let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
         let soak = Soak {
             devices: devices.unwrap_or(200_000),
             pushes: 5,

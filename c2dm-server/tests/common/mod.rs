@@ -11,7 +11,7 @@ use c2dm_server::api::{Key, Keys, router};
 use c2dm_server::jobs::{Queues, WorkerOptions, run_workers};
 use c2dm_server::serve::open_database;
 use c2dm_server::store::Store;
-use c2dm_server::throwaway::PostgresCluster;
+use c2dm_testkit::PostgresCluster;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};

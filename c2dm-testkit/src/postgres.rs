@@ -329,18 +329,24 @@ impl PostgresCluster {
     }
 
     /// Creates a fresh database with a name no other call of this process gets, and returns
-    /// its URL.
+    /// its URL: [`PostgresCluster::create_database_blocking`] without blocking the runtime.
     pub async fn create_database(&self, prefix: &str) -> Result<String, ClusterError> {
-        use sqlx::Connection;
         let name = Self::fresh_name(prefix);
-        let mut admin = sqlx::PgConnection::connect(&self.url("postgres"))
+        let out = tokio::process::Command::new(self.program("createdb"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg(&name)
+            .stdin(Stdio::null())
+            .output()
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await
-            .map_err(|e| fail(format!("CREATE DATABASE {name}: {e}")))?;
-        let _ = admin.close().await;
+            .map_err(|e| fail(format!("createdb: {e}")))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "createdb {name} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
         Ok(self.url(&name))
     }
 }
