@@ -27,8 +27,8 @@ pub struct BatchJob {
     /// duplicate more.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub possibly_sent: Vec<String>,
-    /// Where its devices lie in the registry, for a batch walked from it (none for a list of
-    /// ids, or a batch queued before positions were kept).
+    /// Where its devices lie in the registry, for a batch walked from it (none for a push's
+    /// list of ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub positions: Option<Positions>,
     /// The stored list (`batch_lists`) that holds this batch, for a job that names it rather

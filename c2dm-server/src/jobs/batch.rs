@@ -237,7 +237,8 @@ pub(super) async fn batch_run(
     retry: &mut StoreRetry,
 ) -> Result<(), Step> {
     let store = &runner.store;
-    // A job names its stored list of devices (one queued before lists were kept carries them).
+    // A job names its stored list of devices, or carries them (the devices a batch left for
+    // later).
     let job = match job.list {
         Some(list) => match store.batch_list(list).await? {
             Some(stored) => stored,

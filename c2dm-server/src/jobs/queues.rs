@@ -108,41 +108,32 @@ impl Queues {
 
     /// Jobs of each queue not finished yet (waiting, taken or running): `(pushes, batches)`.
     pub async fn depth(&self) -> Result<(u64, u64), JobError> {
-        let count = |n: i64| u64::try_from(n).unwrap_or(0);
-        match &self.backend {
-            QueueBackend::Sqlite { pushes, .. } => {
-                let pool = pushes.pool();
-                let mut depth = [0; 2];
-                for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
-                    let n: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM Jobs WHERE job_type = ? \
-                         AND status IN ('Pending', 'Queued', 'Running')",
-                    )
-                    .bind(queue)
-                    .fetch_one(pool)
-                    .await
-                    .map_err(queue_error)?;
-                    *slot = count(n);
-                }
-                Ok((depth[0], depth[1]))
-            }
-            QueueBackend::Postgres { pushes, .. } => {
-                let pool = pushes.pool();
-                let mut depth = [0; 2];
-                for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
-                    let n: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 \
-                         AND status IN ('Pending', 'Queued', 'Running')",
-                    )
-                    .bind(queue)
-                    .fetch_one(pool)
-                    .await
-                    .map_err(queue_error)?;
-                    *slot = count(n);
-                }
-                Ok((depth[0], depth[1]))
-            }
+        // The jobs not finished, in the queue's table: apalis-sqlite's `Jobs`, apalis-postgres'
+        // `apalis.jobs`.
+        macro_rules! waiting {
+            () => {
+                "WHERE job_type = $1 AND status IN ('Pending', 'Queued', 'Running')"
+            };
         }
+        let mut depth = [0u64; 2];
+        for (slot, queue) in depth.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
+            let counted: Result<i64, sqlx::Error> = match &self.backend {
+                QueueBackend::Sqlite { pushes, .. } => {
+                    sqlx::query_scalar(concat!("SELECT COUNT(*) FROM Jobs ", waiting!()))
+                        .bind(queue)
+                        .fetch_one(pushes.pool())
+                        .await
+                }
+                QueueBackend::Postgres { pushes, .. } => {
+                    sqlx::query_scalar(concat!("SELECT COUNT(*) FROM apalis.jobs ", waiting!()))
+                        .bind(queue)
+                        .fetch_one(pushes.pool())
+                        .await
+                }
+            };
+            *slot = u64::try_from(counted.map_err(queue_error)?).unwrap_or(0);
+        }
+        Ok((depth[0], depth[1]))
     }
 }
 
