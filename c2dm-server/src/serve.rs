@@ -103,8 +103,9 @@ pub enum ServeError {
 }
 
 /// Runs the API and the workers as `options` says, until `shutdown` completes: then the API
-/// stops taking connections and finishes the requests under way, and the workers finish the
-/// jobs in hand. `on_listening` is told the API's address once it listens; in a process without
+/// stops taking connections and finishes the requests under way (for at most
+/// [`HttpLimits::shutdown_grace`]), and each batch in hand stops its sends, writes the rows it
+/// has and leaves the rest to its next run. `on_listening` is told the API's address once it listens; in a process without
 /// the API, the metrics listener's (whose port then goes to `port_file`).
 pub async fn serve(
     options: ServeOptions,
