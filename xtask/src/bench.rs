@@ -89,18 +89,6 @@ pub(crate) fn ratios(ours: &[Sample], wrk: &[Sample], field: impl Fn(&Sample) ->
     format!("{mid:.2} ({low:.2}-{high:.2})")
 }
 
-/// `--rounds N` (default 3, or 1 with `--quick`).
-pub(crate) fn rounds_of(args: &[&str], quick: bool) -> Result<usize, String> {
-    match args.iter().position(|a| *a == "--rounds") {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| "--rounds takes a number above 0".to_owned()),
-        None => Ok(if quick { 1 } else { 3 }),
-    }
-}
-
 /// The string value of `"key":"…"` in compact JSON (the last one).
 pub(crate) fn json_string(text: &str, key: &str) -> Option<String> {
     let pattern = format!("\"{key}\":\"");
@@ -406,11 +394,11 @@ pub(crate) fn machine() -> String {
     )
 }
 
-pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let quick = args.contains(&"--quick");
+pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
+    let quick = args.quick;
     let settings = Settings {
         quick,
-        rounds: rounds_of(args, quick)?,
+        rounds: args.rounds(),
         scale: if quick { 10 } else { 1 },
         has_wrk: have("wrk"),
     };
@@ -425,7 +413,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     let report = render(&settings, &throughput, &memory);
     println!("{report}");
     let _ = std::fs::remove_dir_all(&dir);
-    if args.contains(&"--write") {
+    if args.write {
         write_into_doc(root, &report)?;
     }
     Ok(())

@@ -41,22 +41,11 @@ impl Shape {
     }
 
     /// The shape of the arguments: [`SHAPE`] with `--workers N` and `--concurrency N`.
-    fn from_args(args: &[&str]) -> Result<Self, String> {
-        let mut shape = SHAPE;
-        let mut rest = args.iter();
-        while let Some(arg) = rest.next() {
-            let slot = match *arg {
-                "--workers" => &mut shape.workers,
-                "--concurrency" => &mut shape.concurrency,
-                _ => continue,
-            };
-            *slot = rest
-                .next()
-                .and_then(|v| v.parse().ok())
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{arg} takes a number above 0"))?;
+    fn from_args(args: &crate::BenchArgs) -> Self {
+        Self {
+            workers: args.workers.unwrap_or(SHAPE.workers),
+            concurrency: args.concurrency.unwrap_or(SHAPE.concurrency),
         }
-        Ok(shape)
     }
 }
 /// How long the emulator waits before each answer.
@@ -316,8 +305,8 @@ fn allowed(processes: usize, shape: Shape) -> f64 {
 }
 
 /// `cargo xtask bench --server --scaling [--workers N] [--concurrency N] [--write]`.
-pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let shape = Shape::from_args(args)?;
+pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
+    let shape = Shape::from_args(args);
     let bin = crate::build_dist(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-bench-scaling-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -379,7 +368,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
         spent.join("\n\n")
     );
     println!("{report}");
-    if args.contains(&"--write") {
+    if args.write {
         crate::bench::write_between(root, "scaling", &report)?;
     }
     Ok(())

@@ -315,8 +315,8 @@ fn parse_wrk_duration(text: &str) -> Option<f64> {
 }
 
 /// `cargo xtask bench --server [--quick] [--rounds N] [--write]`.
-pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let quick = args.contains(&"--quick");
+pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
+    let quick = args.quick;
     let big: u64 = if quick { 100_000 } else { 1_000_000 };
     let small: u64 = 10_000;
     let bin = crate::build_dist(root, &["--bins"])?;
@@ -339,7 +339,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     };
     let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
 
-    let rounds = crate::bench::rounds_of(args, quick)?;
+    let rounds = args.rounds();
     let mut rows = vec![
         "| path | devices | rate (msg/s) | rate / `c2dm broadcast` | POST answered in | peak RSS | CPU µs/msg |"
             .to_owned(),
@@ -432,7 +432,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
     println!("{report}");
     drop(emulator);
     let _ = std::fs::remove_dir_all(&dir);
-    if args.contains(&"--write") {
+    if args.write {
         crate::bench::write_between(root, "server", &report)?;
     }
     Ok(())

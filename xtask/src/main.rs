@@ -26,22 +26,105 @@ mod tidy;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-/// What each task does, after the usage line of `cargo xtask --help`.
-const HELP: &str = concat!(
-    "  ci       everything CI checks, in order, stopping at the first failure\n",
-    "  tidy     the repository's own rules (also run as a test)\n",
-    "  contract the server's OpenAPI document validated, and schemathesis against it (in ci)\n",
-    "  bench    end-to-end throughput and memory against the emulator, beside wrk (not in CI);\n",
-    "           --server: the application server's pushes (SQLite, PostgreSQL) in rounds beside\n",
-    "           c2dm broadcast (--rounds N, default 3), and registrations;\n",
-    "           --server --scaling [--workers N] [--concurrency N]: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms\n",
-    "  soak     a long broadcast under every fault, checked afterwards (not in CI);\n",
-    "           --server: the application server's processes on PostgreSQL, killed and\n",
-    "           restarted (--sqlite: one process for 30 minutes)\n",
-    "  release  bump every crate's version, move the changelog's Unreleased entries, package, tag",
-);
+/// `cargo xtask`'s command line.
+#[derive(clap::Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "The project's own tasks: CI, checks, benchmarks, soaks, releases"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | contract | bench [--server [--scaling [--workers N] [--concurrency N]]] [--write] [--quick] [--rounds N] | soak [--messages N] | soak --server [--sqlite [--minutes M]] [--runs N] [--devices N] | release <major|minor|patch|X.Y.Z> [--dry-run]>";
+/// The tasks.
+#[derive(clap::Subcommand)]
+enum Task {
+    /// Everything CI checks, in order, stopping at the first failure.
+    Ci,
+    /// The repository's own rules (also run as a test).
+    Tidy,
+    /// The server's OpenAPI document validated, and schemathesis against it (in CI).
+    Contract,
+    /// End-to-end throughput and memory against the emulator, beside wrk (not in CI).
+    Bench(BenchArgs),
+    /// A long broadcast under every fault, checked afterwards (not in CI).
+    Soak(SoakArgs),
+    /// Bump every crate's version, move the changelog's Unreleased entries, package, tag.
+    Release(ReleaseArgs),
+}
+
+/// `cargo xtask bench`'s options.
+#[derive(clap::Args)]
+pub(crate) struct BenchArgs {
+    /// The application server's pushes (SQLite, PostgreSQL) in rounds beside `c2dm broadcast`,
+    /// and registrations.
+    #[arg(long)]
+    pub(crate) server: bool,
+    /// With --server: 1, 2 and 3 worker processes on PostgreSQL, sends waiting 20 ms.
+    #[arg(long, requires = "server")]
+    pub(crate) scaling: bool,
+    /// With --scaling: batch jobs sending at once in each worker process (default 2).
+    #[arg(long, requires = "scaling", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) workers: Option<u32>,
+    /// With --scaling: sends at once within a batch (default 16).
+    #[arg(long, requires = "scaling", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) concurrency: Option<u32>,
+    /// Write the tables into docs/PERFORMANCE.md.
+    #[arg(long)]
+    pub(crate) write: bool,
+    /// Fewer and smaller rounds.
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Rounds (default 3, or 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) rounds: Option<u32>,
+}
+
+impl BenchArgs {
+    /// The rounds asked for: `--rounds`, else 3, or 1 with `--quick`.
+    pub(crate) fn rounds(&self) -> usize {
+        match self.rounds {
+            Some(n) => n as usize,
+            None if self.quick => 1,
+            None => 3,
+        }
+    }
+}
+
+/// `cargo xtask soak`'s options.
+#[derive(clap::Args)]
+pub(crate) struct SoakArgs {
+    /// Messages of the broadcast soak.
+    #[arg(long, default_value_t = 100_000, conflicts_with = "server")]
+    pub(crate) messages: u64,
+    /// The application server's processes on PostgreSQL, killed and restarted, instead.
+    #[arg(long)]
+    pub(crate) server: bool,
+    /// With --server: one process on SQLite instead.
+    #[arg(long, requires = "server")]
+    pub(crate) sqlite: bool,
+    /// With --sqlite: how long it runs, in minutes.
+    #[arg(long, default_value_t = 30, requires = "sqlite")]
+    pub(crate) minutes: u64,
+    /// With --server: how many runs.
+    #[arg(long, default_value_t = 1, requires = "server")]
+    pub(crate) runs: u64,
+    /// With --server: how many devices.
+    #[arg(long, requires = "server")]
+    pub(crate) devices: Option<u64>,
+}
+
+/// `cargo xtask release`'s options.
+#[derive(clap::Args)]
+pub(crate) struct ReleaseArgs {
+    /// `major`, `minor`, `patch`, or an explicit X.Y.Z above the current version.
+    pub(crate) bump: String,
+    /// Check everything and package, writing nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+}
 
 /// The workspace root (the folder above this crate).
 fn root() -> PathBuf {
@@ -168,16 +251,11 @@ fn ci() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = match args.as_slice() {
-        [] | ["help" | "--help" | "-h"] => {
-            println!("{USAGE}\n\n{HELP}");
-            Ok(())
-        }
-        ["ci"] => ci(),
-        ["contract"] => contract::run(&root()),
-        ["tidy"] => {
+    let cli = <Cli as clap::Parser>::parse();
+    let result = match &cli.task {
+        Task::Ci => ci(),
+        Task::Contract => contract::run(&root()),
+        Task::Tidy => {
             let mut problems = tidy::check(&root());
             problems.extend(tidy::check_build(&root()));
             if problems.is_empty() {
@@ -187,15 +265,12 @@ fn main() -> ExitCode {
                 Err(problems.join("\n"))
             }
         }
-        ["bench", rest @ ..] if rest.contains(&"--server") && rest.contains(&"--scaling") => {
-            bench_scaling::run(&root(), rest)
-        }
-        ["bench", rest @ ..] if rest.contains(&"--server") => bench_server::run(&root(), rest),
-        ["bench", rest @ ..] => bench::run(&root(), rest),
-        ["release", rest @ ..] => release::run(&root(), rest),
-        ["soak", "--server", rest @ ..] => soak_server::run(&root(), rest),
-        ["soak", rest @ ..] => soak::run(&root(), rest),
-        _ => Err(USAGE.into()),
+        Task::Bench(args) if args.scaling => bench_scaling::run(&root(), args),
+        Task::Bench(args) if args.server => bench_server::run(&root(), args),
+        Task::Bench(args) => bench::run(&root(), args),
+        Task::Release(args) => release::run(&root(), &args.bump, args.dry_run),
+        Task::Soak(args) if args.server => soak_server::run(&root(), args),
+        Task::Soak(args) => soak::run(&root(), args.messages),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,5 +278,50 @@ fn main() -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn every_task_has_help_and_its_flags_are_typed() {
+        Cli::command().debug_assert();
+        for task in ["ci", "tidy", "contract", "bench", "soak", "release"] {
+            let help = Cli::try_parse_from(["cargo xtask", task, "--help"]).err();
+            assert_eq!(
+                help.map(|e| e.kind()),
+                Some(clap::error::ErrorKind::DisplayHelp),
+                "{task}"
+            );
+        }
+        let parsed = Cli::try_parse_from(["x", "bench", "--server", "--scaling", "--workers", "3"]);
+        let Ok(Cli {
+            task: Task::Bench(bench),
+        }) = parsed
+        else {
+            panic!("bench --server --scaling --workers 3");
+        };
+        assert!(bench.scaling && bench.workers == Some(3) && bench.rounds() == 3);
+        for wrong in [
+            &["x", "bench", "--scaling"][..],
+            &["x", "bench", "--rounds", "0"],
+            &["x", "bench", "--server", "--scaling", "--workers", "many"],
+            &["x", "soak", "--server", "--messages", "5"],
+            &["x", "soak", "--sqlite"],
+            &["x", "release"],
+            &["x", "bogus"],
+        ] {
+            assert!(Cli::try_parse_from(wrong).is_err(), "{wrong:?}");
+        }
+        let Ok(Cli {
+            task: Task::Release(release),
+        }) = Cli::try_parse_from(["x", "release", "patch", "--dry-run"])
+        else {
+            panic!("release patch --dry-run");
+        };
+        assert_eq!((release.bump.as_str(), release.dry_run), ("patch", true));
     }
 }

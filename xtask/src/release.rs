@@ -176,12 +176,7 @@ fn git(root: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let (bump, dry_run) = match args {
-        [bump] => (*bump, false),
-        [bump, "--dry-run"] | ["--dry-run", bump] => (*bump, true),
-        _ => return Err("usage: cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]".into()),
-    };
+pub fn run(root: &Path, bump: &str, dry_run: bool) -> Result<(), String> {
     if !git(root, &["status", "--porcelain"])?.trim().is_empty() {
         return Err("the working tree has uncommitted changes: commit or stash them first".into());
     }

@@ -23,12 +23,7 @@ pub(crate) fn id(i: u64) -> String {
 
 /// `cargo xtask soak`: the ids, the emulator, the broadcast, the emulator's record, the checks,
 /// the figures.
-pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let n: u64 = match args {
-        [] => 100_000,
-        ["--messages", n] => n.parse().map_err(|_| "--messages N")?,
-        _ => return Err("usage: cargo xtask soak [--messages N]".into()),
-    };
+pub fn run(root: &Path, n: u64) -> Result<(), String> {
     let bin = crate::build_dist(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

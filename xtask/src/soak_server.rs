@@ -873,28 +873,14 @@ fn sqlite_run(bin: &Path, dir: &Path, devices: u64, minutes: u64, seed: u64) -> 
 }
 
 /// `cargo xtask soak --server [--sqlite [--minutes M]] [--runs N] [--devices N]`.
-pub fn run(root: &Path, args: &[&str]) -> Result<(), String> {
-    let mut sqlite = false;
-    let (mut runs, mut minutes, mut devices) = (1u64, 30u64, None);
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        let mut number = |name: &str| -> Result<u64, String> {
-            rest.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("{name} N"))
-        };
-        match *arg {
-            "--sqlite" => sqlite = true,
-            "--runs" => runs = number("--runs")?,
-            "--minutes" => minutes = number("--minutes")?,
-            "--devices" => devices = Some(number("--devices")?),
-            other => {
-                return Err(format!(
-                    "{other}? usage: cargo xtask soak --server [--sqlite [--minutes M]] [--runs N] [--devices N]"
-                ));
-            }
-        }
-    }
+pub fn run(root: &Path, args: &crate::SoakArgs) -> Result<(), String> {
+    let crate::SoakArgs {
+        sqlite,
+        runs,
+        minutes,
+        devices,
+        ..
+    } = *args;
     let bin = crate::build_dist(root, &["--bins"])?;
     let base = std::env::temp_dir().join(format!("c2dm-soak-server-{}", std::process::id()));
     let result = if sqlite {
