@@ -291,244 +291,284 @@ impl Checked {
     }
 }
 
-/// Checks the pushes' rows and the devices' states against the emulator's arrivals.
-fn check(
-    devices: &[String],
-    states: &HashMap<String, String>,
-    pushes: &[PushRun],
-    arrivals: &[Arrival],
-    budget: Option<Budget>,
-) -> Checked {
-    let mut out = Checked::default();
-    let by_key: HashMap<&str, &PushRun> = pushes.iter().map(|p| (p.key.as_str(), p)).collect();
+/// A soak's record, with what its checks share: each push by its collapse key, and where each
+/// device C2DM called gone was first answered so (the arrival's place, and its push).
+struct Record<'a> {
+    devices: &'a [String],
+    states: &'a HashMap<String, String>,
+    pushes: &'a [PushRun],
+    arrivals: &'a [Arrival],
+    by_key: HashMap<&'a str, &'a PushRun>,
+    found_gone: HashMap<&'a str, (usize, &'a str)>,
+}
 
-    // Where each device C2DM called gone was first answered so: the arrival's place, and its
-    // push.
-    let mut found_gone: HashMap<&str, (usize, &str)> = HashMap::new();
-    for (at, a) in arrivals.iter().enumerate() {
-        if let (ArrivalAnswer::Rejected { code }, Some(id), Some(key)) =
-            (&a.answer, &a.registration_id, &a.collapse_key)
-            && matches!(code.as_str(), "NotRegistered" | "InvalidRegistration")
-        {
-            found_gone.entry(id.as_str()).or_insert((at, key.as_str()));
+impl<'a> Record<'a> {
+    fn new(
+        devices: &'a [String],
+        states: &'a HashMap<String, String>,
+        pushes: &'a [PushRun],
+        arrivals: &'a [Arrival],
+    ) -> Self {
+        let mut found_gone: HashMap<&str, (usize, &str)> = HashMap::new();
+        for (at, a) in arrivals.iter().enumerate() {
+            if let (ArrivalAnswer::Rejected { code }, Some(id), Some(key)) =
+                (&a.answer, &a.registration_id, &a.collapse_key)
+                && matches!(code.as_str(), "NotRegistered" | "InvalidRegistration")
+            {
+                found_gone.entry(id.as_str()).or_insert((at, key.as_str()));
+            }
+        }
+        Self {
+            devices,
+            states,
+            pushes,
+            arrivals,
+            by_key: pushes.iter().map(|p| (p.key.as_str(), p)).collect(),
+            found_gone,
         }
     }
 
-    // 1. One row per device and push, for no other device; a device C2DM called gone has
-    //    its row in the push that found it gone, and is in no later push's audience.
-    let known: std::collections::HashSet<&str> = devices.iter().map(String::as_str).collect();
-    for push in pushes {
-        let missing = devices
+    /// One row per device and push, for no other device; a device C2DM called gone has its row in
+    /// the push that found it gone, and is in no later push's audience.
+    fn one_row_per_device(&self, out: &mut Checked) {
+        let devices = self.devices;
+        let pushes = self.pushes;
+        let found_gone = &self.found_gone;
+        let known: std::collections::HashSet<&str> = devices.iter().map(String::as_str).collect();
+        for push in pushes {
+            let missing = devices
+                .iter()
+                .filter(|d| !push.rows.contains_key(*d))
+                .filter(|d| {
+                    !is_gone(d)
+                        || found_gone.get(d.as_str()).map(|(_, key)| *key)
+                            == Some(push.key.as_str())
+                })
+                .count();
+            let strangers = push
+                .rows
+                .keys()
+                .filter(|d| !known.contains(d.as_str()))
+                .count();
+            if missing > 0 || strangers > 0 {
+                out.problem(format!(
+                    "push {}: {missing} devices without a row, {strangers} rows for unknown devices",
+                    push.key
+                ));
+            }
+        }
+    }
+
+    /// Each accepted message seen once, except sends in flight at a kill, which their rows count;
+    /// and each row's outcome is what the emulator said.
+    fn each_acceptance_seen_once_or_counted(&self, out: &mut Checked) {
+        let pushes = self.pushes;
+        let arrivals = self.arrivals;
+        let by_key = &self.by_key;
+        let mut accepted: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+        for a in arrivals {
+            if let (ArrivalAnswer::Accepted { message_id }, Some(id), Some(key)) =
+                (&a.answer, &a.registration_id, &a.collapse_key)
+            {
+                accepted
+                    .entry((key.as_str(), id.as_str()))
+                    .or_default()
+                    .push(message_id);
+            }
+        }
+        let (mut copies, mut marked, mut rows_marked) = (0u64, 0u64, 0u64);
+        for push in pushes {
+            for (id, row) in &push.rows {
+                marked += row.possible_duplicates;
+                rows_marked += u64::from(row.possible_duplicates > 0);
+                let got = accepted
+                    .get(&(push.key.as_str(), id.as_str()))
+                    .map_or(&[][..], Vec::as_slice);
+                if row.outcome == "accepted"
+                    && !row
+                        .c2dm_message_id
+                        .as_deref()
+                        .is_some_and(|m| got.contains(&m))
+                {
+                    out.problem(format!(
+                        "push {} {id}: the row says accepted as {:?}; the emulator accepted {got:?}",
+                        push.key, row.c2dm_message_id
+                    ));
+                }
+                if !got.is_empty() && row.outcome != "accepted" && row.possible_duplicates == 0 {
+                    out.problem(format!(
+                        "push {} {id}: the emulator accepted it, the row says {} {:?} unmarked",
+                        push.key, row.outcome, row.error
+                    ));
+                }
+                let extra = (got.len() as u64).saturating_sub(1);
+                copies += extra;
+                if extra > row.possible_duplicates {
+                    out.problem(format!(
+                        "push {} {id}: {} copies, {} possible duplicates marked",
+                        push.key,
+                        got.len(),
+                        row.possible_duplicates
+                    ));
+                }
+            }
+        }
+        for (key, id) in accepted.keys() {
+            if !by_key.contains_key(key) {
+                out.problem(format!(
+                    "{id}: a message with collapse key {key} nobody pushed"
+                ));
+            }
+        }
+        out.figures.push(format!(
+            "copies beyond the first: {copies}; possible duplicates marked: {marked} (on {rows_marked} rows); every copy is on a marked row"
+        ));
+    }
+
+    /// No send to a device after C2DM called it gone, but a send again of a batch whose worker
+    /// died (its row marked); and each device in its state.
+    fn nothing_sent_after_gone(&self, out: &mut Checked) {
+        let devices = self.devices;
+        let states = self.states;
+        let arrivals = self.arrivals;
+        let by_key = &self.by_key;
+        let found_gone = &self.found_gone;
+        let mut after_gone = 0u64;
+        for (at, a) in arrivals.iter().enumerate() {
+            let (Some(id), Some(key)) = (&a.registration_id, &a.collapse_key) else {
+                continue;
+            };
+            let Some((_, first_key)) = found_gone
+                .get(id.as_str())
+                .filter(|(gone_at, _)| *gone_at < at)
+            else {
+                continue;
+            };
+            let resent = *first_key == key.as_str()
+                && by_key
+                    .get(key.as_str())
+                    .and_then(|p| p.rows.get(id))
+                    .is_some_and(|r| r.possible_duplicates > 0);
+            if !resent {
+                after_gone += 1;
+                out.problem(format!(
+                    "{id}: sent for push {key} after it went gone in push {first_key}"
+                ));
+            }
+        }
+        let wrong_state = devices
             .iter()
-            .filter(|d| !push.rows.contains_key(*d))
             .filter(|d| {
-                !is_gone(d)
-                    || found_gone.get(d.as_str()).map(|(_, key)| *key) == Some(push.key.as_str())
+                let state = states.get(*d).map_or("", String::as_str);
+                (state == "gone") != is_gone(d)
             })
             .count();
-        let strangers = push
-            .rows
-            .keys()
-            .filter(|d| !known.contains(d.as_str()))
-            .count();
-        if missing > 0 || strangers > 0 {
+        if wrong_state > 0 {
             out.problem(format!(
-                "push {}: {missing} devices without a row, {strangers} rows for unknown devices",
-                push.key
+                "{wrong_state} devices in the wrong state (gone or not)"
             ));
         }
-    }
-
-    // 2. Each accepted message seen once, except sends in flight at a kill, which their rows
-    //    count; and each row's outcome is what the emulator said.
-    let mut accepted: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
-    for a in arrivals {
-        if let (ArrivalAnswer::Accepted { message_id }, Some(id), Some(key)) =
-            (&a.answer, &a.registration_id, &a.collapse_key)
-        {
-            accepted
-                .entry((key.as_str(), id.as_str()))
-                .or_default()
-                .push(message_id);
-        }
-    }
-    let (mut copies, mut marked, mut rows_marked) = (0u64, 0u64, 0u64);
-    for push in pushes {
-        for (id, row) in &push.rows {
-            marked += row.possible_duplicates;
-            rows_marked += u64::from(row.possible_duplicates > 0);
-            let got = accepted
-                .get(&(push.key.as_str(), id.as_str()))
-                .map_or(&[][..], Vec::as_slice);
-            if row.outcome == "accepted"
-                && !row
-                    .c2dm_message_id
-                    .as_deref()
-                    .is_some_and(|m| got.contains(&m))
-            {
-                out.problem(format!(
-                    "push {} {id}: the row says accepted as {:?}; the emulator accepted {got:?}",
-                    push.key, row.c2dm_message_id
-                ));
-            }
-            if !got.is_empty() && row.outcome != "accepted" && row.possible_duplicates == 0 {
-                out.problem(format!(
-                    "push {} {id}: the emulator accepted it, the row says {} {:?} unmarked",
-                    push.key, row.outcome, row.error
-                ));
-            }
-            let extra = (got.len() as u64).saturating_sub(1);
-            copies += extra;
-            if extra > row.possible_duplicates {
-                out.problem(format!(
-                    "push {} {id}: {} copies, {} possible duplicates marked",
-                    push.key,
-                    got.len(),
-                    row.possible_duplicates
-                ));
-            }
-        }
-    }
-    for (key, id) in accepted.keys() {
-        if !by_key.contains_key(key) {
-            out.problem(format!(
-                "{id}: a message with collapse key {key} nobody pushed"
-            ));
-        }
-    }
-    out.figures.push(format!(
-        "copies beyond the first: {copies}; possible duplicates marked: {marked} (on {rows_marked} rows); every copy is on a marked row"
-    ));
-
-    // 3. No send to a device after C2DM called it gone, but a send again of a batch whose
-    //    worker died (its row marked).
-    let mut after_gone = 0u64;
-    for (at, a) in arrivals.iter().enumerate() {
-        let (Some(id), Some(key)) = (&a.registration_id, &a.collapse_key) else {
-            continue;
-        };
-        let Some((_, first_key)) = found_gone
-            .get(id.as_str())
-            .filter(|(gone_at, _)| *gone_at < at)
-        else {
-            continue;
-        };
-        let resent = *first_key == key.as_str()
-            && by_key
-                .get(key.as_str())
-                .and_then(|p| p.rows.get(id))
-                .is_some_and(|r| r.possible_duplicates > 0);
-        if !resent {
-            after_gone += 1;
-            out.problem(format!(
-                "{id}: sent for push {key} after it went gone in push {first_key}"
-            ));
-        }
-    }
-    let wrong_state = devices
-        .iter()
-        .filter(|d| {
-            let state = states.get(*d).map_or("", String::as_str);
-            (state == "gone") != is_gone(d)
-        })
-        .count();
-    if wrong_state > 0 {
-        out.problem(format!(
-            "{wrong_state} devices in the wrong state (gone or not)"
+        out.figures.push(format!(
+            "devices gone: {} (each sent to once, in the first push); sends after gone: {after_gone}",
+            found_gone.len()
         ));
     }
-    out.figures.push(format!(
-        "devices gone: {} (each sent to once, in the first push); sends after gone: {after_gone}",
-        found_gone.len()
-    ));
 
-    // 4. None of a cancelled push after the cancel took effect, but those in flight.
-    for push in pushes {
-        let Some((asked, cancelled)) = push.cancelled_at_us else {
-            continue;
-        };
-        let late: Vec<u64> = arrivals
-            .iter()
-            .filter(|a| a.collapse_key.as_deref() == Some(push.key.as_str()))
-            .filter(|a| a.at_us > cancelled)
-            .map(|a| a.at_us - cancelled)
-            .collect();
-        // Sends of the push in the second before the cancel was asked for, and while it was
-        // being answered: whether it met sends under way.
-        let of_push = || {
-            arrivals
+    /// None of a cancelled push after the cancel took effect, but those in flight.
+    fn nothing_sent_after_a_cancel(&self, out: &mut Checked) {
+        let pushes = self.pushes;
+        let arrivals = self.arrivals;
+        for push in pushes {
+            let Some((asked, cancelled)) = push.cancelled_at_us else {
+                continue;
+            };
+            let late: Vec<u64> = arrivals
                 .iter()
                 .filter(|a| a.collapse_key.as_deref() == Some(push.key.as_str()))
-        };
-        let flowing = of_push()
-            .filter(|a| a.at_us <= asked && a.at_us + 1_000_000 > asked)
-            .count();
-        let quiet_ms = of_push()
-            .filter(|a| a.at_us <= asked)
-            .map(|a| asked - a.at_us)
-            .min()
-            .map_or(0.0, |us| us as f64 / 1e3);
-        let answering = of_push()
-            .filter(|a| a.at_us > asked && a.at_us <= cancelled)
-            .count();
-        let grace = u64::try_from(CANCEL_GRACE.as_micros()).unwrap_or(u64::MAX);
-        let too_late = late.iter().filter(|us| **us > grace).count();
-        if too_late > 0 {
-            out.problem(format!(
-                "push {}: {too_late} sends more than {CANCEL_GRACE:?} after its cancel",
-                push.key
+                .filter(|a| a.at_us > cancelled)
+                .map(|a| a.at_us - cancelled)
+                .collect();
+            // Sends of the push in the second before the cancel was asked for, and while it was
+            // being answered: whether it met sends under way.
+            let of_push = || {
+                arrivals
+                    .iter()
+                    .filter(|a| a.collapse_key.as_deref() == Some(push.key.as_str()))
+            };
+            let flowing = of_push()
+                .filter(|a| a.at_us <= asked && a.at_us + 1_000_000 > asked)
+                .count();
+            let quiet_ms = of_push()
+                .filter(|a| a.at_us <= asked)
+                .map(|a| asked - a.at_us)
+                .min()
+                .map_or(0.0, |us| us as f64 / 1e3);
+            let answering = of_push()
+                .filter(|a| a.at_us > asked && a.at_us <= cancelled)
+                .count();
+            let grace = u64::try_from(CANCEL_GRACE.as_micros()).unwrap_or(u64::MAX);
+            let too_late = late.iter().filter(|us| **us > grace).count();
+            if too_late > 0 {
+                out.problem(format!(
+                    "push {}: {too_late} sends more than {CANCEL_GRACE:?} after its cancel",
+                    push.key
+                ));
+            }
+            let cancelled_rows = push
+                .rows
+                .values()
+                .filter(|r| r.error.as_deref() == Some("cancelled"))
+                .count();
+            out.figures.push(format!(
+                "push {} cancelled: {flowing} sends in the second before the cancel was asked for (the last {quiet_ms:.0} ms before), {answering} in the {:.0} ms it took to answer; {} arrived after it was answered (in flight), the last {:.0} ms after; {cancelled_rows} devices not attempted",
+                push.key,
+                cancelled.saturating_sub(asked) as f64 / 1e3,
+                late.len(),
+                late.iter().max().copied().unwrap_or(0) as f64 / 1e3
             ));
         }
-        let cancelled_rows = push
-            .rows
-            .values()
-            .filter(|r| r.error.as_deref() == Some("cancelled"))
-            .count();
+    }
+
+    /// No send while a 503 had paused the sender, but those in flight when it came.
+    fn nothing_sent_during_a_pause(&self, out: &mut Checked) {
+        let arrivals = self.arrivals;
+        let times: Vec<u64> = arrivals.iter().map(|a| a.at_us).collect();
+        let grace = u64::try_from(PAUSE_GRACE.as_micros()).unwrap_or(u64::MAX);
+        let (mut pauses, mut in_flight, mut latest) = (0u64, 0usize, 0u64);
+        let mut paused_for = 0u64;
+        for a in arrivals {
+            let ArrivalAnswer::Unavailable { until_us } = a.answer else {
+                continue;
+            };
+            pauses += 1;
+            paused_for += until_us.saturating_sub(a.at_us);
+            let start = times.partition_point(|t| *t <= a.at_us);
+            let grace_end = times.partition_point(|t| *t < a.at_us + grace);
+            let end = times.partition_point(|t| *t < until_us);
+            in_flight += grace_end.saturating_sub(start);
+            if let Some(last) = times[start..grace_end.max(start)].last() {
+                latest = latest.max(last - a.at_us);
+            }
+            if end > grace_end {
+                out.problem(format!(
+                    "{} sends during the pause of a 503 at {} µs (until {until_us} µs)",
+                    end - grace_end,
+                    a.at_us
+                ));
+            }
+        }
         out.figures.push(format!(
-            "push {} cancelled: {flowing} sends in the second before the cancel was asked for (the last {quiet_ms:.0} ms before), {answering} in the {:.0} ms it took to answer; {} arrived after it was answered (in flight), the last {:.0} ms after; {cancelled_rows} devices not attempted",
-            push.key,
-            cancelled.saturating_sub(asked) as f64 / 1e3,
-            late.len(),
-            late.iter().max().copied().unwrap_or(0) as f64 / 1e3
+            "pauses (503): {pauses}, {:.0} s in all; sends that arrived within {PAUSE_GRACE:?} of one (in flight): {in_flight}, the last {:.0} ms after it",
+            paused_for as f64 / 1e6,
+            latest as f64 / 1e3
         ));
     }
 
-    // 5. No send while a 503 had paused the sender, but those in flight when it came.
-    let times: Vec<u64> = arrivals.iter().map(|a| a.at_us).collect();
-    let grace = u64::try_from(PAUSE_GRACE.as_micros()).unwrap_or(u64::MAX);
-    let (mut pauses, mut in_flight, mut latest) = (0u64, 0usize, 0u64);
-    let mut paused_for = 0u64;
-    for a in arrivals {
-        let ArrivalAnswer::Unavailable { until_us } = a.answer else {
-            continue;
-        };
-        pauses += 1;
-        paused_for += until_us.saturating_sub(a.at_us);
-        let start = times.partition_point(|t| *t <= a.at_us);
-        let grace_end = times.partition_point(|t| *t < a.at_us + grace);
-        let end = times.partition_point(|t| *t < until_us);
-        in_flight += grace_end.saturating_sub(start);
-        if let Some(last) = times[start..grace_end.max(start)].last() {
-            latest = latest.max(last - a.at_us);
-        }
-        if end > grace_end {
-            out.problem(format!(
-                "{} sends during the pause of a 503 at {} µs (until {until_us} µs)",
-                end - grace_end,
-                a.at_us
-            ));
-        }
-    }
-    out.figures.push(format!(
-        "pauses (503): {pauses}, {:.0} s in all; sends that arrived within {PAUSE_GRACE:?} of one (in flight): {in_flight}, the last {:.0} ms after it",
-        paused_for as f64 / 1e6,
-        latest as f64 / 1e3
-    ));
-
-    // 6. The budget, all workers together: what was accepted by the end of each period is
-    //    within the periods' budgets so far (a batch reserves before it sends, so a send may
-    //    arrive in the period after the one it counted in, never before).
-    if let Some(budget) = budget {
+    /// The budget, all workers together: what was accepted by the end of each period is within the
+    /// periods' budgets so far (a batch reserves before it sends, so a send may arrive in the
+    /// period after the one it counted in, never before).
+    fn within_the_budget(&self, budget: Budget, out: &mut Checked) {
+        let arrivals = self.arrivals;
         let period_us = u64::try_from(budget.period.as_micros()).unwrap_or(u64::MAX);
         let mut per_period: std::collections::BTreeMap<u64, u64> = Default::default();
         for a in arrivals {
@@ -562,6 +602,27 @@ fn check(
             budget.period,
             per_period.values().collect::<Vec<_>>()
         ));
+    }
+}
+
+/// Checks the pushes' rows and the devices' states against the emulator's arrivals: one
+/// function per guarantee.
+fn check(
+    devices: &[String],
+    states: &HashMap<String, String>,
+    pushes: &[PushRun],
+    arrivals: &[Arrival],
+    budget: Option<Budget>,
+) -> Checked {
+    let record = Record::new(devices, states, pushes, arrivals);
+    let mut out = Checked::default();
+    record.one_row_per_device(&mut out);
+    record.each_acceptance_seen_once_or_counted(&mut out);
+    record.nothing_sent_after_gone(&mut out);
+    record.nothing_sent_after_a_cancel(&mut out);
+    record.nothing_sent_during_a_pause(&mut out);
+    if let Some(budget) = budget {
+        record.within_the_budget(budget, &mut out);
     }
     out
 }
