@@ -399,13 +399,12 @@ async fn server_checks(
     let push = serde_json::json!({
         "to": "all", "collapse_key": "demo", "data": {"message": "from the server"}
     });
-    let (status, message) =
-        call(&http, base, "POST", "/v1/messages", DEMO_ADMIN, Some(push)).await?;
+    let (status, message) = call(&http, base, "POST", "/v1/pushes", DEMO_ADMIN, Some(push)).await?;
     if status != 202 {
         return Err(CliError::Failure(format!("the push: {status} {message}")));
     }
     let id = message["id"].as_str().unwrap_or_default().to_owned();
-    let status_path = format!("/v1/messages/{id}?wait=60");
+    let status_path = format!("/v1/pushes/{id}?wait=60");
     let (_, message) = call(&http, base, "GET", &status_path, DEMO_ADMIN, None).await?;
     println!(
         "push {id}: {}, {} accepted, {} rejected (NotRegistered)",
@@ -424,7 +423,7 @@ async fn server_checks(
     let mut rows = 0usize;
     let mut after = String::new();
     loop {
-        let path = format!("/v1/messages/{id}/deliveries?limit=1000{after}");
+        let path = format!("/v1/pushes/{id}/deliveries?limit=1000{after}");
         let (_, page) = call(&http, base, "GET", &path, DEMO_ADMIN, None).await?;
         for row in page["deliveries"].as_array().cloned().unwrap_or_default() {
             rows += 1;

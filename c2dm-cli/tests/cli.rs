@@ -1082,14 +1082,14 @@ async fn push_to_all_and_wait(base: &str) -> serde_json::Value {
     let (status, push) = http(
         base,
         "POST",
-        "/v1/messages",
+        "/v1/pushes",
         "admin-key-for-cli-tests",
         Some(push),
     )
     .await;
     assert_eq!(status, 202, "{push}");
     let id = push["id"].as_str().unwrap();
-    let path = format!("/v1/messages/{id}?wait=60");
+    let path = format!("/v1/pushes/{id}?wait=60");
     let (status, done) = http(base, "GET", &path, "admin-key-for-cli-tests", None).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["state"], "done", "{done}");
@@ -1233,7 +1233,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
     let (status, push) = http(
         &base,
         "POST",
-        "/v1/messages",
+        "/v1/pushes",
         "admin-key-for-cli-tests",
         Some(push),
     )
@@ -1246,7 +1246,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
         let (_, status) = http(
             &base,
             "GET",
-            &format!("/v1/messages/{id}"),
+            &format!("/v1/pushes/{id}"),
             "admin-key-for-cli-tests",
             None,
         )
@@ -1270,7 +1270,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
     doomed.wait().unwrap();
     let (again, _) = spawn_serve(&env, &database, &worker_args).await;
 
-    let path = format!("/v1/messages/{id}?wait=60");
+    let path = format!("/v1/pushes/{id}?wait=60");
     let (status, done) = http(&base, "GET", &path, "admin-key-for-cli-tests", None).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["state"], "done", "{done}");
@@ -1283,7 +1283,7 @@ async fn a_worker_process_killed_mid_push_on_postgres_loses_nothing() {
     let mut rows = HashMap::new();
     let mut after = String::new();
     loop {
-        let page_path = format!("/v1/messages/{id}/deliveries?limit=200{after}");
+        let page_path = format!("/v1/pushes/{id}/deliveries?limit=200{after}");
         let (status, page) = http(&base, "GET", &page_path, "admin-key-for-cli-tests", None).await;
         assert_eq!(status, 200, "{page}");
         for row in page["deliveries"].as_array().unwrap() {
@@ -1384,7 +1384,7 @@ async fn serve_stops_at_once_on_a_second_sigterm() {
     let (status, body) = http(
         &base,
         "POST",
-        "/v1/messages",
+        "/v1/pushes",
         "admin-key-for-cli-tests",
         Some(push),
     )

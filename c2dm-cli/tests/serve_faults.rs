@@ -274,7 +274,7 @@ async fn a_stop_during_a_c2dm_outage_ends_within_the_shutdown_timeout() {
         assert_eq!(status, 201, "{answer}");
     }
     let push = serde_json::json!({"to": "all", "collapse_key": "k"});
-    let (status, answer) = server.post("/v1/messages", ADMIN, &push).await;
+    let (status, answer) = server.post("/v1/pushes", ADMIN, &push).await;
     assert_eq!(status, 202, "{answer}");
     // The batches send, every send fails to connect and waits to try again.
     server.said("retrying").await;
@@ -305,12 +305,12 @@ async fn a_stop_during_a_c2dm_outage_ends_within_the_shutdown_timeout() {
         args: &[],
     })
     .await;
-    let (status, message) = again.get("/v1/messages/1?wait=60", Some(ADMIN)).await;
+    let (status, message) = again.get("/v1/pushes/1?wait=60", Some(ADMIN)).await;
     assert_eq!(status, 200, "{message}");
     let message: serde_json::Value = serde_json::from_str(&message).unwrap();
     assert_eq!(message["state"], "done", "{message}");
     let (_, failed) = again
-        .get("/v1/messages/1/deliveries?outcome=failed", Some(ADMIN))
+        .get("/v1/pushes/1/deliveries?outcome=failed", Some(ADMIN))
         .await;
     assert_eq!(message["tally"]["accepted"], devices, "{message} {failed}");
     for i in 0..devices {

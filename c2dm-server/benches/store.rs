@@ -7,9 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use c2dm_core::OutcomeKind;
 use c2dm_server::jobs::{Queues, WorkerOptions};
-use c2dm_server::store::{
-    Audience, DeliveryRow, Everyone, NewDevice, NewMessage, SqliteStore, Store,
-};
+use c2dm_server::store::{Audience, DeliveryRow, Everyone, NewDevice, NewPush, Store};
 use criterion::{Criterion, Throughput, criterion_main};
 
 /// Rows a batch writes at a time (the server's flush).
@@ -27,15 +25,15 @@ fn store(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let store = rt.block_on(SqliteStore::open(&url)).unwrap();
+    let store = rt.block_on(Store::open_sqlite(&url)).unwrap();
     // The queues' tables: a push is stored with its job.
     let _queues = rt
-        .block_on(Queues::open_sqlite(store.pool(), &WorkerOptions::default()))
+        .block_on(Queues::open_beside(&store, &WorkerOptions::default()))
         .unwrap();
 
     let (id, run) = rt.block_on(async {
         let (_, push) = store
-            .create_message(&NewMessage {
+            .create_push(&NewPush {
                 idempotency_key: None,
                 audience: Audience::RegistrationIds {
                     registration_ids: vec!["bench-device".into()],

@@ -160,7 +160,7 @@
       ? el('button', { type: 'button', class: 'danger small', 'data-cancel': m.id, onclick: () => cancelPush(m.id) }, 'Cancel')
       : null;
     return el('li', { class: 'card', 'data-message': m.id, 'data-state': m.state },
-      el('h3', {}, el('a', { href: `#/messages/${m.id}` }, `Push ${m.id}`), ` · ${m.collapse_key}`),
+      el('h3', {}, el('a', { href: `#/pushes/${m.id}` }, `Push ${m.id}`), ` · ${m.collapse_key}`),
       el('p', { class: 'meta' },
         el('span', { class: 'state', text: stateText(m) }),
         ` · to ${audienceText(m.to)}`,
@@ -172,11 +172,11 @@
 
   async function showMessages(mine) {
     show('messages-view');
-    const page = await api('GET', `/v1/messages?limit=${Math.min(messagesShown, 1000)}`);
+    const page = await api('GET', `/v1/pushes?limit=${Math.min(messagesShown, 1000)}`);
     if (mine !== generation) return;
     const list = $('message-list');
-    list.replaceChildren(...page.messages.map(messageCard));
-    if (page.messages.length === 0) list.append(el('li', { class: 'hint', text: 'No push yet: send one.' }));
+    list.replaceChildren(...page.pushes.map(messageCard));
+    if (page.pushes.length === 0) list.append(el('li', { class: 'hint', text: 'No push yet: send one.' }));
     const more = $('messages-more');
     more.hidden = page.next === null;
     more.onclick = () => {
@@ -184,12 +184,12 @@
       showMessages(mine).catch((e) => notice(e.message));
     };
     // Quickly while a push is under way; now and then otherwise, for pushes made elsewhere.
-    repeat(mine, page.messages.some(running) ? POLL_MS : IDLE_POLL_MS, () => showMessages(mine));
+    repeat(mine, page.pushes.some(running) ? POLL_MS : IDLE_POLL_MS, () => showMessages(mine));
   }
 
   async function cancelPush(id) {
     try {
-      await api('POST', `/v1/messages/${encodeURIComponent(id)}/cancel`);
+      await api('POST', `/v1/pushes/${encodeURIComponent(id)}/cancel`);
       notice(`Cancel asked for push ${id}: batches not started will not be sent.`);
     } catch (e) {
       notice(`Could not cancel push ${id}: ${e.message}`);
@@ -253,7 +253,7 @@
     if (rowsFilter.outcome) query.set('outcome', rowsFilter.outcome);
     if (rowsFilter.error) query.set('error', rowsFilter.error);
     if (after) query.set('after', after);
-    const page = await api('GET', `/v1/messages/${encodeURIComponent(id)}/deliveries?${query}`);
+    const page = await api('GET', `/v1/pushes/${encodeURIComponent(id)}/deliveries?${query}`);
     if (mine !== generation) return;
     const body = $('deliveries').tBodies[0];
     const rows = page.deliveries.map(deliveryRow);
@@ -277,7 +277,7 @@
       rowsFilter = { outcome: $('filter-outcome').value, error: $('filter-error').value };
       loadDeliveries(mine, id).catch((e) => notice(e.message));
     };
-    const m = await api('GET', `/v1/messages/${encodeURIComponent(id)}`);
+    const m = await api('GET', `/v1/pushes/${encodeURIComponent(id)}`);
     if (mine !== generation) return;
     renderMessage(m);
     await loadDeliveries(mine, id);
@@ -286,7 +286,7 @@
 
   function watchMessage(mine, id) {
     repeat(mine, POLL_MS, async () => {
-      const m = await api('GET', `/v1/messages/${encodeURIComponent(id)}`);
+      const m = await api('GET', `/v1/pushes/${encodeURIComponent(id)}`);
       if (mine !== generation) return;
       renderMessage(m);
       if (running(m)) watchMessage(mine, id);
@@ -373,7 +373,7 @@
     if (mine !== generation) return;
     const body = $('device-history').tBodies[0];
     const rows = page.deliveries.map((d) => el('tr', { 'data-outcome': d.outcome },
-      el('td', {}, el('a', { href: `#/messages/${d.message_id}`, text: `Push ${d.message_id}` })),
+      el('td', {}, el('a', { href: `#/pushes/${d.push_id}`, text: `Push ${d.push_id}` })),
       el('td', { text: outcomeName(d.outcome) }),
       el('td', { text: d.error || '—' }),
       el('td', { class: 'num', text: fmt(d.attempts) }),
@@ -460,9 +460,9 @@
     if (!pending) return;
     $('confirm-send').disabled = true;
     try {
-      const message = await api('POST', '/v1/messages', pending.body, { 'Idempotency-Key': pending.key });
+      const message = await api('POST', '/v1/pushes', pending.body, { 'Idempotency-Key': pending.key });
       pending = null;
-      location.hash = `#/messages/${message.id}`;
+      location.hash = `#/pushes/${message.id}`;
     } catch (e) {
       $('send-confirm').hidden = true;
       $('send-form').hidden = false;
@@ -494,7 +494,7 @@
       await api('GET', '/v1/device-counts');
       sessionStorage.setItem(TOKEN_KEY, given);
       $('login-error').hidden = true;
-      if (!location.hash || location.hash === '#/') location.hash = '#/messages';
+      if (!location.hash || location.hash === '#/') location.hash = '#/pushes';
       else route();
     } catch (e) {
       token = null;
@@ -523,7 +523,7 @@
       if (mine === generation && e.status !== 401) notice(e.status === 404 ? `Not found: ${e.message}.` : e.message);
     };
     const decoded = id === undefined ? undefined : decodeURIComponent(id);
-    if (section === 'messages' && decoded) showMessage(mine, decoded).catch(failed);
+    if (section === 'pushes' && decoded) showMessage(mine, decoded).catch(failed);
     else if (section === 'devices' && decoded) showDevice(mine, decoded).catch(failed);
     else if (section === 'devices') showDevices(mine).catch(failed);
     else if (section === 'send') showSend();

@@ -17,13 +17,13 @@
 //! use std::sync::Arc;
 //! use c2dm_server::api::{Key, Keys, router};
 //! use c2dm_server::jobs::{Queues, WorkerOptions};
-//! use c2dm_server::store::SqliteStore;
+//! use c2dm_server::store::Store;
 //!
-//! let store = SqliteStore::open("sqlite::memory:").await?;
+//! let store = Store::open_sqlite("sqlite::memory:").await?;
 //! // The queues' tables, in the same database: the API enqueues into them.
-//! let queues = Queues::open_sqlite(store.pool(), &WorkerOptions::default()).await?;
+//! let queues = Queues::open_beside(&store, &WorkerOptions::default()).await?;
 //! let keys = Keys::new(Key::new("admin-token-0123456789")?, Key::new("device-key-0123456789")?)?;
-//! let app = router(Arc::new(store), keys);
+//! let app = router(store, keys);
 //! // jobs::run_workers(store, sender, queues, WorkerOptions::default(), shutdown) sends.
 //! # let _ = queues;
 //! // axum::serve(listener, app).await?;

@@ -7,18 +7,18 @@ use std::time::SystemTime;
 use apalis::prelude::{Task, TaskBuilder};
 use serde::{Deserialize, Serialize};
 
-/// Walk the audience of push `message_id` and enqueue its batches.
+/// Walk the audience of push `push_id` and enqueue its batches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushJob {
     /// The push.
-    pub message_id: i64,
+    pub push_id: i64,
 }
 
-/// Send push `message_id` to these devices.
+/// Send push `push_id` to these devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchJob {
     /// The push.
-    pub message_id: i64,
+    pub push_id: i64,
     /// The devices of this batch (none in a job that names its stored list instead).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registration_ids: Vec<String>,
@@ -39,10 +39,10 @@ pub struct BatchJob {
 }
 
 impl BatchJob {
-    /// The job that names stored list `list` of push `message_id`.
-    pub fn stored(message_id: i64, list: i64) -> Self {
+    /// The job that names stored list `list` of push `push_id`.
+    pub fn stored(push_id: i64, list: i64) -> Self {
         Self {
-            message_id,
+            push_id,
             registration_ids: Vec::new(),
             possibly_sent: Vec::new(),
             positions: None,
@@ -93,11 +93,11 @@ mod tests {
     #[test]
     fn a_batch_job_queued_before_possibly_sent_existed_still_reads() {
         let old: BatchJob =
-            serde_json::from_str(r#"{"message_id": 7, "registration_ids": ["a", "b"]}"#).unwrap();
+            serde_json::from_str(r#"{"push_id": 7, "registration_ids": ["a", "b"]}"#).unwrap();
         assert_eq!(old.possibly_sent, Vec::<String>::new());
         assert_eq!(old.positions, None);
         let later = BatchJob {
-            message_id: 7,
+            push_id: 7,
             registration_ids: vec!["a".into(), "b".into()],
             possibly_sent: vec!["b".into()],
             positions: Some(Positions {
@@ -114,7 +114,7 @@ mod tests {
         assert!(!plain.contains("positions"), "{plain}");
         // A job that names its list carries nothing else.
         let stored = serde_json::to_string(&BatchJob::stored(7, 3)).unwrap();
-        assert_eq!(stored, r#"{"message_id":7,"list":3}"#);
+        assert_eq!(stored, r#"{"push_id":7,"list":3}"#);
         assert_eq!(
             serde_json::from_str::<BatchJob>(&stored).unwrap(),
             BatchJob::stored(7, 3)

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use c2dm_core::Sender;
 
@@ -12,7 +11,7 @@ use crate::api::{Keys, router};
 use crate::health::WorkerHealth;
 use crate::jobs::{JobError, Queues, WorkerOptions, run_workers_reporting};
 use crate::listen::{HttpLimits, serve_http};
-use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// What one process does. Its `Debug` hides the database URL's password.
 #[derive(Clone)]
@@ -166,7 +165,7 @@ async fn unboxed(
             let bound = listener.local_addr()?;
             listening(bound)?;
             tracing::info!(%bound, console = %format!("http://{bound}/"), "API listening");
-            let app = router(Arc::clone(&store), keys).layer(axum::Extension(health.clone()));
+            let app = router(store.clone(), keys).layer(axum::Extension(health.clone()));
             let signal = stopped(&stop);
             Some(tokio::spawn(serve_http(
                 listener,
@@ -186,8 +185,7 @@ async fn unboxed(
             }
             tracing::info!(%bound, "metrics and health listening");
             let signal = stopped(&stop);
-            let app =
-                crate::api::ops_router(Arc::clone(&store)).layer(axum::Extension(health.clone()));
+            let app = crate::api::ops_router(store.clone()).layer(axum::Extension(health.clone()));
             Some(tokio::spawn(serve_http(
                 listener,
                 app,
@@ -200,7 +198,7 @@ async fn unboxed(
     let workers = options.workers.map(|worker_options| {
         let signal = stopped(&stop);
         tokio::spawn(run_workers_reporting(
-            Arc::clone(&store),
+            store.clone(),
             sender,
             queues.clone(),
             worker_options,
@@ -229,19 +227,19 @@ async fn unboxed(
 pub async fn open_database(
     url: &str,
     options: &WorkerOptions,
-) -> Result<(Arc<dyn Store>, Queues), ServeError> {
+) -> Result<(Store, Queues), ServeError> {
     if url.starts_with("sqlite:") {
-        let store = SqliteStore::open(url).await?;
-        let queues = Queues::open_sqlite(store.pool(), options).await?;
-        Ok((Arc::new(store), queues))
+        let store = Store::open_sqlite(url).await?;
+        let queues = Queues::open_beside(&store, options).await?;
+        Ok((store, queues))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         // The batches at once, the push walker, the API's requests and the account watcher.
         let connections = u32::try_from(options.workers)
             .unwrap_or(64)
             .saturating_add(8);
-        let store = PostgresStore::open(url, connections).await?;
-        let queues = Queues::open_postgres(store.pool(), options).await?;
-        Ok((Arc::new(store), queues))
+        let store = Store::open_postgres(url, connections).await?;
+        let queues = Queues::open_beside(&store, options).await?;
+        Ok((store, queues))
     } else {
         Err(ServeError::UnsupportedDatabase)
     }

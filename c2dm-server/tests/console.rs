@@ -12,7 +12,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -225,7 +224,7 @@ fn workers(server: &Server) -> Workers {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sender = server.sender_over(c2dm_hyper::HyperTransport::new().unwrap());
     let done = tokio::spawn(run_workers(
-        Arc::clone(&server.store),
+        server.store.clone(),
         sender,
         server.queues.clone(),
         WorkerOptions {
@@ -401,7 +400,7 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     page.screenshot("send-confirm").await;
     page.click("#confirm-send").await;
     page.until(
-        "location.hash.startsWith('#/messages/') \
+        "location.hash.startsWith('#/pushes/') \
          && !document.querySelector('#message-view').hidden \
          && document.querySelector('#message-title').innerText === `Push ${location.hash.split('/')[2]}` \
          && document.querySelector('#message-facts dd[data-fact=\"state\"]')?.innerText === 'done'",
@@ -414,7 +413,7 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         .unwrap();
     let sent = sent.as_str().unwrap().to_owned();
     let (_, message) = server
-        .call("GET", &format!("/v1/messages/{sent}"), ADMIN, None)
+        .call("GET", &format!("/v1/pushes/{sent}"), ADMIN, None)
         .await;
     assert_eq!(message["to"], json!({"tag": "beta"}), "{message}");
     assert_eq!(message["collapse_key"], "promo");
@@ -443,7 +442,7 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     ))
     .await;
     let (_, message) = server
-        .call("GET", &format!("/v1/messages/{doomed}"), ADMIN, None)
+        .call("GET", &format!("/v1/pushes/{doomed}"), ADMIN, None)
         .await;
     assert_eq!(message["cancel_requested"], true, "{message}");
     let _running = workers(&server);

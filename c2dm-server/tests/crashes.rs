@@ -16,7 +16,7 @@ use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use c2dm_server::queue::BatchJob;
 use c2dm_server::serve::open_database;
-use c2dm_server::store::{Audience, DeliveryRow, DeviceState, MessageState, Positions, Tally};
+use c2dm_server::store::{Audience, DeliveryRow, DeviceState, OutcomeTally, Positions, PushState};
 use serde_json::{Value, json};
 
 use common::{Db, Server};
@@ -128,7 +128,7 @@ async fn a_worker_killed_mid_batch_leaves_its_batch_to_another(db: Db) {
     doomed.shutdown_background();
     let before = server
         .store
-        .message(id.parse().unwrap())
+        .push(id.parse().unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -191,7 +191,7 @@ async fn a_cancel_stops_a_batch_under_way(db: Db) {
     let (status, _) = server
         .call(
             "POST",
-            &format!("/v1/messages/{id}/cancel"),
+            &format!("/v1/pushes/{id}/cancel"),
             common::ADMIN,
             None,
         )
@@ -229,21 +229,20 @@ fn counting(
     }
 }
 
-/// How many batches of push `message_id` have marked sends, read from the database itself.
-async fn batches_marked(server: &Server, db: Db, message_id: i64) -> i64 {
+/// How many batches of push `push_id` have marked sends, read from the database itself.
+async fn batches_marked(server: &Server, db: Db, push_id: i64) -> i64 {
     use sqlx::Connection;
-    const MARKED: &str =
-        "SELECT COUNT(*) FROM batch_marks WHERE message_id = $1 AND sent_through > 0";
+    const MARKED: &str = "SELECT COUNT(*) FROM batch_marks WHERE push_id = $1 AND sent_through > 0";
     let url = &server.database.url;
     match db {
         Db::Sqlite => {
             let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
-            let query = sqlx::query_scalar(MARKED).bind(message_id);
+            let query = sqlx::query_scalar(MARKED).bind(push_id);
             query.fetch_one(&mut conn).await.unwrap()
         }
         Db::Postgres => {
             let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-            let query = sqlx::query_scalar(MARKED).bind(message_id);
+            let query = sqlx::query_scalar(MARKED).bind(push_id);
             query.fetch_one(&mut conn).await.unwrap()
         }
     }
@@ -268,13 +267,13 @@ async fn a_worker_readies_its_next_batch_but_sends_no_more_at_once(db: Db) {
     );
     let _workers = server.workers_with(server.sender_over(transport), options);
     let id = server.push(json!("all")).await;
-    let message_id: i64 = id.parse().unwrap();
+    let push_id: i64 = id.parse().unwrap();
     // The first batch's sends are held after the third.
     held.await.unwrap();
     // The next batch is readied meanwhile (its first sends marked: it has a mark of its
     // own), and waits: nothing of it is sent. Each look yields to the workers; none sleeps.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while batches_marked(&server, db, message_id).await < 2 {
+    while batches_marked(&server, db, push_id).await < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "no second batch readied"
@@ -331,23 +330,23 @@ async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db
     let server = Server::start_with(db, |_| {}, &options).await;
     let ids: Vec<String> = (0..10).map(|i| format!("phone-{i:03}")).collect();
     let id = server.push(json!({ "registration_ids": ids })).await;
-    let message_id: i64 = id.parse().unwrap();
+    let push_id: i64 = id.parse().unwrap();
     // A walker enqueued the first page, then died: the walk is at 3.
     let store = &server.store;
     assert!(
         store
-            .walk_page(message_id, None, 3, &ids[..3], None)
+            .walk_page(push_id, None, 3, &ids[..3], None)
             .await
             .unwrap()
     );
     // A second walker that read the walk before that cannot enqueue the page again.
     assert!(
         !store
-            .walk_page(message_id, None, 3, &ids[..3], None)
+            .walk_page(push_id, None, 3, &ids[..3], None)
             .await
             .unwrap()
     );
-    let record = store.message(message_id).await.unwrap().unwrap();
+    let record = store.push(push_id).await.unwrap().unwrap();
     assert_eq!((record.walk_after, record.walked), (Some(3), 3));
 
     // The push's own job (stored with the push) goes on from there.
@@ -377,7 +376,7 @@ async fn a_device_that_stops_being_active_after_the_walk_is_not_sent_to(db: Db) 
             .await;
     }
     let id = server.push(json!({ "user_id": "bob" })).await;
-    let message_id: i64 = id.parse().unwrap();
+    let push_id: i64 = id.parse().unwrap();
     // A walker enqueued the first page (phone-000 and phone-002, with phone-001 between them
     // in the registry), as the push's job does…
     let store = &server.store;
@@ -394,7 +393,7 @@ async fn a_device_that_stops_being_active_after_the_walk_is_not_sent_to(db: Db) 
     let to = page.next.unwrap();
     assert!(
         store
-            .walk_page(message_id, None, to, &ids, Some(positions))
+            .walk_page(push_id, None, to, &ids, Some(positions))
             .await
             .unwrap()
     );
@@ -465,37 +464,37 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     let id = server
         .push(json!({ "registration_ids": ["phone-000"] }))
         .await;
-    let message_id: i64 = id.parse().unwrap();
+    let push_id: i64 = id.parse().unwrap();
     let store = &server.store;
-    let first = store.claim_batch(message_id, "b1").await.unwrap();
+    let first = store.claim_batch(push_id, "b1").await.unwrap();
     assert_eq!((first.run, first.marked_through), (1, 0));
-    assert!(store.mark_sending(message_id, &first, 5).await.unwrap());
+    assert!(store.mark_sending(push_id, &first, 5).await.unwrap());
     // A late mark of a slot that lagged behind does not move it back.
-    assert!(store.mark_sending(message_id, &first, 3).await.unwrap());
-    let other = store.claim_batch(message_id, "b2").await.unwrap();
+    assert!(store.mark_sending(push_id, &first, 3).await.unwrap());
+    let other = store.claim_batch(push_id, "b2").await.unwrap();
     assert_eq!((other.run, other.marked_through), (1, 0));
     // Run again (its worker taken for dead): the new run reads the mark, and the first can
     // neither mark nor record any more.
-    let second = store.claim_batch(message_id, "b1").await.unwrap();
+    let second = store.claim_batch(push_id, "b1").await.unwrap();
     assert_eq!((second.run, second.marked_through), (2, 5));
     assert_eq!(second.sending_runs, 1, "one run marked, twice");
-    assert!(!store.mark_sending(message_id, &first, 9).await.unwrap());
+    assert!(!store.mark_sending(push_id, &first, 9).await.unwrap());
     let row = DeliveryRow::not_attempted("phone-000", "cancelled", std::time::SystemTime::now());
     assert!(
         !store
-            .record_batch(message_id, &first, std::slice::from_ref(&row), &[])
+            .record_batch(push_id, &first, std::slice::from_ref(&row), &[])
             .await
             .unwrap()
     );
     assert!(
         store
-            .recorded(message_id, &["phone-000".into()])
+            .recorded(push_id, &["phone-000".into()])
             .await
             .unwrap()
             .is_empty()
     );
-    assert!(store.mark_sending(message_id, &second, 9).await.unwrap());
-    let third = store.claim_batch(message_id, "b1").await.unwrap();
+    assert!(store.mark_sending(push_id, &second, 9).await.unwrap());
+    let third = store.claim_batch(push_id, "b1").await.unwrap();
     assert_eq!((third.marked_through, third.sending_runs), (9, 2));
 
     let _workers = server.workers(options);
@@ -504,7 +503,7 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     // The push's marks went with it: a run after that claims nothing (it would leave a mark
     // behind for good), is told the push is finished (so it neither sends nor skips the row
     // check of a first run), and records nothing.
-    let late = store.claim_batch(message_id, "b1").await.unwrap();
+    let late = store.claim_batch(push_id, "b1").await.unwrap();
     assert_eq!(
         (late.run, late.marked_through, late.sending_runs),
         (0, 0, 0)
@@ -512,17 +511,17 @@ async fn a_batch_mark_only_grows_is_its_own_and_goes_with_its_push(db: Db) {
     assert!(late.finished, "{late:?}");
     assert!(
         !store
-            .record_batch(message_id, &late, std::slice::from_ref(&row), &[])
+            .record_batch(push_id, &late, std::slice::from_ref(&row), &[])
             .await
             .unwrap(),
         "a run that claimed nothing records nothing"
     );
     // No mark was left: a claim after it finds none either (one left behind would have
     // counted this one as run 1, and the next as run 2).
-    let later = store.claim_batch(message_id, "b1").await.unwrap();
+    let later = store.claim_batch(push_id, "b1").await.unwrap();
     assert_eq!((later.run, later.finished), (0, true), "{later:?}");
-    assert!(!store.mark_sending(message_id, &later, 1).await.unwrap());
-    let message = server.store.message(message_id).await.unwrap().unwrap();
+    assert!(!store.mark_sending(push_id, &later, 1).await.unwrap());
+    let message = server.store.push(push_id).await.unwrap().unwrap();
     assert_eq!(message.tally.recorded(), 1, "the row it had is kept");
     assert_eq!(message.tally.accepted, 1, "{message:?}");
 }
@@ -551,15 +550,15 @@ fn row(device: &str, outcome: OutcomeKind, error: Option<&str>) -> DeliveryRow {
 /// waiter for the push hears of its end, and of no write before.
 async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
     let server = Server::start(db).await;
-    let message_id = push_to(&server, &["phone-a", "phone-b", "phone-c"]).await;
+    let push_id = push_to(&server, &["phone-a", "phone-b", "phone-c"]).await;
     let store = &server.store;
     let (changes, finishes) = (store.changes(), store.finishes());
-    store.finish_walk(message_id, 3).await.unwrap();
-    let run = store.claim_batch(message_id, "b1").await.unwrap();
+    store.finish_walk(push_id, 3).await.unwrap();
+    let run = store.claim_batch(push_id, "b1").await.unwrap();
     let first = [row("phone-a", OutcomeKind::Accepted, None)];
     assert!(
         store
-            .record_batch(message_id, &run, &first, &[])
+            .record_batch(push_id, &run, &first, &[])
             .await
             .unwrap()
     );
@@ -569,22 +568,17 @@ async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
         "a write that leaves a row to come is no end"
     );
     let rows = ["phone-b", "phone-c"].map(|device| row(device, OutcomeKind::Accepted, None));
-    assert!(
-        store
-            .record_batch(message_id, &run, &rows, &[])
-            .await
-            .unwrap()
-    );
+    assert!(store.record_batch(push_id, &run, &rows, &[]).await.unwrap());
     assert!(
         finishes.has_changed().unwrap(),
         "the last rows end the push"
     );
-    let message = store.message(message_id).await.unwrap().unwrap();
-    assert_eq!(message.state, MessageState::Done, "{message:?}");
+    let message = store.push(push_id).await.unwrap().unwrap();
+    assert_eq!(message.state, PushState::Done, "{message:?}");
     assert_eq!(message.tally.accepted, 3, "{message:?}");
     assert!(
         store
-            .finish_batch(message_id, &run, &[], &[], &[])
+            .finish_batch(push_id, &run, &[], &[], &[])
             .await
             .unwrap(),
         "the last write of the run that finished the push is not refused"
@@ -593,7 +587,7 @@ async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
     let stale = DeliveryRow::not_attempted("phone-c", "cancelled", std::time::SystemTime::now());
     assert!(
         !store
-            .record_batch(message_id, &run, &[stale], &[])
+            .record_batch(push_id, &run, &[stale], &[])
             .await
             .unwrap()
     );
@@ -603,7 +597,7 @@ async fn a_batch_that_finished_its_push_is_not_taken_for_taken_over(db: Db) {
 /// the batch: a stale run's is refused, and a run after it finds nothing to do.
 async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
     let server = Server::start(db).await;
-    let message_id = push_to(&server, &["phone-000", "phone-001"]).await;
+    let push_id = push_to(&server, &["phone-000", "phone-001"]).await;
     let store = &server.store;
     let batches = || async { server.queues.depth().await.unwrap().1 };
     assert_eq!(batches().await, 0, "no worker has walked the push");
@@ -611,7 +605,7 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
     let row = DeliveryRow::not_attempted("phone-000", "cancelled", now);
     let later = [(
         BatchJob {
-            message_id,
+            push_id,
             registration_ids: vec!["phone-001".into()],
             possibly_sent: vec!["phone-001".into()],
             positions: None,
@@ -619,39 +613,39 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
         },
         now + Duration::from_secs(86_400),
     )];
-    let stale = store.claim_batch(message_id, "b1").await.unwrap();
-    let latest = store.claim_batch(message_id, "b1").await.unwrap();
+    let stale = store.claim_batch(push_id, "b1").await.unwrap();
+    let latest = store.claim_batch(push_id, "b1").await.unwrap();
     assert!(
         !store
-            .finish_batch(message_id, &stale, std::slice::from_ref(&row), &[], &later)
+            .finish_batch(push_id, &stale, std::slice::from_ref(&row), &[], &later)
             .await
             .unwrap()
     );
     assert_eq!(batches().await, 0, "a stale run puts nothing back");
     assert!(
         store
-            .finish_batch(message_id, &latest, std::slice::from_ref(&row), &[], &later)
+            .finish_batch(push_id, &latest, std::slice::from_ref(&row), &[], &later)
             .await
             .unwrap()
     );
     assert_eq!(batches().await, 1);
     assert_eq!(
         store
-            .recorded(message_id, &["phone-000".into(), "phone-001".into()])
+            .recorded(push_id, &["phone-000".into(), "phone-001".into()])
             .await
             .unwrap()
             .len(),
         1
     );
-    assert!(store.claim_batch(message_id, "b1").await.unwrap().finished);
+    assert!(store.claim_batch(push_id, "b1").await.unwrap().finished);
 }
 
 /// A batch recorded again (its worker died after the commit, before the queue heard) writes
 /// no row twice, and its push's tally counts each row once, whichever write meets the rows.
 async fn a_batch_recorded_twice_is_counted_once(db: Db) {
     let server = Server::start(db).await;
-    let message_id = push_to(&server, &["phone-a", "gone-b", "phone-c"]).await;
-    let run = server.store.claim_batch(message_id, "b1").await.unwrap();
+    let push_id = push_to(&server, &["phone-a", "gone-b", "phone-c"]).await;
+    let run = server.store.claim_batch(push_id, "b1").await.unwrap();
     let first = [
         row("phone-a", OutcomeKind::Accepted, None),
         row("gone-b", OutcomeKind::Rejected, Some("NotRegistered")),
@@ -659,7 +653,7 @@ async fn a_batch_recorded_twice_is_counted_once(db: Db) {
     for _ in 0..2 {
         server
             .store
-            .record_batch(message_id, &run, &first, &[])
+            .record_batch(push_id, &run, &first, &[])
             .await
             .unwrap();
     }
@@ -671,14 +665,14 @@ async fn a_batch_recorded_twice_is_counted_once(db: Db) {
     assert!(
         server
             .store
-            .finish_batch(message_id, &run, &second, &[], &[])
+            .finish_batch(push_id, &run, &second, &[], &[])
             .await
             .unwrap()
     );
-    let message = server.store.message(message_id).await.unwrap().unwrap();
+    let message = server.store.push(push_id).await.unwrap().unwrap();
     assert_eq!(
         message.tally,
-        Tally {
+        OutcomeTally {
             accepted: 1,
             rejected: 1,
             failed: 0,
@@ -697,7 +691,7 @@ async fn budget_reservations_never_exceed_the_day_together(db: Db) {
         .unwrap();
     // 40 reservations of 7 at once against a budget of 100: 100 granted, not one more.
     let grants = futures::future::join_all((0..40).map(|_| {
-        let store = Arc::clone(&store);
+        let store = store.clone();
         async move { store.reserve_budget("acct", 20_000, 100, 7).await.unwrap() }
     }))
     .await;

@@ -18,7 +18,7 @@ use common::{ADMIN, DEVICE, Db};
 
 struct Server {
     app: Router,
-    store: Arc<dyn Store>,
+    store: Store,
     _database: common::Database,
 }
 
@@ -296,10 +296,10 @@ async fn keys_are_checked_on_every_route_but_healthz(db: Db) {
     // 403 whatever it sends (a body that is not a push, a query that is not a listing's), and
     // no key 401.
     for (method, uri, body) in [
-        ("POST", "/v1/messages", Some("{\"not\": \"a push\"}")),
-        ("POST", "/v1/messages", Some("not JSON")),
+        ("POST", "/v1/pushes", Some("{\"not\": \"a push\"}")),
+        ("POST", "/v1/pushes", Some("not JSON")),
         ("GET", "/v1/devices?limit=0&colour=red", None),
-        ("GET", "/v1/messages/not-an-id?wait=999", None),
+        ("GET", "/v1/pushes/not-an-id?wait=999", None),
     ] {
         for (key, expected) in [
             (Some(DEVICE), StatusCode::FORBIDDEN),

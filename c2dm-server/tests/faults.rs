@@ -7,7 +7,6 @@
 #[macro_use]
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use c2dm_server::health::WorkerHealth;
@@ -27,7 +26,7 @@ fn workers(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sender = server.sender_over(c2dm_hyper::HyperTransport::new().unwrap());
     tokio::spawn(run_workers_reporting(
-        Arc::clone(&server.store),
+        server.store.clone(),
         sender,
         server.queues.clone(),
         options,

@@ -194,18 +194,18 @@ async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one(d
     let body = json!({"to": "all", "collapse_key": "k"});
     let key = [("idempotency-key", "order-1234")];
     let (status, first) = server
-        .call_with("POST", "/v1/messages", ADMIN, Some(body.clone()), &key)
+        .call_with("POST", "/v1/pushes", ADMIN, Some(body.clone()), &key)
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let (status, second) = server
-        .call_with("POST", "/v1/messages", ADMIN, Some(body), &key)
+        .call_with("POST", "/v1/pushes", ADMIN, Some(body), &key)
         .await;
     assert_eq!(status, StatusCode::OK, "a replay");
     assert_eq!(first["id"], second["id"]);
     // The same key for another push is a conflict, and stores nothing.
     let other = json!({"to": "all", "collapse_key": "another"});
     let (status, answer) = server
-        .call_with("POST", "/v1/messages", ADMIN, Some(other), &key)
+        .call_with("POST", "/v1/pushes", ADMIN, Some(other), &key)
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     assert_eq!(answer["error"]["code"], "idempotency_key_reused");
@@ -221,7 +221,7 @@ async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
     // Cancelled before any worker runs: nothing is sent, every device gets its row.
     let id = server.push(json!("all")).await;
     let (status, message) = server
-        .call("POST", &format!("/v1/messages/{id}/cancel"), ADMIN, None)
+        .call("POST", &format!("/v1/pushes/{id}/cancel"), ADMIN, None)
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(message["cancel_requested"], true);
@@ -236,7 +236,7 @@ async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
     assert_eq!(server.emulator.counters().accepted, 0);
     // A cancel of a finished push is refused, and changes nothing: cancelled or done.
     let (status, answer) = server
-        .call("POST", &format!("/v1/messages/{id}/cancel"), ADMIN, None)
+        .call("POST", &format!("/v1/pushes/{id}/cancel"), ADMIN, None)
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     assert_eq!(answer["error"]["code"], "already_finished");
@@ -251,7 +251,7 @@ async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
     let before = server.finished(&done).await;
     assert_eq!(before["state"], "done");
     let (status, answer) = server
-        .call("POST", &format!("/v1/messages/{done}/cancel"), ADMIN, None)
+        .call("POST", &format!("/v1/pushes/{done}/cancel"), ADMIN, None)
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     assert!(
@@ -262,7 +262,7 @@ async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
         "{answer}"
     );
     let (_, after) = server
-        .call("GET", &format!("/v1/messages/{done}"), ADMIN, None)
+        .call("GET", &format!("/v1/pushes/{done}"), ADMIN, None)
         .await;
     assert_eq!(
         (&after["state"], &after["cancel_requested"]),
@@ -341,7 +341,7 @@ async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
     ];
     for (body, status, code, field) in cases {
         let (got, answer) = server
-            .call("POST", "/v1/messages", ADMIN, Some(body.clone()))
+            .call("POST", "/v1/pushes", ADMIN, Some(body.clone()))
             .await;
         assert_eq!(got, status, "{body}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
@@ -350,29 +350,29 @@ async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
     let (status, _) = server
         .call(
             "POST",
-            "/v1/messages",
+            "/v1/pushes",
             DEVICE,
             Some(json!({"to": "all", "collapse_key": "k"})),
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "the device key cannot push");
     for uri in [
-        "/v1/messages/999",
-        "/v1/messages/abc",
-        "/v1/messages/999/deliveries",
+        "/v1/pushes/999",
+        "/v1/pushes/abc",
+        "/v1/pushes/999/deliveries",
     ] {
         let (status, answer) = server.call("GET", uri, ADMIN, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{uri}: {answer}");
     }
     let (status, _) = server
-        .call("POST", "/v1/messages/999/cancel", ADMIN, None)
+        .call("POST", "/v1/pushes/999/cancel", ADMIN, None)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let id = server.push(json!("all")).await;
     let (status, answer) = server
         .call(
             "GET",
-            &format!("/v1/messages/{id}/deliveries?outcome=lost"),
+            &format!("/v1/pushes/{id}/deliveries?outcome=lost"),
             ADMIN,
             None,
         )
@@ -411,18 +411,16 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
     server.finished(&second).await;
 
     // Newest first, each with its tally, paged.
-    let (status, page) = server
-        .call("GET", "/v1/messages?limit=1", ADMIN, None)
-        .await;
+    let (status, page) = server.call("GET", "/v1/pushes?limit=1", ADMIN, None).await;
     assert_eq!(status, StatusCode::OK, "{page}");
-    assert_eq!(page["messages"][0]["id"], second.as_str());
+    assert_eq!(page["pushes"][0]["id"], second.as_str());
     let next = page["next"].as_str().expect("a second page").to_owned();
     let (_, older) = server
-        .call("GET", &format!("/v1/messages?after={next}"), ADMIN, None)
+        .call("GET", &format!("/v1/pushes?after={next}"), ADMIN, None)
         .await;
-    assert_eq!(older["messages"].as_array().unwrap().len(), 1, "{older}");
+    assert_eq!(older["pushes"].as_array().unwrap().len(), 1, "{older}");
     assert_eq!(older["next"], Value::Null);
-    let all = &older["messages"][0];
+    let all = &older["pushes"][0];
     assert_eq!(all["id"], first.as_str());
     // 11 active devices, 3 of them gone at C2DM.
     assert_eq!(
@@ -432,7 +430,7 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
     );
     // A device listed by id that is gone by now is not attempted.
     assert_eq!(
-        page["messages"][0]["tally"],
+        page["pushes"][0]["tally"],
         json!({"accepted": 1, "rejected": 0, "failed": 0, "not_attempted": 1, "pending": 0}),
     );
 
@@ -469,7 +467,7 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
         .call("GET", "/v1/devices/gone-04/deliveries?limit=1", ADMIN, None)
         .await;
     assert_eq!(
-        history["deliveries"][0]["message_id"],
+        history["deliveries"][0]["push_id"],
         second.as_str(),
         "{history}"
     );
@@ -483,11 +481,7 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
             None,
         )
         .await;
-    assert_eq!(
-        older["deliveries"][0]["message_id"],
-        first.as_str(),
-        "{older}"
-    );
+    assert_eq!(older["deliveries"][0]["push_id"], first.as_str(), "{older}");
     assert_eq!(older["deliveries"][0]["error"], "NotRegistered");
     assert_eq!(older["next"], Value::Null);
     let (_, bob_history) = server
@@ -506,15 +500,15 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
         assert_eq!(body["error"]["code"], "not_found");
     }
     for uri in [
-        "/v1/messages?after=x",
-        "/v1/messages?limit=0",
+        "/v1/pushes?after=x",
+        "/v1/pushes?limit=0",
         "/v1/devices/gone-04/deliveries?after=-1",
     ] {
         let (status, body) = server.call("GET", uri, ADMIN, None).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
     }
     for uri in [
-        "/v1/messages",
+        "/v1/pushes",
         "/v1/device-counts",
         "/v1/devices/gone-04",
         "/v1/devices/gone-04/deliveries",

@@ -189,16 +189,16 @@ fn run_once(
     let machine_before = machine_cpu();
     let body = r#"{"to": "all", "collapse_key": "k", "data": {"message": "scaling"}}"#;
     let started = Instant::now();
-    let (status, answer, _) = http(port, "POST", "/v1/messages", ADMIN, Some(body))?;
+    let (status, answer, _) = http(port, "POST", "/v1/pushes", ADMIN, Some(body))?;
     if status != 202 {
-        return Err(format!("POST /v1/messages: {status} {answer}"));
+        return Err(format!("POST /v1/pushes: {status} {answer}"));
     }
     let id = crate::bench::json_string(&answer, "id").ok_or("no id")?;
     let done = loop {
         let (_, status, _) = http(
             port,
             "GET",
-            &format!("/v1/messages/{id}?wait=60"),
+            &format!("/v1/pushes/{id}?wait=60"),
             ADMIN,
             None,
         )?;

@@ -231,13 +231,13 @@ fn push(
     let cpu_before = server.cpu();
     let body = r#"{"to": "all", "collapse_key": "k", "data": {"message": "test", "sound": "t"}}"#;
     let started = Instant::now();
-    let (status, answer, latency) = http(server.port, "POST", "/v1/messages", ADMIN, Some(body))?;
+    let (status, answer, latency) = http(server.port, "POST", "/v1/pushes", ADMIN, Some(body))?;
     if status != 202 {
-        return Err(format!("POST /v1/messages: {status} {answer}"));
+        return Err(format!("POST /v1/pushes: {status} {answer}"));
     }
     let id = crate::bench::json_string(&answer, "id").ok_or("no id")?;
     let done = loop {
-        let path = format!("/v1/messages/{id}?wait=60");
+        let path = format!("/v1/pushes/{id}?wait=60");
         let (_, status, _) = http(server.port, "GET", &path, ADMIN, None)?;
         if status.contains(r#""state":"done""#) {
             break status;

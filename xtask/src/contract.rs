@@ -117,7 +117,7 @@ fn seed(port: u16) -> Result<(), String> {
     let (status, answer, _) = http(
         port,
         "POST",
-        "/v1/messages",
+        "/v1/pushes",
         ADMIN,
         Some(r#"{"to": "all", "collapse_key": "contract", "data": {"k": "v"}}"#),
     )?;
@@ -128,7 +128,7 @@ fn seed(port: u16) -> Result<(), String> {
     let (status, answer, took) = http(
         port,
         "GET",
-        &format!("/v1/messages/{id}?wait=30"),
+        &format!("/v1/pushes/{id}?wait=30"),
         ADMIN,
         None,
     )?;

@@ -152,18 +152,18 @@ fn call(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<(u16,
 /// Starts a push to all with collapse key `key`; its id.
 fn push(port: u16, key: &str) -> Result<String, String> {
     let body = format!(r#"{{"to": "all", "collapse_key": "{key}", "data": {{"push": "{key}"}}}}"#);
-    let (status, answer) = call(port, "POST", "/v1/messages", Some(&body))?;
+    let (status, answer) = call(port, "POST", "/v1/pushes", Some(&body))?;
     match (status, answer["id"].as_str()) {
         (202, Some(id)) => Ok(id.to_owned()),
-        _ => Err(format!("POST /v1/messages: {status} {answer}")),
+        _ => Err(format!("POST /v1/pushes: {status} {answer}")),
     }
 }
 
 /// A push's state and how many of its devices have their row.
 fn progress(port: u16, id: &str) -> Result<(String, u64), String> {
-    let (status, answer) = call(port, "GET", &format!("/v1/messages/{id}"), None)?;
+    let (status, answer) = call(port, "GET", &format!("/v1/pushes/{id}"), None)?;
     if status != 200 {
-        return Err(format!("GET /v1/messages/{id}: {status} {answer}"));
+        return Err(format!("GET /v1/pushes/{id}: {status} {answer}"));
     }
     let tally = &answer["tally"];
     let rows = ["accepted", "rejected", "failed", "not_attempted"]
@@ -213,7 +213,7 @@ fn each_item(
 /// Every row of push `id`, by device (a second row for a device is an error).
 fn rows(port: u16, id: &str) -> Result<HashMap<String, Row>, String> {
     let mut rows = HashMap::new();
-    let path = format!("/v1/messages/{id}/deliveries");
+    let path = format!("/v1/pushes/{id}/deliveries");
     each_item(port, &path, "deliveries", |row| {
         let device = row["registration_id"].as_str().unwrap_or("").to_owned();
         let text = |k: &str| row[k].as_str().map(str::to_owned);
@@ -791,7 +791,7 @@ fn postgres_run(
             let growing = rows >= last_rows + 100;
             last_rows = rows;
             if cancel && run.cancelled_at_us.is_none() && rows >= soak.devices / 2 && growing {
-                let path = format!("/v1/messages/{}/cancel", run.id);
+                let path = format!("/v1/pushes/{}/cancel", run.id);
                 let asked = now_us();
                 let (status, answer) = call(port, "POST", &path, None)?;
                 if status != 200 && status != 202 {

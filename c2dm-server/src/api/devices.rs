@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::{Admin, AnyKey};
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{JsonBody, PathParam, QueryParams};
-use super::messages::DeliveryView;
+use super::pushes::DeliveryView;
 use super::{AppState, MAX_TAGS, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
 use crate::store::{Device, DeviceCounts, DeviceFilter, DeviceState, NewDevice, Upserted};
 
@@ -364,7 +364,7 @@ pub(super) async fn device_counts(
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct DeviceDelivery {
     /// The push.
-    message_id: String,
+    push_id: String,
     /// What became of it.
     #[serde(flatten)]
     row: DeliveryView,
@@ -415,7 +415,7 @@ pub(super) async fn device_history(
             .items
             .into_iter()
             .map(|(id, row)| DeviceDelivery {
-                message_id: id.to_string(),
+                push_id: id.to_string(),
                 row: row.into(),
             })
             .collect(),

@@ -2,7 +2,7 @@
 //! `{"error": {"code", "message", "field"}}`, never a 500 for bad input.
 //!
 //! One module per resource, each owning its routes' handlers and types: `devices`
-//! (`/v1/devices`, `/v1/device-counts`), `messages` (`/v1/messages`: pushes), `ops`
+//! (`/v1/devices`, `/v1/device-counts`), `pushes` (`/v1/pushes`), `ops`
 //! (`/healthz`, `/metrics`) and `openapi` (the contract); beside them `auth` (the keys, and
 //! the permission extractors), `error` (the one error type) and `extract` (the extractors
 //! whose rejections are errors). The API's table lives in one place, the OpenAPI document
@@ -12,16 +12,15 @@ mod auth;
 mod devices;
 mod error;
 mod extract;
-mod messages;
 mod openapi;
 mod ops;
+mod pushes;
 
 pub use auth::{InvalidKey, Key, Keys, MIN_KEY_LEN};
 pub use error::ApiError;
 pub use openapi::openapi;
 pub use ops::{install_metrics, ops_router};
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -49,7 +48,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 struct AppState {
-    store: Arc<dyn Store>,
+    store: Store,
     keys: Keys,
 }
 
@@ -59,17 +58,17 @@ struct AppState {
 ///
 /// A push is stored with its job, in one transaction, before the answer; workers
 /// ([`run_workers`](crate::jobs::run_workers)) do the sending.
-pub fn router(store: Arc<dyn Store>, keys: Keys) -> Router {
+pub fn router(store: Store, keys: Keys) -> Router {
     install_metrics();
     let quick = devices::routes()
-        .merge(messages::routes())
+        .merge(pushes::routes())
         .merge(ops::routes())
         .route("/openapi.json", get(openapi::openapi_json));
     with_timeout(quick, REQUEST_TIMEOUT)
         // A status request may wait for its push to finish: its bound is longer by that wait.
         .merge(with_timeout(
-            messages::waiting_routes(),
-            REQUEST_TIMEOUT + Duration::from_secs(messages::MAX_WAIT),
+            pushes::waiting_routes(),
+            REQUEST_TIMEOUT + Duration::from_secs(pushes::MAX_WAIT),
         ))
         .merge(crate::console::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -148,7 +147,7 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
-/// `GET /v1/devices/{registration_id}/deliveries` and `GET /v1/messages` parameters.
+/// `GET /v1/devices/{registration_id}/deliveries` and `GET /v1/pushes` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -215,11 +214,11 @@ mod tests {
             "DELETE /v1/devices/{registration_id}",
             "GET /v1/devices/{registration_id}/deliveries",
             "GET /v1/device-counts",
-            "POST /v1/messages",
-            "GET /v1/messages",
-            "GET /v1/messages/{id}",
-            "GET /v1/messages/{id}/deliveries",
-            "POST /v1/messages/{id}/cancel",
+            "POST /v1/pushes",
+            "GET /v1/pushes",
+            "GET /v1/pushes/{id}",
+            "GET /v1/pushes/{id}/deliveries",
+            "POST /v1/pushes/{id}/cancel",
             "GET /healthz",
             "GET /metrics",
         ];

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{devices, messages, ops};
+use super::{devices, ops, pushes};
 
 /// The API's contract, generated from the handlers and types above.
 #[derive(OpenApi)]
@@ -17,15 +17,15 @@ use super::{devices, messages, ops};
     ),
     paths(
         devices::register, devices::unregister, devices::device, devices::list,
-        devices::device_counts, devices::device_history, messages::push, messages::messages,
-        messages::status, messages::cancel, messages::deliveries, ops::healthz,
+        devices::device_counts, devices::device_history, pushes::push, pushes::list,
+        pushes::status, pushes::cancel, pushes::deliveries, ops::healthz,
         ops::metrics_text,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerKeys),
     tags(
         (name = "devices", description = "Phones register their ids; operators look them up."),
-        (name = "messages", description = "Pushes, their progress, and a row per device."),
+        (name = "pushes", description = "Pushes, their progress, and a row per device."),
         (name = "operations", description = "Health and figures."),
     )
 )]

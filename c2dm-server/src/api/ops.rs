@@ -1,7 +1,5 @@
 //! `/healthz` and `/metrics`, and the listener of their own for a worker process.
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -71,16 +69,15 @@ pub(super) fn rendered_metrics() -> Response {
 /// `GET /metrics` and `GET /healthz` over `store`, without a key: for a listener of its own
 /// (`c2dm serve --metrics-listen`), where a worker process without the API is scraped and
 /// checked. Keep it on an address only the scraper and the process manager reach.
-pub fn ops_router(store: Arc<dyn Store>) -> Router {
+pub fn ops_router(store: Store) -> Router {
     install_metrics();
     Router::new()
         .route("/metrics", get(|| async { rendered_metrics() }))
         .route(
             "/healthz",
             get(
-                |State(store): State<Arc<dyn Store>>,
-                 workers: Option<Extension<WorkerHealth>>| async move {
-                    health(store.as_ref(), workers).await
+                |State(store): State<Store>, workers: Option<Extension<WorkerHealth>>| async move {
+                    health(&store, workers).await
                 },
             ),
         )
@@ -109,15 +106,12 @@ pub(super) async fn healthz(
     State(state): State<AppState>,
     workers: Option<Extension<WorkerHealth>>,
 ) -> Response {
-    health(state.store.as_ref(), workers).await
+    health(&state.store, workers).await
 }
 
 /// The health check's answer: 200 when `store` answers and this process's workers (told by
 /// the `WorkerHealth` extension, where the server adds one) can work, else 503 naming why.
-pub(super) async fn health(
-    store: &dyn Store,
-    workers: Option<Extension<WorkerHealth>>,
-) -> Response {
+pub(super) async fn health(store: &Store, workers: Option<Extension<WorkerHealth>>) -> Response {
     if let Some(problem) = workers.and_then(|Extension(workers)| workers.problem()) {
         tracing::debug!(%problem, "health check: the workers cannot work");
         return (

@@ -137,20 +137,21 @@ mod tests {
     use super::*;
     use crate::jobs::tests::sender;
     use crate::jobs::{Queues, WorkerOptions};
-    use crate::store::{SqliteStore, Store};
+    use crate::store::Store;
 
     #[tokio::test]
     async fn a_pause_one_worker_learns_reaches_the_others_of_its_account_only() {
-        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
-        let queues = Queues::open(store.pool()).await.unwrap();
-        let store: Arc<dyn Store> = Arc::new(store);
+        let store = Store::open_sqlite("sqlite::memory:").await.unwrap();
+        let queues = Queues::open_beside(&store, &WorkerOptions::default())
+            .await
+            .unwrap();
         let runner = |account: &str| {
             let options = WorkerOptions {
                 account: account.to_owned(),
                 ..WorkerOptions::default()
             };
             Runner::new(
-                Arc::clone(&store),
+                store.clone(),
                 sender(),
                 queues.clone(),
                 options,

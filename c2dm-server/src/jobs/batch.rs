@@ -17,7 +17,9 @@ use super::plan::{Facts, Plan, over_budget, plan};
 use super::retry::{Step, Stopped, StoreRetry, retried};
 use super::{LOOK, Runner, WorkerOptions};
 use crate::queue::BatchJob;
-use crate::store::{BatchRun, DeliveryRow, DeviceState, Positions, Store, StoreError, Tally};
+use crate::store::{
+    BatchRun, DeliveryRow, DeviceState, OutcomeTally, Positions, Store, StoreError,
+};
 
 /// The budget period (periods of `period` since the epoch, at least a second long: with a
 /// day, the UTC day) that `now` falls in, and when the next one starts.
@@ -53,7 +55,7 @@ pub(super) const MARK_CHUNKS: usize = 4;
 
 /// The rows of a batch not written yet, with the devices found gone among them.
 pub(super) struct Pending {
-    message_id: i64,
+    push_id: i64,
     /// The run of the batch the rows are written for.
     run: Arc<BatchRun>,
     /// Set once a later run of the batch has taken it over (a mark or a write refused):
@@ -78,12 +80,12 @@ impl Pending {
     /// Writes the rows held, in one transaction, unless a later run of the batch has taken
     /// it over (then they are dropped: that run sends to these devices again, and counts the
     /// possible duplicates).
-    async fn flush(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+    async fn flush(&mut self, store: &Store) -> Result<(), StoreError> {
         if self.rows.is_empty() && self.gone.is_empty() || self.taken_over.load(Ordering::Relaxed) {
             return Ok(());
         }
         let written = store
-            .record_batch(self.message_id, &self.run, &self.rows, &self.gone)
+            .record_batch(self.push_id, &self.run, &self.rows, &self.gone)
             .await?;
         self.written(written);
         Ok(())
@@ -96,7 +98,7 @@ impl Pending {
             metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
             // Counted by outcome, then told once per outcome: a labelled counter is looked up
             // each time it is named.
-            let mut tally = Tally::default();
+            let mut tally = OutcomeTally::default();
             self.rows.iter().for_each(|row| tally.add(row.outcome));
             for (outcome, n) in [
                 (OutcomeKind::Accepted, tally.accepted),
@@ -111,7 +113,7 @@ impl Pending {
             }
         } else {
             tracing::warn!(
-                message_id = self.message_id,
+                push_id = self.push_id,
                 batch = %self.run.batch,
                 "another worker took this batch over (this one was taken for dead): leaving it"
             );
@@ -126,21 +128,21 @@ impl Pending {
     /// batch finished: one transaction, refused if a later run has taken the batch over.
     async fn finish(
         &mut self,
-        store: &dyn Store,
+        store: &Store,
         later: &[(BatchJob, SystemTime)],
     ) -> Result<(), StoreError> {
         if self.taken_over.load(Ordering::Relaxed) {
             return Ok(());
         }
         let written = store
-            .finish_batch(self.message_id, &self.run, &self.rows, &self.gone, later)
+            .finish_batch(self.push_id, &self.run, &self.rows, &self.gone, later)
             .await?;
         self.written(written);
         Ok(())
     }
 
     /// Writes the rows held if there are many, or they have waited long.
-    async fn flush_if_due(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+    async fn flush_if_due(&mut self, store: &Store) -> Result<(), StoreError> {
         if self.rows.len() >= store.rows_per_write() || self.flushed_at.elapsed() >= FLUSH_EVERY {
             self.flush(store).await?;
         }
@@ -171,17 +173,17 @@ pub(super) fn marked(
             let taken_over = Arc::clone(&taken_over);
             tokio::spawn(async move {
                 let through = chunk.last().map_or(0, |(at, _)| at + 1);
-                let message_id = retry.message_id;
-                let store = Arc::clone(&retry.store);
+                let push_id = retry.push_id;
+                let store = retry.store.clone();
                 let marked = loop {
-                    match store.mark_sending(message_id, &run, through).await {
+                    match store.mark_sending(push_id, &run, through).await {
                         Ok(marked) => break marked,
                         Err(error) => retry.failed(&error).await.ok()?,
                     }
                 };
                 retry.passed().await;
                 if !marked {
-                    tracing::warn!(message_id, batch = %run.batch, "another worker took this batch over: it stops sending");
+                    tracing::warn!(push_id, batch = %run.batch, "another worker took this batch over: it stops sending");
                     taken_over.store(true, Ordering::Relaxed);
                     return None;
                 }
@@ -212,7 +214,7 @@ pub(super) async fn run_batch(
     task: TaskId,
     runner: Data<Arc<Runner>>,
 ) -> Result<(), BoxDynError> {
-    let mut retry = StoreRetry::new(&runner, job.message_id, "batch");
+    let mut retry = StoreRetry::new(&runner, job.push_id, "batch");
     let task = task.to_string();
     loop {
         if runner.is_stopping() {
@@ -244,11 +246,7 @@ pub(super) async fn batch_run(
             Some(stored) => stored,
             None => {
                 // Lists go with their push when it finishes: nothing is left to send.
-                tracing::info!(
-                    message_id = job.message_id,
-                    list,
-                    "a batch of a finished push"
-                );
+                tracing::info!(push_id = job.push_id, list, "a batch of a finished push");
                 return Ok(());
             }
         },
@@ -256,12 +254,12 @@ pub(super) async fn batch_run(
     };
     // Cancels asked for in this process from here on (its push read next) stop the sends.
     let cancels = store.cancels();
-    let Some(message) = store.message_to_send(job.message_id).await? else {
+    let Some(message) = store.push_to_send(job.push_id).await? else {
         return Ok(());
     };
     // The claim first: whatever an earlier run still going records after it is refused, and
     // what it recorded before is read next.
-    let run = Arc::new(store.claim_batch(job.message_id, task).await?);
+    let run = Arc::new(store.claim_batch(job.push_id, task).await?);
     if run.finished {
         // An earlier run wrote all it had to, and its worker died before the queue heard.
         return Ok(());
@@ -270,9 +268,7 @@ pub(super) async fn batch_run(
     let recorded = if run.run == 1 {
         HashSet::new()
     } else {
-        store
-            .recorded(job.message_id, &job.registration_ids)
-            .await?
+        store.recorded(job.push_id, &job.registration_ids).await?
     };
     let inactive: HashMap<String, DeviceState> = if message.cancel_requested {
         HashMap::new()
@@ -298,7 +294,7 @@ pub(super) async fn batch_run(
     });
     let now = SystemTime::now();
     let mut pending = Pending {
-        message_id: job.message_id,
+        push_id: job.push_id,
         run: Arc::clone(&run),
         taken_over: Arc::new(AtomicBool::new(false)),
         resent,
@@ -308,7 +304,7 @@ pub(super) async fn batch_run(
     };
     if !pending.resent.is_empty() {
         tracing::info!(
-            message_id = job.message_id,
+            push_id = job.push_id,
             devices = pending.resent.len(),
             "a batch runs again after its worker died: its sends under way may be duplicated"
         );
@@ -328,7 +324,7 @@ pub(super) async fn batch_run(
             let granted = store.reserve_budget(account, day, daily, wanted).await?;
             if granted < wanted {
                 tracing::info!(
-                    message_id = job.message_id,
+                    push_id = job.push_id,
                     unsent = wanted - granted,
                     "the account's daily budget is spent: the rest waits for tomorrow"
                 );
@@ -380,8 +376,8 @@ pub(super) async fn batch_run(
                 )
                 .map_err(|e| Step::Other(e.into()))?;
             let watching = tokio::spawn(cancel_when_asked(
-                Arc::clone(store),
-                job.message_id,
+                store.clone(),
+                job.push_id,
                 cancels,
                 deliveries.cancel_handle(),
             ));
@@ -422,7 +418,7 @@ pub(super) async fn batch_run(
                 // The last answer's rows go with the batch's final write, not one of
                 // their own. A write that fails holds the sends up until it passes.
                 if delivered < send.len() {
-                    retried!(retry, pending.flush_if_due(store.as_ref()).await);
+                    retried!(retry, pending.flush_if_due(store).await);
                 }
             }
             drop(sending);
@@ -445,9 +441,9 @@ pub(super) async fn batch_run(
         // The process stops (or a mark's task failed): the rows held are written once, and
         // what was not sent, and what waits for later, is the next run's. A batch that sent
         // everything finishes below, stopping or not.
-        if let Err(error) = pending.flush(store.as_ref()).await {
+        if let Err(error) = pending.flush(store).await {
             tracing::warn!(
-                message_id = job.message_id,
+                push_id = job.push_id,
                 %error,
                 "the batch's last rows could not be written: its next run sends them again"
             );
@@ -462,8 +458,8 @@ pub(super) async fn batch_run(
     // The last rows, the devices left for later as batches of their own, and the batch
     // finished, in one transaction: a run after this one does nothing, so nothing goes back
     // twice.
-    let later = later_batches(job.message_id, job.positions, later, &pending.resent);
-    retried!(retry, pending.finish(store.as_ref(), &later).await);
+    let later = later_batches(job.push_id, job.positions, later, &pending.resent);
+    retried!(retry, pending.finish(store, &later).await);
     metrics::counter!("c2dm_batches_total").increment(1);
     Ok(())
 }
@@ -485,7 +481,7 @@ pub(super) async fn halt_when_stopping(
 /// The devices left for later as batches, one per time they are due; those in `resent` (this
 /// batch may have sent to them already) go as possibly sent.
 pub(super) fn later_batches(
-    message_id: i64,
+    push_id: i64,
     positions: Option<Positions>,
     mut later: Vec<(String, SystemTime)>,
     resent: &HashMap<String, u32>,
@@ -497,7 +493,7 @@ pub(super) fn later_batches(
         let rest = later.split_off(split);
         let ids: Vec<String> = later.into_iter().map(|(id, _)| id).collect();
         let job = BatchJob {
-            message_id,
+            push_id,
             possibly_sent: ids
                 .iter()
                 .filter(|id| resent.contains_key(*id))
@@ -518,8 +514,8 @@ pub(super) fn later_batches(
 /// A cancel through this process's API since `changes` was taken is seen at once; one through
 /// another's, at the next look.
 pub(super) async fn cancel_when_asked(
-    store: Arc<dyn Store>,
-    message_id: i64,
+    store: Store,
+    push_id: i64,
     mut changes: tokio::sync::watch::Receiver<u64>,
     cancel: CancelHandle,
 ) {
@@ -528,9 +524,9 @@ pub(super) async fn cancel_when_asked(
             _ = tokio::time::sleep(LOOK) => {}
             _ = changes.changed() => {}
         }
-        match store.message_to_send(message_id).await {
+        match store.push_to_send(push_id).await {
             Ok(Some(message)) if message.cancel_requested => {
-                tracing::info!(message_id, "push cancelled: stopping its batch");
+                tracing::info!(push_id, "push cancelled: stopping its batch");
                 cancel.cancel();
                 return;
             }
@@ -542,7 +538,7 @@ pub(super) async fn cancel_when_asked(
 
 /// The message of a stored push, addressed to `to` (a broadcast copies it to each device).
 pub(super) fn template(
-    message: &crate::store::MessageRecord,
+    message: &crate::store::Push,
     to: RegistrationId,
 ) -> Result<Message, c2dm_core::MessageError> {
     let mut builder = Message::builder(to.as_str())

@@ -106,7 +106,7 @@ const READY_AHEAD: usize = 1;
 
 /// What the job handlers share.
 struct Runner {
-    store: Arc<dyn Store>,
+    store: Store,
     sender: Sender,
     queues: Queues,
     options: WorkerOptions,
@@ -122,7 +122,7 @@ struct Runner {
 
 impl Runner {
     fn new(
-        store: Arc<dyn Store>,
+        store: Store,
         sender: Sender,
         queues: Queues,
         options: WorkerOptions,
@@ -171,7 +171,7 @@ fn worker_name(queue: &str) -> String {
 /// away) starts again, with backoff, under a new name; the jobs it held go to the workers
 /// that are alive once its heartbeat is missed.
 pub async fn run_workers(
-    store: Arc<dyn Store>,
+    store: Store,
     sender: Sender,
     queues: Queues,
     options: WorkerOptions,
@@ -190,7 +190,7 @@ pub async fn run_workers(
 
 /// [`run_workers`], telling `health` whether the workers can work (for `/healthz`).
 pub async fn run_workers_reporting(
-    store: Arc<dyn Store>,
+    store: Store,
     sender: Sender,
     queues: Queues,
     options: WorkerOptions,

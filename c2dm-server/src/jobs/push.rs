@@ -13,24 +13,21 @@ use crate::store::{Audience, Positions};
 /// A push job: walk the audience, page by page, into batch jobs; then record its size. A
 /// store error makes it wait and go on where its walk got to: the queue never sees it.
 pub(super) async fn run_push(job: PushJob, runner: Data<Arc<Runner>>) -> Result<(), BoxDynError> {
-    let mut retry = StoreRetry::new(&runner, job.message_id, "walk");
+    let mut retry = StoreRetry::new(&runner, job.push_id, "walk");
     tried(&mut retry, || walk(&job, &runner)).await
 }
 
 /// One try of a push job.
 pub(super) async fn walk(job: &PushJob, runner: &Runner) -> Result<(), Step> {
     let store = &runner.store;
-    let Some(message) = store.message_to_send(job.message_id).await? else {
-        tracing::warn!(
-            message_id = job.message_id,
-            "a push job for an unknown message"
-        );
+    let Some(message) = store.push_to_send(job.push_id).await? else {
+        tracing::warn!(push_id = job.push_id, "a push job for an unknown message");
         return Ok(());
     };
     if message.total.is_some() {
         return Ok(()); // walked already: this job is a repeat
     }
-    store.start_sending(job.message_id).await?;
+    store.start_sending(job.push_id).await?;
     let batch = runner.options.batch_size.max(1);
     // A walk that died goes on where its last page left it.
     let mut from = message.walk_after;
@@ -51,7 +48,7 @@ pub(super) async fn walk(job: &PushJob, runner: &Runner) -> Result<(), Step> {
                 let end = (start + batch).min(ids.len());
                 let to = i64::try_from(end).unwrap_or(i64::MAX);
                 if !store
-                    .walk_page(job.message_id, from, to, &ids[start..end], None)
+                    .walk_page(job.push_id, from, to, &ids[start..end], None)
                     .await?
                 {
                     return Err(moved_on());
@@ -75,7 +72,7 @@ pub(super) async fn walk(job: &PushJob, runner: &Runner) -> Result<(), Step> {
             });
             let ids: Vec<String> = page.items.into_iter().map(|(_, id)| id).collect();
             if !store
-                .walk_page(job.message_id, from, to, &ids, positions)
+                .walk_page(job.push_id, from, to, &ids, positions)
                 .await?
             {
                 return Err(moved_on());
@@ -87,11 +84,7 @@ pub(super) async fn walk(job: &PushJob, runner: &Runner) -> Result<(), Step> {
             }
         },
     }
-    store.finish_walk(job.message_id, total).await?;
-    tracing::info!(
-        message_id = job.message_id,
-        total,
-        "push walked its audience"
-    );
+    store.finish_walk(job.push_id, total).await?;
+    tracing::info!(push_id = job.push_id, total, "push walked its audience");
     Ok(())
 }

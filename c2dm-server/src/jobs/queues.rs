@@ -6,6 +6,7 @@ use sqlx::{PgPool, SqlitePool};
 
 use super::{JobError, WorkerOptions};
 use crate::queue::{BATCH_QUEUE, BatchJob, PUSH_QUEUE, PushJob};
+use crate::store::Store;
 
 /// The two queues, in the store's database and on its pool.
 #[derive(Debug, Clone)]
@@ -104,6 +105,16 @@ impl Queues {
                 batches: PostgresStorage::new(pool).with_config(config(BATCH_QUEUE)),
             },
         })
+    }
+
+    /// The queues in the database `store` is on (created or migrated now), on its pool, with
+    /// `options`' heartbeat.
+    pub async fn open_beside(store: &Store, options: &WorkerOptions) -> Result<Self, JobError> {
+        match (store.sqlite_pool(), store.postgres_pool()) {
+            (Some(pool), _) => Self::open_sqlite(pool, options).await,
+            (_, Some(pool)) => Self::open_postgres(pool, options).await,
+            (None, None) => unreachable!("a store is on one database or the other"),
+        }
     }
 
     /// Jobs of each queue not finished yet (waiting, taken or running): `(pushes, batches)`.

@@ -1,6 +1,5 @@
 //! A job's tries of a store operation: backoff, notes on the push, and the stop.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use apalis::prelude::BoxDynError;
@@ -17,9 +16,9 @@ pub(super) const STORE_RETRY: (Duration, Duration) =
 /// WARN, a metric, the push's status) and waits, with backoff, for the next try, unless the
 /// process is stopping.
 pub(super) struct StoreRetry {
-    pub(super) store: Arc<dyn Store>,
+    pub(super) store: Store,
     stopping: tokio::sync::watch::Receiver<bool>,
-    pub(super) message_id: i64,
+    pub(super) push_id: i64,
     /// The job's step, as the log and the metric name it.
     step: &'static str,
     failures: u32,
@@ -40,11 +39,11 @@ impl std::fmt::Display for Stopped {
 impl std::error::Error for Stopped {}
 
 impl StoreRetry {
-    pub(super) fn new(runner: &Runner, message_id: i64, step: &'static str) -> Self {
+    pub(super) fn new(runner: &Runner, push_id: i64, step: &'static str) -> Self {
         Self {
-            store: Arc::clone(&runner.store),
+            store: runner.store.clone(),
             stopping: runner.stopping.clone(),
-            message_id,
+            push_id,
             step,
             failures: 0,
             since: None,
@@ -62,7 +61,7 @@ impl StoreRetry {
         // Every failure counts; the log says the first, then each time their number doubles.
         if self.failures.is_power_of_two() {
             tracing::warn!(
-                message_id = self.message_id,
+                push_id = self.push_id,
                 step = self.step,
                 failures = self.failures,
                 %error,
@@ -72,9 +71,7 @@ impl StoreRetry {
         // Best effort (the database may be what fails), and waited for, so that this job's
         // notes and its clear (`passed`) reach the push in the order they were made.
         let noted = format!("{}: {error}", self.step);
-        let note = self
-            .store
-            .note_push_error(self.message_id, &noted, now, since);
+        let note = self.store.note_push_error(self.push_id, &noted, now, since);
         tokio::select! {
             _ = note => {}
             _ = self.stopping.wait_for(|stopping| *stopping) => return Err(Stopped),
@@ -93,13 +90,13 @@ impl StoreRetry {
             return;
         }
         tracing::info!(
-            message_id = self.message_id,
+            push_id = self.push_id,
             step = self.step,
             failures = self.failures,
             "the database answers again: the job goes on"
         );
         (self.failures, self.since, self.wait) = (0, None, STORE_RETRY.0);
-        if let Err(error) = self.store.clear_push_failing(self.message_id).await {
+        if let Err(error) = self.store.clear_push_failing(self.push_id).await {
             tracing::debug!(%error, "could not note that the push writes again");
         }
     }
@@ -107,9 +104,9 @@ impl StoreRetry {
     /// The same tries, for another step of the same job.
     pub(super) fn for_step(&self, step: &'static str) -> Self {
         Self {
-            store: Arc::clone(&self.store),
+            store: self.store.clone(),
             stopping: self.stopping.clone(),
-            message_id: self.message_id,
+            push_id: self.push_id,
             step,
             failures: 0,
             since: None,

@@ -1,54 +1,15 @@
-//! What both stores read the same way: rows into devices, pushes and deliveries, counts, and
-//! times (milliseconds since the Unix epoch, in both databases).
+//! Rows as both databases give them, decoded by column name, and the SQL that selects them;
+//! times are milliseconds since the Unix epoch in both.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use c2dm_core::OutcomeKind;
 
 use super::{
-    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, MessageRecord, MessageState, Page,
-    PushError, Tally,
+    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, OutcomeTally, Page, Push, PushError,
+    PushState,
 };
-
-/// The columns a row of either database gives, by position.
-pub(super) trait Columns {
-    /// An integer column.
-    fn int(&self, at: usize) -> Result<i64, sqlx::Error>;
-    /// An integer column that may be NULL.
-    fn maybe_int(&self, at: usize) -> Result<Option<i64>, sqlx::Error>;
-    /// A text column.
-    fn text(&self, at: usize) -> Result<String, sqlx::Error>;
-    /// A text column that may be NULL.
-    fn maybe_text(&self, at: usize) -> Result<Option<String>, sqlx::Error>;
-    /// A boolean column (an integer in SQLite).
-    fn flag(&self, at: usize) -> Result<bool, sqlx::Error>;
-}
-
-macro_rules! columns_of {
-    ($row:ty) => {
-        impl Columns for $row {
-            fn int(&self, at: usize) -> Result<i64, sqlx::Error> {
-                sqlx::Row::try_get(self, at)
-            }
-            fn maybe_int(&self, at: usize) -> Result<Option<i64>, sqlx::Error> {
-                sqlx::Row::try_get(self, at)
-            }
-            fn text(&self, at: usize) -> Result<String, sqlx::Error> {
-                sqlx::Row::try_get(self, at)
-            }
-            fn maybe_text(&self, at: usize) -> Result<Option<String>, sqlx::Error> {
-                sqlx::Row::try_get(self, at)
-            }
-            fn flag(&self, at: usize) -> Result<bool, sqlx::Error> {
-                sqlx::Row::try_get(self, at)
-            }
-        }
-    };
-}
-
-columns_of!(sqlx::sqlite::SqliteRow);
-columns_of!(sqlx::postgres::PgRow);
 
 /// Milliseconds since the Unix epoch, as both databases keep times.
 pub(super) fn millis(at: SystemTime) -> i64 {
@@ -61,6 +22,16 @@ pub(super) fn time_of(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
+/// A count as both databases' integers keep it.
+pub(super) fn big(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A stored count.
+pub(super) fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 fn decode(what: String) -> sqlx::Error {
     sqlx::Error::Decode(what.into())
 }
@@ -70,60 +41,144 @@ pub(super) fn json_error(e: serde_json::Error) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(e))
 }
 
-/// The tags column: the device's tags joined by U+001F, sorted (`NULL` for none).
-pub(super) const TAG_SEPARATOR: char = '\u{1f}';
+/// The tags column's separator: a device's tags are joined by U+001F, sorted (`NULL` for
+/// none).
+const TAG_SEPARATOR: char = '\u{1f}';
 
-/// A device from `id, registration_id, device_id, user_id, app_version, state, reason,
-/// created_at, updated_at, state_changed_at, tags`.
-pub(super) fn device_of(row: &impl Columns) -> Result<Device, sqlx::Error> {
-    let state = row.text(5)?;
-    Ok(Device {
-        position: row.int(0)?,
-        registration_id: row.text(1)?,
-        device_id: row.maybe_text(2)?,
-        user_id: row.maybe_text(3)?,
-        app_version: row.maybe_text(4)?,
-        state: DeviceState::parse(&state)
-            .ok_or_else(|| decode(format!("unknown device state {state:?}")))?,
-        reason: row.maybe_text(6)?,
-        created_at: time_of(row.int(7)?),
-        updated_at: time_of(row.int(8)?),
-        state_changed_at: time_of(row.int(9)?),
-        tags: row
-            .maybe_text(10)?
-            .map(|t| t.split(TAG_SEPARATOR).map(str::to_owned).collect())
-            .unwrap_or_default(),
-    })
+/// `SELECT` of a device's columns, as [`DeviceRecord`] reads them, from `devices d`, followed
+/// by the rest of the query: a macro, so that every query stays one literal string. The tags'
+/// separator is [`TAG_SEPARATOR`], written out in the literal.
+macro_rules! select_device {
+    ($($rest:literal)*) => {
+        concat!(
+            "SELECT d.id, d.registration_id, d.device_id, d.user_id, d.app_version, ",
+            "d.state, d.reason, d.created_at, d.updated_at, d.state_changed_at, ",
+            "(SELECT string_agg(tag, '\u{1f}' ORDER BY tag) FROM device_tags ",
+            "WHERE device = d.id) AS tags FROM devices d ",
+            $($rest),*
+        )
+    };
+}
+pub(super) use select_device;
+
+/// A device as stored.
+#[derive(sqlx::FromRow)]
+pub(super) struct DeviceRecord {
+    id: i64,
+    registration_id: String,
+    device_id: Option<String>,
+    user_id: Option<String>,
+    app_version: Option<String>,
+    state: String,
+    reason: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    state_changed_at: i64,
+    tags: Option<String>,
 }
 
-/// The columns of a push, in the order [`message_of`] reads them, from `messages`, followed by
-/// the rest of the query: a macro, so that every query stays one literal string.
-macro_rules! select_message {
+impl TryFrom<DeviceRecord> for Device {
+    type Error = sqlx::Error;
+
+    fn try_from(row: DeviceRecord) -> Result<Self, sqlx::Error> {
+        Ok(Device {
+            position: row.id,
+            registration_id: row.registration_id,
+            device_id: row.device_id,
+            user_id: row.user_id,
+            app_version: row.app_version,
+            state: state_of(&row.state)?,
+            reason: row.reason,
+            created_at: time_of(row.created_at),
+            updated_at: time_of(row.updated_at),
+            state_changed_at: time_of(row.state_changed_at),
+            tags: row
+                .tags
+                .map(|t| t.split(TAG_SEPARATOR).map(str::to_owned).collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// A device's state as stored.
+pub(super) fn state_of(text: &str) -> Result<DeviceState, sqlx::Error> {
+    DeviceState::parse(text).ok_or_else(|| decode(format!("unknown device state {text:?}")))
+}
+
+/// `SELECT` of a push's columns, as [`PushRecord`] reads them, from `pushes`, followed by the
+/// rest of the query.
+macro_rules! select_push {
     ($($rest:literal)*) => {
         concat!(
             "SELECT id, audience, collapse_key, data, delay_while_idle, state, ",
             "cancel_requested, total, created_at, finished_at, walk_after, walked, ",
             "accepted, rejected, failed, not_attempted, last_error, last_error_at, ",
-            "failing_since FROM messages ",
+            "failing_since FROM pushes ",
             $($rest),*
         )
     };
 }
-pub(super) use select_message;
+pub(super) use select_push;
 
-/// Notes a batch's store error on its push, unless it has finished: `$1` the push, `$2` the
-/// error, `$3` when, `$4` since when its batches have been failing (kept if already set). One
-/// text for both databases.
-pub(super) const NOTE_PUSH_ERROR: &str = "UPDATE messages SET last_error = $2, last_error_at = $3, \
-     failing_since = COALESCE(failing_since, $4) \
-     WHERE id = $1 AND state NOT IN ('done', 'cancelled')";
+/// A push as stored.
+#[derive(sqlx::FromRow)]
+pub(super) struct PushRecord {
+    id: i64,
+    audience: String,
+    collapse_key: String,
+    data: String,
+    delay_while_idle: bool,
+    state: String,
+    cancel_requested: bool,
+    pub(super) total: Option<i64>,
+    created_at: i64,
+    finished_at: Option<i64>,
+    walk_after: Option<i64>,
+    walked: i64,
+    accepted: i64,
+    rejected: i64,
+    failed: i64,
+    not_attempted: i64,
+    last_error: Option<String>,
+    last_error_at: Option<i64>,
+    failing_since: Option<i64>,
+}
 
-/// Clears a push's `failing_since` (`$1` the push): its batches write again.
-pub(super) const CLEAR_PUSH_FAILING: &str =
-    "UPDATE messages SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL";
+impl PushRecord {
+    /// The push, with `counts` (what its rows say, or zero where a read does not count them).
+    pub(super) fn with(self, counts: Counts) -> Result<Push, sqlx::Error> {
+        Ok(Push {
+            id: self.id,
+            audience: serde_json::from_str(&self.audience).map_err(json_error)?,
+            collapse_key: self.collapse_key,
+            data: serde_json::from_str(&self.data).map_err(json_error)?,
+            delay_while_idle: self.delay_while_idle,
+            state: PushState::parse(&self.state)
+                .ok_or_else(|| decode(format!("unknown push state {:?}", self.state)))?,
+            cancel_requested: self.cancel_requested,
+            total: self.total.map(count),
+            counts,
+            created_at: time_of(self.created_at),
+            finished_at: self.finished_at.map(time_of),
+            walk_after: self.walk_after,
+            walked: count(self.walked),
+            tally: OutcomeTally {
+                accepted: count(self.accepted),
+                rejected: count(self.rejected),
+                failed: count(self.failed),
+                not_attempted: count(self.not_attempted),
+            },
+            last_error: self.last_error.map(|error| PushError {
+                error,
+                at: self.last_error_at.map_or(UNIX_EPOCH, time_of),
+                failing_since: self.failing_since.map(time_of),
+            }),
+        })
+    }
+}
 
-/// The columns of a delivery row, in the order [`delivery_of`] reads them, from `deliveries`,
-/// followed by the rest of the query: a macro, so that every query stays one literal string.
+/// `SELECT` of a delivery row's columns, as [`DeliveryRecord`] reads them, from `deliveries`,
+/// followed by the rest of the query.
 macro_rules! select_deliveries {
     ($($rest:literal)*) => {
         concat!(
@@ -135,46 +190,44 @@ macro_rules! select_deliveries {
 }
 pub(super) use select_deliveries;
 
-/// A push from `id, audience, collapse_key, data, delay_while_idle, state, cancel_requested,
-/// total, created_at, finished_at, walk_after, walked, accepted, rejected, failed,
-/// not_attempted, last_error, last_error_at, failing_since` (as [`select_message`] gives
-/// them), with `counts`.
-pub(super) fn message_of(row: &impl Columns, counts: Counts) -> Result<MessageRecord, sqlx::Error> {
-    let state = row.text(5)?;
-    Ok(MessageRecord {
-        id: row.int(0)?,
-        audience: serde_json::from_str(&row.text(1)?).map_err(json_error)?,
-        collapse_key: row.text(2)?,
-        data: serde_json::from_str(&row.text(3)?).map_err(json_error)?,
-        delay_while_idle: row.flag(4)?,
-        state: MessageState::parse(&state)
-            .ok_or_else(|| decode(format!("unknown message state {state:?}")))?,
-        cancel_requested: row.flag(6)?,
-        total: row.maybe_int(7)?.map(|t| u64::try_from(t).unwrap_or(0)),
-        counts,
-        created_at: time_of(row.int(8)?),
-        finished_at: row.maybe_int(9)?.map(time_of),
-        walk_after: row.maybe_int(10)?,
-        walked: u64::try_from(row.int(11)?).unwrap_or(0),
-        tally: Tally {
-            accepted: u64::try_from(row.int(12)?).unwrap_or(0),
-            rejected: u64::try_from(row.int(13)?).unwrap_or(0),
-            failed: u64::try_from(row.int(14)?).unwrap_or(0),
-            not_attempted: u64::try_from(row.int(15)?).unwrap_or(0),
-        },
-        last_error: match row.maybe_text(16)? {
-            Some(error) => Some(PushError {
-                error,
-                at: row.maybe_int(17)?.map_or(UNIX_EPOCH, time_of),
-                failing_since: row.maybe_int(18)?.map(time_of),
-            }),
-            None => None,
-        },
-    })
+/// A delivery row as stored.
+#[derive(sqlx::FromRow)]
+pub(super) struct DeliveryRecord {
+    registration_id: String,
+    outcome: String,
+    c2dm_message_id: Option<String>,
+    error: Option<String>,
+    attempts: i64,
+    possible_duplicates: i64,
+    at: i64,
+}
+
+impl TryFrom<DeliveryRecord> for DeliveryRow {
+    type Error = sqlx::Error;
+
+    fn try_from(row: DeliveryRecord) -> Result<Self, sqlx::Error> {
+        Ok(DeliveryRow {
+            registration_id: row.registration_id,
+            outcome: outcome_of(&row.outcome)?,
+            c2dm_message_id: row.c2dm_message_id,
+            error: row.error,
+            attempts: u32::try_from(row.attempts).unwrap_or(u32::MAX),
+            possible_duplicates: u32::try_from(row.possible_duplicates).unwrap_or(u32::MAX),
+            at: time_of(row.at),
+        })
+    }
+}
+
+/// A device's row of one push, with the push.
+#[derive(sqlx::FromRow)]
+pub(super) struct PushDelivery {
+    pub(super) push_id: i64,
+    #[sqlx(flatten)]
+    pub(super) row: DeliveryRecord,
 }
 
 /// An outcome as stored.
-pub(super) fn outcome_of(text: &str) -> Result<OutcomeKind, sqlx::Error> {
+fn outcome_of(text: &str) -> Result<OutcomeKind, sqlx::Error> {
     match text {
         "accepted" => Ok(OutcomeKind::Accepted),
         "rejected" => Ok(OutcomeKind::Rejected),
@@ -184,81 +237,64 @@ pub(super) fn outcome_of(text: &str) -> Result<OutcomeKind, sqlx::Error> {
     }
 }
 
-/// A delivery row from `registration_id, outcome, c2dm_message_id, error, attempts,
-/// possible_duplicates, at`.
-pub(super) fn delivery_of(row: &impl Columns) -> Result<DeliveryRow, sqlx::Error> {
-    Ok(DeliveryRow {
-        registration_id: row.text(0)?,
-        outcome: outcome_of(&row.text(1)?)?,
-        c2dm_message_id: row.maybe_text(2)?,
-        error: row.maybe_text(3)?,
-        attempts: u32::try_from(row.int(4)?).unwrap_or(u32::MAX),
-        possible_duplicates: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
-        at: time_of(row.int(6)?),
-    })
+/// A push's rows with one outcome and error, counted.
+#[derive(sqlx::FromRow)]
+pub(super) struct OutcomeGroup {
+    outcome: String,
+    error: Option<String>,
+    n: i64,
 }
 
-/// The counts of a push from its rows grouped as `outcome, error, count`, and its audience's
-/// size once walked.
+/// The counts of a push from its rows grouped by outcome and error, and its audience's size
+/// once walked.
 pub(super) fn counts_of(
-    groups: &[impl Columns],
+    groups: Vec<OutcomeGroup>,
     total: Option<u64>,
 ) -> Result<Counts, sqlx::Error> {
     let mut counts = Counts::default();
     let mut recorded = 0u64;
     for group in groups {
-        let n = u64::try_from(group.int(2)?).unwrap_or(0);
+        let n = count(group.n);
         recorded += n;
-        let why = group.maybe_text(1)?.unwrap_or_default();
-        match outcome_of(&group.text(0)?)? {
+        let why = group.error.unwrap_or_default();
+        let by_why = |map: &mut BTreeMap<String, u64>| *map.entry(why).or_default() += n;
+        match outcome_of(&group.outcome)? {
             OutcomeKind::Accepted => counts.accepted += n,
             OutcomeKind::Failed => counts.failed += n,
-            OutcomeKind::Rejected => *counts.rejected.entry(why).or_default() += n,
-            OutcomeKind::NotAttempted => *counts.not_attempted.entry(why).or_default() += n,
+            OutcomeKind::Rejected => by_why(&mut counts.rejected),
+            OutcomeKind::NotAttempted => by_why(&mut counts.not_attempted),
         }
     }
     counts.pending = total.map(|t| t.saturating_sub(recorded));
     Ok(counts)
 }
 
-/// Device counts from rows grouped as `state, count`.
-pub(super) fn device_counts_of(groups: &[impl Columns]) -> Result<DeviceCounts, sqlx::Error> {
+/// Device counts from devices grouped as `(state, count)`.
+pub(super) fn device_counts_of(groups: Vec<(String, i64)>) -> Result<DeviceCounts, sqlx::Error> {
     let mut counts = DeviceCounts::default();
-    for group in groups {
-        let n = u64::try_from(group.int(1)?).unwrap_or(0);
-        let state = group.text(0)?;
-        match DeviceState::parse(&state) {
-            Some(DeviceState::Active) => counts.active += n,
-            Some(DeviceState::Unregistered) => counts.unregistered += n,
-            Some(DeviceState::Gone) => counts.gone += n,
-            None => return Err(decode(format!("unknown device state {state:?}"))),
+    for (state, n) in groups {
+        let n = count(n);
+        match state_of(&state)? {
+            DeviceState::Active => counts.active += n,
+            DeviceState::Unregistered => counts.unregistered += n,
+            DeviceState::Gone => counts.gone += n,
         }
     }
     Ok(counts)
 }
 
-/// What a batch adds to a push's counters: `recorded, accepted, rejected, failed,
-/// not_attempted`, as the databases' integers.
-pub(super) fn tally_update(written: &Tally) -> [i64; 5] {
-    [
-        written.recorded(),
-        written.accepted,
-        written.rejected,
-        written.failed,
-        written.not_attempted,
-    ]
-    .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
-}
-
-/// A page from rows fetched with one more than `limit`: each decoded by `decode`, the next
+/// A page from rows fetched with one more than `limit`: each converted by `convert`, the next
 /// page's cursor taken from the last item kept by `cursor`.
 pub(super) fn page_of<R, T>(
-    rows: &[R],
+    rows: Vec<R>,
     limit: u32,
-    decode: impl Fn(&R) -> Result<T, sqlx::Error>,
+    convert: impl Fn(R) -> Result<T, sqlx::Error>,
     cursor: impl Fn(&T) -> i64,
 ) -> Result<Page<T>, sqlx::Error> {
-    let items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    let items = rows
+        .into_iter()
+        .map(convert)
+        .collect::<Result<Vec<_>, _>>()?;
     let (items, next) = trim_page(items, limit, cursor);
     Ok(Page { items, next })
 }
@@ -279,15 +315,32 @@ pub(super) fn trim_page<T, C>(
     }
 }
 
-/// Those of the devices read as `registration_id, state` that `named` names, with their
-/// states: what a batch keeps of the devices not active in the range its devices lie in.
+/// Those of the devices read as `(registration_id, state)` that `named` names (all of them
+/// with `None`), with their states.
 pub(super) fn states_among(
     rows: Vec<(String, String)>,
-    named: &[String],
-) -> Vec<(String, DeviceState)> {
-    let named: HashSet<&str> = named.iter().map(String::as_str).collect();
+    named: Option<&[String]>,
+) -> Result<Vec<(String, DeviceState)>, sqlx::Error> {
+    let named: Option<HashSet<&str>> = named.map(|ids| ids.iter().map(String::as_str).collect());
     rows.into_iter()
-        .filter(|(id, _)| named.contains(id.as_str()))
-        .filter_map(|(id, state)| DeviceState::parse(&state).map(|state| (id, state)))
+        .filter(|(id, _)| {
+            named
+                .as_ref()
+                .is_none_or(|named| named.contains(id.as_str()))
+        })
+        .map(|(id, state)| Ok((id, state_of(&state)?)))
         .collect()
+}
+
+/// What a batch adds to a push's counters: `recorded, accepted, rejected, failed,
+/// not_attempted`, as the databases' integers.
+pub(super) fn tally_update(written: &OutcomeTally) -> [i64; 5] {
+    [
+        written.recorded(),
+        written.accepted,
+        written.rejected,
+        written.failed,
+        written.not_attempted,
+    ]
+    .map(big)
 }

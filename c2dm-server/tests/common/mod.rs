@@ -1,8 +1,6 @@
 //! What the server's integration tests share: one request to the router, its answer as JSON.
 #![allow(dead_code)] // each test file uses its own part
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::body::Body;
 use c2dm_core::{AuthToken, Sender, StaticToken};
@@ -131,7 +129,7 @@ macro_rules! on_each_database {
 /// A fresh database, its store and queues, and the API over them with the tests' keys.
 pub struct Api {
     pub app: Router,
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     pub queues: Queues,
     pub database: Database,
 }
@@ -151,7 +149,7 @@ impl Api {
         let (store, queues) = open_database(&database.url, options).await.unwrap();
         let keys = Keys::new(Key::new(ADMIN).unwrap(), Key::new(DEVICE).unwrap()).unwrap();
         Self {
-            app: router(Arc::clone(&store), keys),
+            app: router(store.clone(), keys),
             store,
             queues,
             database,
@@ -163,7 +161,7 @@ impl Api {
 /// demand.
 pub struct Server {
     pub app: Router,
-    pub store: Arc<dyn Store>,
+    pub store: Store,
     pub queues: Queues,
     pub emulator: Emulator,
     pub database: Database,
@@ -234,7 +232,7 @@ impl Server {
         options: WorkerOptions,
     ) -> tokio::sync::oneshot::Sender<()> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let store = Arc::clone(&self.store);
+        let store = self.store.clone();
         tokio::spawn(run_workers(
             store,
             sender,
@@ -285,7 +283,7 @@ impl Server {
         let (status, body) = self
             .call(
                 "POST",
-                "/v1/messages",
+                "/v1/pushes",
                 ADMIN,
                 Some(json!({"to": to, "collapse_key": "news", "data": {"message": "hello"}})),
             )
@@ -299,7 +297,7 @@ impl Server {
     /// hangs.
     pub async fn finished(&self, id: &str) -> Value {
         let (status, message) = self
-            .call("GET", &format!("/v1/messages/{id}?wait=60"), ADMIN, None)
+            .call("GET", &format!("/v1/pushes/{id}?wait=60"), ADMIN, None)
             .await;
         assert_eq!(status, StatusCode::OK, "{message}");
         assert!(
@@ -316,7 +314,7 @@ impl Server {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             let (_, message) = self
-                .call("GET", &format!("/v1/messages/{id}"), ADMIN, None)
+                .call("GET", &format!("/v1/pushes/{id}"), ADMIN, None)
                 .await;
             if test(&message) {
                 return message;
@@ -333,7 +331,7 @@ impl Server {
         let mut rows = Vec::new();
         let mut after = String::new();
         loop {
-            let uri = format!("/v1/messages/{id}/deliveries?limit=7{query}{after}");
+            let uri = format!("/v1/pushes/{id}/deliveries?limit=7{query}{after}");
             let (status, page) = self.call("GET", &uri, ADMIN, None).await;
             assert_eq!(status, StatusCode::OK, "{page}");
             rows.extend(page["deliveries"].as_array().unwrap().iter().cloned());

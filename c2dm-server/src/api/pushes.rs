@@ -1,4 +1,4 @@
-//! `/v1/messages`: pushes, their progress, and a row per device.
+//! `/v1/pushes`: pushes, their progress, and a row per device.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,19 +12,19 @@ use super::devices::registration_id_schema;
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{IdempotencyKey, JsonBody, PathParam, QueryParams};
 use super::{AppState, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
-use crate::store::{Audience, Counts, DeliveryRow, MessageRecord, MessageState, NewMessage};
+use crate::store::{Audience, Counts, DeliveryRow, NewPush, Push, PushState};
 
 /// The push routes that answer at once (the admin token).
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/messages", post(push).get(messages))
-        .route("/v1/messages/{id}/deliveries", get(deliveries))
-        .route("/v1/messages/{id}/cancel", post(cancel))
+        .route("/v1/pushes", post(push).get(list))
+        .route("/v1/pushes/{id}/deliveries", get(deliveries))
+        .route("/v1/pushes/{id}/cancel", post(cancel))
 }
 
 /// The push routes that may wait (a status with `wait`), up to [`MAX_WAIT`] seconds.
 pub(super) fn waiting_routes() -> Router<AppState> {
-    Router::new().route("/v1/messages/{id}", get(status))
+    Router::new().route("/v1/pushes/{id}", get(status))
 }
 
 // What the OpenAPI document says of an `Audience` (which the API reads and writes).
@@ -92,10 +92,10 @@ pub(super) struct ToTag {
     tag: String,
 }
 
-/// `POST /v1/messages`: a push.
+/// `POST /v1/pushes`: a push.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Push {
+pub(super) struct PushRequest {
     /// Who it goes to.
     #[schema(value_type = AudienceSchema)]
     to: Audience,
@@ -133,9 +133,9 @@ pub(super) fn data_schema() -> utoipa::openapi::Object {
 /// The most registration ids one push may list.
 pub(super) const MAX_LISTED: usize = 10_000;
 
-impl Push {
+impl PushRequest {
     /// Every rule of the protocol (the message builds), before anything is stored.
-    fn check(self, idempotency_key: Option<String>) -> Result<NewMessage, ApiError> {
+    fn check(self, idempotency_key: Option<String>) -> Result<NewPush, ApiError> {
         let mut builder = c2dm_core::Message::builder("audience-placeholder")
             .collapse_key(&self.collapse_key)
             .delay_while_idle(self.delay_while_idle);
@@ -173,7 +173,7 @@ impl Push {
             }
             Audience::All(_) => {}
         }
-        Ok(NewMessage {
+        Ok(NewPush {
             idempotency_key,
             audience: self.to,
             collapse_key: self.collapse_key,
@@ -200,11 +200,11 @@ pub(super) struct TallyView {
 
 /// A push, as a list of pushes shows it.
 #[derive(Debug, Serialize, ToSchema)]
-pub(super) struct MessageSummary {
+pub(super) struct PushSummary {
     /// Its id.
     id: String,
     /// Where it is.
-    state: MessageState,
+    state: PushState,
     /// Who it goes to.
     #[schema(value_type = AudienceSchema)]
     to: Audience,
@@ -242,15 +242,15 @@ pub(super) struct PushErrorView {
 
 /// A push with its counts by outcome and code.
 #[derive(Debug, Serialize, ToSchema)]
-pub(super) struct MessageView {
+pub(super) struct PushView {
     #[serde(flatten)]
-    summary: MessageSummary,
+    summary: PushSummary,
     /// Its rows by outcome, the rejected and not attempted by code or reason.
     counts: Counts,
 }
 
-impl From<MessageRecord> for MessageSummary {
-    fn from(m: MessageRecord) -> Self {
+impl From<Push> for PushSummary {
+    fn from(m: Push) -> Self {
         Self {
             id: m.id.to_string(),
             state: m.state,
@@ -273,15 +273,15 @@ impl From<MessageRecord> for MessageSummary {
                 // A finished push is failing no more, whichever batch said so last.
                 failing_since: e
                     .failing_since
-                    .filter(|_| matches!(m.state, MessageState::Queued | MessageState::Sending))
+                    .filter(|_| matches!(m.state, PushState::Queued | PushState::Sending))
                     .map(rfc3339),
             }),
         }
     }
 }
 
-impl From<MessageRecord> for MessageView {
-    fn from(mut m: MessageRecord) -> Self {
+impl From<Push> for PushView {
+    fn from(mut m: Push) -> Self {
         let counts = std::mem::take(&mut m.counts);
         Self {
             summary: m.into(),
@@ -292,17 +292,17 @@ impl From<MessageRecord> for MessageView {
 
 /// Sends a push: stored with its job before the answer; workers do the sending.
 #[utoipa::path(
-    post, path = "/v1/messages", tag = "messages",
+    post, path = "/v1/pushes", tag = "pushes",
     security(("admin_token" = [])),
     params((
         "Idempotency-Key" = Option<String>, Header,
         description = "the same key gives the same push, never a second one (visible text, at most 256 characters)",
         max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$"
     )),
-    request_body = Push,
+    request_body = PushRequest,
     responses(
-        (status = 202, description = "stored and queued", body = MessageView),
-        (status = 200, description = "a replayed Idempotency-Key: the push made the first time", body = MessageView),
+        (status = 202, description = "stored and queued", body = PushView),
+        (status = 200, description = "a replayed Idempotency-Key: the push made the first time", body = PushView),
         (status = 409, description = "the Idempotency-Key was used for another push", body = ErrorBody),
         BodyErrors,
         AdminErrors,
@@ -313,10 +313,10 @@ pub(super) async fn push(
     State(state): State<AppState>,
     _: Admin,
     IdempotencyKey(key): IdempotencyKey,
-    JsonBody(push): JsonBody<Push>,
-) -> Result<(StatusCode, Json<MessageView>), ApiError> {
+    JsonBody(push): JsonBody<PushRequest>,
+) -> Result<(StatusCode, Json<PushView>), ApiError> {
     let message = push.check(key)?;
-    let (created, stored) = state.store.create_message(&message).await?;
+    let (created, stored) = state.store.create_push(&message).await?;
     if !created {
         let same = stored.audience == message.audience
             && stored.collapse_key == message.collapse_key
@@ -337,35 +337,35 @@ pub(super) async fn push(
 
 /// A page of pushes.
 #[derive(Debug, Serialize, ToSchema)]
-pub(super) struct MessagePage {
+pub(super) struct PushPage {
     /// The pushes, newest first.
-    messages: Vec<MessageSummary>,
+    pushes: Vec<PushSummary>,
     /// Pass it as `after` for the next page; `null` on the last one.
     next: Option<String>,
 }
 
 /// The pushes, newest first, each with its tally by outcome.
 #[utoipa::path(
-    get, path = "/v1/messages", tag = "messages",
+    get, path = "/v1/pushes", tag = "pushes",
     security(("admin_token" = [])),
     params(NewestFirstQuery),
     responses(
-        (status = 200, description = "a page of pushes", body = MessagePage),
+        (status = 200, description = "a page of pushes", body = PushPage),
         ParamErrors,
         AdminErrors,
         KeyErrors,
     )
 )]
-pub(super) async fn messages(
+pub(super) async fn list(
     State(state): State<AppState>,
     _: Admin,
     QueryParams(query): QueryParams<NewestFirstQuery>,
-) -> Result<Json<MessagePage>, ApiError> {
+) -> Result<Json<PushPage>, ApiError> {
     let before = cursor(query.after.as_deref())?;
     let limit = page_limit(query.limit)?;
-    let page = state.store.messages(before, limit).await?;
-    Ok(Json(MessagePage {
-        messages: page.items.into_iter().map(MessageSummary::from).collect(),
+    let page = state.store.pushes(before, limit).await?;
+    Ok(Json(PushPage {
+        pushes: page.items.into_iter().map(PushSummary::from).collect(),
         next: page.next.map(|n| n.to_string()),
     }))
 }
@@ -374,22 +374,22 @@ pub(super) fn no_such_message() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such message")
 }
 
-pub(super) fn message_id(text: &str) -> Result<i64, ApiError> {
+pub(super) fn push_id(text: &str) -> Result<i64, ApiError> {
     text.parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
         .ok_or_else(no_such_message)
 }
 
-pub(super) async fn find(state: &AppState, id: &str) -> Result<MessageRecord, ApiError> {
+pub(super) async fn find(state: &AppState, id: &str) -> Result<Push, ApiError> {
     state
         .store
-        .message(message_id(id)?)
+        .push(push_id(id)?)
         .await?
         .ok_or_else(no_such_message)
 }
 
-/// `GET /v1/messages/{id}` parameters.
+/// `GET /v1/pushes/{id}` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -404,11 +404,11 @@ pub(super) const MAX_WAIT: u64 = 60;
 
 /// A push's state and counts; with `wait`, once it is finished (or the wait is over).
 #[utoipa::path(
-    get, path = "/v1/messages/{id}", tag = "messages",
+    get, path = "/v1/pushes/{id}", tag = "pushes",
     security(("admin_token" = [])),
     params(("id" = String, Path, description = "the push's id"), StatusQuery),
     responses(
-        (status = 200, description = "the push", body = MessageView),
+        (status = 200, description = "the push", body = PushView),
         (status = 404, description = "no such push", body = ErrorBody),
         ParamErrors,
         AdminErrors,
@@ -420,7 +420,7 @@ pub(super) async fn status(
     _: Admin,
     PathParam(id): PathParam,
     QueryParams(query): QueryParams<StatusQuery>,
-) -> Result<Json<MessageView>, ApiError> {
+) -> Result<Json<PushView>, ApiError> {
     let wait = query.wait.unwrap_or(0);
     if wait > MAX_WAIT {
         return Err(ApiError::query("wait", "wait is at most 60 seconds"));
@@ -430,13 +430,13 @@ pub(super) async fn status(
     // Read without its counts until the answer: counting a push's rows costs what it has.
     let mut message = state
         .store
-        .message_to_send(message_id(&id)?)
+        .push_to_send(push_id(&id)?)
         .await?
         .ok_or_else(no_such_message)?;
     loop {
-        let finished = matches!(message.state, MessageState::Done | MessageState::Cancelled);
+        let finished = matches!(message.state, PushState::Done | PushState::Cancelled);
         if finished || tokio::time::Instant::now() >= deadline {
-            let counted = state.store.message(message.id).await?.unwrap_or(message);
+            let counted = state.store.push(message.id).await?.unwrap_or(message);
             return Ok(Json(counted.into()));
         }
         // Woken by a push finished in this process, or after a while for one finished by
@@ -448,7 +448,7 @@ pub(super) async fn status(
         }
         message = state
             .store
-            .message_to_send(message.id)
+            .push_to_send(message.id)
             .await?
             .ok_or_else(no_such_message)?;
     }
@@ -457,11 +457,11 @@ pub(super) async fn status(
 /// Cancels a push: batches not started are not sent, batches under way stop; every device
 /// still gets its row (`not_attempted: cancelled`).
 #[utoipa::path(
-    post, path = "/v1/messages/{id}/cancel", tag = "messages",
+    post, path = "/v1/pushes/{id}/cancel", tag = "pushes",
     security(("admin_token" = [])),
     params(("id" = String, Path, description = "the push's id")),
     responses(
-        (status = 200, description = "the push, its cancel asked for", body = MessageView),
+        (status = 200, description = "the push, its cancel asked for", body = PushView),
         (status = 404, description = "no such push", body = ErrorBody),
         (status = 409, description = "the push has finished (`already_finished`, the message says whether done or cancelled): nothing changes", body = ErrorBody),
         ParamErrors,
@@ -473,9 +473,9 @@ pub(super) async fn cancel(
     State(state): State<AppState>,
     _: Admin,
     PathParam(id): PathParam,
-) -> Result<Json<MessageView>, ApiError> {
+) -> Result<Json<PushView>, ApiError> {
     let message = find(&state, &id).await?;
-    if matches!(message.state, MessageState::Done | MessageState::Cancelled) {
+    if matches!(message.state, PushState::Done | PushState::Cancelled) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_finished",
@@ -509,7 +509,7 @@ pub(super) enum OutcomeName {
     NotAttempted,
 }
 
-/// `GET /v1/messages/{id}/deliveries` parameters.
+/// `GET /v1/pushes/{id}/deliveries` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -572,7 +572,7 @@ pub(super) struct DeliveryPage {
 
 /// What became of a push on each device: one row per device, in registration id order.
 #[utoipa::path(
-    get, path = "/v1/messages/{id}/deliveries", tag = "messages",
+    get, path = "/v1/pushes/{id}/deliveries", tag = "pushes",
     security(("admin_token" = [])),
     params(("id" = String, Path, description = "the push's id"), DeliveriesQuery),
     responses(
