@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorCode};
 use crate::message::{Message, MessageId, RegistrationId};
 use crate::sender::Sender;
-use crate::sent::{SendError, Sent, Tally};
+use crate::sent::{AttemptTally, SendError, Sent};
 
 /// How a broadcast runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,7 +205,7 @@ impl std::fmt::Display for OutcomeKind {
 pub struct Delivery {
     registration_id: RegistrationId,
     outcome: Outcome,
-    tally: Tally,
+    tally: AttemptTally,
 }
 
 impl Delivery {
@@ -220,7 +220,7 @@ impl Delivery {
     }
 
     /// What the send cost: attempts, time waited, possible duplicates.
-    pub fn tally(&self) -> Tally {
+    pub fn tally(&self) -> AttemptTally {
         self.tally
     }
 
@@ -276,7 +276,7 @@ impl Delivery {
         Self {
             registration_id,
             outcome: Outcome::NotAttempted(why),
-            tally: Tally::default(),
+            tally: AttemptTally::default(),
         }
     }
 
@@ -309,7 +309,7 @@ impl Delivery {
                     },
                     error => Outcome::Failed { error },
                 };
-                let tally = Tally {
+                let tally = AttemptTally {
                     possible_duplicates: failure.tally.possible_duplicates.max(u32::from(possibly)),
                     ..failure.tally
                 };
@@ -568,9 +568,9 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> SendError {
     tracing::error!(%message, "a send panicked");
     SendError {
         error: Error::Panicked { message },
-        tally: Tally {
+        tally: AttemptTally {
             attempts: 1,
-            ..Tally::default()
+            ..AttemptTally::default()
         },
     }
 }

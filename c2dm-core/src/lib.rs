@@ -47,7 +47,7 @@ pub use message::{
 pub use report::DeliveryReport;
 pub use retry::{RetryDecision, RetryPolicy};
 pub use sender::{Sender, SenderBuilder};
-pub use sent::{SendError, Sent, Tally};
+pub use sent::{AttemptTally, SendError, Sent};
 #[cfg(any(test, feature = "mock"))]
 pub use token::MockTokenProvider;
 pub use token::{AuthToken, InvalidToken, StaticToken, TokenError, TokenProvider};

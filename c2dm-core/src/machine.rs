@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorCode};
 use crate::message::MessageId;
 use crate::retry::RetryPolicy;
-pub use crate::sent::Tally;
+pub use crate::sent::AttemptTally;
 use crate::sent::{SendError, Sent};
 
 /// Who must wait because of an answer.
@@ -100,7 +100,7 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub struct SendMachine<'p> {
     policy: &'p RetryPolicy,
-    tally: Tally,
+    tally: AttemptTally,
     /// Attempts that count against `max_attempts`: all but those answered 401, which the 401
     /// rule bounds instead.
     counted: u32,
@@ -131,7 +131,7 @@ impl<'p> SendMachine<'p> {
     pub fn new(policy: &'p RetryPolicy, now: Instant) -> Self {
         Self {
             policy,
-            tally: Tally::default(),
+            tally: AttemptTally::default(),
             counted: 0,
             renewals: 0,
             unproven_refusals: 0,
@@ -142,7 +142,7 @@ impl<'p> SendMachine<'p> {
     }
 
     /// What the send has cost so far.
-    pub fn tally(&self) -> Tally {
+    pub fn tally(&self) -> AttemptTally {
         self.tally
     }
 

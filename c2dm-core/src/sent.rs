@@ -1,4 +1,4 @@
-//! What one send comes to: [`Sent`] or [`SendError`], and the bookkeeping both carry, [`Tally`].
+//! What one send comes to: [`Sent`] or [`SendError`], and the bookkeeping both carry, [`AttemptTally`].
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use crate::message::MessageId;
 /// What one message's send cost: the bookkeeping that [`Sent`], [`SendError`] and a
 /// broadcast's [`Delivery`](crate::Delivery) all carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Tally {
+pub struct AttemptTally {
     /// Requests made (0 when the message was never sent).
     pub attempts: u32,
     /// Time spent waiting: backoff, `Retry-After`, and pauses set by other sends.
@@ -24,7 +24,7 @@ pub struct Sent {
     /// The id the service gave the message.
     pub message_id: MessageId,
     /// Attempts made (this one included), time waited, possible duplicates.
-    pub tally: Tally,
+    pub tally: AttemptTally,
 }
 
 /// A message that was not accepted, with the final error and what was tried.
@@ -40,7 +40,7 @@ pub struct SendError {
     #[source]
     pub error: Error,
     /// Attempts made, time waited, possible duplicates.
-    pub tally: Tally,
+    pub tally: AttemptTally,
 }
 
 impl SendError {

@@ -89,22 +89,25 @@ pub(crate) fn ratios(ours: &[Sample], wrk: &[Sample], field: impl Fn(&Sample) ->
     format!("{mid:.2} ({low:.2}-{high:.2})")
 }
 
-/// The string value of `"key":"…"` in compact JSON (the last one).
-pub(crate) fn json_string(text: &str, key: &str) -> Option<String> {
-    let pattern = format!("\"{key}\":\"");
-    let start = text.rfind(&pattern)? + pattern.len();
-    let rest = &text[start..];
-    Some(rest[..rest.find('"')?].to_owned())
+/// The value at `pointer` (RFC 6901, as `/counts/accepted`) of the last line of `text` that
+/// is a JSON object: a tool's summary, or an API's answer.
+pub(crate) fn json_at(text: &str, pointer: &str) -> Option<serde_json::Value> {
+    text.lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line.trim()).ok())
+        .find(serde_json::Value::is_object)?
+        .pointer(pointer)
+        .cloned()
 }
 
-pub(crate) fn json_number(text: &str, key: &str) -> Option<f64> {
-    let pattern = format!("\"{key}\":");
-    let start = text.rfind(&pattern)? + pattern.len();
-    let rest = &text[start..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// The number at `pointer` of the last JSON object in `text` ([`json_at`]).
+pub(crate) fn json_number(text: &str, pointer: &str) -> Option<f64> {
+    json_at(text, pointer)?.as_f64()
+}
+
+/// The string at `pointer` of the last JSON object in `text` ([`json_at`]).
+pub(crate) fn json_string(text: &str, pointer: &str) -> Option<String> {
+    Some(json_at(text, pointer)?.as_str()?.to_owned())
 }
 
 pub(crate) struct Emulator {
@@ -248,8 +251,8 @@ pub(crate) fn broadcast(
         cmd.arg("--ca-cert").arg(cert);
     }
     let usage = measure(cmd)?;
-    let rate = json_number(&usage.stdout, "rate").ok_or("no rate in the summary")?;
-    let accepted = json_number(&usage.stdout, "accepted").unwrap_or(0.0);
+    let rate = json_number(&usage.stdout, "/rate").ok_or("no rate in the summary")?;
+    let accepted = json_number(&usage.stdout, "/accepted").unwrap_or(0.0);
     if accepted as u64 != n {
         return Err(format!("only {accepted} of {n} accepted: {}", usage.stdout));
     }
@@ -284,12 +287,12 @@ fn transport_load(
         cmd.arg("--bare");
     }
     let usage = measure(cmd)?;
-    if json_number(&usage.stdout, "failures") != Some(0.0) {
+    if json_number(&usage.stdout, "/failures") != Some(0.0) {
         return Err(format!("load had failures: {}", usage.stdout));
     }
     Ok(Sample {
-        rate: json_number(&usage.stdout, "rate").ok_or("no rate")?,
-        cpu: json_number(&usage.stdout, "cpu_us_per_request").ok_or("no cpu")?,
+        rate: json_number(&usage.stdout, "/rate").ok_or("no rate")?,
+        cpu: json_number(&usage.stdout, "/cpu_us_per_request").ok_or("no cpu")?,
     })
 }
 
@@ -618,7 +621,7 @@ pub(crate) fn write_between(root: &Path, name: &str, report: &str) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use super::json_number;
+    use super::{json_number, json_string};
 
     #[test]
     fn medians_and_ratios() {
@@ -637,9 +640,14 @@ mod tests {
 
     #[test]
     fn reads_numbers_from_json() {
-        let text = r#"{"accepted":200000,"rate":61234.5,"x":-1}"#;
-        assert_eq!(json_number(text, "accepted"), Some(200000.0));
-        assert_eq!(json_number(text, "rate"), Some(61234.5));
-        assert_eq!(json_number(text, "missing"), None);
+        // The last line that is a JSON object is read, past the lines after it.
+        let text = "progress\n{\"accepted\":1}\n{\"accepted\":2}\ndone\n";
+        assert_eq!(json_number(text, "/accepted"), Some(2.0));
+        let text = r#"{"accepted":200000,"rate":61234.5,"x":{"id":"7"}}"#;
+        assert_eq!(json_number(text, "/accepted"), Some(200000.0));
+        assert_eq!(json_number(text, "/rate"), Some(61234.5));
+        assert_eq!(json_string(text, "/x/id").as_deref(), Some("7"));
+        assert_eq!(json_number(text, "/missing"), None);
+        assert_eq!(json_string(text, "/rate"), None);
     }
 }

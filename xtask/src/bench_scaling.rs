@@ -193,7 +193,7 @@ fn run_once(
     if status != 202 {
         return Err(format!("POST /v1/pushes: {status} {answer}"));
     }
-    let id = crate::bench::json_string(&answer, "id").ok_or("no id")?;
+    let id = crate::bench::json_string(&answer, "/id").ok_or("no id")?;
     let done = loop {
         let (_, status, _) = http(
             port,
@@ -202,7 +202,7 @@ fn run_once(
             ADMIN,
             None,
         )?;
-        if status.contains(r#""state":"done""#) {
+        if crate::bench::json_string(&status, "/state").as_deref() == Some("done") {
             break status;
         }
         if started.elapsed() > Duration::from_secs(1800) {
@@ -214,7 +214,7 @@ fn run_once(
     let machine_after = machine_cpu();
     let busy = machine_after.0.saturating_sub(machine_before.0) as f64;
     let idle = machine_after.1.saturating_sub(machine_before.1) as f64;
-    let accepted = crate::bench::json_number(&done, "accepted").unwrap_or(0.0) as u64;
+    let accepted = crate::bench::json_number(&done, "/counts/accepted").unwrap_or(0.0) as u64;
     if accepted != DEVICES {
         return Err(format!("{accepted} of {DEVICES} accepted: {done}"));
     }

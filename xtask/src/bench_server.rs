@@ -235,11 +235,11 @@ fn push(
     if status != 202 {
         return Err(format!("POST /v1/pushes: {status} {answer}"));
     }
-    let id = crate::bench::json_string(&answer, "id").ok_or("no id")?;
+    let id = crate::bench::json_string(&answer, "/id").ok_or("no id")?;
     let done = loop {
         let path = format!("/v1/pushes/{id}?wait=60");
         let (_, status, _) = http(server.port, "GET", &path, ADMIN, None)?;
-        if status.contains(r#""state":"done""#) {
+        if crate::bench::json_string(&status, "/state").as_deref() == Some("done") {
             break status;
         }
         if started.elapsed() > Duration::from_secs(3600) {
@@ -247,7 +247,7 @@ fn push(
         }
     };
     let elapsed = started.elapsed();
-    let accepted = crate::bench::json_number(&done, "accepted").unwrap_or(0.0) as u64;
+    let accepted = crate::bench::json_number(&done, "/counts/accepted").unwrap_or(0.0) as u64;
     if accepted != n {
         return Err(format!("{accepted} of {n} accepted: {done}"));
     }

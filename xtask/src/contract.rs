@@ -124,7 +124,7 @@ fn seed(port: u16) -> Result<(), String> {
     if status != 202 {
         return Err(format!("pushing: {status} {answer}"));
     }
-    let id = crate::bench::json_string(&answer, "id").ok_or("no push id")?;
+    let id = crate::bench::json_string(&answer, "/id").ok_or("no push id")?;
     let (status, answer, took) = http(
         port,
         "GET",
@@ -132,7 +132,7 @@ fn seed(port: u16) -> Result<(), String> {
         ADMIN,
         None,
     )?;
-    if status != 200 || !answer.contains(r#""state":"done""#) {
+    if status != 200 || crate::bench::json_string(&answer, "/state").as_deref() != Some("done") {
         return Err(format!(
             "the seed push did not finish in {took:?}: {status} {answer}"
         ));
