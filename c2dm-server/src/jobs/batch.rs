@@ -6,20 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use apalis::prelude::{BoxDynError, Data, TaskId};
-use c2dm_core::{
-    BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, OutcomeKind, RegistrationId,
-};
+use c2dm_core::{BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, RegistrationId};
 use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::account::adopt_shared_pause;
+use super::pending::Pending;
 use super::plan::{Facts, Plan, over_budget, plan};
 use super::retry::{Step, Stopped, StoreRetry, retried};
 use super::{LOOK, Runner, WorkerOptions};
 use crate::queue::BatchJob;
-use crate::store::{
-    BatchRun, DeliveryRow, DeviceState, OutcomeTally, Positions, Store, StoreError,
-};
+use crate::store::{BatchRun, DeliveryRow, DeviceState, Positions, Push, Store};
 
 /// The budget period (periods of `period` since the epoch, at least a second long: with a
 /// day, the UTC day) that `now` falls in, and when the next one starts.
@@ -42,113 +39,11 @@ pub(super) fn budget_day(now: SystemTime, period: Duration) -> (i64, SystemTime)
 /// before their batch runs again.
 pub(super) const QUOTA_RETRY: Duration = Duration::from_secs(15 * 60);
 
-/// A batch writes the rows it holds at least this often while it sends (and at least every
-/// [`Store::rows_per_write`] rows), so that a worker that dies leaves little for the batch's
-/// next run to send again.
-pub(super) const FLUSH_EVERY: Duration = Duration::from_millis(250);
-
 /// A batch marks its list this many times its concurrency at a time (the next chunk while
 /// this one is sent). A mark is a write that waits for the batch's own row writes: one per
 /// 64 sends held the sends up on PostgreSQL. A run after a crash counts a possible duplicate
 /// for each device below the mark without a row, so a longer chunk can count more.
 pub(super) const MARK_CHUNKS: usize = 4;
-
-/// The rows of a batch not written yet, with the devices found gone among them.
-pub(super) struct Pending {
-    push_id: i64,
-    /// The run of the batch the rows are written for.
-    run: Arc<BatchRun>,
-    /// Set once a later run of the batch has taken it over (a mark or a write refused):
-    /// nothing more is sent or written.
-    taken_over: Arc<AtomicBool>,
-    /// Devices earlier runs may have sent to, each with how many: their rows count that many
-    /// possible duplicates more.
-    resent: HashMap<String, u32>,
-    rows: Vec<DeliveryRow>,
-    gone: Vec<(String, String)>,
-    flushed_at: Instant,
-}
-
-impl Pending {
-    fn push(&mut self, mut row: DeliveryRow) {
-        if let Some(earlier) = self.resent.get(&row.registration_id) {
-            row.possible_duplicates = row.possible_duplicates.saturating_add(*earlier);
-        }
-        self.rows.push(row);
-    }
-
-    /// Writes the rows held, in one transaction, unless a later run of the batch has taken
-    /// it over (then they are dropped: that run sends to these devices again, and counts the
-    /// possible duplicates).
-    async fn flush(&mut self, store: &Store) -> Result<(), StoreError> {
-        if self.rows.is_empty() && self.gone.is_empty() || self.taken_over.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let written = store
-            .record_batch(self.push_id, &self.run, &self.rows, &self.gone)
-            .await?;
-        self.written(written);
-        Ok(())
-    }
-
-    /// After a write: its rows counted in the metrics, or, refused, the batch left to the run
-    /// that took it over. The rows held go either way.
-    fn written(&mut self, written: bool) {
-        if written {
-            metrics::counter!("c2dm_devices_gone_total").increment(self.gone.len() as u64);
-            // Counted by outcome, then told once per outcome: a labelled counter is looked up
-            // each time it is named.
-            let mut tally = OutcomeTally::default();
-            self.rows.iter().for_each(|row| tally.add(row.outcome));
-            for (outcome, n) in [
-                (OutcomeKind::Accepted, tally.accepted),
-                (OutcomeKind::Rejected, tally.rejected),
-                (OutcomeKind::Failed, tally.failed),
-                (OutcomeKind::NotAttempted, tally.not_attempted),
-            ] {
-                if n > 0 {
-                    metrics::counter!("c2dm_deliveries_total", "outcome" => outcome.as_str())
-                        .increment(n);
-                }
-            }
-        } else {
-            tracing::warn!(
-                push_id = self.push_id,
-                batch = %self.run.batch,
-                "another worker took this batch over (this one was taken for dead): leaving it"
-            );
-            self.taken_over.store(true, Ordering::Relaxed);
-        }
-        self.rows.clear();
-        self.gone.clear();
-        self.flushed_at = Instant::now();
-    }
-
-    /// Writes the rows held, with the batches of the devices left for later, and marks the
-    /// batch finished: one transaction, refused if a later run has taken the batch over.
-    async fn finish(
-        &mut self,
-        store: &Store,
-        later: &[(BatchJob, SystemTime)],
-    ) -> Result<(), StoreError> {
-        if self.taken_over.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let written = store
-            .finish_batch(self.push_id, &self.run, &self.rows, &self.gone, later)
-            .await?;
-        self.written(written);
-        Ok(())
-    }
-
-    /// Writes the rows held if there are many, or they have waited long.
-    async fn flush_if_due(&mut self, store: &Store) -> Result<(), StoreError> {
-        if self.rows.len() >= store.rows_per_write() || self.flushed_at.elapsed() >= FLUSH_EVERY {
-            self.flush(store).await?;
-        }
-        Ok(())
-    }
-}
 
 /// The devices of `send` (each with its position in the batch's list), each chunk of
 /// `chunk` marked as about to be sent (the batch's mark moved past it) before it is handed
@@ -231,38 +126,104 @@ pub(super) async fn run_batch(
     }
 }
 
-/// One run of a batch job (see [`run_batch`]).
+/// One run of a batch job (see [`run_batch`]): load, claim and plan, reserve, send, finish.
 pub(super) async fn batch_run(
     job: BatchJob,
     task: &str,
     runner: &Runner,
     retry: &mut StoreRetry,
 ) -> Result<(), Step> {
-    let store = &runner.store;
-    // A job names its stored list of devices, or carries them (the devices a batch left for
-    // later).
+    let Some(loaded) = load(job, &runner.store).await? else {
+        return Ok(());
+    };
+    let Some((run, plan)) = claim_and_plan(&loaded, task, &runner.store).await? else {
+        return Ok(());
+    };
+    let Plan {
+        mut send,
+        not_sent,
+        resent,
+    } = plan;
+    let now = SystemTime::now();
+    let mut pending = Pending {
+        push_id: loaded.job.push_id,
+        run: Arc::clone(&run),
+        taken_over: Arc::new(AtomicBool::new(false)),
+        resent,
+        rows: Vec::with_capacity((send.len() + not_sent.len()).min(runner.store.rows_per_write())),
+        gone: Vec::new(),
+        flushed_at: Instant::now(),
+    };
+    for (id, why) in &not_sent {
+        pending.push(DeliveryRow::not_attempted(id, why, now));
+    }
+    let budget = reserve(runner, loaded.job.push_id, &mut send, now).await?;
+    let mut later = budget.deferred;
+    let sent = send_all(
+        runner,
+        retry,
+        &loaded,
+        &send,
+        &mut pending,
+        &mut later,
+        budget.tomorrow,
+    )
+    .await?;
+    if let Some(granted) = budget.granted {
+        let account = runner.options.account.as_str();
+        let unused = granted.saturating_sub(sent.accepted);
+        retried!(
+            retry,
+            runner
+                .store
+                .release_budget(account, budget.day, unused)
+                .await
+        );
+    }
+    finish(runner, retry, &loaded.job, pending, later, &sent).await
+}
+
+/// A batch's job with its devices, and its push, as a run reads them.
+struct Loaded {
+    job: BatchJob,
+    push: Push,
+    /// Cancels asked for in this process from before the push was read.
+    cancels: tokio::sync::watch::Receiver<u64>,
+}
+
+/// The batch's devices (a job names its stored list of them, or carries them: the devices a
+/// batch left for later) and its push; `None` when there is nothing to send.
+async fn load(job: BatchJob, store: &Store) -> Result<Option<Loaded>, Step> {
     let job = match job.list {
         Some(list) => match store.batch_list(list).await? {
             Some(stored) => stored,
             None => {
                 // Lists go with their push when it finishes: nothing is left to send.
                 tracing::info!(push_id = job.push_id, list, "a batch of a finished push");
-                return Ok(());
+                return Ok(None);
             }
         },
         None => job,
     };
     // Cancels asked for in this process from here on (its push read next) stop the sends.
     let cancels = store.cancels();
-    let Some(message) = store.push_to_send(job.push_id).await? else {
-        return Ok(());
-    };
+    let push = store.push_to_send(job.push_id).await?;
+    Ok(push.map(|push| Loaded { job, push, cancels }))
+}
+
+/// Claims the batch for this run and plans it from what the store says of its devices;
+/// `None` when an earlier run finished it (its worker died before the queue heard).
+async fn claim_and_plan(
+    loaded: &Loaded,
+    task: &str,
+    store: &Store,
+) -> Result<Option<(Arc<BatchRun>, Plan)>, Step> {
+    let job = &loaded.job;
     // The claim first: whatever an earlier run still going records after it is refused, and
     // what it recorded before is read next.
     let run = Arc::new(store.claim_batch(job.push_id, task).await?);
     if run.finished {
-        // An earlier run wrote all it had to, and its worker died before the queue heard.
-        return Ok(());
+        return Ok(None);
     }
     // A first run has no rows to skip: one lookup per device spared on almost every batch.
     let recorded = if run.run == 1 {
@@ -270,7 +231,8 @@ pub(super) async fn batch_run(
     } else {
         store.recorded(job.push_id, &job.registration_ids).await?
     };
-    let inactive: HashMap<String, DeviceState> = if message.cancel_requested {
+    let cancelled = loaded.push.cancel_requested;
+    let inactive: HashMap<String, DeviceState> = if cancelled {
         HashMap::new()
     } else {
         store
@@ -279,52 +241,55 @@ pub(super) async fn batch_run(
             .into_iter()
             .collect()
     };
-    let Plan {
-        mut send,
-        not_sent,
-        resent,
-    } = plan(&Facts {
+    let plan = plan(&Facts {
         ids: &job.registration_ids,
         recorded: &recorded,
         marked_through: run.marked_through,
         sending_runs: run.sending_runs,
         possibly_sent: &job.possibly_sent,
-        cancelled: message.cancel_requested,
+        cancelled,
         inactive: &inactive,
     });
-    let now = SystemTime::now();
-    let mut pending = Pending {
-        push_id: job.push_id,
-        run: Arc::clone(&run),
-        taken_over: Arc::new(AtomicBool::new(false)),
-        resent,
-        rows: Vec::with_capacity((send.len() + not_sent.len()).min(store.rows_per_write())),
-        gone: Vec::new(),
-        flushed_at: Instant::now(),
-    };
-    if !pending.resent.is_empty() {
+    if !plan.resent.is_empty() {
         tracing::info!(
             push_id = job.push_id,
-            devices = pending.resent.len(),
+            devices = plan.resent.len(),
             "a batch runs again after its worker died: its sends under way may be duplicated"
         );
     }
-    for (id, why) in &not_sent {
-        pending.push(DeliveryRow::not_attempted(id, why, now));
-    }
-    let mut later: Vec<(String, SystemTime)> = Vec::new();
-    let mut unsent = 0usize;
-    // Devices whose sends the process's stop ended: no row; the next run sends them.
-    let mut left = 0usize;
+    Ok(Some((run, plan)))
+}
+
+/// What a run reserved of the account's daily budget.
+struct Budget {
+    /// The budget's day, and when the next begins.
+    day: i64,
+    tomorrow: SystemTime,
+    /// Messages reserved, with a daily budget.
+    granted: Option<u64>,
+    /// The devices the budget does not cover, left for tomorrow.
+    deferred: Vec<(String, SystemTime)>,
+}
+
+/// Reserves the account's budget for `send`, which keeps the devices it covers.
+async fn reserve(
+    runner: &Runner,
+    push_id: i64,
+    send: &mut Vec<(u64, RegistrationId)>,
+    now: SystemTime,
+) -> Result<Budget, Step> {
     let (day, tomorrow) = budget_day(now, runner.options.budget_period);
     let granted = match runner.options.daily_budget {
         Some(daily) if !send.is_empty() => {
             let wanted = send.len() as u64;
             let account = runner.options.account.as_str();
-            let granted = store.reserve_budget(account, day, daily, wanted).await?;
+            let granted = runner
+                .store
+                .reserve_budget(account, day, daily, wanted)
+                .await?;
             if granted < wanted {
                 tracing::info!(
-                    push_id = job.push_id,
+                    push_id,
                     unsent = wanted - granted,
                     "the account's daily budget is spent: the rest waits for tomorrow"
                 );
@@ -334,113 +299,158 @@ pub(super) async fn batch_run(
         }
         _ => None,
     };
-    later.extend(
-        over_budget(&mut send, granted)
-            .into_iter()
-            .map(|id| (id.as_str().to_owned(), tomorrow)),
+    let deferred = over_budget(send, granted)
+        .into_iter()
+        .map(|id| (id.as_str().to_owned(), tomorrow))
+        .collect();
+    Ok(Budget {
+        day,
+        tomorrow,
+        granted,
+        deferred,
+    })
+}
+
+/// What a run's sends came to.
+struct Sends {
+    /// Accepted by the service.
+    accepted: u64,
+    /// Devices never handed to the broadcast (a mark's task failed, or the batch was taken
+    /// over, or the process stopped before its turn).
+    unsent: usize,
+    /// Devices whose sends the process's stop ended: no row; the next run sends them.
+    left: usize,
+}
+
+/// Sends to `send` in one broadcast, once the batch's turn comes: each chunk marked first,
+/// rows held in `pending` and written as they come, devices the budget or the quota kept back
+/// added to `later`.
+async fn send_all(
+    runner: &Runner,
+    retry: &mut StoreRetry,
+    loaded: &Loaded,
+    send: &[(u64, RegistrationId)],
+    pending: &mut Pending,
+    later: &mut Vec<(String, SystemTime)>,
+    tomorrow: SystemTime,
+) -> Result<Sends, Step> {
+    let mut sends = Sends {
+        accepted: 0,
+        unsent: 0,
+        left: 0,
+    };
+    let Some((_, first)) = send.first().cloned() else {
+        return Ok(sends);
+    };
+    let store = &runner.store;
+    // From here on, a store error is tried again in place: sends may have been made.
+    retried!(retry, adopt_shared_pause(runner).await);
+    let template = template(&loaded.push, first).map_err(|e| Step::Other(e.into()))?;
+    let concurrency = runner.options.concurrency.max(1);
+    let mut ids = Box::pin(
+        marked(
+            retry.for_step("mark"),
+            Arc::clone(&pending.run),
+            Arc::clone(&pending.taken_over),
+            send,
+            concurrency.saturating_mul(MARK_CHUNKS),
+        )
+        .peekable(),
     );
-    let mut accepted = 0u64;
-    if let Some((_, first)) = send.first().cloned() {
-        // From here on, a store error is tried again in place: sends may have been made.
-        retried!(retry, adopt_shared_pause(runner).await);
-        let template = template(&message, first).map_err(|e| Step::Other(e.into()))?;
-        let concurrency = runner.options.concurrency.max(1);
-        let mut ids = Box::pin(
-            marked(
-                retry.for_step("mark"),
-                Arc::clone(&run),
-                Arc::clone(&pending.taken_over),
-                &send,
-                concurrency.saturating_mul(MARK_CHUNKS),
-            )
-            .peekable(),
-        );
-        // Readied: the first sends marked. Then the batch waits its turn to send, unless
-        // the process stops first.
-        ids.as_mut().peek().await;
-        let mut stopping = runner.stopping.clone();
-        let sending = tokio::select! {
-            permit = Arc::clone(&runner.sending).acquire_owned() => {
-                Some(permit.map_err(|e| Step::Other(e.into()))?)
-            }
-            _ = stopping.wait_for(|stopping| *stopping) => None,
-        };
-        let mut delivered = 0usize;
-        if let Some(sending) = sending {
-            let mut deliveries = runner
-                .sender
-                .broadcast_to(
-                    ids,
-                    &template,
-                    BroadcastOptions::default().concurrency(concurrency),
-                )
-                .map_err(|e| Step::Other(e.into()))?;
-            let watching = tokio::spawn(cancel_when_asked(
-                store.clone(),
-                job.push_id,
-                cancels,
-                deliveries.cancel_handle(),
-            ));
-            let halted = Arc::new(AtomicBool::new(false));
-            let halting = tokio::spawn(halt_when_stopping(
-                runner.stopping.clone(),
-                Arc::clone(&halted),
-                deliveries.cancel_handle(),
-            ));
-            while let Some(delivery) = deliveries.next().await {
-                delivered += 1;
-                let id = delivery.registration_id().to_string();
-                match delivery.outcome() {
-                    Outcome::NotAttempted(NotAttempted::BudgetExhausted) => {
-                        later.push((id, tomorrow));
-                        continue;
-                    }
-                    Outcome::NotAttempted(NotAttempted::QuotaExhausted) => {
-                        later.push((id, SystemTime::now() + QUOTA_RETRY));
-                        continue;
-                    }
-                    Outcome::NotAttempted(NotAttempted::Cancelled)
-                    | Outcome::Failed {
-                        error: c2dm_core::Error::Cancelled { .. },
-                    } if halted.load(Ordering::Relaxed) => {
-                        left += 1;
-                        continue;
-                    }
-                    Outcome::Accepted { .. } => accepted += 1,
-                    _ => {}
-                }
-                if delivery.should_remove() {
-                    pending
-                        .gone
-                        .push((id, delivery.error_text().unwrap_or_default()));
-                }
-                pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
-                // The last answer's rows go with the batch's final write, not one of
-                // their own. A write that fails holds the sends up until it passes.
-                if delivered < send.len() {
-                    retried!(retry, pending.flush_if_due(store).await);
-                }
-            }
-            drop(sending);
-            watching.abort();
-            halting.abort();
+    // Readied: the first sends marked. Then the batch waits its turn to send, unless the
+    // process stops first.
+    ids.as_mut().peek().await;
+    let mut stopping = runner.stopping.clone();
+    let sending = tokio::select! {
+        permit = Arc::clone(&runner.sending).acquire_owned() => {
+            Some(permit.map_err(|e| Step::Other(e.into()))?)
         }
-        unsent = send.len().saturating_sub(delivered);
+        _ = stopping.wait_for(|stopping| *stopping) => None,
+    };
+    let mut delivered = 0usize;
+    if let Some(sending) = sending {
+        let mut deliveries = runner
+            .sender
+            .broadcast_to(
+                ids,
+                &template,
+                BroadcastOptions::default().concurrency(concurrency),
+            )
+            .map_err(|e| Step::Other(e.into()))?;
+        let watching = tokio::spawn(cancel_when_asked(
+            store.clone(),
+            loaded.job.push_id,
+            loaded.cancels.clone(),
+            deliveries.cancel_handle(),
+        ));
+        let halted = Arc::new(AtomicBool::new(false));
+        let halting = tokio::spawn(halt_when_stopping(
+            runner.stopping.clone(),
+            Arc::clone(&halted),
+            deliveries.cancel_handle(),
+        ));
+        while let Some(delivery) = deliveries.next().await {
+            delivered += 1;
+            let id = delivery.registration_id().to_string();
+            match delivery.outcome() {
+                Outcome::NotAttempted(NotAttempted::BudgetExhausted) => {
+                    later.push((id, tomorrow));
+                    continue;
+                }
+                Outcome::NotAttempted(NotAttempted::QuotaExhausted) => {
+                    later.push((id, SystemTime::now() + QUOTA_RETRY));
+                    continue;
+                }
+                Outcome::NotAttempted(NotAttempted::Cancelled)
+                | Outcome::Failed {
+                    error: c2dm_core::Error::Cancelled { .. },
+                } if halted.load(Ordering::Relaxed) => {
+                    sends.left += 1;
+                    continue;
+                }
+                Outcome::Accepted { .. } => sends.accepted += 1,
+                _ => {}
+            }
+            if delivery.should_remove() {
+                pending
+                    .gone
+                    .push((id, delivery.error_text().unwrap_or_default()));
+            }
+            pending.push(DeliveryRow::of(&delivery, SystemTime::now()));
+            // The last answer's rows go with the batch's final write, not one of their own.
+            // A write that fails holds the sends up until it passes.
+            if delivered < send.len() {
+                retried!(retry, pending.flush_if_due(store).await);
+            }
+        }
+        drop(sending);
+        watching.abort();
+        halting.abort();
     }
-    if let Some(granted) = granted {
-        let account = runner.options.account.as_str();
-        let unused = granted.saturating_sub(accepted);
-        retried!(retry, store.release_budget(account, day, unused).await);
-    }
+    sends.unsent = send.len().saturating_sub(delivered);
+    Ok(sends)
+}
+
+/// The run's last write: its last rows, the devices left for later as batches of their own,
+/// and the batch finished, in one transaction, so that a run after this one does nothing and
+/// nothing goes back twice. A run taken over leaves all that to the run that took it; one
+/// whose sends did not all happen writes its rows and fails, for its next run to send the
+/// rest.
+async fn finish(
+    runner: &Runner,
+    retry: &mut StoreRetry,
+    job: &BatchJob,
+    mut pending: Pending,
+    later: Vec<(String, SystemTime)>,
+    sends: &Sends,
+) -> Result<(), Step> {
+    let store = &runner.store;
     if pending.taken_over.load(Ordering::Relaxed) {
-        // The run that took the batch over sends, records and puts back for later whatever
-        // this one has not recorded; apalis ignores this run's result.
+        // apalis ignores this run's result.
         return Ok(());
     }
-    if left > 0 || unsent > 0 {
-        // The process stops (or a mark's task failed): the rows held are written once, and
-        // what was not sent, and what waits for later, is the next run's. A batch that sent
-        // everything finishes below, stopping or not.
+    if sends.left > 0 || sends.unsent > 0 {
+        // A batch that sent everything finishes below, stopping or not.
         if let Err(error) = pending.flush(store).await {
             tracing::warn!(
                 push_id = job.push_id,
@@ -451,13 +461,11 @@ pub(super) async fn batch_run(
         if runner.is_stopping() {
             return Err(Stopped.into());
         }
+        let unsent = sends.unsent;
         return Err(Step::Other(
             format!("{unsent} devices of the batch were not sent: it runs again").into(),
         ));
     }
-    // The last rows, the devices left for later as batches of their own, and the batch
-    // finished, in one transaction: a run after this one does nothing, so nothing goes back
-    // twice.
     let later = later_batches(job.push_id, job.positions, later, &pending.resent);
     retried!(retry, pending.finish(store, &later).await);
     metrics::counter!("c2dm_batches_total").increment(1);

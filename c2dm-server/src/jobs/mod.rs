@@ -24,6 +24,7 @@ use c2dm_core::Sender;
 mod account;
 mod batch;
 mod options;
+mod pending;
 mod plan;
 mod push;
 mod queues;
@@ -99,9 +100,8 @@ impl PollStrategy for Every {
 const LOOK: Duration = Duration::from_millis(200);
 
 /// Batch jobs a process runs beyond [`WorkerOptions::workers`]: readied, each waits for one of
-/// those to stop sending. Measured on SQLite (`docs/PERFORMANCE.md`): with none, a batch sent
-/// for about two thirds of its run, and its slots idled through the rest; one ready batch
-/// gave as much as two or four.
+/// those to stop sending, so that a worker's slots do not idle while a batch reads and writes
+/// around its sends; the value's evidence is in docs/PERFORMANCE.md's decisions.
 const READY_AHEAD: usize = 1;
 
 /// What the job handlers share.

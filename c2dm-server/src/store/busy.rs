@@ -5,8 +5,8 @@
 //! writer ([`super::group`]) holds the lock nearly all the time while a push sends, and
 //! releases it only for the moment between one transaction and the next: a connection of the
 //! job queue (apalis takes, starts and finishes each job in a write of its own, through the
-//! pool) slept past that moment again and again, 27 ms on average and up to 2 s for one
-//! fetch, while its worker's slot sent nothing. Here a waiting connection tries again every
+//! pool) slept past that moment again and again, while its worker's slot sent nothing
+//! (docs/PERFORMANCE.md, "Decisions"). Here a waiting connection tries again every
 //! [`RETRY`], and says so; the writer, told, lets a moment pass before its next transaction
 //! (see [`someone_waited_within`]), and the waiting connection takes the lock in it.
 

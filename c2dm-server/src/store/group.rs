@@ -2,9 +2,9 @@
 //! disk's wait at each commit.
 //!
 //! A commit in WAL mode with `synchronous = FULL` (sqlx's default, kept so that a power cut
-//! loses nothing a caller was told is written) waits for the disk: 1.8 ms, measured once here
-//! while a build ran. One transaction per write, one at a time, would cap the process at a few
-//! hundred writes a second however small they are, and a batch of a push makes a few dozen.
+//! loses nothing a caller was told is written) waits for the disk. One transaction per write,
+//! one at a time, would cap the process at one write per disk wait however small the writes
+//! are, and a batch of a push makes a few dozen (docs/PERFORMANCE.md, "Decisions").
 //! Here every write goes to one task. It takes all the writes waiting, runs them in one
 //! `BEGIN IMMEDIATE` transaction, each after the first in a savepoint, and commits them
 //! together. Each write is still all or nothing (a write that fails is rolled back to its
