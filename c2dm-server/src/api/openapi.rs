@@ -71,3 +71,77 @@ pub(super) async fn openapi_json() -> Response {
     let text = DOCUMENT.get_or_init(|| openapi().to_pretty_json().unwrap_or_default());
     ([(header::CONTENT_TYPE, "application/json")], text.as_str()).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::openapi;
+
+    /// The API's table, one row an operation in the document's order: the method and path
+    /// with its query parameters, the key it takes, and its summary.
+    fn table() -> String {
+        let doc = serde_json::to_value(openapi()).expect("serializes");
+        let mut rows = vec![
+            "| method and path | key | what |".to_owned(),
+            "|---|---|---|".to_owned(),
+        ];
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("path item") {
+                let query: Vec<String> = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "query")
+                    .filter_map(|p| Some(format!("{}=", p["name"].as_str()?)))
+                    .collect();
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", query.join("&"))
+                };
+                let schemes: Vec<&str> = op["security"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_object()?.keys().next().map(String::as_str))
+                    .collect();
+                let key = match (
+                    schemes.contains(&"device_key"),
+                    schemes.contains(&"admin_token"),
+                ) {
+                    (true, _) => "device or admin",
+                    (false, true) => "admin",
+                    (false, false) => "none",
+                };
+                let what = op["summary"].as_str().unwrap_or_default().replace('\n', " ");
+                let method = method.to_uppercase();
+                rows.push(format!("| `{method} {path}{query}` | {key} | {what} |"));
+            }
+        }
+        rows.join("\n")
+    }
+
+    /// docs/SERVER.md's table of the API is this document's: written from it (with
+    /// `C2DM_WRITE_DOCS=1`), and checked against it, so the two never drift.
+    #[test]
+    fn the_servers_doc_has_the_documents_table() {
+        const START: &str = "<!-- api:start -->\n";
+        const END: &str = "<!-- api:end -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/SERVER.md");
+        let doc = std::fs::read_to_string(path).expect("docs/SERVER.md");
+        let (Some(start), Some(end)) = (doc.find(START), doc.find(END)) else {
+            panic!("docs/SERVER.md has no {START:?} … {END:?} block");
+        };
+        let table = format!("{}\n", table());
+        let shown = &doc[start + START.len()..end];
+        if std::env::var_os("C2DM_WRITE_DOCS").is_some() {
+            let written = format!("{}{table}{}", &doc[..start + START.len()], &doc[end..]);
+            std::fs::write(path, written).expect("docs/SERVER.md written");
+        } else {
+            assert_eq!(
+                shown, table,
+                "docs/SERVER.md's API table is not the OpenAPI document's: \
+                 `C2DM_WRITE_DOCS=1 cargo test -p c2dm-server --lib api::openapi` writes it"
+            );
+        }
+    }
+}
