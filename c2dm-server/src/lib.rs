@@ -2,9 +2,8 @@
 //! keeps them in a database, and sends pushes through durable jobs, with a row for what became
 //! of each push on each device.
 //!
-//! - [`store`]: the [`Store`](store::Store) trait, [`SqliteStore`](store::SqliteStore) (one
-//!   file, WAL) and [`PostgresStore`](store::PostgresStore) (one database for many processes),
-//!   migrated when opened.
+//! - [`store`]: the [`Store`](store::Store), on a SQLite file (WAL) or a PostgreSQL database
+//!   (for many processes), migrated when opened.
 //! - [`api`]: the axum [`router`](api::router) with its keys and JSON errors.
 //! - [`jobs`]: the push and batch jobs on apalis, and [`run_workers`](jobs::run_workers).
 //! - [`health`]: whether this process's workers can work, as `/healthz` tells it.

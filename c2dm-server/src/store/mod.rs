@@ -2,10 +2,10 @@
 //! default) or a PostgreSQL database (for many processes).
 //!
 //! Each operation has one body. Most run one SQL text on either database (both bind `$N`
-//! placeholders), dispatched by [`on_pool!`] for reads and [`Store::write`] for writes. What
-//! truly differs lives in a module per database: [`sqlite`] (the group commit of this
+//! placeholders), dispatched by `on_pool!` for reads and `Store::write` for writes. What
+//! truly differs lives in a module per database: `sqlite` (the group commit of this
 //! process's writes, the busy handler, the upsert, batch writes chunked by SQLite's parameter
-//! limit) and [`postgres`] (a batch's write as one statement over arrays, `ANY($1)` lookups,
+//! limit) and `postgres` (a batch's write as one statement over arrays, `ANY($1)` lookups,
 //! the budget's row lock).
 
 mod accounts;
