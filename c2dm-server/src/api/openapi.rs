@@ -112,7 +112,10 @@ mod tests {
                     (false, true) => "admin",
                     (false, false) => "none",
                 };
-                let what = op["summary"].as_str().unwrap_or_default().replace('\n', " ");
+                let what = op["summary"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .replace('\n', " ");
                 let method = method.to_uppercase();
                 rows.push(format!("| `{method} {path}{query}` | {key} | {what} |"));
             }

@@ -5,55 +5,11 @@ use std::collections::HashSet;
 use std::time::SystemTime;
 
 use super::rows::{big, json_error};
+use super::shared::{BatchRows, BatchWrite};
 use super::{
     BatchRun, Db, DeliveryRow, Store, StoreError, execute, on_conn, on_pool, postgres, sqlite,
 };
 use crate::queue::BatchJob;
-
-/// What a batch's write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BatchWrite {
-    /// Nothing: the run is not the batch's latest, or the batch's marks went with its
-    /// finished push and it had rows to write.
-    Refused,
-    /// The rows written (maybe none), and whether they finished the push.
-    Written { finished: bool },
-}
-
-/// One write of a batch's run, as a database's module takes it.
-pub(super) struct BatchRows<'a> {
-    /// The push.
-    pub(super) id: i64,
-    /// The run writing.
-    pub(super) run: &'a BatchRun,
-    /// Its rows.
-    pub(super) rows: &'a [DeliveryRow],
-    /// The devices C2DM reported gone, with the code.
-    pub(super) gone: &'a [(String, String)],
-    /// For the run's last write: the batches it put back for later, each due at its time.
-    pub(super) last: Option<&'a [(BatchJob, Option<SystemTime>)]>,
-}
-
-impl BatchWrite {
-    /// What a write of `run` does when the batch's mark says its latest run is `latest`
-    /// (`None`: the mark is gone), if that is not `run`: refused, unless the mark went with
-    /// the push, which this run's earlier writes finished, and the write has nothing to say
-    /// (then it is no news of a takeover).
-    pub(super) fn not_ours(
-        latest: Option<i64>,
-        run: &BatchRun,
-        rows: &[DeliveryRow],
-        gone: &[(String, String)],
-    ) -> Option<Self> {
-        (latest != Some(run.run)).then(|| {
-            if latest.is_none() && rows.is_empty() && gone.is_empty() {
-                Self::Written { finished: false }
-            } else {
-                Self::Refused
-            }
-        })
-    }
-}
 
 impl Store {
     /// The batch stored as list `list` (what a job that names its list runs), if it is still

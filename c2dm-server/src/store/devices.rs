@@ -5,27 +5,11 @@ use std::time::SystemTime;
 use super::rows::{
     DeviceRecord, PushDelivery, device_counts_of, millis, page_of, select_device, states_among,
 };
+use super::shared::SET_STATE;
 use super::{
     Audience, Conn, Db, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState, NewDevice,
-    Page, Positions, Store, StoreError, Upserted, execute, on_conn, on_pool, postgres, sqlite,
+    Page, Positions, Store, StoreError, Upserted, execute, on_pool, postgres, sqlite,
 };
-
-/// Sets a device's state (`$1`) and reason (`$2`) at `$3`, its state-change time only if the
-/// state changes, by registration id (`$4`).
-pub(super) const SET_STATE: &str = "UPDATE devices SET state = $1, reason = $2, updated_at = $3, \
-     state_changed_at = CASE WHEN state <> $1 THEN $3 ELSE state_changed_at END \
-     WHERE registration_id = $4";
-
-/// The device at position `id`, on the connection of a write.
-pub(super) async fn device_at(conn: Conn<'_>, id: i64) -> Result<Device, sqlx::Error> {
-    on_conn!(conn, |c| sqlx::query_as::<_, DeviceRecord>(select_device!(
-        "WHERE d.id = $1"
-    ))
-    .bind(id)
-    .fetch_one(c)
-    .await)?
-    .try_into()
-}
 
 impl Store {
     /// Registers a device, or updates a known one and makes it active again, in one

@@ -16,6 +16,7 @@ mod group;
 mod postgres;
 mod pushes;
 mod rows;
+mod shared;
 mod sqlite;
 mod types;
 

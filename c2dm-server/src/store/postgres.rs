@@ -9,10 +9,8 @@ use std::time::{Duration, SystemTime};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 
-use super::batches::{BatchRows, BatchWrite};
-use super::devices::device_at;
-use super::pushes::enqueue_batches;
 use super::rows::millis;
+use super::shared::{BatchRows, BatchWrite, device_at, enqueue_batches};
 use super::{Conn, DeliveryRow, Device, NewDevice, StoreError, Upserted};
 
 /// Connects to the database at `url` with at most `max_connections` connections (at least

@@ -3,81 +3,18 @@
 
 use std::time::SystemTime;
 
-use apalis::prelude::Task;
 use c2dm_core::OutcomeKind;
 
 use super::rows::{
     DeliveryRecord, OutcomeGroup, PushRecord, big, count, counts_of, json_error, millis, page_of,
     select_deliveries, select_push, trim_page,
 };
+use super::shared::{enqueue_batches, finish_if_complete, push_tasks};
 use super::{
-    Conn, Counts, Db, DeliveryRow, NewPush, Page, Positions, Push, Store, StoreError, execute,
-    on_conn, on_pool,
+    Counts, Db, DeliveryRow, NewPush, Page, Positions, Push, Store, StoreError, execute, on_conn,
+    on_pool,
 };
 use crate::queue::{self, BatchJob, PushJob};
-
-/// Marks push `id` finished if its audience is walked and every device has its row:
-/// `cancelled` if a cancel was asked for, `done` otherwise. Whether it finished: its batches'
-/// state is then the caller's to drop, after the commit ([`Store::drop_batch_state`]).
-pub(super) async fn finish_if_complete(
-    conn: Conn<'_>,
-    id: i64,
-    now: i64,
-) -> Result<bool, sqlx::Error> {
-    on_conn!(conn, |c| sqlx::query(
-        "UPDATE pushes SET \
-         state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'done' END, \
-         finished_at = $1 \
-         WHERE id = $2 AND total IS NOT NULL AND recorded >= total \
-         AND state IN ('queued', 'sending')",
-    )
-    .bind(now)
-    .bind(id)
-    .execute(c)
-    .await
-    .map(|done| done.rows_affected() > 0))
-}
-
-/// Enqueues `batches`, each due at its time (or at once), in the transaction of `conn`: each
-/// batch's devices as a list of `batch_lists`, and in the queue a job that names it.
-pub(super) async fn enqueue_batches(
-    mut conn: Conn<'_>,
-    batches: &[(BatchJob, Option<SystemTime>)],
-) -> Result<(), StoreError> {
-    let mut jobs = Vec::with_capacity(batches.len());
-    for (batch, at) in batches {
-        let job = serde_json::to_string(batch).map_err(json_error)?;
-        let list: i64 = on_conn!(conn.reborrow(), |c| sqlx::query_scalar(
-            "INSERT INTO batch_lists (push_id, job) VALUES ($1, $2) RETURNING id",
-        )
-        .bind(batch.push_id)
-        .bind(&job)
-        .fetch_one(c)
-        .await)?;
-        jobs.push(queue::task(&BatchJob::stored(batch.push_id, list), *at).map_err(json_error)?);
-    }
-    push_tasks(conn, queue::BATCH_QUEUE, jobs).await
-}
-
-/// Adds `jobs` to `queue`, in the transaction of `conn`.
-async fn push_tasks(
-    conn: Conn<'_>,
-    queue: &str,
-    jobs: Vec<Task<Vec<u8>>>,
-) -> Result<(), StoreError> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Conn::Sqlite(c) => apalis_sqlite::queries::push_tasks(c, queue, &jobs)
-            .await
-            .map_err(queue::queue_failure)?,
-        Conn::Postgres(c) => apalis_postgres::queries::push_tasks(c, queue, jobs)
-            .await
-            .map_err(queue::queue_failure)?,
-    };
-    Ok(())
-}
 
 /// The query of a page of a push's rows (`$1`), narrowed by outcome (`$2`) and error (`$5`)
 /// where given, after `$3`, `$4` at most. Rows with an error are read from the index of

@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{SqliteConnection, SqlitePool};
 
-use super::batches::{BatchRows, BatchWrite};
-use super::devices::{SET_STATE, device_at};
 use super::group::Writer;
-use super::pushes::{enqueue_batches, finish_if_complete};
 use super::rows::{json_error, millis, tally_update};
+use super::shared::{
+    BatchRows, BatchWrite, SET_STATE, device_at, enqueue_batches, finish_if_complete,
+};
 use super::{
     Conn, Device, DeviceState, NewDevice, OutcomeTally, ROWS_PER_WRITE, StoreError, Upserted,
 };
