@@ -18,7 +18,7 @@ use crate::store::{Device, DeviceCounts, DeviceFilter, DeviceState, NewDevice, U
 /// (the admin token).
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/devices", post(register).get(list))
+        .route("/v1/devices", post(register).get(list_devices))
         .route(
             "/v1/devices/{registration_id}",
             delete(unregister).get(device),
@@ -296,7 +296,7 @@ pub(super) struct DevicePage {
         KeyErrors,
     )
 )]
-pub(super) async fn list(
+pub(super) async fn list_devices(
     State(state): State<AppState>,
     _: Admin,
     QueryParams(query): QueryParams<ListQuery>,

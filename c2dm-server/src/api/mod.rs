@@ -201,9 +201,16 @@ mod tests {
         assert_eq!(doc["openapi"], "3.1.0");
         let paths = doc["paths"].as_object().expect("paths");
         let mut documented: Vec<String> = Vec::new();
+        let mut operation_ids = std::collections::HashSet::new();
         for (path, item) in paths {
-            for method in item.as_object().expect("path item").keys() {
+            for (method, op) in item.as_object().expect("path item") {
                 documented.push(format!("{} {path}", method.to_uppercase()));
+                // A client generated from the document names its methods by these.
+                let id = op["operationId"].as_str().expect("an operationId");
+                assert!(
+                    operation_ids.insert(id.to_owned()),
+                    "operationId {id} twice"
+                );
             }
         }
         documented.sort();

@@ -16,8 +16,8 @@ use super::{devices, ops, pushes};
         license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
     ),
     paths(
-        devices::register, devices::unregister, devices::device, devices::list,
-        devices::device_counts, devices::device_history, pushes::push, pushes::list,
+        devices::register, devices::unregister, devices::device, devices::list_devices,
+        devices::device_counts, devices::device_history, pushes::push, pushes::list_pushes,
         pushes::status, pushes::cancel, pushes::deliveries, ops::healthz,
         ops::metrics_text,
     ),

@@ -17,7 +17,7 @@ use crate::store::{Audience, Counts, DeliveryRow, NewPush, Push, PushState};
 /// The push routes that answer at once (the admin token).
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/v1/pushes", post(push).get(list))
+        .route("/v1/pushes", post(push).get(list_pushes))
         .route("/v1/pushes/{id}/deliveries", get(deliveries))
         .route("/v1/pushes/{id}/cancel", post(cancel))
 }
@@ -356,7 +356,7 @@ pub(super) struct PushPage {
         KeyErrors,
     )
 )]
-pub(super) async fn list(
+pub(super) async fn list_pushes(
     State(state): State<AppState>,
     _: Admin,
     QueryParams(query): QueryParams<NewestFirstQuery>,
