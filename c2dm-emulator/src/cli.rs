@@ -29,6 +29,13 @@ pub struct EmulatorArgs {
     /// Write the certificate (PEM) to this file, for clients to trust.
     #[arg(long, value_name = "FILE", requires = "tls")]
     pub cert_out: Option<PathBuf>,
+    /// Write the FCM service account's key file (its `token_uri` this emulator's) to this file,
+    /// for FCM senders to use.
+    #[arg(long, value_name = "FILE")]
+    pub fcm_key_out: Option<PathBuf>,
+    /// How long an FCM access token lives, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fcm_token_lifetime: u64,
     /// An account that may log in (repeatable). Default: sender@example.com:emulator-password.
     #[arg(long = "account", value_name = "EMAIL:PASSWORD", value_parser = parse_account)]
     pub accounts: Vec<Account>,
@@ -125,6 +132,8 @@ impl std::fmt::Debug for EmulatorArgs {
             .field("port_file", &self.port_file)
             .field("tls", &self.tls)
             .field("cert_out", &self.cert_out)
+            .field("fcm_key_out", &self.fcm_key_out)
+            .field("fcm_token_lifetime", &self.fcm_token_lifetime)
             .field("stats_out", &self.stats_out)
             .field("arrivals_out", &self.arrivals_out)
             .field("config", &self.config())
@@ -178,6 +187,7 @@ impl EmulatorArgs {
                 InboxMode::Full
             },
             seed: self.seed,
+            fcm_token_lifetime: Duration::from_secs(self.fcm_token_lifetime),
             ..Config::default()
         }
     }
@@ -211,6 +221,10 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
         std::fs::write(path, pem)
             .map_err(|e| format!("could not write {}: {e}", path.display()))?;
     }
+    if let Some(path) = &args.fcm_key_out {
+        std::fs::write(path, emulator.fcm_key_file())
+            .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+    }
     if let Some(path) = &args.port_file {
         std::fs::write(path, emulator.addr().port().to_string())
             .map_err(|e| format!("could not write {}: {e}", path.display()))?;
@@ -219,6 +233,11 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
     say!("  send:   {}", emulator.send_url());
     say!("  login:  {}", emulator.login_url());
     say!("  stats:  {}", emulator.stats_url());
+    say!("  FCM send:  {}", emulator.fcm_send_url());
+    say!("  FCM token: {}", emulator.fcm_token_url());
+    if let Some(path) = &args.fcm_key_out {
+        say!("  FCM key file: {}", path.display());
+    }
     for account in emulator.accounts() {
         let captcha = if account.captcha.is_some() {
             " (demands a CAPTCHA: answer c2dm)"

@@ -171,6 +171,8 @@ pub struct Config {
     pub token_lifetime_sends: Option<u64>,
     /// A login's tokens expire after this long.
     pub token_lifetime: Option<Duration>,
+    /// How long an FCM access token lives (default an hour, as Google's).
+    pub fcm_token_lifetime: Duration,
     /// 503 with `Retry-After` (seconds and HTTP-date, alternating).
     pub unavailable: FaultRate,
     /// The `Retry-After` sent with a 503 (default 1 s).
@@ -204,6 +206,7 @@ impl std::fmt::Debug for Config {
             .field("rotation_grace_sends", &self.rotation_grace_sends)
             .field("token_lifetime_sends", &self.token_lifetime_sends)
             .field("token_lifetime", &self.token_lifetime)
+            .field("fcm_token_lifetime", &self.fcm_token_lifetime)
             .field("unavailable", &self.unavailable)
             .field("retry_after", &self.retry_after)
             .field("server_errors", &self.server_errors)
@@ -229,6 +232,7 @@ impl Default for Config {
             rotation_grace_sends: 10_000,
             token_lifetime_sends: None,
             token_lifetime: None,
+            fcm_token_lifetime: Duration::from_secs(3600),
             unavailable: FaultRate::Never,
             retry_after: Duration::from_secs(1),
             server_errors: FaultRate::Never,

@@ -48,7 +48,13 @@ pub use config::{
     Account, Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, DeviceRules, FaultRate, InboxMode, Quota,
 };
 pub use inbox::InboxMessage;
-pub use service::Stats;
+pub use service::{FcmStats, Stats};
+
+/// FCM HTTP v1 as the emulator speaks it: its service account, whose key file
+/// [`Emulator::fcm_key_file`] writes, and its project.
+pub mod fcm {
+    pub use crate::service::fcm::{CLIENT_EMAIL, KEY_ID, PROJECT_ID, TOKEN_PATH, key_file};
+}
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
@@ -183,6 +189,28 @@ impl Emulator {
     /// The ClientLogin endpoint: `<base>/accounts/ClientLogin`.
     pub fn login_url(&self) -> String {
         format!("{}/accounts/ClientLogin", self.base_url())
+    }
+
+    /// FCM's token endpoint: `<base>/token`.
+    pub fn fcm_token_url(&self) -> String {
+        format!("{}{}", self.base_url(), fcm::TOKEN_PATH)
+    }
+
+    /// FCM's send endpoint for the emulator's project:
+    /// `<base>/v1/projects/c2dm-emulator/messages:send`.
+    pub fn fcm_send_url(&self) -> String {
+        format!(
+            "{}/v1/projects/{}/messages:send",
+            self.base_url(),
+            fcm::PROJECT_ID
+        )
+    }
+
+    /// The service account key file of the emulator's FCM project, its `token_uri` this
+    /// emulator's token endpoint: what `c2dm_fcm::ServiceAccountKey::from_json` and Google's
+    /// own client libraries read. The key is the emulator's alone: nothing else takes it.
+    pub fn fcm_key_file(&self) -> String {
+        fcm::key_file(&self.fcm_token_url())
     }
 
     /// The statistics endpoint: `<base>/_emulator/stats`.

@@ -197,9 +197,59 @@ async fn route(
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             Ok(resp)
         }
+        (Method::POST, crate::service::fcm::TOKEN_PATH) => {
+            let body = match read_body(req).await {
+                Ok(body) => body,
+                Err(resp) => return Ok(resp),
+            };
+            answer(service.fcm_token(&body))
+        }
+        (Method::POST, path) if c2dm_fcm::codec::project_of(path).is_some() => {
+            let project = c2dm_fcm::codec::project_of(path)
+                .unwrap_or_default()
+                .to_owned();
+            let authorization = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = match read_body(req).await {
+                Ok(body) => body,
+                Err(resp) => return Ok(resp),
+            };
+            let latency = service.config().latency;
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            answer(service.fcm_send(&project, authorization.as_deref(), &body))
+        }
         (_, "/c2dm/send" | "/accounts/ClientLogin") => Ok(text(405, "method not allowed")),
         _ => Ok(text(404, "not found")),
     }
+}
+
+/// A JSON answer of the FCM endpoints (or a dropped connection).
+fn answer(answer: crate::service::SendAnswer) -> Result<Response<Full<Bytes>>, Dropped> {
+    if answer.drop {
+        return Err(Dropped);
+    }
+    let mut resp = Response::new(Full::new(answer.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type = if answer.json {
+        "application/json; charset=UTF-8"
+    } else {
+        "text/plain; charset=UTF-8"
+    };
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(value) = answer
+        .retry_after
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, value);
+    }
+    Ok(resp)
 }
 
 pub(crate) fn local_url(addr: SocketAddr, tls: bool) -> String {

@@ -18,6 +18,8 @@ use crate::arrivals::{Arrival, ArrivalAnswer, Journal};
 use crate::config::{Account, Config, FaultRate, Quota};
 use crate::inbox::{Inbox, InboxMessage};
 
+pub(crate) mod fcm;
+
 /// What the emulator has seen, as `GET /_emulator/stats` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -50,6 +52,23 @@ pub struct Stats {
     /// Accepted message counts per registration id (only when asked for).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub delivered: BTreeMap<String, u64>,
+    /// What FCM's endpoints saw (its sends count in `sends`, and its 401s, 503s, 500s and
+    /// dropped connections with C2DM's).
+    #[serde(default)]
+    pub fcm: FcmStats,
+}
+
+/// What the emulator's FCM endpoints have seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FcmStats {
+    /// Messages accepted (a `validate_only` send is not).
+    pub accepted: u64,
+    /// Error answers by FCM's code (`UNREGISTERED`, `QUOTA_EXCEEDED`, …), beside the faults.
+    pub errors: BTreeMap<String, u64>,
+    /// Access tokens issued.
+    pub tokens: u64,
+    /// Token requests refused.
+    pub token_refusals: u64,
 }
 
 #[derive(Default)]
@@ -67,6 +86,10 @@ struct Counters {
     login_failures: AtomicU64,
     rotations: AtomicU64,
     expiries: AtomicU64,
+    fcm_accepted: AtomicU64,
+    fcm_errors: Mutex<BTreeMap<String, u64>>,
+    fcm_tokens: AtomicU64,
+    fcm_token_refusals: AtomicU64,
 }
 
 impl Counters {
@@ -168,6 +191,8 @@ pub(crate) struct SendAnswer {
     pub rotated_token: Option<String>,
     /// Close the connection instead of answering.
     pub drop: bool,
+    /// The body is JSON (FCM's answers), not text.
+    pub json: bool,
 }
 
 impl SendAnswer {
@@ -178,6 +203,7 @@ impl SendAnswer {
             retry_after: None,
             rotated_token: None,
             drop: false,
+            json: false,
         }
     }
 
@@ -206,6 +232,11 @@ pub(crate) struct Service {
     clock_offset_micros: AtomicU64,
     /// Every send's arrival, when asked for.
     arrivals: Journal,
+    /// The public half of the FCM service account's key, for its assertions.
+    fcm_public_key: Vec<u8>,
+    /// FCM access tokens issued, with when each expires; expired ones are swept as new ones
+    /// come.
+    fcm_tokens: Mutex<Swept<Box<str>, Instant>>,
 }
 
 /// splitmix64: a well-mixed hash of a counter, for seeded, lock-free, reproducible choices.
@@ -233,6 +264,8 @@ impl Service {
             sender_counts: Mutex::new(Swept::new()),
             clock_offset_micros: AtomicU64::new(0),
             arrivals: Journal::default(),
+            fcm_public_key: fcm::public_key(),
+            fcm_tokens: Mutex::new(Swept::new()),
             config,
         };
         for token in service.config.static_tokens.clone() {
@@ -626,6 +659,16 @@ impl Service {
                 self.inbox.counts()
             } else {
                 BTreeMap::new()
+            },
+            fcm: FcmStats {
+                accepted: load(&c.fcm_accepted),
+                errors: c
+                    .fcm_errors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+                tokens: load(&c.fcm_tokens),
+                token_refusals: load(&c.fcm_token_refusals),
             },
         }
     }
