@@ -18,7 +18,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorCode};
-use crate::message::{Message, MessageId, RegistrationId};
+use crate::message::{MessageId, RegistrationId};
+use crate::protocol::Protocol;
 use crate::sender::Sender;
 use crate::sent::{AttemptTally, SendError, Sent};
 
@@ -129,7 +130,8 @@ pub enum Outcome {
         /// The message id.
         message_id: MessageId,
     },
-    /// Permanently refused with a C2DM error code.
+    /// Permanently refused, with the service's code: one of C2DM's, or another protocol's kept
+    /// as it wrote it ([`ErrorCode::Unknown`]).
     Rejected {
         /// The code.
         code: ErrorCode,
@@ -169,7 +171,8 @@ impl Outcome {
 pub enum OutcomeKind {
     /// Accepted by the service.
     Accepted,
-    /// Permanently refused with a C2DM error code.
+    /// Permanently refused, with the service's code: one of C2DM's, or another protocol's kept
+    /// as it wrote it ([`ErrorCode::Unknown`]).
     Rejected,
     /// Not accepted, and retrying gave up.
     Failed,
@@ -264,8 +267,8 @@ impl Delivery {
         match &self.outcome {
             Outcome::Accepted { .. } => None,
             Outcome::Rejected { code, .. } => Some(code.to_string()),
-            Outcome::Failed { error } => Some(match error.code() {
-                Some(code) => code.to_string(),
+            Outcome::Failed { error } => Some(match error.code_text() {
+                Some(code) => code.to_owned(),
                 None => error.to_string(),
             }),
             Outcome::NotAttempted(why) => Some(why.as_str().to_owned()),
@@ -306,6 +309,11 @@ impl Delivery {
                     Error::Rejected(code) if !code.is_retryable() => Outcome::Rejected {
                         remove: code.should_remove_registration(),
                         code,
+                    },
+                    // Another protocol's code, kept as it wrote it.
+                    Error::Refused(refusal) if !refusal.is_retryable() => Outcome::Rejected {
+                        remove: refusal.should_remove_registration(),
+                        code: ErrorCode::Unknown(refusal.code),
                     },
                     error => Outcome::Failed { error },
                 };
@@ -383,18 +391,18 @@ impl Clock for TokioClock {
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
-type Inputs = std::pin::Pin<Box<dyn Stream<Item = Message> + Send>>;
+type Inputs<M> = std::pin::Pin<Box<dyn Stream<Item = M> + Send>>;
 
 /// What the sending tasks of one broadcast share.
-struct Shared {
-    sender: Sender,
+struct Shared<P: Protocol> {
+    sender: Sender<P>,
     /// The messages; whoever holds the lock takes the next one and decides whether it may go.
     ///
     /// An unfair lock on purpose: a fair one hands itself to its waiters in turn, so once a
     /// queue formed, every release would wake the next sending task and newcomers would queue
     /// behind it (a lock convoy). With this one, a task that wants it while it is free simply
     /// takes it. docs/PERFORMANCE.md has the measurements.
-    inputs: futures::lock::Mutex<Inputs>,
+    inputs: futures::lock::Mutex<Inputs<P::Message>>,
     /// Set once the broadcast stops taking new work: every later message is reported with it.
     stopped: std::sync::Mutex<Option<NotAttempted>>,
     /// Whether `stopped` is set, readable without its lock.
@@ -409,7 +417,7 @@ struct Shared {
     options: BroadcastOptions,
 }
 
-impl Shared {
+impl<P: Protocol> Shared<P> {
     fn stopped(&self) -> Option<NotAttempted> {
         if !self.has_stopped.load(Ordering::Acquire) {
             return None;
@@ -460,7 +468,7 @@ impl Shared {
             .quota_exceeded_since()
             .is_some_and(|since| since.elapsed() >= self.options.quota_give_up_after)
         {
-            tracing::warn!("QuotaExceeded persists: stopping the broadcast");
+            tracing::warn!("the sender's quota stays exceeded: stopping the broadcast");
             return Err(NotAttempted::QuotaExhausted);
         }
         // The rate.
@@ -484,8 +492,8 @@ impl Shared {
 
 /// One sending slot: takes the next message, sends it (or reports why not), hands over the
 /// delivery, and again, until the messages run out or nobody listens.
-async fn worker(
-    shared: Arc<Shared>,
+async fn worker<P: Protocol>(
+    shared: Arc<Shared<P>>,
     tx: mpsc::Sender<Delivery>,
     mut cancel: watch::Receiver<bool>,
 ) {
@@ -509,7 +517,7 @@ async fn worker(
             }
             (message, verdict)
         };
-        let id = message.registration_id().clone();
+        let id = P::device(&message).clone();
         let delivery = match verdict {
             Err(why) => Delivery::not_attempted(id, why),
             Ok(()) => {
@@ -538,12 +546,12 @@ async fn worker(
 /// A send that counts against the budget: on drop (whatever ended the send) it leaves the
 /// in-flight count and, unless the message was accepted, gives its reservation back, then wakes
 /// the tasks waiting for room.
-struct BudgetGuard<'a> {
-    shared: &'a Shared,
+struct BudgetGuard<'a, P: Protocol> {
+    shared: &'a Shared<P>,
     accepted: bool,
 }
 
-impl Drop for BudgetGuard<'_> {
+impl<P: Protocol> Drop for BudgetGuard<'_, P> {
     fn drop(&mut self) {
         let shared = self.shared;
         if !shared.budgeted() {
@@ -575,7 +583,7 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> SendError {
     }
 }
 
-impl Sender {
+impl<P: Protocol> Sender<P> {
     /// Sends every message of `messages`, `options.concurrency` at a time, and returns the
     /// stream of their deliveries: exactly one per input, in completion order.
     ///
@@ -617,7 +625,7 @@ impl Sender {
         options: BroadcastOptions,
     ) -> Result<Broadcast, BroadcastError>
     where
-        S: Stream<Item = Message> + Send + 'static,
+        S: Stream<Item = P::Message> + Send + 'static,
     {
         if options.concurrency == 0 {
             return Err(BroadcastError::ZeroConcurrency);
@@ -658,16 +666,13 @@ impl Sender {
     pub fn broadcast_to<S>(
         &self,
         ids: S,
-        template: &Message,
+        template: &P::Message,
         options: BroadcastOptions,
     ) -> Result<Broadcast, BroadcastError>
     where
         S: Stream<Item = RegistrationId> + Send + 'static,
     {
         let template = template.clone();
-        self.broadcast(
-            ids.map(move |id| template.with_registration_id(id)),
-            options,
-        )
+        self.broadcast(ids.map(move |id| P::to_device(&template, id)), options)
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::protocol::{Disposition, Refusal};
 use crate::token::TokenError;
 use crate::transport::TransportError;
 
@@ -106,6 +107,10 @@ pub enum Error {
     /// The service answered `Error=<code>`.
     #[error("C2DM rejected the message: {0}")]
     Rejected(ErrorCode),
+    /// A protocol's refusal, with what to do about it (the [`Disposition`] of
+    /// [`Refusal::disposition`]); C2DM's own codes are [`Error::Rejected`].
+    #[error("the service refused the message: {0}")]
+    Refused(Refusal),
     /// HTTP 401: the Auth token is invalid or expired; log in again.
     #[error("the auth token was refused (HTTP 401)")]
     Unauthorized,
@@ -202,6 +207,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Rejected(code) => code.is_retryable(),
+            Self::Refused(refusal) => refusal.is_retryable(),
             Self::Unauthorized
             | Self::Unavailable { .. }
             | Self::ServerError { .. }
@@ -233,7 +239,42 @@ impl Error {
     pub fn should_remove_registration(&self) -> bool {
         match self {
             Self::Rejected(code) => code.should_remove_registration(),
+            Self::Refused(refusal) => refusal.should_remove_registration(),
             _ => false,
+        }
+    }
+
+    /// The code the service answered with, as it wrote it: C2DM's (`NotRegistered`), or
+    /// another protocol's (`UNREGISTERED`).
+    pub fn code_text(&self) -> Option<&str> {
+        match self {
+            Self::Rejected(code) => Some(code.as_str()),
+            Self::Refused(refusal) => Some(&refusal.code),
+            _ => None,
+        }
+    }
+
+    /// Whether this is the sender's quota running out: C2DM's `QuotaExceeded`, or a refusal
+    /// that says so.
+    pub fn is_sender_quota(&self) -> bool {
+        match self {
+            Self::Rejected(code) => *code == ErrorCode::QuotaExceeded,
+            Self::Refused(refusal) => refusal.sender_quota,
+            _ => false,
+        }
+    }
+
+    /// Whom the error makes wait: everybody (the service's trouble, or the sender's quota),
+    /// one device, or only this send.
+    pub(crate) fn pauses(&self) -> Option<Disposition> {
+        match self {
+            Self::Unavailable { .. }
+            | Self::ServerError { .. }
+            | Self::MalformedResponse { .. }
+            | Self::Rejected(ErrorCode::QuotaExceeded) => Some(Disposition::RetryEveryone),
+            Self::Rejected(ErrorCode::DeviceQuotaExceeded) => Some(Disposition::RetryDevice),
+            Self::Refused(refusal) if refusal.is_retryable() => Some(refusal.disposition),
+            _ => None,
         }
     }
 
@@ -251,6 +292,7 @@ impl Error {
             Self::Unavailable { retry_after } | Self::ServerError { retry_after, .. } => {
                 *retry_after
             }
+            Self::Refused(refusal) => refusal.retry_after,
             _ => None,
         }
     }

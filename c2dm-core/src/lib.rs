@@ -27,6 +27,7 @@ pub mod codec;
 mod error;
 pub mod machine;
 mod message;
+pub mod protocol;
 mod report;
 pub mod retry;
 mod sender;
@@ -44,6 +45,7 @@ pub use message::{
     CollapseKey, DEFAULT_PAYLOAD_LIMIT, MAX_REGISTRATION_ID, Message, MessageBuilder, MessageError,
     MessageId, RegistrationId, payload_size,
 };
+pub use protocol::{C2dm, Disposition, Protocol, Refusal};
 pub use report::DeliveryReport;
 pub use retry::{RetryDecision, RetryPolicy};
 pub use sender::{Sender, SenderBuilder};

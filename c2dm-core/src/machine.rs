@@ -32,8 +32,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::message::MessageId;
+use crate::protocol::Disposition;
 use crate::retry::RetryPolicy;
 pub use crate::sent::AttemptTally;
 use crate::sent::{SendError, Sent};
@@ -314,13 +315,11 @@ enum PauseScope {
 impl PauseScope {
     /// 503, 500, 502 (any 5xx) and malformed answers are the service's trouble, and
     /// `QuotaExceeded` the sender's: everyone waits. `DeviceQuotaExceeded`: that device waits.
+    /// Another protocol's refusal says which itself.
     fn of(error: &Error) -> Self {
-        match error {
-            Error::Unavailable { .. }
-            | Error::ServerError { .. }
-            | Error::MalformedResponse { .. }
-            | Error::Rejected(ErrorCode::QuotaExceeded) => Self::Everyone,
-            Error::Rejected(ErrorCode::DeviceQuotaExceeded) => Self::Device,
+        match error.pauses() {
+            Some(Disposition::RetryEveryone) => Self::Everyone,
+            Some(Disposition::RetryDevice) => Self::Device,
             _ => Self::This,
         }
     }

@@ -12,10 +12,10 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::codec;
-use crate::error::{Error, ErrorCode};
+use crate::error::Error;
 use crate::machine::{Action, BeforeAttempt, Pause, SendMachine};
-use crate::message::{Message, MessageId, RegistrationId};
+use crate::message::{MessageId, RegistrationId};
+use crate::protocol::{C2dm, Protocol};
 use crate::retry::RetryPolicy;
 use crate::sent::{SendError, Sent};
 use crate::token::{AuthToken, TokenProvider};
@@ -68,12 +68,20 @@ type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct Sender {
-    inner: Arc<Inner>,
+pub struct Sender<P: Protocol = C2dm> {
+    inner: Arc<Inner<P>>,
 }
 
-struct Inner {
+impl<P: Protocol> Clone for Sender<P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<P> {
+    protocol: P,
     transport: Arc<dyn Transport>,
     tokens: Arc<dyn TokenProvider>,
     endpoint: Uri,
@@ -93,7 +101,7 @@ struct Inner {
     pause_changes: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
-impl fmt::Debug for Sender {
+impl<P: Protocol> fmt::Debug for Sender<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
             .field("endpoint", &self.inner.endpoint)
@@ -102,9 +110,10 @@ impl fmt::Debug for Sender {
     }
 }
 
-/// Builds a [`Sender`]; see [`Sender::builder`].
+/// Builds a [`Sender`]; see [`Sender::builder`] and [`Sender::with_protocol`].
 #[must_use = "a builder does nothing until build() is called"]
-pub struct SenderBuilder {
+pub struct SenderBuilder<P: Protocol = C2dm> {
+    protocol: P,
     transport: Arc<dyn Transport>,
     tokens: Arc<dyn TokenProvider>,
     endpoint: Uri,
@@ -113,7 +122,7 @@ pub struct SenderBuilder {
     wall_clock: WallClock,
 }
 
-impl fmt::Debug for SenderBuilder {
+impl<P: Protocol> fmt::Debug for SenderBuilder<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SenderBuilder")
             .field("endpoint", &self.endpoint)
@@ -123,8 +132,8 @@ impl fmt::Debug for SenderBuilder {
     }
 }
 
-impl SenderBuilder {
-    /// Sends to `endpoint` instead of Google's send URL (e.g. a local emulator).
+impl<P: Protocol> SenderBuilder<P> {
+    /// Sends to `endpoint` instead of the protocol's own (e.g. a local emulator).
     pub fn endpoint(mut self, endpoint: Uri) -> Self {
         self.endpoint = endpoint;
         self
@@ -150,13 +159,14 @@ impl SenderBuilder {
     }
 
     /// Builds the sender.
-    pub fn build(self) -> Sender {
+    pub fn build(self) -> Sender<P> {
         let rng = match self.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
         Sender {
             inner: Arc::new(Inner {
+                protocol: self.protocol,
                 transport: self.transport,
                 tokens: self.tokens,
                 endpoint: self.endpoint,
@@ -181,7 +191,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sender {
-    /// A sender to Google's endpoint with the default retry policy.
+    /// A C2DM sender to Google's endpoint with the default retry policy.
     pub fn new(
         transport: impl Transport + 'static,
         tokens: impl TokenProvider + 'static,
@@ -189,19 +199,37 @@ impl Sender {
         Self::builder(transport, tokens).build()
     }
 
-    /// Starts a sender with settings.
+    /// Starts a C2DM sender with settings.
     pub fn builder(
         transport: impl Transport + 'static,
         tokens: impl TokenProvider + 'static,
     ) -> SenderBuilder {
+        Sender::with_protocol(C2dm, transport, tokens)
+    }
+}
+
+impl<P: Protocol> Sender<P> {
+    /// Starts a sender of `protocol` (its own endpoint unless told otherwise), with settings:
+    /// the same rules, pauses and retries as C2DM's, as the protocol's answers say.
+    pub fn with_protocol(
+        protocol: P,
+        transport: impl Transport + 'static,
+        tokens: impl TokenProvider + 'static,
+    ) -> SenderBuilder<P> {
         SenderBuilder {
+            endpoint: protocol.default_endpoint(),
+            protocol,
             transport: Arc::new(transport),
             tokens: Arc::new(tokens),
-            endpoint: codec::default_send_uri(),
             policy: RetryPolicy::default(),
             seed: None,
             wall_clock: Arc::new(SystemTime::now),
         }
+    }
+
+    /// The protocol it sends.
+    pub fn protocol(&self) -> &P {
+        &self.inner.protocol
     }
 
     /// The endpoint messages go to.
@@ -236,8 +264,8 @@ impl Sender {
     }
 
     /// Sends `message` and returns its id, or the final error once retrying cannot help.
-    pub async fn send(&self, message: Message) -> Result<Sent, SendError> {
-        let span = tracing::debug_span!("c2dm.send", registration_id = %message.registration_id());
+    pub async fn send(&self, message: P::Message) -> Result<Sent, SendError> {
+        let span = tracing::debug_span!("c2dm.send", registration_id = %P::device(&message));
         self.send_inner(&message, None).instrument(span).await
     }
 
@@ -246,10 +274,10 @@ impl Sender {
     /// attempt may have reached the service. An exchange under way is not interrupted.
     pub(crate) async fn send_cancellable(
         &self,
-        message: Message,
+        message: P::Message,
         cancel: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<Sent, SendError> {
-        let span = tracing::debug_span!("c2dm.send", registration_id = %message.registration_id());
+        let span = tracing::debug_span!("c2dm.send", registration_id = %P::device(&message));
         self.send_inner(&message, Some(cancel))
             .instrument(span)
             .await
@@ -258,11 +286,11 @@ impl Sender {
     /// Drives a [`SendMachine`]: waits, attempts, refreshes and pauses as it says.
     async fn send_inner(
         &self,
-        message: &Message,
+        message: &P::Message,
         mut cancel: Option<&mut tokio::sync::watch::Receiver<bool>>,
     ) -> Result<Sent, SendError> {
         let inner = &*self.inner;
-        let id = message.registration_id();
+        let id = P::device(message);
         let mut machine = SendMachine::new(&inner.policy, Instant::now());
         let mut device_pause = DevicePauseGuard {
             sender: self,
@@ -302,7 +330,7 @@ impl Sender {
                         inner.quota_exceeded.store(false, Ordering::Release);
                     }
                 }
-                Err(Error::Rejected(ErrorCode::QuotaExceeded)) => {
+                Err(error) if error.is_sender_quota() => {
                     lock(&inner.quota_exceeded_since).get_or_insert_with(Instant::now);
                     inner.quota_exceeded.store(true, Ordering::Release);
                 }
@@ -341,7 +369,7 @@ impl Sender {
     /// `deadline` is abandoned as a timeout that may have reached the service.
     async fn attempt(
         &self,
-        message: &Message,
+        message: &P::Message,
         refused: Option<AuthToken>,
         deadline: Option<Instant>,
     ) -> (Result<MessageId, Error>, Option<AuthToken>) {
@@ -357,12 +385,12 @@ impl Sender {
                 Ok(token) => token,
                 Err(e) => return (Err(Error::Token(e)), None),
             };
-            let request = codec::encode_send_request(message, &token, &inner.endpoint);
+            let request = inner.protocol.encode(message, &token, &inner.endpoint);
             let response = match Transport::execute(&*inner.transport, request).await {
                 Ok(response) => response,
                 Err(e) => return (Err(Error::Transport(e)), Some(token)),
             };
-            let reply = codec::decode_response(&response, (inner.wall_clock)());
+            let reply = inner.protocol.decode(&response, (inner.wall_clock)());
             if let Some(rotated) = reply.rotated_token {
                 tracing::debug!("token rotated by Update-Client-Auth");
                 inner.tokens.rotate(&token, rotated);
@@ -474,14 +502,14 @@ async fn wait_until(
 /// The pause a send set for its device (`DeviceQuotaExceeded`). It is removed when the send
 /// ends after the pause ran out, and also when the send is dropped while waiting (a cancelled
 /// future, a timeout around `send`), so no entry outlives every send that could clear it.
-struct DevicePauseGuard<'a> {
-    sender: &'a Sender,
+struct DevicePauseGuard<'a, P: Protocol> {
+    sender: &'a Sender<P>,
     id: &'a RegistrationId,
     /// The instant this send last wrote for its device.
     set: Option<Instant>,
 }
 
-impl DevicePauseGuard<'_> {
+impl<P: Protocol> DevicePauseGuard<'_, P> {
     fn extend(&mut self, until: Instant) {
         let inner = &*self.sender.inner;
         let mut pauses = lock(&inner.device_pauses);
@@ -512,7 +540,7 @@ impl DevicePauseGuard<'_> {
     }
 }
 
-impl Drop for DevicePauseGuard<'_> {
+impl<P: Protocol> Drop for DevicePauseGuard<'_, P> {
     fn drop(&mut self) {
         // Dropped mid-send: remove the pause this send wrote, unless another send extended it
         // since. A finished send already cleared `set`.

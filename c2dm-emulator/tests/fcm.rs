@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -281,4 +282,104 @@ async fn faults_and_quotas_answer_as_fcm_does() {
         })
     );
     assert_eq!(fcm.tokens.exchanges(), 1);
+}
+
+/// The same Sender and broadcast as C2DM's, over FCM: every device gets one delivery, gone
+/// ones are reported for removal, faults are retried, and an expired token is renewed.
+#[tokio::test]
+async fn a_broadcast_over_fcm_keeps_every_rule_of_the_sender() {
+    use c2dm_core::{BroadcastOptions, DeliveryReport, RegistrationId, RetryPolicy, Sender};
+    use c2dm_fcm::Fcm;
+    use futures::StreamExt;
+
+    let emulator = Emulator::start_tls(Config {
+        server_errors: FaultRate::Every(7),
+        unavailable: FaultRate::Every(11),
+        // Retried at once: the test waits for nothing real.
+        retry_after: Duration::ZERO,
+        fcm_token_lifetime: Duration::from_secs(600),
+        ..config()
+    })
+    .await
+    .unwrap();
+    let transport = common::transport(&emulator);
+    let key = ServiceAccountKey::from_json(emulator.fcm_key_file().as_bytes()).unwrap();
+    let tokens = Arc::new(ServiceAccountTokens::new(key, transport.clone()));
+    let fcm = Fcm::new(c2dm_emulator::fcm::PROJECT_ID).unwrap();
+    let sender = Sender::with_protocol(fcm, transport, Arc::clone(&tokens))
+        .endpoint(emulator.fcm_send_url().parse().unwrap())
+        .retry_policy(
+            RetryPolicy::default()
+                .with_max_attempts(8)
+                .with_initial_backoff(Duration::ZERO),
+        )
+        .jitter_seed(7)
+        .build();
+    let template = FcmMessage::builder()
+        .token("template")
+        .data("message", "hello")
+        .collapse_key("news")
+        .build()
+        .unwrap();
+    let ids: Vec<RegistrationId> = (0..60)
+        .map(|i| match i % 20 {
+            0 => format!("gone-{i}"),
+            1 => format!("bad-{i}"),
+            _ => format!("phone-{i}"),
+        })
+        .map(|id| RegistrationId::new(id).unwrap())
+        .collect();
+    let run = |ids: Vec<RegistrationId>| {
+        let sender = sender.clone();
+        let template = template.clone();
+        async move {
+            let mut deliveries = sender
+                .broadcast_to(
+                    futures::stream::iter(ids),
+                    &template,
+                    BroadcastOptions::default().concurrency(8),
+                )
+                .unwrap();
+            let mut report = DeliveryReport::new();
+            let mut removed = Vec::new();
+            while let Some(delivery) = deliveries.next().await {
+                if delivery.should_remove() {
+                    removed.push(delivery.registration_id().to_string());
+                }
+                report.record(&delivery);
+            }
+            removed.sort();
+            (report, removed)
+        }
+    };
+    let (report, removed) = run(ids.clone()).await;
+    assert_eq!(
+        (report.accepted(), report.rejected()),
+        (54, 6),
+        "{report:?}"
+    );
+    assert_eq!(
+        removed,
+        ["bad-1", "bad-21", "bad-41", "gone-0", "gone-20", "gone-40"]
+    );
+    for i in (0..60).filter(|i| i % 20 >= 2) {
+        assert_eq!(emulator.inbox(&format!("phone-{i}")).len(), 1, "phone-{i}");
+    }
+    let stats = emulator.stats();
+    assert!(
+        stats.server_errors > 0 && stats.unavailable > 0,
+        "{stats:?}"
+    );
+    assert_eq!(tokens.exchanges(), 1);
+    // Past the token's life (the emulator's clock only: the client's token still looks fresh),
+    // the service refuses it, and the sender renews it once and carries on.
+    emulator.advance_clock(Duration::from_secs(601));
+    emulator.clear_inbox();
+    let phones: Vec<RegistrationId> = ids
+        .into_iter()
+        .filter(|id| id.as_str().starts_with("phone-"))
+        .collect();
+    let (report, _) = run(phones).await;
+    assert_eq!(report.accepted(), 54, "{report:?}");
+    assert_eq!(tokens.exchanges(), 2);
 }

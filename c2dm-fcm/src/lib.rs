@@ -9,6 +9,9 @@
 //!   [`decode_send_answer`](codec::decode_send_answer), with the emulator's side.
 //! - [`FcmError`] and its [`Disposition`]: remove the device, a fault no retry fixes, a
 //!   configuration fault, renew the token, or retry after a time, for everyone or one device.
+//! - [`Fcm`]: FCM as a [`Protocol`](c2dm_core::Protocol), for c2dm-core's `Sender` and
+//!   broadcast, with every rule they keep for C2DM (retries, pauses for everyone or one
+//!   device, the token renewed on a 401, gone devices reported).
 //! - [`ServiceAccountKey`] and [`ServiceAccountTokens`]: the key file, the signed assertion
 //!   (RS256, with ring), and a [`TokenProvider`](c2dm_core::TokenProvider) over any
 //!   [`Transport`](c2dm_core::Transport) that renews before expiry, once for every send waiting.
@@ -36,6 +39,7 @@ pub mod codec;
 mod error;
 mod key;
 mod message;
+mod protocol;
 mod token;
 
 pub use codec::MessageName;
@@ -49,6 +53,7 @@ pub use message::{
     MAX_TTL, Notification, Priority, RESERVED_KEYS, RESERVED_PREFIXES, Target, duration_text,
     is_reserved,
 };
+pub use protocol::{Fcm, core_error};
 pub use token::{
     AccessToken, JWT_BEARER_GRANT, RENEW_BEFORE, ServiceAccountTokens, TokenEndpointError,
     decode_token_answer, encode_token_request,

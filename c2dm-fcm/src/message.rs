@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
+use c2dm_core::RegistrationId;
 
 /// The most bytes of payload a message carries: its data keys and values, with the
 /// notification's title, body and image.
@@ -155,6 +156,9 @@ pub enum FcmMessageError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FcmMessage {
     target: Target,
+    /// What the sender keys device pauses and deliveries by: the token, or `/topics/<topic>`,
+    /// or `condition:<the condition, form-encoded>`.
+    device: RegistrationId,
     data: Vec<(String, String)>,
     notification: Option<Notification>,
     collapse_key: Option<String>,
@@ -271,8 +275,10 @@ impl FcmMessageBuilder {
         if self.ttl.is_some_and(|ttl| ttl > MAX_TTL) {
             return Err(FcmMessageError::TtlTooLong);
         }
+        let device = device_of(&target)?;
         let message = FcmMessage {
             target,
+            device,
             data: self.data,
             notification: self.notification,
             collapse_key: self.collapse_key,
@@ -309,6 +315,23 @@ fn check_text(text: Option<&str>, field: &'static str) -> Result<(), FcmMessageE
         }
         _ => Ok(()),
     }
+}
+
+/// The key of `target` as a registration id.
+fn device_of(target: &Target) -> Result<RegistrationId, FcmMessageError> {
+    let key = match target {
+        Target::Token(t) => t.clone(),
+        Target::Topic(t) => format!("/topics/{t}"),
+        // A condition has spaces and quotes: its key is its form-encoding.
+        Target::Condition(c) => format!(
+            "condition:{}",
+            form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()
+        ),
+    };
+    RegistrationId::new(key).map_err(|_| FcmMessageError::InvalidTarget {
+        what: "target",
+        why: "it is not valid as a registration id",
+    })
 }
 
 fn check_target(target: &Target) -> Result<(), FcmMessageError> {
@@ -370,9 +393,26 @@ impl FcmMessage {
         let target = Target::Token(token.into());
         check_target(&target)?;
         Ok(Self {
+            device: device_of(&target)?,
             target,
             ..self.clone()
         })
+    }
+
+    /// The same message to the device `token`, already checked as a registration id (no
+    /// control characters, at most 4,096 bytes): how a broadcast fans a template out.
+    pub fn to_device(&self, token: RegistrationId) -> Self {
+        Self {
+            target: Target::Token(token.as_str().to_owned()),
+            device: token,
+            ..self.clone()
+        }
+    }
+
+    /// Where it goes, as the sender keys pauses and deliveries: the token, `/topics/<topic>`
+    /// or `condition:<the condition, form-encoded>`.
+    pub fn device(&self) -> &RegistrationId {
+        &self.device
     }
 
     /// Whom it goes to.

@@ -1,0 +1,143 @@
+//! The protocol seam: what a push protocol must say for the send machine, the [`Sender`] and a
+//! broadcast to work for it. C2DM ([`C2dm`]) is one protocol and the default; `c2dm-fcm` is
+//! another.
+//!
+//! A protocol turns a message and a token into a request, and an answer into one of the
+//! machine's outcomes: accepted with an id; the token refused ([`Error::Unauthorized`]) or
+//! rotated ([`SendReply::rotated_token`]); the service unavailable or failing, for everyone
+//! ([`Error::Unavailable`], [`Error::ServerError`], [`Error::MalformedResponse`]); or refused, with
+//! what to do about it ([`Error::Rejected`] for C2DM's codes, [`Error::Refused`] with a
+//! [`Disposition`] for any protocol's).
+//!
+//! [`Sender`]: crate::Sender
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+
+use crate::codec::{self, SendReply};
+use crate::error::Error;
+use crate::message::{Message, RegistrationId};
+use crate::token::AuthToken;
+
+/// A push protocol, as the [`Sender`](crate::Sender) drives it.
+pub trait Protocol: Send + Sync + 'static {
+    /// The message this protocol sends.
+    type Message: Clone + Send + Sync + 'static;
+
+    /// Where a message goes: the device (or, for a protocol that has them, the topic) that
+    /// device pauses and a broadcast's deliveries are keyed by.
+    fn device(message: &Self::Message) -> &RegistrationId;
+
+    /// `template` to another device: how a broadcast fans one message out.
+    fn to_device(template: &Self::Message, device: RegistrationId) -> Self::Message;
+
+    /// Where messages go unless the sender is told otherwise.
+    fn default_endpoint(&self) -> Uri;
+
+    /// The request that sends `message` with `token` to `endpoint`. The token's header must be
+    /// marked sensitive.
+    fn encode(&self, message: &Self::Message, token: &AuthToken, endpoint: &Uri) -> Request<Bytes>;
+
+    /// Reads an answer (at `now`, for a `Retry-After` date). Must not panic, whatever the
+    /// answer.
+    fn decode(&self, response: &Response<Bytes>, now: SystemTime) -> SendReply;
+}
+
+/// C2DM, the default protocol: a form POST with `GoogleLogin auth=`, answered `id=` or
+/// `Error=` (see [`codec`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct C2dm;
+
+impl Protocol for C2dm {
+    type Message = Message;
+
+    fn device(message: &Message) -> &RegistrationId {
+        message.registration_id()
+    }
+
+    fn to_device(template: &Message, device: RegistrationId) -> Message {
+        template.with_registration_id(device)
+    }
+
+    fn default_endpoint(&self) -> Uri {
+        codec::default_send_uri()
+    }
+
+    fn encode(&self, message: &Message, token: &AuthToken, endpoint: &Uri) -> Request<Bytes> {
+        codec::encode_send_request(message, token, endpoint)
+    }
+
+    fn decode(&self, response: &Response<Bytes>, now: SystemTime) -> SendReply {
+        codec::decode_response(response, now)
+    }
+}
+
+/// What a sender does about a protocol's refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// The device is gone (or its id was never valid): remove it; no retry.
+    RemoveDevice,
+    /// The message itself is wrong: no retry fixes it.
+    Permanent,
+    /// The sender's setup is wrong (another project's device, credentials not allowed): no
+    /// retry fixes it, and no other message will go either.
+    Configuration,
+    /// Retry later; every send of the sender waits.
+    RetryEveryone,
+    /// Retry later; sends to this device wait.
+    RetryDevice,
+}
+
+/// A protocol's refusal of a message, with what to do about it: [`Error::Refused`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The protocol's code, as it writes it (`UNREGISTERED`, `QUOTA_EXCEEDED`, …).
+    pub code: String,
+    /// The service's words.
+    pub message: String,
+    /// What a sender does about it.
+    pub disposition: Disposition,
+    /// How long the service asked to wait, if it did.
+    pub retry_after: Option<Duration>,
+    /// Whether this is the sender's quota running out (the account's rate): what
+    /// [`Sender::quota_exceeded_since`](crate::Sender::quota_exceeded_since) follows.
+    pub sender_quota: bool,
+}
+
+impl Refusal {
+    /// Whether sending again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.disposition,
+            Disposition::RetryEveryone | Disposition::RetryDevice
+        )
+    }
+
+    /// Whether the device must be removed.
+    pub fn should_remove_registration(&self) -> bool {
+        self.disposition == Disposition::RemoveDevice
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code)?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        if let Some(after) = self.retry_after {
+            write!(f, ", retry after {}s", after.as_secs())?;
+        }
+        Ok(())
+    }
+}
+
+/// The reply of an answer that is only an error.
+pub fn error_reply(error: Error) -> SendReply {
+    SendReply {
+        result: Err(error),
+        rotated_token: None,
+    }
+}
