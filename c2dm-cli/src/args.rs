@@ -24,6 +24,18 @@ pub struct Global {
     /// The ClientLogin endpoint.
     #[arg(long, global = true, env = "C2DM_LOGIN_URL", default_value = c2dm_auth::codec::DEFAULT_LOGIN_URL)]
     pub login_url: String,
+    /// Send through FCM HTTP v1 instead of C2DM, as the service account of this key file
+    /// (JSON, as the Google Cloud console downloads it): its project, its token endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "C2DM_FCM_KEY_FILE",
+        value_name = "KEY_FILE"
+    )]
+    pub fcm: Option<PathBuf>,
+    /// FCM's endpoint, before `/v1/projects/…` (the emulator's, say).
+    #[arg(long, global = true, env = "C2DM_FCM_URL", default_value = c2dm_fcm::codec::DEFAULT_BASE_URL)]
+    pub fcm_url: String,
     /// An extra trusted root certificate (PEM), e.g. the emulator's.
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
@@ -91,6 +103,8 @@ impl std::fmt::Debug for Global {
         f.debug_struct("Global")
             .field("send_url", &self.send_url)
             .field("login_url", &self.login_url)
+            .field("fcm", &self.fcm)
+            .field("fcm_url", &self.fcm_url)
             .field("ca_cert", &self.ca_cert)
             .field(
                 "proxy",
@@ -175,7 +189,8 @@ pub struct BroadcastArgs {
     /// Sends at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
-    /// At most this many sends per second.
+    /// At most this many sends per second [default: none for C2DM; with --fcm, 10,000, FCM's
+    /// default quota of 600,000 a minute per project].
     #[arg(long, value_name = "PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: Option<u32>,
     /// Record every final delivery here, as JSON Lines.

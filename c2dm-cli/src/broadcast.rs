@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use c2dm_core::{BroadcastOptions, DeliveryReport, Message, RegistrationId, Sender};
+use c2dm_core::{BroadcastOptions, DeliveryReport, Protocol, RegistrationId, Sender};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -267,9 +267,9 @@ impl Run {
 }
 
 /// Runs the broadcast of `template` to the given ids with the journal and remove list.
-pub async fn broadcast(
-    sender: &Sender,
-    template: &Message,
+pub async fn broadcast<P: Protocol>(
+    sender: &Sender<P>,
+    template: &P::Message,
     args: &BroadcastArgs,
     ids: Ids,
 ) -> Result<Run, CliError> {
@@ -288,7 +288,11 @@ pub async fn broadcast(
     };
     let skipped = resume.done.len() as u64;
     let mut options = BroadcastOptions::default().concurrency(args.concurrency as usize);
-    if let Some(rate) = args.rate.and_then(NonZeroU32::new) {
+    if let Some(rate) = args
+        .rate
+        .or(sender.protocol().default_rate())
+        .and_then(NonZeroU32::new)
+    {
         options = options.rate_per_second(rate);
     }
     let read = Arc::new(IdsRead::default());
@@ -416,10 +420,19 @@ pub fn print_summary(global: &Global, run: &Run) {
 /// `c2dm broadcast`.
 pub async fn run(global: &Global, args: BroadcastArgs) -> Result<ExitCode, CliError> {
     // Everything that can be wrong with the input is found before anything is sent.
-    let template = client::message(&args.message, "template")?;
-    let ids = Ids::open(&args.ids)?;
-    let sender = client::sender(global, None, args.concurrency as usize)?;
-    let run = broadcast(&sender, &template, &args, ids).await?;
+    let run = match client::fcm_sender(global, None, args.concurrency as usize)? {
+        Some(sender) => {
+            let template = client::fcm_message(&args.message, "template")?;
+            let ids = Ids::open(&args.ids)?;
+            broadcast(&sender, &template, &args, ids).await?
+        }
+        None => {
+            let template = client::message(&args.message, "template")?;
+            let ids = Ids::open(&args.ids)?;
+            let sender = client::sender(global, None, args.concurrency as usize)?;
+            broadcast(&sender, &template, &args, ids).await?
+        }
+    };
     print_summary(global, &run);
     Ok(if run.complete() {
         ExitCode::SUCCESS

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use c2dm_auth::{ClientLogin, Credentials};
 use c2dm_core::{AuthToken, Message, RetryPolicy, Sender, StaticToken, TokenProvider};
+use c2dm_fcm::{Fcm, FcmMessage, ServiceAccountKey, ServiceAccountTokens};
 use c2dm_hyper::{HyperTransport, Proxy};
 
 use crate::args::{Global, MessageArgs};
@@ -197,6 +198,40 @@ pub fn sender(
         .endpoint(endpoint)
         .retry_policy(retry_policy(global, default_deadline))
         .build())
+}
+
+/// The FCM sender for `send` and `broadcast` when `--fcm` names a key file: the key's project
+/// at `--fcm-url`, its tokens from the key's token endpoint; `None` without `--fcm`.
+pub fn fcm_sender(
+    global: &Global,
+    default_deadline: Option<Duration>,
+    sends_at_once: usize,
+) -> Result<Option<Sender<Fcm>>, CliError> {
+    let Some(path) = &global.fcm else {
+        return Ok(None);
+    };
+    let key =
+        ServiceAccountKey::from_file(path).map_err(|e| CliError::Usage(format!("--fcm: {e}")))?;
+    // The token endpoint is the key file's; plain HTTP only to loopback, as for every URL.
+    parse_url("--fcm (its token_uri)", &key.token_uri().to_string())?;
+    let base = parse_url("--fcm-url", &global.fcm_url)?.to_string();
+    let fcm = Fcm::new(key.project_id()).map_err(|e| CliError::Usage(format!("--fcm: {e}")))?;
+    let endpoint = fcm.send_uri(&base);
+    let transport = transport(global, sends_at_once)?;
+    let tokens = ServiceAccountTokens::new(key, transport.clone());
+    Ok(Some(
+        Sender::with_protocol(fcm, transport, tokens)
+            .endpoint(endpoint)
+            .retry_policy(retry_policy(global, default_deadline))
+            .build(),
+    ))
+}
+
+/// The FCM message of `send` (to `to`) or the template of `broadcast`. C2DM's
+/// `--delay-while-idle` has no FCM counterpart: refused, not dropped.
+pub fn fcm_message(args: &MessageArgs, to: &str) -> Result<FcmMessage, CliError> {
+    FcmMessage::from_c2dm(&message(args, to)?)
+        .map_err(|e| CliError::Usage(format!("invalid message for FCM: {e}")))
 }
 
 /// The retry policy the global options describe; `default_deadline` applies when

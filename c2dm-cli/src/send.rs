@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use c2dm_core::{Delivery, Outcome};
 
 use crate::args::{Global, SendArgs};
-use crate::client::{message, sender};
+use crate::client::{fcm_message, fcm_sender, message, sender};
 use crate::error::CliError;
 use crate::journal::JournalLine;
 
@@ -16,10 +16,18 @@ pub const SEND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10
 /// `c2dm send`: one message; prints its id, or why it was not accepted. With `--json`, the
 /// same line a broadcast journal would hold.
 pub async fn send(global: &Global, args: SendArgs) -> Result<ExitCode, CliError> {
-    let message = message(&args.message, &args.to)?;
-    let id = message.registration_id().clone();
-    let sender = sender(global, Some(SEND_DEADLINE), 1)?;
-    let result = sender.send(message).await;
+    let (id, result) = match fcm_sender(global, Some(SEND_DEADLINE), 1)? {
+        Some(sender) => {
+            let message = fcm_message(&args.message, &args.to)?;
+            (message.device().clone(), sender.send(message).await)
+        }
+        None => {
+            let message = message(&args.message, &args.to)?;
+            let id = message.registration_id().clone();
+            let sender = sender(global, Some(SEND_DEADLINE), 1)?;
+            (id, sender.send(message).await)
+        }
+    };
     let failure_text = result.as_ref().err().map(ToString::to_string);
     let delivery = Delivery::from_result(id, result);
     if global.json {

@@ -1524,3 +1524,122 @@ async fn serve_with_weak_keys_exits_2() {
         }
     }
 }
+
+/// `--fcm KEY_FILE` sends through FCM HTTP v1: `send` prints the message's name, `broadcast`
+/// keeps the same journal and remove list, with FCM's codes, and a message FCM cannot carry
+/// is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_send_and_broadcast_with_a_service_account_key() {
+    let mut config = Config::default();
+    config.devices.not_registered_prefixes = vec!["gone-".into()];
+    config.devices.invalid_prefixes = vec!["bad-".into()];
+    let env = Env::new(config).await;
+    let key = env.path("service-account.json");
+    std::fs::write(&key, env.emulator.fcm_key_file()).unwrap();
+    let base = env.emulator.base_url();
+    let fcm = [
+        ("C2DM_FCM_KEY_FILE", key.as_str()),
+        ("C2DM_FCM_URL", base.as_str()),
+    ];
+
+    let out = env
+        .run_with(
+            &[
+                "send",
+                "--to",
+                "phone-1",
+                "--collapse-key",
+                "k",
+                "-d",
+                "message=hi",
+            ],
+            &fcm,
+        )
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inbox = env.emulator.inbox("phone-1");
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("projects/c2dm-emulator/messages/{}", inbox[0].message_id)
+    );
+    let out = env
+        .run_with(&["send", "--to", "gone-1", "--collapse-key", "k"], &fcm)
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("rejected: UNREGISTERED (remove this registration id)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = env
+        .run_with(
+            &[
+                "send",
+                "--to",
+                "phone-2",
+                "--collapse-key",
+                "k",
+                "--delay-while-idle",
+            ],
+            &fcm,
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("delay_while_idle"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env.emulator.inbox("phone-2").is_empty());
+
+    let ids = env.path("ids");
+    std::fs::write(&ids, "dev-1\ngone-2\nbad-3\ndev-4\n").unwrap();
+    let journal_path = env.path("journal.jsonl");
+    let remove = env.path("remove.txt");
+    let out = env
+        .run_with(
+            &[
+                "broadcast",
+                "--ids",
+                &ids,
+                "--collapse-key",
+                "news",
+                "--journal",
+                &journal_path,
+                "--remove-list",
+                &remove,
+            ],
+            &fcm,
+        )
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = journal(&journal_path);
+    let by_id: HashMap<String, &serde_json::Value> = lines
+        .iter()
+        .map(|l| (l["registration_id"].as_str().unwrap().to_owned(), l))
+        .collect();
+    assert_eq!(by_id["dev-1"]["outcome"], "accepted");
+    assert_eq!(by_id["gone-2"]["error"], "UNREGISTERED");
+    assert_eq!(by_id["bad-3"]["error"], "INVALID_ARGUMENT");
+    let mut removed: Vec<String> = std::fs::read_to_string(&remove)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    removed.sort();
+    assert_eq!(removed, ["bad-3", "gone-2"]);
+    // One access token a command (two sends and the broadcast): the whole broadcast took one.
+    assert_eq!(env.emulator.stats().fcm.tokens, 3);
+
+    // A key file that is not one is a usage error.
+    let broken = env.path("broken.json");
+    std::fs::write(&broken, "{}").unwrap();
+    let out = env
+        .run_with(
+            &["send", "--to", "phone-3", "--collapse-key", "k"],
+            &[("C2DM_FCM_KEY_FILE", broken.as_str())],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--fcm"), "{}", stderr(&out));
+}

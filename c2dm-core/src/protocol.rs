@@ -43,6 +43,13 @@ pub trait Protocol: Send + Sync + 'static {
     /// Reads an answer (at `now`, for a `Retry-After` date). Must not panic, whatever the
     /// answer.
     fn decode(&self, response: &Response<Bytes>, now: SystemTime) -> SendReply;
+
+    /// The sends per second the service allows a sender by default, for a protocol whose
+    /// service publishes one: what a broadcast keeps to unless told otherwise. `None` (the
+    /// default): no published rate.
+    fn default_rate(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// C2DM, the default protocol: a form POST with `GoogleLogin auth=`, answered `id=` or

@@ -53,7 +53,7 @@ pub use message::{
     MAX_TTL, Notification, Priority, RESERVED_KEYS, RESERVED_PREFIXES, Target, duration_text,
     is_reserved,
 };
-pub use protocol::{Fcm, core_error};
+pub use protocol::{DEFAULT_RATE, Fcm, core_error};
 pub use token::{
     AccessToken, JWT_BEARER_GRANT, RENEW_BEFORE, ServiceAccountTokens, TokenEndpointError,
     decode_token_answer, encode_token_request,

@@ -12,6 +12,9 @@ use crate::codec::{self, InvalidProjectId};
 use crate::error::{Disposition, FcmError, QuotaScope};
 use crate::message::FcmMessage;
 
+/// Messages a second FCM allows a project by default: its quota of 600,000 a minute.
+pub const DEFAULT_RATE: u32 = 10_000;
+
 /// FCM HTTP v1 for one project, as a [`Protocol`]:
 /// `Sender::with_protocol(Fcm::new("my-project")?, transport, tokens)`.
 ///
@@ -122,6 +125,11 @@ impl Protocol for Fcm {
 
     fn encode(&self, message: &FcmMessage, token: &AuthToken, endpoint: &Uri) -> Request<Bytes> {
         codec::encode_send_request(message, token, endpoint, self.validate_only)
+    }
+
+    /// FCM's default quota: 600,000 messages a minute per project.
+    fn default_rate(&self) -> Option<u32> {
+        Some(DEFAULT_RATE)
     }
 
     fn decode(&self, response: &Response<Bytes>, now: SystemTime) -> SendReply {
