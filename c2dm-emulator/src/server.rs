@@ -42,6 +42,9 @@ pub(crate) fn generate_cert() -> Result<GeneratedCert, crate::StartError> {
     .with_no_client_auth()
     .with_single_cert(vec![key.cert.der().clone()], key_der)
     .map_err(|e| crate::StartError::Certificate(e.to_string()))?;
+    let mut config = config;
+    // HTTP/2 by ALPN, as FCM serves it; HTTP/1.1 for clients that offer only that.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(GeneratedCert {
         pem: key.cert.pem(),
         acceptor: TlsAcceptor::from(Arc::new(config)),
@@ -76,12 +79,14 @@ pub(crate) async fn serve(
                 let service = Arc::clone(&service);
                 async move { route(&service, req).await }
             });
-            let builder = hyper::server::conn::http1::Builder::new();
+            // HTTP/1.1, or HTTP/2 when ALPN chose it (or a client speaks it in the clear).
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             let result = match acceptor {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls) => {
                         let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                        watcher.watch(conn).await
+                        watcher.watch(conn.into_owned()).await
                     }
                     Err(err) => {
                         tracing::debug!(%peer, %err, "TLS handshake failed");
@@ -90,7 +95,7 @@ pub(crate) async fn serve(
                 },
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn).await
+                    watcher.watch(conn.into_owned()).await
                 }
             };
             if let Err(err) = result {

@@ -69,6 +69,8 @@ pub struct FcmStats {
     pub tokens: u64,
     /// Token requests refused.
     pub token_refusals: u64,
+    /// Send requests that came over HTTP/2 (as FCM's clients send them).
+    pub http2: u64,
 }
 
 #[derive(Default)]
@@ -90,6 +92,7 @@ struct Counters {
     fcm_errors: Mutex<BTreeMap<String, u64>>,
     fcm_tokens: AtomicU64,
     fcm_token_refusals: AtomicU64,
+    fcm_http2: AtomicU64,
 }
 
 impl Counters {
@@ -669,6 +672,7 @@ impl Service {
                     .clone(),
                 tokens: load(&c.fcm_tokens),
                 token_refusals: load(&c.fcm_token_refusals),
+                http2: load(&c.fcm_http2),
             },
         }
     }

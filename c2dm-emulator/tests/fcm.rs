@@ -302,7 +302,8 @@ async fn a_broadcast_over_fcm_keeps_every_rule_of_the_sender() {
     })
     .await
     .unwrap();
-    let transport = common::transport(&emulator);
+    // Over HTTP/2, as FCM is reached: every send on one connection.
+    let transport = common::transport_with(&emulator, |b| b.http2(true));
     let key = ServiceAccountKey::from_json(emulator.fcm_key_file().as_bytes()).unwrap();
     let tokens = Arc::new(ServiceAccountTokens::new(key, transport.clone()));
     let fcm = Fcm::new(c2dm_emulator::fcm::PROJECT_ID).unwrap();

@@ -74,6 +74,12 @@ pub const USER_AGENT_VALUE: &str = concat!("c2dm-rs/", env!("CARGO_PKG_VERSION")
 /// The default cap on a response body.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
+/// How often an HTTP/2 connection is pinged by default ([`HyperTransportBuilder::http2_keep_alive`]).
+pub const DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a ping may go unanswered by default before its connection is closed.
+pub const DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The default of [`HyperTransportBuilder::pool_max_idle_per_host`].
 pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 128;
 
@@ -107,6 +113,7 @@ pub struct HyperTransportBuilder {
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
     http2: bool,
+    http2_keep_alive: Option<(Duration, Duration)>,
     max_response_bytes: usize,
     webpki_roots: bool,
     os_roots: bool,
@@ -123,6 +130,7 @@ impl fmt::Debug for HyperTransportBuilder {
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
             .field("http2", &self.http2)
+            .field("http2_keep_alive", &self.http2_keep_alive)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("webpki_roots", &self.webpki_roots)
             .field("os_roots", &self.os_roots)
@@ -140,6 +148,10 @@ impl Default for HyperTransportBuilder {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: DEFAULT_MAX_IDLE_PER_HOST,
             http2: false,
+            http2_keep_alive: Some((
+                DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL,
+                DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT,
+            )),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             webpki_roots: cfg!(feature = "webpki-roots"),
             os_roots: cfg!(feature = "os-roots"),
@@ -177,9 +189,20 @@ impl HyperTransportBuilder {
         self
     }
 
-    /// Offers HTTP/2 by ALPN on TLS connections (default: HTTP/1.1 only).
+    /// Offers HTTP/2 by ALPN on TLS connections (default: HTTP/1.1 only). FCM's endpoint
+    /// speaks it: every send to a host shares one connection, as many streams at once as the
+    /// server allows.
     pub fn http2(mut self, enabled: bool) -> Self {
         self.http2 = enabled;
+        self
+    }
+
+    /// HTTP/2 keep-alive: a ping every `interval` on each HTTP/2 connection, idle or not, and
+    /// the connection closed (and replaced by the next send) when one is not answered within
+    /// `timeout`; `None` for no pings. Default: every
+    /// [`DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL`], within [`DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT`].
+    pub fn http2_keep_alive(mut self, keep_alive: Option<(Duration, Duration)>) -> Self {
+        self.http2_keep_alive = keep_alive;
         self
     }
 
@@ -313,7 +336,15 @@ impl HyperTransportBuilder {
         } else {
             https.enable_http1().wrap_connector(tcp)
         };
-        let pool = Pool::new(https, self.pool_idle_timeout, self.pool_max_idle_per_host);
+        let keep_alive = self
+            .http2_keep_alive
+            .map(|(interval, timeout)| pool::KeepAlive { interval, timeout });
+        let pool = Pool::new(
+            https,
+            self.pool_idle_timeout,
+            self.pool_max_idle_per_host,
+            keep_alive,
+        );
         Ok(HyperTransport {
             pool,
             request_timeout: self.request_timeout,

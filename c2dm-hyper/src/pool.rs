@@ -212,6 +212,8 @@ pub(crate) struct Pool {
 }
 
 struct Inner {
+    /// HTTP/2 keep-alive pings, if on.
+    keep_alive: Option<KeepAlive>,
     connector: HttpsConnector<ProxyConnector>,
     /// A list, not a map: a transport talks to one or two hosts, and comparing a key or two
     /// costs less than hashing one.
@@ -272,15 +274,25 @@ struct Idle {
     since: Instant,
 }
 
+/// HTTP/2 keep-alive pings: one each `interval` (idle or not), and the connection closed if
+/// one is not answered within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeepAlive {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
 impl Pool {
     pub(crate) fn new(
         connector: HttpsConnector<ProxyConnector>,
         idle_timeout: Duration,
         max_idle_per_host: usize,
+        keep_alive: Option<KeepAlive>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
+                keep_alive,
                 hosts: Mutex::new(Hosts::default()),
                 idle_timeout,
                 max_idle_per_host,
@@ -412,8 +424,18 @@ impl Pool {
             .await
             .map_err(ConnectError::Connect)?;
         if io.connected().is_negotiated_h2() {
-            let (send, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder.timer(TokioTimer::new());
+            if let Some(keep_alive) = self.inner.keep_alive {
+                // A ping while the connection is open, answered or the connection closes: one
+                // that died silently (a NAT that forgot it, a peer gone) is found and replaced
+                // before a send waits on it for its whole timeout.
+                builder
+                    .keep_alive_interval(keep_alive.interval)
+                    .keep_alive_timeout(keep_alive.timeout)
+                    .keep_alive_while_idle(true);
+            }
+            let (send, connection) = builder
                 .handshake(io)
                 .await
                 .map_err(ConnectError::Handshake)?;

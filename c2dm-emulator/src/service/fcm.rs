@@ -334,6 +334,11 @@ impl Service {
             .is_some_and(|expires| *expires > now)
     }
 
+    /// Counts a send request that came over HTTP/2.
+    pub(crate) fn note_fcm_http2(&self) {
+        self.counters.fcm_http2.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Answers a send of `project`: the faults first, as for C2DM, then the token, the project,
     /// the message, the device's rules and the quotas; an accepted message goes to the inbox.
     pub(crate) fn fcm_send(

@@ -10,7 +10,15 @@ use c2dm_hyper::HyperTransport;
 
 /// The production transport, trusting only the emulator's certificate when it serves TLS.
 pub fn transport(emulator: &Emulator) -> HyperTransport {
-    let mut builder = HyperTransport::builder();
+    transport_with(emulator, |b| b)
+}
+
+/// [`transport`], with more settings.
+pub fn transport_with(
+    emulator: &Emulator,
+    settings: impl FnOnce(c2dm_hyper::HyperTransportBuilder) -> c2dm_hyper::HyperTransportBuilder,
+) -> HyperTransport {
+    let mut builder = settings(HyperTransport::builder());
     if let Some(pem) = emulator.cert_pem() {
         builder = builder
             .only_added_roots()
