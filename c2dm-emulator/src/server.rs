@@ -213,6 +213,9 @@ async fn route(
             let project = c2dm_fcm::codec::project_of(path)
                 .unwrap_or_default()
                 .to_owned();
+            if req.version() == http::Version::HTTP_2 {
+                service.note_fcm_http2();
+            }
             let authorization = req
                 .headers()
                 .get(http::header::AUTHORIZATION)

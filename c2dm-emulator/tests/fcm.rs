@@ -371,6 +371,10 @@ async fn a_broadcast_over_fcm_keeps_every_rule_of_the_sender() {
         stats.server_errors > 0 && stats.unavailable > 0,
         "{stats:?}"
     );
+    assert_eq!(
+        stats.fcm.http2, stats.sends,
+        "every send over HTTP/2: {stats:?}"
+    );
     assert_eq!(tokens.exchanges(), 1);
     // Past the token's life (the emulator's clock only: the client's token still looks fresh),
     // the service refuses it, and the sender renews it once and carries on.
