@@ -51,7 +51,9 @@ fn is_loopback(host: &str) -> bool {
 pub fn transport(global: &Global, sends_at_once: usize) -> Result<HyperTransport, CliError> {
     let mut builder = HyperTransport::builder()
         .request_timeout(Duration::from_secs_f64(global.timeout))
-        .pool_max_idle_per_host(sends_at_once.max(c2dm_hyper::DEFAULT_MAX_IDLE_PER_HOST));
+        .pool_max_idle_per_host(sends_at_once.max(c2dm_hyper::DEFAULT_MAX_IDLE_PER_HOST))
+        // FCM is reached over HTTP/2 (ALPN, on TLS): every send on one connection.
+        .http2(global.fcm.is_some());
     if let Some(path) = &global.ca_cert {
         let pem = std::fs::read(path).map_err(|e| {
             CliError::Usage(format!("--ca-cert: cannot read {}: {e}", path.display()))

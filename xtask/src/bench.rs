@@ -114,6 +114,8 @@ pub(crate) struct Emulator {
     child: Child,
     base: String,
     cert: Option<PathBuf>,
+    /// Its FCM service account's key file.
+    fcm_key: PathBuf,
 }
 
 impl Emulator {
@@ -136,10 +138,13 @@ impl Emulator {
     ) -> Result<Self, String> {
         let port_file = dir.join(format!("port-{tls}-{counts_only}"));
         let cert = dir.join("emulator.pem");
+        let fcm_key = dir.join(format!("fcm-key-{tls}-{counts_only}.json"));
         let _ = std::fs::remove_file(&port_file);
         let mut cmd = Command::new(bin.join("c2dm-emulator"));
         cmd.args(["--static-token", "BENCH", "--port-file"])
             .arg(&port_file)
+            .arg("--fcm-key-out")
+            .arg(&fcm_key)
             .args(extra)
             .stdout(Stdio::null());
         if counts_only {
@@ -159,6 +164,7 @@ impl Emulator {
             child,
             base: format!("{scheme}://127.0.0.1:{port}"),
             cert: tls.then_some(cert),
+            fcm_key,
         })
     }
 
@@ -213,9 +219,19 @@ fn write_ids(path: &Path, n: u64) -> Result<(), String> {
     out.flush().map_err(|e| e.to_string())
 }
 
+/// Which protocol `c2dm broadcast` sends through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// C2DM, with the emulator's static token.
+    C2dm,
+    /// FCM HTTP v1, with the emulator's service account.
+    Fcm,
+}
+
 /// `c2dm broadcast` of `n` ids: (messages/s as the command reports it, CPU µs per message,
 /// peak RSS KiB).
 pub(crate) fn broadcast(
+    protocol: Protocol,
     bin: &Path,
     dir: &Path,
     emulator: &Emulator,
@@ -236,17 +252,20 @@ pub(crate) fn broadcast(
         "message=test",
         "-d",
         "sound=t",
-        "--token",
-        "BENCH",
     ])
     .arg("--ids")
     .arg(&ids)
-    .args([
-        "--concurrency",
-        &concurrency.to_string(),
-        "--send-url",
-        &emulator.send_url(),
-    ]);
+    .args(["--concurrency", &concurrency.to_string()]);
+    match protocol {
+        Protocol::C2dm => cmd.args(["--token", "BENCH", "--send-url", &emulator.send_url()]),
+        // No rate but the machine's: FCM's default quota would cap the run.
+        Protocol::Fcm => cmd.arg("--fcm").arg(&emulator.fcm_key).args([
+            "--fcm-url",
+            &emulator.base,
+            "--rate",
+            "1000000000",
+        ]),
+    };
     if let Some(cert) = &emulator.cert {
         cmd.arg("--ca-cert").arg(cert);
     }
@@ -462,6 +481,13 @@ fn throughput(bin: &Path, dir: &Path, settings: &Settings) -> Result<Throughput,
             }
             paths.push((format!("HyperTransport, {scheme}"), Vec::new()));
             paths.push((format!("c2dm broadcast, {scheme}"), Vec::new()));
+            if tls {
+                // The same broadcast through FCM HTTP v1 (HTTP/2, JSON, an access token).
+                paths.push((
+                    "c2dm broadcast --fcm, HTTPS (HTTP/2)".to_owned(),
+                    Vec::new(),
+                ));
+            }
             for _ in 0..settings.rounds {
                 if settings.has_wrk {
                     wrk_runs.push(wrk(dir, &emulator, concurrency, wrk_seconds)?);
@@ -472,7 +498,13 @@ fn throughput(bin: &Path, dir: &Path, settings: &Settings) -> Result<Throughput,
                     } else if name.starts_with("HyperTransport") {
                         transport_load(bin, &emulator, n, concurrency, false)?
                     } else {
-                        let (rate, cpu, _) = broadcast(bin, dir, &emulator, n, concurrency)?;
+                        let protocol = if name.contains("--fcm") {
+                            Protocol::Fcm
+                        } else {
+                            Protocol::C2dm
+                        };
+                        let (rate, cpu, _) =
+                            broadcast(protocol, bin, dir, &emulator, n, concurrency)?;
                         Sample { rate, cpu }
                     };
                     samples.push(sample);
@@ -523,13 +555,13 @@ struct Memory {
 /// and the emulator's own rate under wrk.
 fn memory(bin: &Path, dir: &Path, settings: &Settings) -> Result<Memory, String> {
     let emulator = Emulator::start(bin, dir, false, true)?;
-    let (_, _, rss_10k) = broadcast(bin, dir, &emulator, 10_000, 64)?;
+    let (_, _, rss_10k) = broadcast(Protocol::C2dm, bin, dir, &emulator, 10_000, 64)?;
     let big = 1_000_000 / settings.scale;
-    let (_, _, rss_big) = broadcast(bin, dir, &emulator, big, 64)?;
+    let (_, _, rss_big) = broadcast(Protocol::C2dm, bin, dir, &emulator, big, 64)?;
     drop(emulator);
     let full = Emulator::start(bin, dir, false, false)?;
     let before = full.rss_kib();
-    let (_, _, _) = broadcast(bin, dir, &full, big, 64)?;
+    let (_, _, _) = broadcast(Protocol::C2dm, bin, dir, &full, big, 64)?;
     let inbox_bytes = (full.rss_kib().saturating_sub(before) * 1024) as f64 / big as f64;
     drop(full);
     let emulator_wrk = if settings.has_wrk {

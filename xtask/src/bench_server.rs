@@ -353,7 +353,14 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
         // Each database's name, with its pushes of every round.
         let mut pushes: Vec<(&str, Vec<Push>)> = Vec::new();
         for round in 1..=rounds {
-            let (rate, cpu, rss) = crate::bench::broadcast(&bin, &dir, &emulator, size, 64)?;
+            let (rate, cpu, rss) = crate::bench::broadcast(
+                crate::bench::Protocol::C2dm,
+                &bin,
+                &dir,
+                &emulator,
+                size,
+                64,
+            )?;
             broadcasts.push(crate::bench::Sample { rate, cpu });
             broadcast_rss = broadcast_rss.max(rss);
             let file = dir.join(format!("push-{size}-{round}.db"));
