@@ -233,11 +233,6 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
     say!("  send:   {}", emulator.send_url());
     say!("  login:  {}", emulator.login_url());
     say!("  stats:  {}", emulator.stats_url());
-    say!("  FCM send:  {}", emulator.fcm_send_url());
-    say!("  FCM token: {}", emulator.fcm_token_url());
-    if let Some(path) = &args.fcm_key_out {
-        say!("  FCM key file: {}", path.display());
-    }
     for account in emulator.accounts() {
         let captcha = if account.captcha.is_some() {
             " (demands a CAPTCHA: answer c2dm)"
@@ -248,6 +243,11 @@ pub async fn run(args: EmulatorArgs) -> Result<(), Box<dyn std::error::Error + S
     }
     if let Some(path) = &args.cert_out {
         say!("  certificate: {}", path.display());
+    }
+    say!("  FCM send:  {}", emulator.fcm_send_url());
+    say!("  FCM token: {}", emulator.fcm_token_url());
+    if let Some(path) = &args.fcm_key_out {
+        say!("  FCM key file: {}", path.display());
     }
     say!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
