@@ -117,3 +117,104 @@ async fn broadcast_under_every_fault_loses_nothing() {
         .collect();
     assert!(busy.iter().all(|id| deliveries[*id].attempts() >= 3));
 }
+
+/// The same soak through FCM HTTP v1, over HTTP/2: dropped streams, 500s and 503s at once, gone
+/// and invalid tokens; every id gets one final delivery, every accepted name is in its inbox,
+/// no duplicate goes unreported, and no gone device is sent to twice. (A device's
+/// `QUOTA_EXCEEDED` waits at least a minute, as Google asks: `fcm.rs` tests it apart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_under_every_fault_over_fcm_loses_nothing() {
+    use c2dm_fcm::{Fcm, FcmMessage, ServiceAccountKey, ServiceAccountTokens};
+    use std::sync::Arc;
+
+    let config = Config {
+        devices: DeviceRules {
+            not_registered_prefixes: vec!["gone-".into()],
+            invalid_prefixes: vec!["bad-".into()],
+            ..DeviceRules::default()
+        },
+        unavailable: FaultRate::Every(97),
+        retry_after: Duration::ZERO,
+        server_errors: FaultRate::Every(89),
+        drops: FaultRate::Every(83),
+        seed: 12,
+        ..Config::default()
+    };
+    let emulator = Emulator::start_tls(config).await.unwrap();
+    let transport = common::transport_with(&emulator, |b| b.http2(true));
+    let key = ServiceAccountKey::from_json(emulator.fcm_key_file().as_bytes()).unwrap();
+    let tokens = Arc::new(ServiceAccountTokens::new(key, transport.clone()));
+    let sender = c2dm_core::Sender::with_protocol(
+        Fcm::new(c2dm_emulator::fcm::PROJECT_ID).unwrap(),
+        transport,
+        Arc::clone(&tokens),
+    )
+    .endpoint(emulator.fcm_send_url().parse().unwrap())
+    .retry_policy(
+        RetryPolicy::default()
+            .with_initial_backoff(Duration::from_millis(1))
+            .with_max_backoff(Duration::from_millis(20))
+            .with_max_attempts(12),
+    )
+    .build();
+    let template = FcmMessage::builder()
+        .token("template")
+        .collapse_key("soak")
+        .data("message", "test")
+        .build()
+        .unwrap();
+    let ids: Vec<RegistrationId> = (0..N)
+        .map(|i| RegistrationId::new(id(i).replace("busy-", "device-")).unwrap())
+        .collect();
+    let mut stream = sender
+        .broadcast_to(
+            futures::stream::iter(ids.clone()),
+            &template,
+            BroadcastOptions::default(),
+        )
+        .unwrap();
+    let mut deliveries: HashMap<String, Delivery> = HashMap::new();
+    while let Some(d) = stream.next().await {
+        let previous = deliveries.insert(d.registration_id().to_string(), d);
+        assert!(previous.is_none(), "two deliveries for one id");
+    }
+    assert_eq!(deliveries.len(), N);
+    let stats = emulator.counters();
+    let mut gone = 0u64;
+    for (id, d) in &deliveries {
+        let inbox = emulator.inbox(id);
+        match d.outcome() {
+            Outcome::Accepted { message_id } => {
+                let name = message_id.as_str();
+                assert!(
+                    inbox
+                        .iter()
+                        .any(|m| name.ends_with(&format!("/{}", m.message_id))),
+                    "{id}: {name}"
+                );
+                assert!(
+                    inbox.len() == 1 || d.possible_duplicates() > 0,
+                    "{id}: {}",
+                    inbox.len()
+                );
+            }
+            Outcome::Rejected { remove, .. } => {
+                assert!(*remove, "{id}: {:?}", d.outcome());
+                assert!(inbox.is_empty(), "{id}");
+                gone += 1;
+            }
+            other => panic!("{id}: not final: {other:?}"),
+        }
+    }
+    let rejections: u64 = ["UNREGISTERED", "INVALID_ARGUMENT"]
+        .iter()
+        .map(|c| stats.fcm.errors.get(*c).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(rejections, gone);
+    assert!(
+        stats.unavailable > 10 && stats.server_errors > 10 && stats.dropped > 10,
+        "{stats:?}"
+    );
+    assert_eq!(stats.fcm.http2, stats.sends, "{stats:?}");
+    assert_eq!(tokens.exchanges(), 1);
+}

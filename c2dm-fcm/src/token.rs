@@ -21,8 +21,14 @@ use crate::key::{FCM_SCOPE, KeyError, ServiceAccountKey};
 /// The grant type of an assertion exchanged for a token (RFC 7523).
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
-/// How long before its expiry a token is renewed: sends never carry a token about to lapse.
+/// How long before its expiry a token is renewed (a quarter of its life, for a token that
+/// lives less than twenty minutes): sends never carry a token about to lapse.
 pub const RENEW_BEFORE: Duration = Duration::from_secs(300);
+
+/// When a token that lives `lifetime` is renewed, before its expiry.
+fn renewal_margin(lifetime: Duration) -> Duration {
+    RENEW_BEFORE.min(lifetime / 4)
+}
 
 /// A token and how long it lives, as the token endpoint gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +178,7 @@ pub fn decode_token_answer(
     }
 }
 
-/// Tokens of one service account, each with when it expires (on tokio's clock).
+/// Tokens of one service account, each with when it is to be renewed (on tokio's clock).
 #[derive(Debug, Default)]
 struct Expiries(VecDeque<(AuthToken, Instant)>);
 
@@ -219,11 +225,11 @@ impl Login for AssertionLogin {
         })?;
         let answer = decode_token_answer(&response, (self.wall_clock)()).map_err(fail)?;
         // Counted from the request: the token may have been made as it left.
-        let expires = asked + answer.expires_in;
+        let renew_at = asked + answer.expires_in - renewal_margin(answer.expires_in);
         self.expiries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .note(answer.token.clone(), expires);
+            .note(answer.token.clone(), renew_at);
         tracing::debug!(
             expires_in_s = answer.expires_in.as_secs(),
             "FCM access token obtained"
@@ -233,9 +239,10 @@ impl Login for AssertionLogin {
 }
 
 /// A [`TokenProvider`] for FCM from a service account key: exchanges a signed assertion for an
-/// access token on first use, keeps it until [`RENEW_BEFORE`] its expiry, then renews it once
-/// for every send that asks meanwhile; renews on a refusal (401) the same way, and shares a
-/// failed exchange with those waiting for it (see [`TokenCache`]).
+/// access token on first use, keeps it until [`RENEW_BEFORE`] before its expiry (a quarter of
+/// its life before, for a short-lived one), then renews it once for every send that asks
+/// meanwhile; renews on a refusal (401) the same way, and shares a failed exchange with those
+/// waiting for it (see [`TokenCache`]).
 ///
 /// ```no_run
 /// # async fn run(transport: impl c2dm_core::Transport + 'static) -> Result<(), Box<dyn std::error::Error>> {
@@ -297,7 +304,7 @@ impl ServiceAccountTokens {
         self.cache.login_count()
     }
 
-    fn expires(&self, token: &AuthToken) -> Option<Instant> {
+    fn renew_at(&self, token: &AuthToken) -> Option<Instant> {
         self.expiries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -309,12 +316,10 @@ impl ServiceAccountTokens {
 impl TokenProvider for ServiceAccountTokens {
     async fn token(&self) -> Result<AuthToken, TokenError> {
         let token = self.cache.token().await?;
-        match self.expires(&token) {
+        match self.renew_at(&token) {
             // About to lapse: renewed once, whoever else asks meanwhile (they pass the same
             // token, and the cache gives them the new one).
-            Some(expires) if Instant::now() + RENEW_BEFORE >= expires => {
-                self.cache.refresh(&token).await
-            }
+            Some(renew_at) if Instant::now() >= renew_at => self.cache.refresh(&token).await,
             _ => Ok(token),
         }
     }
@@ -500,6 +505,19 @@ mod tests {
         assert_eq!(a.unwrap().expose_secret(), "ya29.3");
         assert_eq!(b.unwrap().expose_secret(), "ya29.3");
         assert_eq!(issued.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_lived_token_is_renewed_at_three_quarters_of_its_life() {
+        let issued = Arc::new(AtomicU64::new(0));
+        let tokens = ServiceAccountTokens::new(key(), endpoint(60, Arc::clone(&issued)));
+        assert_eq!(tokens.token().await.unwrap().expose_secret(), "ya29.1");
+        tokio::time::advance(Duration::from_secs(44)).await;
+        assert_eq!(tokens.token().await.unwrap().expose_secret(), "ya29.1");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(tokens.token().await.unwrap().expose_secret(), "ya29.2");
+        assert_eq!(issued.load(Ordering::SeqCst), 2);
+        assert_eq!(renewal_margin(Duration::from_secs(3600)), RENEW_BEFORE);
     }
 
     #[tokio::test(start_paused = true)]
