@@ -71,7 +71,11 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
     }
     // Every batch of this process may send its `--concurrency` at once.
     let sends_at_once = (args.workers as usize).saturating_mul(args.concurrency as usize);
-    let sender = client::sender(global, None, sends_at_once)?;
+    let sender = c2dm_server::jobs::Senders {
+        c2dm: client::sender(global, None, sends_at_once)?,
+        // With --fcm, the devices registered for FCM are sent to through it.
+        fcm: client::fcm_sender(global, None, sends_at_once)?,
+    };
     let shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout);
     let options = ServeOptions {
         database: args.database,

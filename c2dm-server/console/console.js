@@ -354,6 +354,7 @@
     $('device-title').textContent = `Device ${d.registration_id}`;
     const facts = [
       ['State', d.reason ? `${d.state} (${d.reason})` : d.state],
+      ['Provider', d.provider === 'fcm' ? 'FCM' : 'C2DM'],
       ['User', d.user_id || '—'],
       ['Tags', d.tags.join(', ') || '—'],
       ['Device id', d.device_id || '—'],

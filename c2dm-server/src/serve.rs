@@ -5,11 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use c2dm_core::Sender;
-
 use crate::api::{Keys, router};
 use crate::health::WorkerHealth;
-use crate::jobs::{JobError, Queues, WorkerOptions, run_workers_reporting};
+use crate::jobs::{JobError, Queues, Senders, WorkerOptions, run_workers_reporting};
 use crate::listen::{HttpLimits, serve_http};
 use crate::store::{Store, StoreError};
 
@@ -108,11 +106,17 @@ pub enum ServeError {
 /// the API, the metrics listener's (whose port then goes to `port_file`).
 pub async fn serve(
     options: ServeOptions,
-    sender: Sender,
+    sender: impl Into<Senders> + Send,
     on_listening: impl FnOnce(SocketAddr) + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    boxed(options, sender, Box::new(on_listening), Box::pin(shutdown)).await
+    boxed(
+        options,
+        sender.into(),
+        Box::new(on_listening),
+        Box::pin(shutdown),
+    )
+    .await
 }
 
 /// [`serve`] as a boxed future: not generic, so that the server (with the queue, the database
@@ -121,7 +125,7 @@ pub async fn serve(
 /// compiled where it is called.)
 fn boxed(
     options: ServeOptions,
-    sender: Sender,
+    sender: Senders,
     on_listening: Box<dyn FnOnce(SocketAddr) + Send>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 ) -> Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send>> {
@@ -130,7 +134,7 @@ fn boxed(
 
 async fn unboxed(
     options: ServeOptions,
-    sender: Sender,
+    sender: Senders,
     on_listening: Box<dyn FnOnce(SocketAddr) + Send>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 ) -> Result<(), ServeError> {

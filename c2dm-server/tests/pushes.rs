@@ -557,6 +557,86 @@ async fn on_sqlite_the_queue_keeps_no_job_done_before_the_last_batch() {
     );
 }
 
+/// Devices of both providers: one push reaches each through its own service, a gone FCM
+/// token is marked gone with FCM's code, and each row keeps its service's message id. Without
+/// an FCM sender, FCM's devices get `not_attempted: no_sender` rows, and C2DM's are sent.
+async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
+    let server = Server::start(db).await;
+    for (id, provider) in [
+        ("phone-1", "c2dm"),
+        ("gone-c1", "c2dm"),
+        ("fcm-1", "fcm"),
+        ("fcm-2", "fcm"),
+        ("gone-f1", "fcm"),
+    ] {
+        let (status, body) = server
+            .call(
+                "POST",
+                "/v1/devices",
+                DEVICE,
+                Some(json!({"registration_id": id, "provider": provider})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["provider"], provider, "{body}");
+    }
+    let senders = c2dm_server::jobs::Senders {
+        c2dm: server.sender_over(c2dm_hyper::HyperTransport::new().unwrap()),
+        fcm: Some(server.fcm_sender()),
+    };
+    let stop = server.workers_with(senders, WorkerOptions::default());
+    let id = server.push(json!("all")).await;
+    let status = server.finished(&id).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["counts"]["accepted"], 3, "{status}");
+    assert_eq!(status["counts"]["rejected"]["NotRegistered"], 1, "{status}");
+    assert_eq!(status["counts"]["rejected"]["UNREGISTERED"], 1, "{status}");
+    let (_, gone) = server.call("GET", "/v1/devices/gone-f1", ADMIN, None).await;
+    assert_eq!(
+        (&gone["state"], &gone["reason"]),
+        (&json!("gone"), &json!("UNREGISTERED")),
+        "{gone}"
+    );
+    let (_, rows) = server
+        .call(
+            "GET",
+            &format!("/v1/pushes/{id}/deliveries?outcome=accepted"),
+            ADMIN,
+            None,
+        )
+        .await;
+    for row in rows["deliveries"].as_array().unwrap() {
+        let device = row["registration_id"].as_str().unwrap();
+        let message_id = row["c2dm_message_id"].as_str().unwrap();
+        let inbox = server.emulator.inbox(device);
+        assert_eq!(inbox.len(), 1, "{device}");
+        if device.starts_with("fcm-") {
+            assert_eq!(
+                message_id,
+                format!("projects/c2dm-emulator/messages/{}", inbox[0].message_id)
+            );
+        } else {
+            assert_eq!(message_id, inbox[0].message_id);
+        }
+    }
+    let stats = server.emulator.stats();
+    assert_eq!(stats.fcm.accepted, 2, "{stats:?}");
+    drop(stop);
+
+    // Workers without an FCM sender: FCM's devices are not sent to, and say why.
+    server.emulator.clear_inbox();
+    let stop = server.workers(WorkerOptions::default());
+    let id = server.push(json!("all")).await;
+    let status = server.finished(&id).await;
+    assert_eq!(status["counts"]["accepted"], 1, "{status}");
+    assert_eq!(
+        status["counts"]["not_attempted"]["no_sender"], 2,
+        "{status}"
+    );
+    assert!(server.emulator.inbox("fcm-1").is_empty());
+    drop(stop);
+}
+
 on_each_database!(
     pushes_and_devices_read_as_the_console_reads_them,
     a_push_to_all_reaches_every_active_device_once_and_disables_the_gone,
@@ -564,4 +644,5 @@ on_each_database!(
     a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one,
     a_cancelled_push_still_gives_every_device_a_row,
     bad_pushes_are_refused_before_anything_is_stored,
+    a_push_goes_to_each_device_through_its_provider,
 );

@@ -12,6 +12,8 @@ CREATE TABLE devices (
     state TEXT NOT NULL CHECK (state IN ('active', 'unregistered', 'gone')),
     -- the C2DM code that made it gone
     reason TEXT,
+    -- which service sends to it: 'c2dm' (its registration id) or 'fcm' (its FCM token)
+    provider TEXT NOT NULL DEFAULT 'c2dm' CHECK (provider IN ('c2dm', 'fcm')),
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
     state_changed_at BIGINT NOT NULL

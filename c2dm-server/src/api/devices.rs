@@ -12,7 +12,9 @@ use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, Para
 use super::extract::{JsonBody, PathParam, QueryParams};
 use super::pushes::DeliveryView;
 use super::{AppState, MAX_TAGS, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
-use crate::store::{Device, DeviceCounts, DeviceFilter, DeviceState, NewDevice, Upserted};
+use crate::store::{
+    Device, DeviceCounts, DeviceFilter, DeviceState, NewDevice, Provider, Upserted,
+};
 
 /// The device routes: registering and unregistering (either key), and looking devices up
 /// (the admin token).
@@ -72,6 +74,10 @@ pub(super) struct Registration {
         pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
     )]
     app_version: Option<Option<String>>,
+    /// Which service sends to the device: `c2dm` (the id is a C2DM registration id) or `fcm`
+    /// (an FCM registration token); left out, kept (a new device: `c2dm`).
+    #[serde(default)]
+    provider: Option<Provider>,
 }
 
 /// A field that is present (`Some`, holding `None` for `null`); with `#[serde(default)]`, a
@@ -123,6 +129,7 @@ impl Registration {
             user_id: given("user_id", self.user_id)?,
             tags,
             app_version: given("app_version", self.app_version)?,
+            provider: self.provider,
         })
     }
 }
@@ -140,9 +147,11 @@ pub(super) struct DeviceView {
     tags: Vec<String>,
     /// The app's version.
     app_version: Option<String>,
+    /// Which service sends to it.
+    provider: Provider,
     /// Whether pushes go to it.
     state: DeviceState,
-    /// Why it is gone: the C2DM code (`NotRegistered`, `InvalidRegistration`).
+    /// Why it is gone: the service's code (`NotRegistered`, `UNREGISTERED`, …).
     reason: Option<String>,
     /// When it first registered (RFC 3339).
     #[schema(format = DateTime)]
@@ -163,6 +172,7 @@ impl From<Device> for DeviceView {
             user_id: d.user_id,
             tags: d.tags,
             app_version: d.app_version,
+            provider: d.provider,
             state: d.state,
             reason: d.reason,
             created_at: rfc3339(d.created_at),

@@ -152,7 +152,7 @@ mod tests {
             };
             Runner::new(
                 store.clone(),
-                sender(),
+                sender().into(),
                 queues.clone(),
                 options,
                 tokio::sync::watch::channel(false).1,

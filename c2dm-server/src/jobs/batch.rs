@@ -6,7 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use apalis::prelude::{BoxDynError, Data, TaskId};
-use c2dm_core::{BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, RegistrationId};
+use c2dm_core::{
+    BroadcastOptions, CancelHandle, Message, NotAttempted, Outcome, Protocol, RegistrationId,
+    Sender,
+};
+use c2dm_fcm::FcmMessage;
 use futures::StreamExt;
 use tokio::time::Instant;
 
@@ -140,10 +144,11 @@ pub(super) async fn batch_run(
         return Ok(());
     };
     let Plan {
-        mut send,
+        send,
         not_sent,
         resent,
     } = plan;
+    let (mut send, fcm_send) = by_provider(&runner.store, &loaded.job, send).await?;
     let now = SystemTime::now();
     let mut pending = Pending {
         push_id: loaded.job.push_id,
@@ -157,18 +162,57 @@ pub(super) async fn batch_run(
     for (id, why) in &not_sent {
         pending.push(DeliveryRow::not_attempted(id, why, now));
     }
+    // FCM's devices through FCM's sender, if this process has one and the push suits FCM.
+    let fcm = match (&runner.fcm, fcm_send.first()) {
+        (_, None) => None,
+        (None, Some(_)) => Some(Err(NO_SENDER)),
+        (Some(sender), Some((_, first))) => Some(
+            template(&loaded.push, first.clone())
+                .ok()
+                .and_then(|t| FcmMessage::from_c2dm(&t).ok())
+                .map(|_| sender)
+                .ok_or(UNSUPPORTED),
+        ),
+    };
+    if let Some(Err(why)) = fcm {
+        for (_, id) in &fcm_send {
+            pending.push(DeliveryRow::not_attempted(id.as_str(), why, now));
+        }
+    }
+    // The account's daily budget is C2DM's: FCM's quota is a rate, which its sender keeps to.
     let budget = reserve(runner, loaded.job.push_id, &mut send, now).await?;
     let mut later = budget.deferred;
-    let sent = send_all(
+    let push = &loaded.push;
+    let mut sent = send_all(
         runner,
         retry,
         &loaded,
+        &runner.sender,
+        |first| Ok(template(push, first)?),
         &send,
         &mut pending,
         &mut later,
         budget.tomorrow,
     )
     .await?;
+    if let Some(Ok(fcm)) = fcm {
+        let fcm_template = |first| Ok(FcmMessage::from_c2dm(&template(push, first)?)?);
+        let by_fcm = send_all(
+            runner,
+            retry,
+            &loaded,
+            fcm,
+            fcm_template,
+            &fcm_send,
+            &mut pending,
+            &mut later,
+            budget.tomorrow,
+        )
+        .await?;
+        sent.accepted += by_fcm.accepted;
+        sent.unsent += by_fcm.unsent;
+        sent.left += by_fcm.left;
+    }
     if let Some(granted) = budget.granted {
         let account = runner.options.account.as_str();
         let unused = granted.saturating_sub(sent.accepted);
@@ -181,6 +225,32 @@ pub(super) async fn batch_run(
         );
     }
     finish(runner, retry, &loaded.job, pending, later, &sent).await
+}
+
+/// Why a device of FCM gets no send: this process has no FCM sender.
+const NO_SENDER: &str = "no_sender";
+
+/// Why a device of FCM gets no send: the push asks for what FCM has not (`delay_while_idle`).
+const UNSUPPORTED: &str = "unsupported_by_provider";
+
+/// `send` split by the devices' providers: C2DM's (and ids not registered), then FCM's.
+async fn by_provider(
+    store: &Store,
+    job: &BatchJob,
+    send: Vec<(u64, RegistrationId)>,
+) -> Result<(Vec<(u64, RegistrationId)>, Vec<(u64, RegistrationId)>), Step> {
+    if send.is_empty() {
+        return Ok((send, Vec::new()));
+    }
+    let fcm = store
+        .fcm_devices(&job.registration_ids, job.positions)
+        .await?;
+    if fcm.is_empty() {
+        return Ok((send, Vec::new()));
+    }
+    Ok(send
+        .into_iter()
+        .partition(|(_, id)| !fcm.contains(id.as_str())))
 }
 
 /// A batch's job with its devices, and its push, as a run reads them.
@@ -312,6 +382,7 @@ async fn reserve(
 }
 
 /// What a run's sends came to.
+#[derive(Default)]
 struct Sends {
     /// Accepted by the service.
     accepted: u64,
@@ -325,27 +396,26 @@ struct Sends {
 /// Sends to `send` in one broadcast, once the batch's turn comes: each chunk marked first,
 /// rows held in `pending` and written as they come, devices the budget or the quota kept back
 /// added to `later`.
-async fn send_all(
+#[allow(clippy::too_many_arguments)] // the run's parts, each borrowed apart
+async fn send_all<P: Protocol>(
     runner: &Runner,
     retry: &mut StoreRetry,
     loaded: &Loaded,
+    sender: &Sender<P>,
+    template: impl FnOnce(RegistrationId) -> Result<P::Message, BoxDynError>,
     send: &[(u64, RegistrationId)],
     pending: &mut Pending,
     later: &mut Vec<(String, SystemTime)>,
     tomorrow: SystemTime,
 ) -> Result<Sends, Step> {
-    let mut sends = Sends {
-        accepted: 0,
-        unsent: 0,
-        left: 0,
-    };
+    let mut sends = Sends::default();
     let Some((_, first)) = send.first().cloned() else {
         return Ok(sends);
     };
     let store = &runner.store;
     // From here on, a store error is tried again in place: sends may have been made.
     retried!(retry, adopt_shared_pause(runner).await);
-    let template = template(&loaded.push, first).map_err(|e| Step::Other(e.into()))?;
+    let template = template(first).map_err(Step::Other)?;
     let concurrency = runner.options.concurrency.max(1);
     let mut ids = Box::pin(
         marked(
@@ -369,8 +439,7 @@ async fn send_all(
     };
     let mut delivered = 0usize;
     if let Some(sending) = sending {
-        let mut deliveries = runner
-            .sender
+        let mut deliveries = sender
             .broadcast_to(
                 ids,
                 &template,

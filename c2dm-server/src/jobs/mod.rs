@@ -20,6 +20,7 @@ use apalis::prelude::{
     BackendExt, BoxDynError, PollSnapshot, PollStrategy, WorkerBuilder, WorkerBuilderExt,
 };
 use c2dm_core::Sender;
+use c2dm_fcm::Fcm;
 
 mod account;
 mod batch;
@@ -104,10 +105,29 @@ const LOOK: Duration = Duration::from_millis(200);
 /// around its sends; the value's evidence is in docs/PERFORMANCE.md's decisions.
 const READY_AHEAD: usize = 1;
 
+/// The senders a process's workers send through: C2DM's always, FCM's when it is set up. A
+/// device whose provider has no sender here gets a `not_attempted` row
+/// (`no_sender` as its reason).
+#[derive(Debug, Clone)]
+pub struct Senders {
+    /// C2DM's: every device registered for C2DM (and every id not registered).
+    pub c2dm: Sender,
+    /// FCM's, if set up: every device registered for FCM.
+    pub fcm: Option<Sender<Fcm>>,
+}
+
+impl From<Sender> for Senders {
+    fn from(c2dm: Sender) -> Self {
+        Self { c2dm, fcm: None }
+    }
+}
+
 /// What the job handlers share.
 struct Runner {
     store: Store,
     sender: Sender,
+    /// FCM's sender, if set up.
+    fcm: Option<Sender<Fcm>>,
     queues: Queues,
     options: WorkerOptions,
     /// One permit per batch that may send at once ([`WorkerOptions::workers`]), held from a
@@ -123,14 +143,15 @@ struct Runner {
 impl Runner {
     fn new(
         store: Store,
-        sender: Sender,
+        senders: Senders,
         queues: Queues,
         options: WorkerOptions,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
-            sender,
+            sender: senders.c2dm,
+            fcm: senders.fcm,
             queues,
             sending: Arc::new(tokio::sync::Semaphore::new(options.workers.max(1))),
             options,
@@ -172,7 +193,7 @@ fn worker_name(queue: &str) -> String {
 /// that are alive once its heartbeat is missed.
 pub async fn run_workers(
     store: Store,
-    sender: Sender,
+    sender: impl Into<Senders> + Send,
     queues: Queues,
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -191,7 +212,7 @@ pub async fn run_workers(
 /// [`run_workers`], telling `health` whether the workers can work (for `/healthz`).
 pub async fn run_workers_reporting(
     store: Store,
-    sender: Sender,
+    sender: impl Into<Senders> + Send,
     queues: Queues,
     options: WorkerOptions,
     health: WorkerHealth,
@@ -201,7 +222,7 @@ pub async fn run_workers_reporting(
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let runner = Arc::new(Runner::new(
         store,
-        sender,
+        sender.into(),
         queues.clone(),
         options,
         stopping,

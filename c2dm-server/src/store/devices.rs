@@ -212,6 +212,39 @@ impl Store {
         Ok(Page { items, next })
     }
 
+    /// Those of `registration_ids` whose provider is FCM (a batch sends to them through FCM,
+    /// to the others through C2DM; ids not registered are C2DM's). With `positions`, as for
+    /// [`Store::inactive_devices`]: the range read in position order, no lookup one by one.
+    pub async fn fcm_devices(
+        &self,
+        registration_ids: &[String],
+        positions: Option<Positions>,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let found: Vec<String> = match positions {
+            Some(positions) => {
+                let in_range: Vec<String> = on_pool!(self, |pool| sqlx::query_scalar(
+                    "SELECT registration_id FROM devices \
+                     WHERE provider = 'fcm' AND id > $1 AND id <= $2"
+                )
+                .bind(positions.after)
+                .bind(positions.through)
+                .fetch_all(pool)
+                .await)?;
+                let named: std::collections::HashSet<&str> =
+                    registration_ids.iter().map(String::as_str).collect();
+                in_range
+                    .into_iter()
+                    .filter(|id| named.contains(id.as_str()))
+                    .collect()
+            }
+            None => match &self.db {
+                Db::Sqlite(db) => sqlite::fcm_among(&db.pool, registration_ids).await?,
+                Db::Postgres(pool) => postgres::fcm_among(pool, registration_ids).await?,
+            },
+        };
+        Ok(found.into_iter().collect())
+    }
+
     /// Those of `registration_ids` that are known and not active, with their states (a
     /// batch sends to the others). With `positions`, where every one of them lies in the
     /// registry, the devices not active in that range are read in position order and those

@@ -37,9 +37,10 @@ pub(super) async fn upsert(
 ) -> Result<(Upserted, Device), StoreError> {
     let (id, created): (i64, bool) = sqlx::query_as(
         "INSERT INTO devices (registration_id, device_id, user_id, app_version, state, \
-         created_at, updated_at, state_changed_at) \
-         VALUES ($1, $2, $3, $4, 'active', $5, $5, $5) \
+         created_at, updated_at, state_changed_at, provider) \
+         VALUES ($1, $2, $3, $4, 'active', $5, $5, $5, COALESCE($9, 'c2dm')) \
          ON CONFLICT (registration_id) DO UPDATE SET \
+         provider = COALESCE($9, devices.provider), \
          device_id = CASE WHEN $6 THEN devices.device_id ELSE EXCLUDED.device_id END, \
          user_id = CASE WHEN $7 THEN devices.user_id ELSE EXCLUDED.user_id END, \
          app_version = CASE WHEN $8 THEN devices.app_version ELSE EXCLUDED.app_version END, \
@@ -56,6 +57,7 @@ pub(super) async fn upsert(
     .bind(device.device_id.is_none())
     .bind(device.user_id.is_none())
     .bind(device.app_version.is_none())
+    .bind(device.provider.map(|p| p.as_str()))
     .fetch_one(&mut *tx)
     .await?;
     if !created && device.tags.is_some() {
@@ -254,6 +256,16 @@ pub(super) async fn inactive_among(
     Ok(sqlx::query_as(
         "SELECT registration_id, state FROM devices \
          WHERE registration_id = ANY($1) AND state <> 'active'",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Those of `ids` whose provider is FCM.
+pub(super) async fn fcm_among(pool: &PgPool, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT registration_id FROM devices WHERE provider = 'fcm' AND registration_id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(pool)

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use c2dm_core::OutcomeKind;
 
 use super::{
-    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, OutcomeTally, Page, Push, PushError,
-    PushState,
+    Counts, DeliveryRow, Device, DeviceCounts, DeviceState, OutcomeTally, Page, Provider, Push,
+    PushError, PushState,
 };
 
 /// Milliseconds since the Unix epoch, as both databases keep times.
@@ -52,7 +52,7 @@ macro_rules! select_device {
     ($($rest:literal)*) => {
         concat!(
             "SELECT d.id, d.registration_id, d.device_id, d.user_id, d.app_version, ",
-            "d.state, d.reason, d.created_at, d.updated_at, d.state_changed_at, ",
+            "d.state, d.reason, d.provider, d.created_at, d.updated_at, d.state_changed_at, ",
             "(SELECT string_agg(tag, '\u{1f}' ORDER BY tag) FROM device_tags ",
             "WHERE device = d.id) AS tags FROM devices d ",
             $($rest),*
@@ -71,6 +71,7 @@ pub(super) struct DeviceRecord {
     app_version: Option<String>,
     state: String,
     reason: Option<String>,
+    provider: String,
     created_at: i64,
     updated_at: i64,
     state_changed_at: i64,
@@ -89,6 +90,8 @@ impl TryFrom<DeviceRecord> for Device {
             app_version: row.app_version,
             state: state_of(&row.state)?,
             reason: row.reason,
+            provider: Provider::parse(&row.provider)
+                .ok_or_else(|| decode(format!("unknown provider {:?}", row.provider)))?,
             created_at: time_of(row.created_at),
             updated_at: time_of(row.updated_at),
             state_changed_at: time_of(row.state_changed_at),

@@ -98,6 +98,7 @@ pub(super) async fn upsert(
                 "UPDATE devices SET device_id = CASE WHEN $1 THEN device_id ELSE $2 END, \
                  user_id = CASE WHEN $3 THEN user_id ELSE $4 END, \
                  app_version = CASE WHEN $5 THEN app_version ELSE $6 END, \
+                 provider = COALESCE($9, provider), \
                  state = 'active', reason = NULL, updated_at = $7, state_changed_at = \
                  CASE WHEN state <> 'active' THEN $7 ELSE state_changed_at END \
                  WHERE id = $8",
@@ -110,6 +111,7 @@ pub(super) async fn upsert(
             .bind(device.app_version.clone().flatten())
             .bind(now)
             .bind(id)
+            .bind(device.provider.map(|p| p.as_str()))
             .execute(&mut *tx)
             .await?;
             if device.tags.is_some() {
@@ -123,14 +125,15 @@ pub(super) async fn upsert(
         None => {
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO devices (registration_id, device_id, user_id, app_version, state, \
-                 created_at, updated_at, state_changed_at) \
-                 VALUES ($1, $2, $3, $4, 'active', $5, $5, $5) RETURNING id",
+                 created_at, updated_at, state_changed_at, provider) \
+                 VALUES ($1, $2, $3, $4, 'active', $5, $5, $5, $6) RETURNING id",
             )
             .bind(&device.registration_id)
             .bind(device.device_id.clone().flatten())
             .bind(device.user_id.clone().flatten())
             .bind(device.app_version.clone().flatten())
             .bind(now)
+            .bind(device.provider.unwrap_or_default().as_str())
             .fetch_one(&mut *tx)
             .await?;
             (Upserted::Created, id)
@@ -367,6 +370,17 @@ pub(super) async fn inactive_among(
     let query = "SELECT registration_id, state FROM devices WHERE state <> 'active' \
                  AND registration_id IN (";
     in_chunks(pool, query, None, ids).await
+}
+
+/// Those of `ids` whose provider is FCM.
+pub(super) async fn fcm_among(
+    pool: &SqlitePool,
+    ids: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let query = "SELECT registration_id FROM devices WHERE provider = 'fcm' \
+                 AND registration_id IN (";
+    let rows: Vec<(String,)> = in_chunks(pool, query, None, ids).await?;
+    Ok(rows.into_iter().map(|(rid,)| rid).collect())
 }
 
 /// Those of `ids` that have a row for push `id`.

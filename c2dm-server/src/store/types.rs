@@ -37,6 +37,38 @@ impl DeviceState {
     }
 }
 
+/// Which service sends to a device.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// C2DM: the device's id is a C2DM registration id.
+    #[default]
+    C2dm,
+    /// FCM HTTP v1: the device's id is an FCM registration token.
+    Fcm,
+}
+
+impl Provider {
+    /// `c2dm` or `fcm`, as stored and as the API writes it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::C2dm => "c2dm",
+            Self::Fcm => "fcm",
+        }
+    }
+
+    /// Reads a provider as [`Provider::as_str`] writes it.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "c2dm" => Some(Self::C2dm),
+            "fcm" => Some(Self::Fcm),
+            _ => None,
+        }
+    }
+}
+
 /// A device as the app registers it. Registering an id that exists updates it and makes it
 /// active again; a field given as `None` is left as stored (on a new device, empty), so an app
 /// that registers again with its id alone keeps its user, tags and version.
@@ -54,6 +86,8 @@ pub struct NewDevice {
     pub tags: Option<Vec<String>>,
     /// The app's version: `Some(None)` clears it, `None` keeps it.
     pub app_version: Option<Option<String>>,
+    /// Which service sends to it: `None` keeps it (on a new device, C2DM).
+    pub provider: Option<Provider>,
 }
 
 /// A device as the server keeps it.
@@ -71,6 +105,8 @@ pub struct Device {
     pub tags: Vec<String>,
     /// The app's version.
     pub app_version: Option<String>,
+    /// Which service sends to it.
+    pub provider: Provider,
     /// Active, unregistered or gone.
     pub state: DeviceState,
     /// Why it is gone: the C2DM code.

@@ -225,17 +225,36 @@ impl Server {
         self.workers_with(sender, options)
     }
 
-    /// Runs workers with `sender` until the returned sender is dropped or fired.
+    /// The emulator's FCM sender: its service account's tokens, over HTTP/2 when TLS.
+    pub fn fcm_sender(&self) -> Sender<c2dm_fcm::Fcm> {
+        let transport = c2dm_hyper::HyperTransport::builder()
+            .http2(true)
+            .build()
+            .unwrap();
+        let key = c2dm_fcm::ServiceAccountKey::from_json(self.emulator.fcm_key_file().as_bytes())
+            .unwrap();
+        let tokens = c2dm_fcm::ServiceAccountTokens::new(key, transport.clone());
+        Sender::with_protocol(
+            c2dm_fcm::Fcm::new(c2dm_emulator::fcm::PROJECT_ID).unwrap(),
+            transport,
+            tokens,
+        )
+        .endpoint(self.emulator.fcm_send_url().parse().unwrap())
+        .build()
+    }
+
+    /// Runs workers with `sender` (or senders) until the returned sender is dropped or fired.
     pub fn workers_with(
         &self,
-        sender: Sender,
+        sender: impl Into<c2dm_server::jobs::Senders>,
         options: WorkerOptions,
     ) -> tokio::sync::oneshot::Sender<()> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let store = self.store.clone();
+        let senders: c2dm_server::jobs::Senders = sender.into();
         tokio::spawn(run_workers(
             store,
-            sender,
+            senders,
             self.queues.clone(),
             options,
             async move {
