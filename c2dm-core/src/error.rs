@@ -3,9 +3,68 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::protocol::{Disposition, Refusal};
 use crate::token::TokenError;
 use crate::transport::TransportError;
+
+/// What a sender does about a protocol's refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// The device is gone (or its id was never valid): remove it; no retry.
+    RemoveDevice,
+    /// The message itself is wrong: no retry fixes it.
+    Permanent,
+    /// The sender's setup is wrong (another project's device, credentials not allowed): no
+    /// retry fixes it, and no other message will go either.
+    Configuration,
+    /// Retry later; every send of the sender waits.
+    RetryEveryone,
+    /// Retry later; sends to this device wait.
+    RetryDevice,
+}
+
+/// A protocol's refusal of a message, with what to do about it: [`Error::Refused`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The protocol's code, as it writes it (`UNREGISTERED`, `QUOTA_EXCEEDED`, …).
+    pub code: String,
+    /// The service's words.
+    pub message: String,
+    /// What a sender does about it.
+    pub disposition: Disposition,
+    /// How long the service asked to wait, if it did.
+    pub retry_after: Option<Duration>,
+    /// Whether this is the sender's quota running out (the account's rate): what
+    /// [`Sender::quota_exceeded_since`](crate::Sender::quota_exceeded_since) follows.
+    pub sender_quota: bool,
+}
+
+impl Refusal {
+    /// Whether sending again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.disposition,
+            Disposition::RetryEveryone | Disposition::RetryDevice
+        )
+    }
+
+    /// Whether the device must be removed.
+    pub fn should_remove_registration(&self) -> bool {
+        self.disposition == Disposition::RemoveDevice
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code)?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        if let Some(after) = self.retry_after {
+            write!(f, ", retry after {}s", after.as_secs())?;
+        }
+        Ok(())
+    }
+}
 
 /// An `Error=<code>` answer of the send endpoint (HTTP 200).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
