@@ -142,6 +142,25 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>
     }
 }
 
+/// A send request's `Authorization` and body, read after the configured latency (a body
+/// refused on its size is answered at once).
+async fn read_send(
+    service: &Service,
+    req: Request<Incoming>,
+) -> Result<(Option<String>, Bytes), Response<Full<Bytes>>> {
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = read_body(req).await?;
+    let latency = service.config().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    Ok((authorization, body))
+}
+
 async fn route(
     service: &Service,
     req: Request<Incoming>,
@@ -150,19 +169,10 @@ async fn route(
     let method = req.method().clone();
     match (method, path.as_str()) {
         (Method::POST, "/c2dm/send") => {
-            let authorization = req
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = match read_body(req).await {
-                Ok(body) => body,
+            let (authorization, body) = match read_send(service, req).await {
+                Ok(send) => send,
                 Err(resp) => return Ok(resp),
             };
-            let latency = service.config().latency;
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
             let answer = service.send(authorization.as_deref(), &body);
             if answer.drop {
                 return Err(Dropped);
@@ -216,19 +226,10 @@ async fn route(
             if req.version() == http::Version::HTTP_2 {
                 service.note_fcm_http2();
             }
-            let authorization = req
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = match read_body(req).await {
-                Ok(body) => body,
+            let (authorization, body) = match read_send(service, req).await {
+                Ok(send) => send,
                 Err(resp) => return Ok(resp),
             };
-            let latency = service.config().latency;
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
             answer(service.fcm_send(&project, authorization.as_deref(), &body))
         }
         (_, "/c2dm/send" | "/accounts/ClientLogin") => Ok(text(405, "method not allowed")),

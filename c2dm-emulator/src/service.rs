@@ -198,7 +198,25 @@ pub(crate) struct SendAnswer {
     pub json: bool,
 }
 
+/// A fault a send meets instead of its answer.
+enum Fault {
+    /// The connection (or stream) is closed with no answer.
+    Drop,
+    /// HTTP 500.
+    ServerError,
+    /// HTTP 503, the `nth` so far.
+    Unavailable { nth: u64 },
+}
+
 impl SendAnswer {
+    /// No answer: the connection is closed.
+    fn dropped() -> Self {
+        Self {
+            drop: true,
+            ..Self::text(0, Bytes::new())
+        }
+    }
+
     fn text(status: u16, body: impl Into<Bytes>) -> Self {
         Self {
             status,
@@ -459,33 +477,44 @@ impl Service {
         &self.arrivals
     }
 
-    fn answer_send(&self, authorization: Option<&str>, body: &[u8]) -> SendAnswer {
+    /// Counts a send request and draws its fault, if it meets one: the same draw for every
+    /// protocol, so that a seed gives the same faults whichever is sent.
+    fn send_fault(&self) -> Option<Fault> {
         let c = &self.counters;
         let n = c.sends.fetch_add(1, Ordering::Relaxed) + 1;
         if self.fault(self.config.drops, n, 1) {
             c.dropped.fetch_add(1, Ordering::Relaxed);
-            return SendAnswer {
-                drop: true,
-                ..SendAnswer::text(0, Bytes::new())
-            };
-        }
-        if self.fault(self.config.server_errors, n, 2) {
+            Some(Fault::Drop)
+        } else if self.fault(self.config.server_errors, n, 2) {
             c.server_errors.fetch_add(1, Ordering::Relaxed);
-            return SendAnswer::text(500, "Internal Server Error");
-        }
-        if self.fault(self.config.unavailable, n, 3) {
+            Some(Fault::ServerError)
+        } else if self.fault(self.config.unavailable, n, 3) {
             let k = c.unavailable.fetch_add(1, Ordering::Relaxed);
-            let secs = self.config.retry_after.as_secs();
-            let retry_after = if k.is_multiple_of(2) || secs == 0 {
-                secs.to_string()
-            } else {
-                // An HTTP-date has whole seconds: one more, so the wait is never shorter.
-                httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs + 1))
-            };
-            return SendAnswer {
-                retry_after: Some(retry_after),
-                ..SendAnswer::text(503, "")
-            };
+            Some(Fault::Unavailable { nth: k })
+        } else {
+            None
+        }
+    }
+
+    fn answer_send(&self, authorization: Option<&str>, body: &[u8]) -> SendAnswer {
+        let c = &self.counters;
+        match self.send_fault() {
+            Some(Fault::Drop) => return SendAnswer::dropped(),
+            Some(Fault::ServerError) => return SendAnswer::text(500, "Internal Server Error"),
+            Some(Fault::Unavailable { nth }) => {
+                let secs = self.config.retry_after.as_secs();
+                let retry_after = if nth.is_multiple_of(2) || secs == 0 {
+                    secs.to_string()
+                } else {
+                    // An HTTP-date has whole seconds: one more, so the wait is never shorter.
+                    httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs + 1))
+                };
+                return SendAnswer {
+                    retry_after: Some(retry_after),
+                    ..SendAnswer::text(503, "")
+                };
+            }
+            None => {}
         }
         let token = authorization.and_then(|v| v.strip_prefix(codec::AUTH_SCHEME));
         let Some(entry) = self.authorize(token) else {

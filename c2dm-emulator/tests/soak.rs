@@ -21,6 +21,45 @@ fn id(i: usize) -> String {
     }
 }
 
+/// Every id has exactly one delivery, and every one is final: an accepted message is in its
+/// device's inbox (its id read by `is_it`), a device got a message twice only if its delivery
+/// said it might, and a rejected device is to be removed and got nothing.
+fn check_deliveries(
+    emulator: &Emulator,
+    deliveries: &HashMap<String, Delivery>,
+    is_it: impl Fn(&str, &c2dm_emulator::InboxMessage) -> bool,
+) {
+    assert_eq!(deliveries.len(), N);
+    for (id, d) in deliveries {
+        let inbox = emulator.inbox(id);
+        match d.outcome() {
+            Outcome::Accepted { message_id } => {
+                let name = message_id.as_str();
+                assert!(inbox.iter().any(|m| is_it(name, m)), "{id}: {name}");
+                assert!(
+                    inbox.len() == 1 || d.possible_duplicates() > 0,
+                    "{id}: {}",
+                    inbox.len()
+                );
+            }
+            Outcome::Rejected { remove, .. } => {
+                assert!(*remove, "{id}: {:?}", d.outcome());
+                assert!(emulator.is_gone(id), "{id}");
+                assert!(inbox.is_empty(), "{id}");
+            }
+            other => panic!("{id}: not final: {other:?}"),
+        }
+    }
+}
+
+/// How many devices were rejected for good.
+fn gone_count(deliveries: &HashMap<String, Delivery>) -> u64 {
+    deliveries
+        .values()
+        .filter(|d| matches!(d.outcome(), Outcome::Rejected { .. }))
+        .count() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_under_every_fault_loses_nothing() {
     let config = Config {
@@ -68,41 +107,14 @@ async fn broadcast_under_every_fault_loses_nothing() {
         assert!(previous.is_none(), "two deliveries for one id");
     }
 
-    // Every id has exactly one delivery, and every one is final.
-    assert_eq!(deliveries.len(), N);
     let stats = emulator.counters();
-    let mut gone = 0u64;
-    for (id, d) in &deliveries {
-        let inbox = emulator.inbox(id);
-        match d.outcome() {
-            Outcome::Accepted { message_id } => {
-                // Every accepted message id is in its device's inbox.
-                assert!(
-                    inbox.iter().any(|m| m.message_id == message_id.as_str()),
-                    "{id}"
-                );
-                // No device got a message twice unless its delivery said it might.
-                assert!(
-                    inbox.len() == 1 || d.possible_duplicates() > 0,
-                    "{id}: {}",
-                    inbox.len()
-                );
-            }
-            Outcome::Rejected { remove, .. } => {
-                assert!(*remove, "{id}: {:?}", d.outcome());
-                assert!(emulator.is_gone(id), "{id}");
-                assert!(inbox.is_empty(), "{id}");
-                gone += 1;
-            }
-            other => panic!("{id}: not final: {other:?}"),
-        }
-    }
+    check_deliveries(&emulator, &deliveries, |name, m| name == m.message_id);
     // No send after a permanent rejection: each gone id was answered exactly once.
     let rejections: u64 = ["NotRegistered", "InvalidRegistration"]
         .iter()
         .map(|c| stats.errors.get(*c).copied().unwrap_or(0))
         .sum();
-    assert_eq!(rejections, gone);
+    assert_eq!(rejections, gone_count(&deliveries));
     // Faults were really met, and every expiry cost exactly one login.
     assert!(
         stats.unavailable > 10 && stats.server_errors > 10 && stats.dropped > 10,
@@ -178,34 +190,11 @@ async fn broadcast_under_every_fault_over_fcm_loses_nothing() {
         let previous = deliveries.insert(d.registration_id().to_string(), d);
         assert!(previous.is_none(), "two deliveries for one id");
     }
-    assert_eq!(deliveries.len(), N);
     let stats = emulator.counters();
-    let mut gone = 0u64;
-    for (id, d) in &deliveries {
-        let inbox = emulator.inbox(id);
-        match d.outcome() {
-            Outcome::Accepted { message_id } => {
-                let name = message_id.as_str();
-                assert!(
-                    inbox
-                        .iter()
-                        .any(|m| name.ends_with(&format!("/{}", m.message_id))),
-                    "{id}: {name}"
-                );
-                assert!(
-                    inbox.len() == 1 || d.possible_duplicates() > 0,
-                    "{id}: {}",
-                    inbox.len()
-                );
-            }
-            Outcome::Rejected { remove, .. } => {
-                assert!(*remove, "{id}: {:?}", d.outcome());
-                assert!(inbox.is_empty(), "{id}");
-                gone += 1;
-            }
-            other => panic!("{id}: not final: {other:?}"),
-        }
-    }
+    check_deliveries(&emulator, &deliveries, |name, m| {
+        name.ends_with(&format!("/{}", m.message_id))
+    });
+    let gone = gone_count(&deliveries);
     let rejections: u64 = ["UNREGISTERED", "INVALID_ARGUMENT"]
         .iter()
         .map(|c| stats.fcm.errors.get(*c).copied().unwrap_or(0))

@@ -13,7 +13,7 @@ use c2dm_fcm::{FCM_SCOPE, JWT_BEARER_GRANT, MAX_PAYLOAD, MAX_TOPIC_PAYLOAD, MAX_
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{SendAnswer, Service};
+use super::{Fault, SendAnswer, Service};
 
 /// The project the emulator's service account sends for.
 pub const PROJECT_ID: &str = "c2dm-emulator";
@@ -348,7 +348,6 @@ impl Service {
         body: &[u8],
     ) -> SendAnswer {
         let c = &self.counters;
-        let n = c.sends.fetch_add(1, Ordering::Relaxed) + 1;
         let refused = |answer: SendAnswer, code: &str| {
             *c.fcm_errors
                 .lock()
@@ -357,35 +356,20 @@ impl Service {
                 .or_default() += 1;
             answer
         };
-        if self.fault(self.config.drops, n, 1) {
-            c.dropped.fetch_add(1, Ordering::Relaxed);
-            return SendAnswer {
-                drop: true,
-                ..SendAnswer::text(0, Bytes::new())
-            };
-        }
-        if self.fault(self.config.server_errors, n, 2) {
-            c.server_errors.fetch_add(1, Ordering::Relaxed);
-            return rpc_error(
-                500,
-                "INTERNAL",
-                Some("INTERNAL"),
-                "Internal error encountered.",
-                &[],
-            );
-        }
-        if self.fault(self.config.unavailable, n, 3) {
-            c.unavailable.fetch_add(1, Ordering::Relaxed);
-            return SendAnswer {
-                retry_after: Some(self.config.retry_after.as_secs().to_string()),
-                ..rpc_error(
-                    503,
-                    "UNAVAILABLE",
-                    Some("UNAVAILABLE"),
-                    "The service is currently unavailable.",
-                    &[],
-                )
-            };
+        match self.send_fault() {
+            Some(Fault::Drop) => return SendAnswer::dropped(),
+            Some(Fault::ServerError) => {
+                let message = "Internal error encountered.";
+                return rpc_error(500, "INTERNAL", Some("INTERNAL"), message, &[]);
+            }
+            Some(Fault::Unavailable { .. }) => {
+                let message = "The service is currently unavailable.";
+                return SendAnswer {
+                    retry_after: Some(self.config.retry_after.as_secs().to_string()),
+                    ..rpc_error(503, "UNAVAILABLE", Some("UNAVAILABLE"), message, &[])
+                };
+            }
+            None => {}
         }
         if !self.fcm_authorized(authorization) {
             c.unauthorized.fetch_add(1, Ordering::Relaxed);
