@@ -7,6 +7,9 @@
 //! - [`Error`] and [`ErrorCode`] say what went wrong and whether to retry or remove the device.
 //! - [`Transport`] is the seam to an HTTP stack; [`TokenProvider`] is where the Auth token comes
 //!   from.
+//! - [`Protocol`] is the seam to a push protocol: C2DM ([`C2dm`]) is the default, and the same
+//!   [`Sender`] and broadcast drive any other (`c2dm-fcm`'s FCM HTTP v1), whose refusals are
+//!   [`Error::Refused`].
 //!
 //! ```
 //! use c2dm_core::{AuthToken, Message, codec};
