@@ -1,114 +1,30 @@
 //! The protocol logic of the emulated services, apart from HTTP: a request's fields in, an
 //! answer out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use c2dm_auth::LoginErrorCode;
 use c2dm_auth::server as login_server;
 use c2dm_core::ErrorCode;
 use c2dm_core::codec::{self, SendForm};
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::arrivals::{Arrival, ArrivalAnswer, Journal};
 use crate::config::{Account, Config, FaultRate, Quota};
-use crate::inbox::{Inbox, InboxMessage};
+use crate::inbox::Inbox;
 
+mod answer;
 pub(crate) mod fcm;
+mod stats;
 
-/// What the emulator has seen, as `GET /_emulator/stats` reports it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Send requests received, whatever became of them.
-    pub sends: u64,
-    /// Messages accepted (`id=`).
-    pub accepted: u64,
-    /// `Error=` answers by code.
-    pub errors: BTreeMap<String, u64>,
-    /// HTTP 401 answers.
-    pub unauthorized: u64,
-    /// HTTP 503 answers.
-    pub unavailable: u64,
-    /// HTTP 500 answers.
-    pub server_errors: u64,
-    /// Connections closed without an answer.
-    pub dropped: u64,
-    /// Successful logins.
-    pub logins: u64,
-    /// Refused logins.
-    pub login_failures: u64,
-    /// Tokens rotated with `Update-Client-Auth`.
-    pub rotations: u64,
-    /// Logins whose tokens expired.
-    pub expiries: u64,
-    /// Accepted messages per registration id (omitted when asked for without the inbox, and
-    /// empty in counts-only mode; see `delivered`).
-    #[serde(default)]
-    pub inbox: BTreeMap<String, Vec<InboxMessage>>,
-    /// Accepted message counts per registration id (only when asked for).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub delivered: BTreeMap<String, u64>,
-    /// What FCM's endpoints saw (its sends count in `sends`, and its 401s, 503s, 500s and
-    /// dropped connections with C2DM's).
-    #[serde(default)]
-    pub fcm: FcmStats,
-}
+use answer::Fault;
+pub(crate) use answer::SendAnswer;
 
-/// What the emulator's FCM endpoints have seen.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FcmStats {
-    /// Messages accepted (a `validate_only` send is not).
-    pub accepted: u64,
-    /// Error answers by FCM's code (`UNREGISTERED`, `QUOTA_EXCEEDED`, …), beside the faults.
-    pub errors: BTreeMap<String, u64>,
-    /// Access tokens issued.
-    pub tokens: u64,
-    /// Token requests refused.
-    pub token_refusals: u64,
-    /// Send requests that came over HTTP/2 (as FCM's clients send them).
-    pub http2: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    sends: AtomicU64,
-    accepted: AtomicU64,
-    errors: [AtomicU64; 8],
-    /// `Error=` answers with a code the protocol does not list, by code.
-    other_errors: Mutex<BTreeMap<String, u64>>,
-    unauthorized: AtomicU64,
-    unavailable: AtomicU64,
-    server_errors: AtomicU64,
-    dropped: AtomicU64,
-    logins: AtomicU64,
-    login_failures: AtomicU64,
-    rotations: AtomicU64,
-    expiries: AtomicU64,
-    fcm_accepted: AtomicU64,
-    fcm_errors: Mutex<BTreeMap<String, u64>>,
-    fcm_tokens: AtomicU64,
-    fcm_token_refusals: AtomicU64,
-    fcm_http2: AtomicU64,
-}
-
-impl Counters {
-    /// Counts an `Error=` answer under its own code, listed or not.
-    fn count_error(&self, code: &ErrorCode) {
-        match ErrorCode::KNOWN.iter().position(|c| c == code) {
-            Some(i) => {
-                self.errors[i].fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                let mut other = self.other_errors.lock().unwrap_or_else(|e| e.into_inner());
-                *other.entry(code.to_string()).or_default() += 1;
-            }
-        }
-    }
-}
+use stats::Counters;
+pub use stats::{FcmStats, Stats};
 
 /// The count of `key`'s window of `quota` at `now`, with the quota: a window that ended is
 /// started anew (a fixed window from the first send it counts), and windows that ended are
@@ -182,54 +98,6 @@ impl<K: std::hash::Hash + Eq, V> Swept<K, V> {
             self.map.retain(keep);
             self.sweep_at = (self.map.len() * 2).max(SWEEP_MIN);
         }
-    }
-}
-
-/// How a send is answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SendAnswer {
-    pub status: u16,
-    pub body: Bytes,
-    pub retry_after: Option<String>,
-    pub rotated_token: Option<String>,
-    /// Close the connection instead of answering.
-    pub drop: bool,
-    /// The body is JSON (FCM's answers), not text.
-    pub json: bool,
-}
-
-/// A fault a send meets instead of its answer.
-enum Fault {
-    /// The connection (or stream) is closed with no answer.
-    Drop,
-    /// HTTP 500.
-    ServerError,
-    /// HTTP 503, the `nth` so far.
-    Unavailable { nth: u64 },
-}
-
-impl SendAnswer {
-    /// No answer: the connection is closed.
-    fn dropped() -> Self {
-        Self {
-            drop: true,
-            ..Self::text(0, Bytes::new())
-        }
-    }
-
-    fn text(status: u16, body: impl Into<Bytes>) -> Self {
-        Self {
-            status,
-            body: body.into(),
-            retry_after: None,
-            rotated_token: None,
-            drop: false,
-            json: false,
-        }
-    }
-
-    fn error(code: &ErrorCode) -> Self {
-        Self::text(200, codec::rejected_body(code))
     }
 }
 
@@ -652,58 +520,6 @@ impl Service {
             200,
             login_server::login_success(&format!("EMUSID{n}"), &format!("EMULSID{n}"), &token),
         )
-    }
-
-    pub(crate) fn stats(&self, inbox: bool, delivered: bool) -> Stats {
-        let c = &self.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut errors: BTreeMap<String, u64> = ErrorCode::KNOWN
-            .iter()
-            .zip(&c.errors)
-            .filter(|(_, n)| load(n) > 0)
-            .map(|(code, n)| (code.to_string(), load(n)))
-            .collect();
-        errors.extend(
-            c.other_errors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(code, n)| (code.clone(), *n)),
-        );
-        Stats {
-            sends: load(&c.sends),
-            accepted: load(&c.accepted),
-            errors,
-            unauthorized: load(&c.unauthorized),
-            unavailable: load(&c.unavailable),
-            server_errors: load(&c.server_errors),
-            dropped: load(&c.dropped),
-            logins: load(&c.logins),
-            login_failures: load(&c.login_failures),
-            rotations: load(&c.rotations),
-            expiries: load(&c.expiries),
-            inbox: if inbox {
-                self.inbox.all()
-            } else {
-                BTreeMap::new()
-            },
-            delivered: if delivered {
-                self.inbox.counts()
-            } else {
-                BTreeMap::new()
-            },
-            fcm: FcmStats {
-                accepted: load(&c.fcm_accepted),
-                errors: c
-                    .fcm_errors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-                tokens: load(&c.fcm_tokens),
-                token_refusals: load(&c.fcm_token_refusals),
-                http2: load(&c.fcm_http2),
-            },
-        }
     }
 
     pub(crate) fn inbox(&self) -> &Inbox {
