@@ -621,6 +621,22 @@ async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
     }
     let stats = server.emulator.stats();
     assert_eq!(stats.fcm.accepted, 2, "{stats:?}");
+    // A push FCM cannot carry goes to C2DM's devices only, and says why for FCM's.
+    let (status, body) = server
+        .call(
+            "POST",
+            "/v1/pushes",
+            ADMIN,
+            Some(json!({"to": "all", "collapse_key": "k", "delay_while_idle": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let idle = server.finished(body["id"].as_str().unwrap()).await;
+    assert_eq!(idle["counts"]["accepted"], 1, "{idle}");
+    assert_eq!(
+        idle["counts"]["not_attempted"]["unsupported_by_provider"], 2,
+        "{idle}"
+    );
     drop(stop);
 
     // Workers without an FCM sender: FCM's devices are not sent to, and say why.

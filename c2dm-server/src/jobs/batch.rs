@@ -162,15 +162,17 @@ pub(super) async fn batch_run(
     for (id, why) in &not_sent {
         pending.push(DeliveryRow::not_attempted(id, why, now));
     }
-    // FCM's devices through FCM's sender, if this process has one and the push suits FCM.
+    // FCM's devices through FCM's sender, if this process has one and the push suits FCM (no
+    // delay_while_idle, no data key FCM keeps for itself).
+    let push = &loaded.push;
     let fcm = match (&runner.fcm, fcm_send.first()) {
         (_, None) => None,
         (None, Some(_)) => Some(Err(NO_SENDER)),
         (Some(sender), Some((_, first))) => Some(
-            template(&loaded.push, first.clone())
+            template(push, first.clone())
                 .ok()
                 .and_then(|t| FcmMessage::from_c2dm(&t).ok())
-                .map(|_| sender)
+                .map(|t| (sender, t))
                 .ok_or(UNSUPPORTED),
         ),
     };
@@ -182,7 +184,6 @@ pub(super) async fn batch_run(
     // The account's daily budget is C2DM's: FCM's quota is a rate, which its sender keeps to.
     let budget = reserve(runner, loaded.job.push_id, &mut send, now).await?;
     let mut later = budget.deferred;
-    let push = &loaded.push;
     let mut sent = send_all(
         runner,
         retry,
@@ -195,14 +196,14 @@ pub(super) async fn batch_run(
         budget.tomorrow,
     )
     .await?;
-    if let Some(Ok(fcm)) = fcm {
-        let fcm_template = |first| Ok(FcmMessage::from_c2dm(&template(push, first)?)?);
+    if let Some(Ok((fcm, fcm_template))) = fcm {
         let by_fcm = send_all(
             runner,
             retry,
             &loaded,
             fcm,
-            fcm_template,
+            // Made above: to whichever device, broadcast_to puts each device's token in.
+            |_| Ok(fcm_template),
             &fcm_send,
             &mut pending,
             &mut later,
@@ -230,7 +231,8 @@ pub(super) async fn batch_run(
 /// Why a device of FCM gets no send: this process has no FCM sender.
 const NO_SENDER: &str = "no_sender";
 
-/// Why a device of FCM gets no send: the push asks for what FCM has not (`delay_while_idle`).
+/// Why a device of FCM gets no send: the push asks for what FCM has not (`delay_while_idle`,
+/// a data key FCM keeps for itself).
 const UNSUPPORTED: &str = "unsupported_by_provider";
 
 /// `send` split by the devices' providers: C2DM's (and ids not registered), then FCM's.
