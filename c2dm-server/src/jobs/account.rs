@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use c2dm_core::Sender;
+use c2dm_core::{Protocol, Sender};
+use c2dm_fcm::Fcm;
 use tokio::time::Instant;
 
 use super::{LOOK, Runner};
@@ -32,13 +33,23 @@ pub(super) fn instant_of(at: SystemTime) -> Instant {
     }
 }
 
-/// Takes the account's pause from the database into the sender, now: what a batch does
-/// before it sends, so that it never starts during a pause another worker learned of.
-pub(super) async fn adopt_shared_pause(runner: &Runner) -> Result<(), StoreError> {
-    if let Some(until) = runner.store.shared_pause(&runner.options.account).await? {
-        adopt_pause(&runner.sender, until);
+/// Takes `account`'s pause from the database into `sender`, now: what a batch does before it
+/// sends, so that it never starts during a pause another worker learned of.
+pub(super) async fn adopt_shared_pause<P: Protocol>(
+    runner: &Runner,
+    sender: &Sender<P>,
+    account: &str,
+) -> Result<(), StoreError> {
+    if let Some(until) = runner.store.shared_pause(account).await? {
+        adopt_pause(sender, until);
     }
     Ok(())
+}
+
+/// The account an FCM sender's pause is shared under: its project's, apart from every C2DM
+/// account.
+pub(super) fn fcm_account(sender: &Sender<Fcm>) -> String {
+    format!("fcm:{}", sender.protocol().project_id())
 }
 
 /// How far two readings of one pause may differ, from converting between the sender's clock
@@ -48,7 +59,7 @@ pub(super) const ROUNDING: Duration = Duration::from_millis(5);
 /// Pauses the sender until `until`, if that is later than its own pause by more than the
 /// clocks' rounding: the same pause read back changes nothing, so it is not told again
 /// (and shared again) through [`Sender::pause_changes`].
-pub(super) fn adopt_pause(sender: &Sender, until: SystemTime) {
+pub(super) fn adopt_pause<P: Protocol>(sender: &Sender<P>, until: SystemTime) {
     let mine = sender.paused_until().map(wall_time_of);
     if mine.is_none_or(|mine| until > mine + ROUNDING) {
         sender.pause_all_until(instant_of(until));
@@ -76,6 +87,7 @@ pub(super) async fn watch_account(runner: Arc<Runner>) {
             } => false,
         };
         shared = share_pause(&runner, shared).await;
+        metrics::gauge!("c2dm_paused").set(if shared.is_some() { 1.0 } else { 0.0 });
         if !looked {
             continue;
         }
@@ -95,13 +107,43 @@ pub(super) async fn watch_account(runner: Arc<Runner>) {
     }
 }
 
-/// One look at the pauses: the sender's, if later than the account's (`shared`, as last
-/// read), goes to the database; then the account's comes back into the sender. Returns the
-/// account's pause as read now.
+/// Keeps the FCM sender's pause and its project's in the database the same, both ways, as
+/// [`watch_account`] does for C2DM's, until aborted.
+pub(super) async fn watch_fcm(runner: Arc<Runner>, fcm: Sender<Fcm>) {
+    let account = fcm_account(&fcm);
+    let mut shared: Option<SystemTime> = None;
+    let mut looks = tokio::time::interval(LOOK);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pauses = fcm.pause_changes();
+    loop {
+        tokio::select! {
+            _ = looks.tick() => {}
+            () = async {
+                if pauses.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {}
+        }
+        shared = share_pause_of(&runner, &fcm, &account, shared).await;
+    }
+}
+
+/// One look at the C2DM sender's pause and its account's ([`share_pause_of`]).
 pub(super) async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<SystemTime> {
+    share_pause_of(runner, &runner.sender, &runner.options.account, shared).await
+}
+
+/// One look at the pauses: `sender`'s, if later than `account`'s (`shared`, as last read),
+/// goes to the database; then the account's comes back into the sender. Returns the
+/// account's pause as read now.
+pub(super) async fn share_pause_of<P: Protocol>(
+    runner: &Runner,
+    sender: &Sender<P>,
+    account: &str,
+    shared: Option<SystemTime>,
+) -> Option<SystemTime> {
     let store = &runner.store;
-    let account = runner.options.account.as_str();
-    let mine = runner.sender.paused_until().map(wall_time_of);
+    let mine = sender.paused_until().map(wall_time_of);
     // Later than the database's by more than the clocks' rounding: tell the others.
     if let Some(mine) = mine
         && shared.is_none_or(|s| mine > s + ROUNDING)
@@ -120,9 +162,8 @@ pub(super) async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> 
                 tracing::info!(account, "the account's pause can be read again");
             }
             if let Some(until) = until {
-                adopt_pause(&runner.sender, until);
+                adopt_pause(sender, until);
             }
-            metrics::gauge!("c2dm_paused").set(if until.is_some() { 1.0 } else { 0.0 });
             until
         }
         Err(e) => {
@@ -135,7 +176,7 @@ pub(super) async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::tests::sender;
+    use crate::jobs::tests::{fcm_sender, sender};
     use crate::jobs::{Queues, WorkerOptions};
     use crate::store::Store;
 
@@ -185,9 +226,52 @@ mod tests {
         }
         assert_eq!(share_pause(&first, Some(shared)).await, Some(shared));
         assert_eq!(share_pause(&second, Some(shared)).await, Some(shared));
-        adopt_shared_pause(&second).await.unwrap();
+        adopt_shared_pause(&second, &second.sender, "acct")
+            .await
+            .unwrap();
         for pauses in &told {
             assert!(!pauses.has_changed().unwrap());
         }
+    }
+
+    #[tokio::test]
+    async fn an_fcm_pause_reaches_the_project_s_workers_and_no_c2dm_account() {
+        let store = Store::open_sqlite("sqlite::memory:").await.unwrap();
+        let queues = Queues::open_beside(&store, &WorkerOptions::default())
+            .await
+            .unwrap();
+        let runner = |project: &str| {
+            let senders = crate::jobs::Senders {
+                c2dm: sender(),
+                fcm: Some(fcm_sender(project)),
+            };
+            let options = WorkerOptions {
+                account: "acct".to_owned(),
+                ..WorkerOptions::default()
+            };
+            let stopping = tokio::sync::watch::channel(false).1;
+            Runner::new(store.clone(), senders, queues.clone(), options, stopping)
+        };
+        let (first, second, elsewhere) = (runner("proj"), runner("proj"), runner("other"));
+        let fcm = |r: &Runner| r.fcm.clone().expect("an FCM sender");
+        assert_eq!(fcm_account(&fcm(&first)), "fcm:proj");
+
+        // The first worker's FCM sender is paused (a QUOTA_EXCEEDED, say).
+        let until = Instant::now() + Duration::from_secs(60);
+        fcm(&first).pause_all_until(until);
+        let shared = share_pause_of(&first, &fcm(&first), "fcm:proj", None).await;
+        assert!(shared.is_some());
+        // The project's other worker learns it; another project does not, nor does C2DM.
+        assert_eq!(
+            share_pause_of(&second, &fcm(&second), "fcm:proj", None).await,
+            shared
+        );
+        assert!(fcm(&second).paused_until().is_some());
+        assert_eq!(
+            share_pause_of(&elsewhere, &fcm(&elsewhere), "fcm:other", None).await,
+            None
+        );
+        assert_eq!(share_pause(&second, None).await, None);
+        assert_eq!(second.sender.paused_until(), None);
     }
 }

@@ -14,7 +14,7 @@ use c2dm_fcm::FcmMessage;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::account::adopt_shared_pause;
+use super::account::{adopt_shared_pause, fcm_account};
 use super::pending::Pending;
 use super::plan::{Facts, Plan, over_budget, plan};
 use super::retry::{Step, Stopped, StoreRetry, retried};
@@ -189,6 +189,7 @@ pub(super) async fn batch_run(
         retry,
         &loaded,
         &runner.sender,
+        &runner.options.account,
         |first| Ok(template(push, first)?),
         &send,
         &mut pending,
@@ -202,6 +203,7 @@ pub(super) async fn batch_run(
             retry,
             &loaded,
             fcm,
+            &fcm_account(fcm),
             // Made above: to whichever device, broadcast_to puts each device's token in.
             |_| Ok(fcm_template),
             &fcm_send,
@@ -404,6 +406,7 @@ async fn send_all<P: Protocol>(
     retry: &mut StoreRetry,
     loaded: &Loaded,
     sender: &Sender<P>,
+    account: &str,
     template: impl FnOnce(RegistrationId) -> Result<P::Message, BoxDynError>,
     send: &[(u64, RegistrationId)],
     pending: &mut Pending,
@@ -416,7 +419,7 @@ async fn send_all<P: Protocol>(
     };
     let store = &runner.store;
     // From here on, a store error is tried again in place: sends may have been made.
-    retried!(retry, adopt_shared_pause(runner).await);
+    retried!(retry, adopt_shared_pause(runner, sender, account).await);
     let template = template(first).map_err(Step::Other)?;
     let concurrency = runner.options.concurrency.max(1);
     let mut ids = Box::pin(

@@ -39,7 +39,7 @@ use crate::health::WorkerHealth;
 use crate::queue::{BATCH_QUEUE, PUSH_QUEUE};
 pub use crate::queue::{BatchJob, PushJob};
 use crate::store::{Store, StoreError};
-use account::watch_account;
+use account::{watch_account, watch_fcm};
 use batch::run_batch;
 use push::run_push;
 use queues::on_queues;
@@ -228,6 +228,10 @@ pub async fn run_workers_reporting(
         stopping,
     ));
     let watcher = tokio::spawn(watch_account(Arc::clone(&runner)));
+    let fcm_watcher = runner
+        .fcm
+        .clone()
+        .map(|fcm| tokio::spawn(watch_fcm(Arc::clone(&runner), fcm)));
     let stopper = async {
         shutdown.await;
         let _ = stop.send(true);
@@ -260,6 +264,9 @@ pub async fn run_workers_reporting(
     // most of a core busy (the poll interval never came into play).
     let ((), (), ()) = tokio::join!(pushes, batches, stopper);
     watcher.abort();
+    if let Some(fcm_watcher) = fcm_watcher {
+        fcm_watcher.abort();
+    }
     Ok(())
 }
 
@@ -313,6 +320,23 @@ mod tests {
         };
         let token = c2dm_core::AuthToken::new("token").unwrap();
         Sender::new(transport, c2dm_core::StaticToken::new(token))
+    }
+
+    /// An FCM sender for project `project` whose sends would fail: these tests never send.
+    pub(crate) fn fcm_sender(project: &str) -> Sender<Fcm> {
+        let transport = |_request: http::Request<bytes::Bytes>| async {
+            Err(c2dm_core::TransportError::new(
+                c2dm_core::TransportErrorKind::Connect,
+                c2dm_core::RequestSent::No,
+            ))
+        };
+        let token = c2dm_core::AuthToken::new("token").unwrap();
+        Sender::with_protocol(
+            Fcm::new(project).unwrap(),
+            transport,
+            c2dm_core::StaticToken::new(token),
+        )
+        .build()
     }
 
     #[tokio::test(start_paused = true)]
