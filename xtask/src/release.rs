@@ -1,7 +1,7 @@
 //! `cargo xtask release`: bump every version, move the changelog's Unreleased section under the
 //! new version, check packaging, then commit and tag. Publishing stays a human step.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A semantic version.
@@ -176,6 +176,65 @@ fn git(root: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The workspace's own crates: the `c2dm-*` folders at the root, each named as its folder.
+fn workspace_crates(root: &Path) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("c2dm-") && entry.path().join("Cargo.toml").is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The folders in which cargo unpacked an earlier packaging of `crates` at `version`.
+///
+/// `cargo publish --workspace --dry-run` verifies each crate against its siblings through a
+/// local registry in `target/package`, and unpacks their `.crate` files under
+/// `$CARGO_HOME/registry/src/-<hash>`, where the hash names that registry's path (a local
+/// registry's folder starts with `-`; a remote one's with its host). Cargo reuses a folder it
+/// unpacked before, so a second run from the same checkout path verifies against the first
+/// run's sources whenever the version did not change. These folders are what to remove first.
+pub fn unpacked_sources(cargo_home: &Path, crates: &[String], version: Version) -> Vec<PathBuf> {
+    let Ok(registries) = std::fs::read_dir(cargo_home.join("registry").join("src")) else {
+        return Vec::new();
+    };
+    let mut stale = Vec::new();
+    for registry in registries.flatten() {
+        if !registry.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        for name in crates {
+            let unpacked = registry.path().join(format!("{name}-{version}"));
+            if unpacked.is_dir() {
+                stale.push(unpacked);
+            }
+        }
+    }
+    stale.sort();
+    stale
+}
+
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+}
+
+/// Removes what [`unpacked_sources`] finds, so packaging verifies the crates as they are now.
+fn forget_verified_sources(root: &Path, version: Version) -> Result<(), String> {
+    let Some(home) = cargo_home() else {
+        return Ok(());
+    };
+    for stale in unpacked_sources(&home, &workspace_crates(root)?, version) {
+        std::fs::remove_dir_all(&stale).map_err(|e| format!("{}: {e}", stale.display()))?;
+    }
+    Ok(())
+}
+
 pub fn run(root: &Path, bump: &str, dry_run: bool) -> Result<(), String> {
     if !git(root, &["status", "--porcelain"])?.trim().is_empty() {
         return Err("the working tree has uncommitted changes: commit or stash them first".into());
@@ -190,6 +249,7 @@ pub fn run(root: &Path, bump: &str, dry_run: bool) -> Result<(), String> {
     let new_changelog = release_changelog(&changelog, next, &today())?;
     eprintln!("release {current} -> {next}");
     let cargo = crate::cargo();
+    forget_verified_sources(root, current)?;
     if dry_run {
         eprintln!("dry run: Cargo.toml and CHANGELOG.md would change; checking packaging as is");
         return crate::run(
@@ -200,6 +260,7 @@ pub fn run(root: &Path, bump: &str, dry_run: bool) -> Result<(), String> {
         );
     }
     std::fs::write(&manifest_path, new_manifest).map_err(|e| e.to_string())?;
+    forget_verified_sources(root, next)?;
     std::fs::write(&changelog_path, new_changelog).map_err(|e| e.to_string())?;
     // Cargo.lock follows the new versions.
     crate::run("lockfile", &cargo, &["update", "--workspace"], &[])?;
@@ -347,5 +408,36 @@ other = { version = "0.1.0" }
             let released = release_changelog(&changelog, next, "2026-11-27").unwrap();
             assert!(released.contains(&format!("## [{next}] - 2026-11-27")));
         }
+    }
+
+    #[test]
+    fn finds_the_unpacked_sources_of_an_earlier_packaging_and_nothing_else() {
+        let home = tempfile::tempdir().unwrap();
+        let src = home.path().join("registry").join("src");
+        for dir in [
+            "-14cd1cce6819ff87/c2dm-core-0.1.0",
+            "-14cd1cce6819ff87/c2dm-core-0.1.1",
+            "-14cd1cce6819ff87/c2dm-fcm-0.1.0",
+            "-22c3805da5a543b4/c2dm-core-0.1.0",
+            "-22c3805da5a543b4/serde-0.1.0",
+            "index.crates.io-1949cf8c6b5b557f/c2dm-core-0.1.0",
+        ] {
+            std::fs::create_dir_all(src.join(dir)).unwrap();
+        }
+        let crates = ["c2dm-core".to_string(), "c2dm-fcm".to_string()];
+        let found = unpacked_sources(home.path(), &crates, v("0.1.0"));
+        let found: Vec<_> = found
+            .iter()
+            .map(|p| p.strip_prefix(&src).unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "-14cd1cce6819ff87/c2dm-core-0.1.0",
+                "-14cd1cce6819ff87/c2dm-fcm-0.1.0",
+                "-22c3805da5a543b4/c2dm-core-0.1.0",
+            ]
+        );
+        assert!(unpacked_sources(&home.path().join("none"), &crates, v("0.1.0")).is_empty());
     }
 }
