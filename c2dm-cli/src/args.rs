@@ -247,8 +247,9 @@ pub struct ServeArgs {
     /// (default: the C2DM account's email, else "default").
     #[arg(long, value_name = "NAME")]
     pub account: Option<String>,
-    /// Messages the account may have accepted per day (UTC), by every worker together;
-    /// devices over it wait, unsent, for the next day.
+    /// Messages each provider account (the C2DM account, each FCM project) may have
+    /// accepted per day (UTC), by every worker together; devices over it wait, unsent, for
+    /// the next day.
     #[arg(
         long,
         default_value_t = 200_000,

@@ -322,6 +322,37 @@ async fn a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent(db: Db) {
     assert_eq!(server.emulator.counters().accepted, 10);
 }
 
+async fn each_provider_account_has_a_daily_budget_of_its_own(db: Db) {
+    let options = WorkerOptions {
+        daily_budget: Some(10),
+        batch_size: 40,
+        ..WorkerOptions::default()
+    };
+    let server = Server::start_with(db, |_| {}, &options).await;
+    register_phones(&server, 15).await;
+    for i in 0..15 {
+        let body = json!({"registration_id": format!("fcm-{i:03}"), "provider": "fcm"});
+        let (status, body) = server
+            .call("POST", "/v1/devices", common::DEVICE, Some(body))
+            .await;
+        assert_eq!(status, http::StatusCode::CREATED, "{body}");
+    }
+    let senders = c2dm_server::jobs::Senders {
+        c2dm: server.sender_over(c2dm_hyper::HyperTransport::new().unwrap()),
+        fcm: Some(server.fcm_sender()),
+    };
+    let _workers = server.workers_with(senders, options);
+    let id = server.push(json!("all")).await;
+    // Ten through C2DM's account and ten through the FCM project's: the budget of one is
+    // not spent by the other.
+    let message = server.until(&id, |m| m["counts"]["accepted"] == 20).await;
+    assert_eq!(message["state"], "sending", "{message}");
+    assert_eq!(message["counts"]["pending"], 10, "{message}");
+    let stats = server.emulator.stats();
+    assert_eq!(stats.fcm.accepted, 10, "{stats:?}");
+    assert_eq!(server.emulator.counters().accepted, 10, "{stats:?}");
+}
+
 async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db) {
     let options = WorkerOptions {
         batch_size: 3,
@@ -748,6 +779,7 @@ on_each_database!(
     a_cancel_stops_a_batch_under_way,
     a_worker_readies_its_next_batch_but_sends_no_more_at_once,
     a_spent_daily_budget_leaves_the_rest_for_tomorrow_unsent,
+    each_provider_account_has_a_daily_budget_of_its_own,
     a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice,
     a_device_that_stops_being_active_after_the_walk_is_not_sent_to,
     a_batch_mark_only_grows_is_its_own_and_goes_with_its_push,

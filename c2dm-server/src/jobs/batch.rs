@@ -148,7 +148,7 @@ pub(super) async fn batch_run(
         not_sent,
         resent,
     } = plan;
-    let (mut send, fcm_send) = by_provider(&runner.store, &loaded.job, send).await?;
+    let (send, fcm_send) = by_provider(&runner.store, &loaded.job, send).await?;
     let now = SystemTime::now();
     let mut pending = Pending {
         push_id: loaded.job.push_id,
@@ -181,24 +181,22 @@ pub(super) async fn batch_run(
             pending.push(DeliveryRow::not_attempted(id.as_str(), why, now));
         }
     }
-    // The account's daily budget is C2DM's: FCM's quota is a rate, which its sender keeps to.
-    let budget = reserve(runner, loaded.job.push_id, &mut send, now).await?;
-    let mut later = budget.deferred;
-    let mut sent = send_all(
+    let mut later = Vec::new();
+    let mut sent = budgeted_send(
         runner,
         retry,
         &loaded,
         &runner.sender,
         &runner.options.account,
         |first| Ok(template(push, first)?),
-        &send,
+        send,
         &mut pending,
         &mut later,
-        budget.tomorrow,
+        now,
     )
     .await?;
     if let Some(Ok((fcm, fcm_template))) = fcm {
-        let by_fcm = send_all(
+        let by_fcm = budgeted_send(
             runner,
             retry,
             &loaded,
@@ -206,26 +204,15 @@ pub(super) async fn batch_run(
             &fcm_account(fcm),
             // Made above: to whichever device, broadcast_to puts each device's token in.
             |_| Ok(fcm_template),
-            &fcm_send,
+            fcm_send,
             &mut pending,
             &mut later,
-            budget.tomorrow,
+            now,
         )
         .await?;
         sent.accepted += by_fcm.accepted;
         sent.unsent += by_fcm.unsent;
         sent.left += by_fcm.left;
-    }
-    if let Some(granted) = budget.granted {
-        let account = runner.options.account.as_str();
-        let unused = granted.saturating_sub(sent.accepted);
-        retried!(
-            retry,
-            runner
-                .store
-                .release_budget(account, budget.day, unused)
-                .await
-        );
     }
     finish(runner, retry, &loaded.job, pending, later, &sent).await
 }
@@ -345,10 +332,11 @@ struct Budget {
     deferred: Vec<(String, SystemTime)>,
 }
 
-/// Reserves the account's budget for `send`, which keeps the devices it covers.
+/// Reserves `account`'s budget for `send`, which keeps the devices it covers.
 async fn reserve(
     runner: &Runner,
     push_id: i64,
+    account: &str,
     send: &mut Vec<(u64, RegistrationId)>,
     now: SystemTime,
 ) -> Result<Budget, Step> {
@@ -356,7 +344,6 @@ async fn reserve(
     let granted = match runner.options.daily_budget {
         Some(daily) if !send.is_empty() => {
             let wanted = send.len() as u64;
-            let account = runner.options.account.as_str();
             let granted = runner
                 .store
                 .reserve_budget(account, day, daily, wanted)
@@ -364,6 +351,7 @@ async fn reserve(
             if granted < wanted {
                 tracing::info!(
                     push_id,
+                    account,
                     unsent = wanted - granted,
                     "the account's daily budget is spent: the rest waits for tomorrow"
                 );
@@ -395,6 +383,50 @@ struct Sends {
     unsent: usize,
     /// Devices whose sends the process's stop ended: no row; the next run sends them.
     left: usize,
+}
+
+/// Sends to `send` through `sender` as far as `account`'s daily budget allows (see
+/// [`send_all`]): the devices it does not cover go to `later` for the budget's next day, and
+/// what the sends did not use of the reservation goes back.
+#[allow(clippy::too_many_arguments)] // send_all's, with the budget's clock
+async fn budgeted_send<P: Protocol>(
+    runner: &Runner,
+    retry: &mut StoreRetry,
+    loaded: &Loaded,
+    sender: &Sender<P>,
+    account: &str,
+    template: impl FnOnce(RegistrationId) -> Result<P::Message, BoxDynError>,
+    mut send: Vec<(u64, RegistrationId)>,
+    pending: &mut Pending,
+    later: &mut Vec<(String, SystemTime)>,
+    now: SystemTime,
+) -> Result<Sends, Step> {
+    let budget = reserve(runner, loaded.job.push_id, account, &mut send, now).await?;
+    later.extend(budget.deferred);
+    let sent = send_all(
+        runner,
+        retry,
+        loaded,
+        sender,
+        account,
+        template,
+        &send,
+        pending,
+        later,
+        budget.tomorrow,
+    )
+    .await?;
+    if let Some(granted) = budget.granted {
+        let unused = granted.saturating_sub(sent.accepted);
+        retried!(
+            retry,
+            runner
+                .store
+                .release_budget(account, budget.day, unused)
+                .await
+        );
+    }
+    Ok(sent)
 }
 
 /// Sends to `send` in one broadcast, once the batch's turn comes: each chunk marked first,

@@ -17,9 +17,10 @@ pub struct WorkerOptions {
     /// The sender account whose pause and daily budget the workers share, across processes
     /// (default `default`): one name per C2DM sender.
     pub account: String,
-    /// Messages the account may have accepted per day (UTC), by all workers together
-    /// (default 200,000, the real service's quota); `None` for no budget. Batches reserve
-    /// their share before sending; devices over the budget wait for the next day, unsent.
+    /// Messages each provider account (the C2DM account, and each FCM project as
+    /// `fcm:<project_id>`) may have accepted per day (UTC), by all workers together (default
+    /// 200,000, C2DM's quota); `None` for no budget. Batches reserve their share before
+    /// sending; devices over the budget wait for the next day, unsent.
     pub daily_budget: Option<u64>,
     /// The period the budget counts over (default one day): periods are aligned to the Unix
     /// epoch, so a day is a UTC day. Shorter ones suit a service with another quota, and
