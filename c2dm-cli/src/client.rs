@@ -138,6 +138,11 @@ pub fn credentials(global: &Global) -> Result<Option<Credentials>, CliError> {
     }
 }
 
+/// Whether C2DM's credentials are given (`--token`, or `--email` with its password).
+pub fn has_c2dm_credentials(global: &Global) -> Result<bool, CliError> {
+    Ok(global.token.is_some() || credentials(global)?.is_some())
+}
+
 /// ClientLogin over `transport` at `--login-url`, starting with `token` if one is given.
 pub fn client_login(
     global: &Global,

@@ -71,11 +71,15 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
     }
     // Every batch of this process may send its `--concurrency` at once.
     let sends_at_once = (args.workers as usize).saturating_mul(args.concurrency as usize);
-    let sender = c2dm_server::jobs::Senders {
-        c2dm: client::sender(global, None, sends_at_once)?,
-        // With --fcm, the devices registered for FCM are sent to through it.
-        fcm: client::fcm_sender(global, None, sends_at_once)?,
+    // With --fcm, the devices registered for FCM are sent to through it; C2DM's credentials
+    // may then be left out, for a server of FCM's devices only.
+    let fcm = client::fcm_sender(global, None, sends_at_once)?;
+    let c2dm = if fcm.is_some() && !client::has_c2dm_credentials(global)? {
+        None
+    } else {
+        Some(client::sender(global, None, sends_at_once)?)
     };
+    let sender = c2dm_server::jobs::Senders { c2dm, fcm };
     let shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout);
     let options = ServeOptions {
         database: args.database,

@@ -1048,23 +1048,28 @@ async fn spawn_serve_to(
     database: &str,
     args: &[&str],
 ) -> (std::process::Child, Option<String>) {
+    let global = ["--token", "server-token", "--send-url", send_url];
+    spawn_serve_with(&global, &[], database, args).await
+}
+
+/// [`spawn_serve`], with `global` options before `serve` and `envs` set.
+async fn spawn_serve_with(
+    global: &[&str],
+    envs: &[(&str, &str)],
+    database: &str,
+    args: &[&str],
+) -> (std::process::Child, Option<String>) {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("c2dm"));
-    cmd.args([
-        "--token",
-        "server-token",
-        "--send-url",
-        send_url,
-        "serve",
-        "--database",
-        database,
-    ])
-    .args(args)
-    .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key-for-cli-tests")
-    .env("C2DM_SERVER_DEVICE_KEY", "device-key-for-cli-tests")
-    .env_remove("C2DM_LOG")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(global)
+        .args(["serve", "--database", database])
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("C2DM_SERVER_ADMIN_TOKEN", "admin-key-for-cli-tests")
+        .env("C2DM_SERVER_DEVICE_KEY", "device-key-for-cli-tests")
+        .env_remove("C2DM_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     if args.contains(&"--no-api") {
         return (child, None);
@@ -1642,4 +1647,31 @@ async fn fcm_send_and_broadcast_with_a_service_account_key() {
         .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--fcm"), "{}", stderr(&out));
+}
+
+/// `c2dm --fcm KEY serve` without C2DM's credentials: a server of FCM's devices only, which
+/// sends to them through FCM and gives C2DM's devices a `no_sender` row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_an_fcm_key_alone_sends_to_fcm_s_devices() {
+    let env = Env::new(Config::default()).await;
+    let key = env.path("service-account.json");
+    std::fs::write(&key, env.emulator.fcm_key_file()).unwrap();
+    let fcm_url = env.emulator.base_url();
+    let database = format!("sqlite://{}", env.path("c2dm.db"));
+    let global = ["--fcm", key.as_str(), "--fcm-url", fcm_url.as_str()];
+    let args = ["--listen", "127.0.0.1:0"];
+    let (server, base) = spawn_serve_with(&global, &[], &database, &args).await;
+    let base = base.unwrap();
+    for (id, provider) in [("fcm-1", "fcm"), ("phone-1", "c2dm")] {
+        let device = serde_json::json!({"registration_id": id, "provider": provider});
+        let key = "device-key-for-cli-tests";
+        let (status, body) = http(&base, "POST", "/v1/devices", key, Some(device)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let done = push_to_all_and_wait(&base).await;
+    assert_eq!(done["counts"]["accepted"], 1, "{done}");
+    assert_eq!(done["counts"]["not_attempted"]["no_sender"], 1, "{done}");
+    assert_eq!(env.emulator.inbox("fcm-1").len(), 1);
+    assert!(env.emulator.inbox("phone-1").is_empty());
+    terminate(server).await;
 }

@@ -338,7 +338,7 @@ async fn each_provider_account_has_a_daily_budget_of_its_own(db: Db) {
         assert_eq!(status, http::StatusCode::CREATED, "{body}");
     }
     let senders = c2dm_server::jobs::Senders {
-        c2dm: server.sender_over(c2dm_hyper::HyperTransport::new().unwrap()),
+        c2dm: Some(server.sender_over(c2dm_hyper::HyperTransport::new().unwrap())),
         fcm: Some(server.fcm_sender()),
     };
     let _workers = server.workers_with(senders, options);

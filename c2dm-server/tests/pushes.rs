@@ -581,10 +581,10 @@ async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
         assert_eq!(body["provider"], provider, "{body}");
     }
     let senders = c2dm_server::jobs::Senders {
-        c2dm: server.sender_over(c2dm_hyper::HyperTransport::new().unwrap()),
+        c2dm: Some(server.sender_over(c2dm_hyper::HyperTransport::new().unwrap())),
         fcm: Some(server.fcm_sender()),
     };
-    let stop = server.workers_with(senders, WorkerOptions::default());
+    let workers = server.stoppable_workers(senders, WorkerOptions::default());
     let id = server.push(json!("all")).await;
     let status = server.finished(&id).await;
     assert_eq!(status["state"], "done", "{status}");
@@ -637,11 +637,12 @@ async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
         idle["counts"]["not_attempted"]["unsupported_by_provider"], 2,
         "{idle}"
     );
-    drop(stop);
+    workers.stop().await;
 
     // Workers without an FCM sender: FCM's devices are not sent to, and say why.
     server.emulator.clear_inbox();
-    let stop = server.workers(WorkerOptions::default());
+    let c2dm = server.sender_over(c2dm_hyper::HyperTransport::new().unwrap());
+    let workers = server.stoppable_workers(c2dm, WorkerOptions::default());
     let id = server.push(json!("all")).await;
     let status = server.finished(&id).await;
     assert_eq!(status["counts"]["accepted"], 1, "{status}");
@@ -650,7 +651,22 @@ async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
         "{status}"
     );
     assert!(server.emulator.inbox("fcm-1").is_empty());
-    drop(stop);
+    workers.stop().await;
+
+    // Workers with FCM's sender alone (a process for an FCM project only): C2DM's devices
+    // are not sent to, and say why.
+    server.emulator.clear_inbox();
+    let workers = server.stoppable_workers(server.fcm_sender(), WorkerOptions::default());
+    let id = server.push(json!("all")).await;
+    let status = server.finished(&id).await;
+    assert_eq!(status["counts"]["accepted"], 2, "{status}");
+    assert_eq!(
+        status["counts"]["not_attempted"]["no_sender"], 1,
+        "{status}"
+    );
+    assert!(server.emulator.inbox("phone-1").is_empty());
+    assert_eq!(server.emulator.inbox("fcm-1").len(), 1);
+    workers.stop().await;
 }
 
 on_each_database!(

@@ -75,11 +75,15 @@ pub(super) async fn watch_account(runner: Arc<Runner>) {
     let mut ticks = 0u64;
     let mut looks = tokio::time::interval(LOOK);
     looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pauses = runner.sender.pause_changes();
+    let mut pauses = runner.sender.as_ref().map(Sender::pause_changes);
     loop {
         let looked = tokio::select! {
             _ = looks.tick() => true,
             () = async {
+                // Without a C2DM sender, only the looks (for the queues' depth).
+                let Some(pauses) = pauses.as_mut() else {
+                    return std::future::pending::<()>().await;
+                };
                 if pauses.changed().await.is_err() {
                     // The sender is gone (it cannot be, while the runner holds it).
                     std::future::pending::<()>().await;
@@ -92,7 +96,11 @@ pub(super) async fn watch_account(runner: Arc<Runner>) {
             continue;
         }
         ticks += 1;
-        if let Some(logins) = runner.sender.token_provider().logins() {
+        if let Some(logins) = runner
+            .sender
+            .as_ref()
+            .and_then(|sender| sender.token_provider().logins())
+        {
             metrics::counter!("c2dm_logins_total").absolute(logins);
         }
         if ticks.is_multiple_of(5) {
@@ -130,7 +138,10 @@ pub(super) async fn watch_fcm(runner: Arc<Runner>, fcm: Sender<Fcm>) {
 
 /// One look at the C2DM sender's pause and its account's ([`share_pause_of`]).
 pub(super) async fn share_pause(runner: &Runner, shared: Option<SystemTime>) -> Option<SystemTime> {
-    share_pause_of(runner, &runner.sender, &runner.options.account, shared).await
+    match &runner.sender {
+        Some(sender) => share_pause_of(runner, sender, &runner.options.account, shared).await,
+        None => None,
+    }
 }
 
 /// One look at the pauses: `sender`'s, if later than `account`'s (`shared`, as last read),
@@ -204,11 +215,16 @@ mod tests {
 
         // The first worker's sender is paused (a 503 with Retry-After: 30, say).
         let until = Instant::now() + Duration::from_secs(30);
-        first.sender.pause_all_until(until);
+        first.sender.as_ref().unwrap().pause_all_until(until);
         let shared = share_pause(&first, None).await.expect("shared");
         // The second learns it at its next look, to the millisecond; the other account not.
         assert_eq!(share_pause(&second, None).await, Some(shared));
-        let learned = second.sender.paused_until().expect("paused");
+        let learned = second
+            .sender
+            .as_ref()
+            .unwrap()
+            .paused_until()
+            .expect("paused");
         let off = if learned > until {
             learned - until
         } else {
@@ -216,17 +232,20 @@ mod tests {
         };
         assert!(off < Duration::from_millis(5), "{off:?}");
         assert_eq!(share_pause(&elsewhere, None).await, None);
-        assert_eq!(elsewhere.sender.paused_until(), None);
+        assert_eq!(elsewhere.sender.as_ref().unwrap().paused_until(), None);
 
         // Looking again changes nothing: the pause is not extended by being read back, nor
         // told again (which would share it again, and again).
-        let mut told = [first.sender.pause_changes(), second.sender.pause_changes()];
+        let mut told = [
+            first.sender.as_ref().unwrap().pause_changes(),
+            second.sender.as_ref().unwrap().pause_changes(),
+        ];
         for pauses in &mut told {
             pauses.borrow_and_update();
         }
         assert_eq!(share_pause(&first, Some(shared)).await, Some(shared));
         assert_eq!(share_pause(&second, Some(shared)).await, Some(shared));
-        adopt_shared_pause(&second, &second.sender, "acct")
+        adopt_shared_pause(&second, second.sender.as_ref().unwrap(), "acct")
             .await
             .unwrap();
         for pauses in &told {
@@ -242,7 +261,7 @@ mod tests {
             .unwrap();
         let runner = |project: &str| {
             let senders = crate::jobs::Senders {
-                c2dm: sender(),
+                c2dm: Some(sender()),
                 fcm: Some(fcm_sender(project)),
             };
             let options = WorkerOptions {
@@ -272,6 +291,6 @@ mod tests {
             None
         );
         assert_eq!(share_pause(&second, None).await, None);
-        assert_eq!(second.sender.paused_until(), None);
+        assert_eq!(second.sender.as_ref().unwrap().paused_until(), None);
     }
 }

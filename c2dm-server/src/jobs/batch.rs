@@ -182,19 +182,29 @@ pub(super) async fn batch_run(
         }
     }
     let mut later = Vec::new();
-    let mut sent = budgeted_send(
-        runner,
-        retry,
-        &loaded,
-        &runner.sender,
-        &runner.options.account,
-        |first| Ok(template(push, first)?),
-        send,
-        &mut pending,
-        &mut later,
-        now,
-    )
-    .await?;
+    let mut sent = Sends::default();
+    match &runner.sender {
+        Some(sender) => {
+            sent = budgeted_send(
+                runner,
+                retry,
+                &loaded,
+                sender,
+                &runner.options.account,
+                |first| Ok(template(push, first)?),
+                send,
+                &mut pending,
+                &mut later,
+                now,
+            )
+            .await?;
+        }
+        None => {
+            for (_, id) in &send {
+                pending.push(DeliveryRow::not_attempted(id.as_str(), NO_SENDER, now));
+            }
+        }
+    }
     if let Some(Ok((fcm, fcm_template))) = fcm {
         let by_fcm = budgeted_send(
             runner,
@@ -217,7 +227,7 @@ pub(super) async fn batch_run(
     finish(runner, retry, &loaded.job, pending, later, &sent).await
 }
 
-/// Why a device of FCM gets no send: this process has no FCM sender.
+/// Why a device gets no send: this process has no sender for its provider.
 const NO_SENDER: &str = "no_sender";
 
 /// Why a device of FCM gets no send: the push asks for what FCM has not (`delay_while_idle`,

@@ -105,27 +105,39 @@ const LOOK: Duration = Duration::from_millis(200);
 /// around its sends; the value's evidence is in docs/PERFORMANCE.md's decisions.
 const READY_AHEAD: usize = 1;
 
-/// The senders a process's workers send through: C2DM's always, FCM's when it is set up. A
-/// device whose provider has no sender here gets a `not_attempted` row
-/// (`no_sender` as its reason).
-#[derive(Debug, Clone)]
+/// The senders a process's workers send through, each if it is set up. A device whose
+/// provider has no sender here gets a `not_attempted` row (`no_sender` as its reason).
+#[derive(Debug, Clone, Default)]
 pub struct Senders {
     /// C2DM's: every device registered for C2DM (and every id not registered).
-    pub c2dm: Sender,
-    /// FCM's, if set up: every device registered for FCM.
+    pub c2dm: Option<Sender>,
+    /// FCM's: every device registered for FCM.
     pub fcm: Option<Sender<Fcm>>,
 }
 
 impl From<Sender> for Senders {
     fn from(c2dm: Sender) -> Self {
-        Self { c2dm, fcm: None }
+        Self {
+            c2dm: Some(c2dm),
+            fcm: None,
+        }
+    }
+}
+
+impl From<Sender<Fcm>> for Senders {
+    fn from(fcm: Sender<Fcm>) -> Self {
+        Self {
+            c2dm: None,
+            fcm: Some(fcm),
+        }
     }
 }
 
 /// What the job handlers share.
 struct Runner {
     store: Store,
-    sender: Sender,
+    /// C2DM's sender, if set up.
+    sender: Option<Sender>,
     /// FCM's sender, if set up.
     fcm: Option<Sender<Fcm>>,
     queues: Queues,

@@ -243,6 +243,26 @@ impl Server {
         .build()
     }
 
+    /// Runs workers with `senders` until [`Workers::stop`], which returns once they have
+    /// stopped: the next workers started are the only ones to take jobs.
+    pub fn stoppable_workers(
+        &self,
+        senders: impl Into<c2dm_server::jobs::Senders>,
+        options: WorkerOptions,
+    ) -> Workers {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(run_workers(
+            self.store.clone(),
+            senders.into(),
+            self.queues.clone(),
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Workers { stop, running }
+    }
+
     /// Runs workers with `sender` (or senders) until the returned sender is dropped or fired.
     pub fn workers_with(
         &self,
@@ -359,5 +379,19 @@ impl Server {
                 None => return rows,
             }
         }
+    }
+}
+
+/// Workers started by [`Server::stoppable_workers`].
+pub struct Workers {
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), c2dm_server::jobs::JobError>>,
+}
+
+impl Workers {
+    /// Stops the workers and waits until they have.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running.await.unwrap().unwrap();
     }
 }
