@@ -304,9 +304,14 @@
       .flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: fmt(v), 'data-count': k.toLowerCase() })]));
   }
 
+  function providerText(provider) {
+    return provider === 'fcm' ? 'FCM' : 'C2DM';
+  }
+
   function deviceRow(d) {
     return el('tr', { 'data-state': d.state },
       el('td', {}, el('a', { href: `#/devices/${encodeURIComponent(d.registration_id)}`, text: d.registration_id })),
+      el('td', { text: providerText(d.provider) }),
       el('td', { text: d.user_id || '—' }),
       el('td', { text: d.tags.join(', ') || '—' }),
       el('td', { text: d.reason ? `${d.state} (${d.reason})` : d.state }),
@@ -354,7 +359,7 @@
     $('device-title').textContent = `Device ${d.registration_id}`;
     const facts = [
       ['State', d.reason ? `${d.state} (${d.reason})` : d.state],
-      ['Provider', d.provider === 'fcm' ? 'FCM' : 'C2DM'],
+      ['Provider', providerText(d.provider)],
       ['User', d.user_id || '—'],
       ['Tags', d.tags.join(', ') || '—'],
       ['Device id', d.device_id || '—'],

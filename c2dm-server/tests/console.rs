@@ -381,6 +381,8 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     page.click("#search-button").await;
     page.until("document.querySelectorAll('#device-results tbody tr').length === 15")
         .await;
+    let found = page.rows("#device-results tbody tr").await;
+    assert!(found.iter().all(|r| r[1] == "C2DM"), "{found:?}");
     page.screenshot("devices").await;
 
     // A push from the form, to a tag: the confirmation says how many devices it reaches.
@@ -460,6 +462,28 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         sent_before,
         "nothing sent"
     );
+
+    // A device of FCM's says so, in the search's results and on its page.
+    let (status, body) = server
+        .call(
+            "POST",
+            "/v1/devices",
+            common::DEVICE,
+            Some(json!({"registration_id": "fcm-carol", "provider": "fcm"})),
+        )
+        .await;
+    assert_eq!(status, http::StatusCode::CREATED, "{body}");
+    page.click("#nav-devices").await;
+    page.select("#search-by", "registration_id").await;
+    page.fill("#search-text", "fcm-carol").await;
+    page.click("#search-button").await;
+    page.until(
+        "document.querySelector('#device-results tbody tr td:nth-child(2)')?.innerText === 'FCM'",
+    )
+    .await;
+    page.click("#device-results tbody tr a").await;
+    page.until("document.querySelector('#device-facts')?.innerText.includes('FCM')")
+        .await;
 
     // At a phone's width: nothing wider than the screen.
     page.client.set_window_size(390, 844).await.unwrap();
