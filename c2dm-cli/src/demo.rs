@@ -431,7 +431,7 @@ async fn server_checks(
             let inbox = emulator.inbox(device);
             let holds = match row["outcome"].as_str() {
                 Some("accepted") => {
-                    inbox.len() == 1 && row["c2dm_message_id"] == inbox[0].message_id.as_str()
+                    inbox.len() == 1 && row["message_id"] == inbox[0].message_id.as_str()
                 }
                 Some("rejected") => device.starts_with("gone-") && inbox.is_empty(),
                 _ => false,

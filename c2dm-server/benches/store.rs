@@ -59,7 +59,7 @@ fn store(c: &mut Criterion) {
                     DeliveryRow {
                         registration_id: format!("device-{next:010}"),
                         outcome: OutcomeKind::Accepted,
-                        c2dm_message_id: Some(format!("0:{next}%bench")),
+                        message_id: Some(format!("0:{next}%bench")),
                         error: None,
                         attempts: 1,
                         possible_duplicates: 0,

@@ -242,7 +242,7 @@
       el('td', {}, el('a', { href: `#/devices/${encodeURIComponent(d.registration_id)}`, text: d.registration_id })),
       el('td', { text: outcomeName(d.outcome) }),
       el('td', { text: d.error || '—' }),
-      el('td', { text: d.c2dm_message_id || '—' }),
+      el('td', { text: d.message_id || '—' }),
       el('td', { class: 'num', text: fmt(d.attempts) }),
       el('td', { class: 'num', text: fmt(d.possible_duplicates) }),
       el('td', { text: when(d.at) }));

@@ -568,7 +568,7 @@ fn row(device: &str, outcome: OutcomeKind, error: Option<&str>) -> DeliveryRow {
     DeliveryRow {
         registration_id: device.into(),
         outcome,
-        c2dm_message_id: None,
+        message_id: None,
         error: error.map(Into::into),
         attempts: 1,
         possible_duplicates: 0,

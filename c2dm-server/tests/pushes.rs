@@ -56,7 +56,7 @@ async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db
             "accepted" => {
                 assert_eq!(inbox.len(), 1, "{device}: exactly once");
                 assert_eq!(
-                    row["c2dm_message_id"].as_str(),
+                    row["message_id"].as_str(),
                     Some(inbox[0].message_id.as_str())
                 );
             }
@@ -607,7 +607,7 @@ async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
         .await;
     for row in rows["deliveries"].as_array().unwrap() {
         let device = row["registration_id"].as_str().unwrap();
-        let message_id = row["c2dm_message_id"].as_str().unwrap();
+        let message_id = row["message_id"].as_str().unwrap();
         let inbox = server.emulator.inbox(device);
         assert_eq!(inbox.len(), 1, "{device}");
         if device.starts_with("fcm-") {

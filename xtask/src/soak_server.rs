@@ -182,7 +182,7 @@ fn finished(state: &str) -> bool {
 struct Row {
     outcome: String,
     error: Option<String>,
-    c2dm_message_id: Option<String>,
+    message_id: Option<String>,
     possible_duplicates: u64,
 }
 
@@ -220,7 +220,7 @@ fn rows(port: u16, id: &str) -> Result<HashMap<String, Row>, String> {
         let row = Row {
             outcome: text("outcome").unwrap_or_default(),
             error: text("error"),
-            c2dm_message_id: text("c2dm_message_id"),
+            message_id: text("message_id"),
             possible_duplicates: row["possible_duplicates"].as_u64().unwrap_or(0),
         };
         match rows.insert(device.clone(), row) {
@@ -386,13 +386,13 @@ impl<'a> Record<'a> {
                     .map_or(&[][..], Vec::as_slice);
                 if row.outcome == "accepted"
                     && !row
-                        .c2dm_message_id
+                        .message_id
                         .as_deref()
                         .is_some_and(|m| got.contains(&m))
                 {
                     out.problem(format!(
                         "push {} {id}: the row says accepted as {:?}; the emulator accepted {got:?}",
-                        push.key, row.c2dm_message_id
+                        push.key, row.message_id
                     ));
                 }
                 if !got.is_empty() && row.outcome != "accepted" && row.possible_duplicates == 0 {
@@ -1004,7 +1004,7 @@ mod tests {
         Row {
             outcome: outcome.into(),
             error: None,
-            c2dm_message_id: m.map(str::to_owned),
+            message_id: m.map(str::to_owned),
             possible_duplicates: duplicates,
         }
     }

@@ -68,7 +68,7 @@ CREATE TABLE deliveries (
     push_id BIGINT NOT NULL,
     registration_id TEXT COLLATE "C" NOT NULL,
     outcome TEXT NOT NULL CHECK (outcome IN ('accepted', 'rejected', 'failed', 'not_attempted')),
-    c2dm_message_id TEXT,
+    message_id TEXT,
     error TEXT,
     attempts BIGINT NOT NULL,
     possible_duplicates BIGINT NOT NULL,

@@ -68,7 +68,7 @@ CREATE TABLE deliveries (
     push_id INTEGER NOT NULL,
     registration_id TEXT NOT NULL,
     outcome TEXT NOT NULL CHECK (outcome IN ('accepted', 'rejected', 'failed', 'not_attempted')),
-    c2dm_message_id TEXT,
+    message_id TEXT,
     error TEXT,
     attempts INTEGER NOT NULL,
     possible_duplicates INTEGER NOT NULL,

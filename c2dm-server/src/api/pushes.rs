@@ -534,9 +534,11 @@ pub(super) struct DeliveryView {
     /// What became of the push on it.
     #[schema(value_type = OutcomeName)]
     outcome: c2dm_core::OutcomeKind,
-    /// The id C2DM gave the message, when accepted.
-    c2dm_message_id: Option<String>,
-    /// The C2DM code, the error, or why not attempted.
+    /// The id the device's provider gave the message, when accepted: C2DM's `0:…`, FCM's
+    /// `projects/…/messages/…`.
+    message_id: Option<String>,
+    /// The provider's error code (C2DM's `NotRegistered`, FCM's `UNREGISTERED`…), the
+    /// error, or why not attempted.
     error: Option<String>,
     /// Requests made.
     attempts: u32,
@@ -552,7 +554,7 @@ impl From<DeliveryRow> for DeliveryView {
         Self {
             registration_id: r.registration_id,
             outcome: r.outcome,
-            c2dm_message_id: r.c2dm_message_id,
+            message_id: r.message_id,
             error: r.error,
             attempts: r.attempts,
             possible_duplicates: r.possible_duplicates,

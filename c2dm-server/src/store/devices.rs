@@ -107,7 +107,7 @@ impl Store {
         // Pushes newest first, each looked up by its key: no index by device is kept (it
         // would cost every push's writes), and pushes are few beside their rows.
         let rows: Vec<PushDelivery> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT d.registration_id, d.outcome, d.c2dm_message_id, d.error, d.attempts, \
+            "SELECT d.registration_id, d.outcome, d.message_id, d.error, d.attempts, \
              d.possible_duplicates, d.at, p.id AS push_id FROM pushes p \
              JOIN deliveries d ON d.push_id = p.id AND d.registration_id = $1 \
              WHERE p.id < $2 ORDER BY p.id DESC LIMIT $3",

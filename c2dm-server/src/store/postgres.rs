@@ -114,7 +114,7 @@ macro_rules! write_rows {
              finishing AS (UPDATE batch_marks SET finished = TRUE \
              WHERE push_id = $1 AND batch = $9 AND $12 AND EXISTS (SELECT FROM ours)), \
              written AS (INSERT INTO deliveries (push_id, registration_id, outcome, \
-             c2dm_message_id, error, attempts, possible_duplicates, at) \
+             message_id, error, attempts, possible_duplicates, at) \
              SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], \
              $6::bigint[], $7::bigint[], $8::bigint[]) WHERE EXISTS (SELECT FROM ours) ",
             $($on_conflict,)?
@@ -228,7 +228,7 @@ async fn write_rows(
     .bind(id)
     .bind(column(|r| Some(r.registration_id.as_str())))
     .bind(column(|r| Some(r.outcome.as_str())))
-    .bind(column(|r| r.c2dm_message_id.as_deref()))
+    .bind(column(|r| r.message_id.as_deref()))
     .bind(column(|r| r.error.as_deref()))
     .bind(number(|r| i64::from(r.attempts)))
     .bind(number(|r| i64::from(r.possible_duplicates)))

@@ -185,7 +185,7 @@ impl PushRecord {
 macro_rules! select_deliveries {
     ($($rest:literal)*) => {
         concat!(
-            "SELECT registration_id, outcome, c2dm_message_id, error, attempts, ",
+            "SELECT registration_id, outcome, message_id, error, attempts, ",
             "possible_duplicates, at FROM deliveries ",
             $($rest),*
         )
@@ -198,7 +198,7 @@ pub(super) use select_deliveries;
 pub(super) struct DeliveryRecord {
     registration_id: String,
     outcome: String,
-    c2dm_message_id: Option<String>,
+    message_id: Option<String>,
     error: Option<String>,
     attempts: i64,
     possible_duplicates: i64,
@@ -212,7 +212,7 @@ impl TryFrom<DeliveryRecord> for DeliveryRow {
         Ok(DeliveryRow {
             registration_id: row.registration_id,
             outcome: outcome_of(&row.outcome)?,
-            c2dm_message_id: row.c2dm_message_id,
+            message_id: row.message_id,
             error: row.error,
             attempts: u32::try_from(row.attempts).unwrap_or(u32::MAX),
             possible_duplicates: u32::try_from(row.possible_duplicates).unwrap_or(u32::MAX),

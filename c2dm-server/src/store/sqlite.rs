@@ -186,7 +186,7 @@ pub(super) async fn write_batch(
                 .bind(id)
                 .bind(row.registration_id.as_str())
                 .bind(row.outcome.as_str())
-                .bind(row.c2dm_message_id.as_deref())
+                .bind(row.message_id.as_deref())
                 .bind(row.error.as_deref())
                 .bind(i64::from(row.attempts))
                 .bind(i64::from(row.possible_duplicates))
@@ -278,7 +278,7 @@ pub(super) async fn write_batch(
 fn insert_deliveries(n: usize) -> sqlx::SqlStr {
     fn text(n: usize) -> String {
         let mut sql = String::from(
-            "INSERT INTO deliveries (push_id, registration_id, outcome, c2dm_message_id, \
+            "INSERT INTO deliveries (push_id, registration_id, outcome, message_id, \
              error, attempts, possible_duplicates, at) VALUES ",
         );
         for at in 0..n {

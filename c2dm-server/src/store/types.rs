@@ -346,9 +346,9 @@ pub struct DeliveryRow {
     pub registration_id: String,
     /// Accepted, rejected, failed or not attempted.
     pub outcome: c2dm_core::OutcomeKind,
-    /// The id C2DM gave the message, when accepted.
-    pub c2dm_message_id: Option<String>,
-    /// The C2DM code, the error, or why it was not attempted.
+    /// The id the device's provider gave the message, when accepted.
+    pub message_id: Option<String>,
+    /// The provider's error code, the error, or why it was not attempted.
     pub error: Option<String>,
     /// Requests made.
     pub attempts: u32,
@@ -364,7 +364,7 @@ impl DeliveryRow {
         Self {
             registration_id: delivery.registration_id().to_string(),
             outcome: delivery.outcome().kind(),
-            c2dm_message_id: delivery.message_id().map(ToString::to_string),
+            message_id: delivery.message_id().map(ToString::to_string),
             error: delivery.error_text(),
             attempts: delivery.attempts(),
             possible_duplicates: delivery.possible_duplicates(),
@@ -377,7 +377,7 @@ impl DeliveryRow {
         Self {
             registration_id: registration_id.to_owned(),
             outcome: c2dm_core::OutcomeKind::NotAttempted,
-            c2dm_message_id: None,
+            message_id: None,
             error: Some(why.to_owned()),
             attempts: 0,
             possible_duplicates: 0,
