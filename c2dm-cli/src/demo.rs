@@ -9,7 +9,9 @@ use c2dm_auth::{ClientLogin, Credentials};
 use c2dm_core::{
     BroadcastOptions, Delivery, DeliveryReport, Message, RegistrationId, RetryPolicy, Sender,
 };
+use c2dm_emulator::fcm::PROJECT_ID;
 use c2dm_emulator::{Config, DEFAULT_EMAIL, DEFAULT_PASSWORD, Emulator, FaultRate};
+use c2dm_fcm::{Fcm, ServiceAccountKey, ServiceAccountTokens};
 use c2dm_hyper::HyperTransport;
 use futures::StreamExt;
 
@@ -125,7 +127,8 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
     {
         problems.push("the first message is not in device-demo's inbox".into());
     }
-    problems.extend(server_act(&emulator, &sender, args.server_devices).await?);
+    let fcm = fcm_sender(global, &emulator)?;
+    problems.extend(server_act(&emulator, &sender, fcm, args.server_devices).await?);
     print_verdict(
         global,
         args.devices,
@@ -200,6 +203,33 @@ async fn log_in(global: &Global, emulator: &Emulator) -> Result<Sender, CliError
         .build())
 }
 
+/// The emulator's FCM sender: its service account's key file, tokens from its token endpoint,
+/// over TLS (HTTP/2) trusting only the emulator's certificate.
+fn fcm_sender(global: &Global, emulator: &Emulator) -> Result<Sender<Fcm>, CliError> {
+    let pem = emulator.cert_pem().unwrap_or_default();
+    let transport = HyperTransport::builder()
+        .http2(true)
+        .only_added_roots()
+        .add_root_certificates_pem(pem.as_bytes())
+        .and_then(|b| b.build())
+        .map_err(failed("TLS setup"))?;
+    let key = ServiceAccountKey::from_json(emulator.fcm_key_file().as_bytes())
+        .map_err(failed("the emulator's service-account key"))?;
+    let fcm = Fcm::new(key.project_id()).map_err(failed("FCM project"))?;
+    let endpoint = emulator
+        .fcm_send_url()
+        .parse::<http::Uri>()
+        .map_err(failed("FCM send URL"))?;
+    let tokens = ServiceAccountTokens::new(key, transport.clone());
+    Ok(Sender::with_protocol(fcm, transport, tokens)
+        .retry_policy(
+            RetryPolicy::default()
+                .with_initial_backoff(Duration::from_secs_f64(global.initial_backoff)),
+        )
+        .endpoint(endpoint)
+        .build())
+}
+
 /// The article's first message, to one device; returns it (the broadcast's template) and
 /// what the service said.
 async fn send_one(sender: &Sender) -> Result<(Message, c2dm_core::Sent), CliError> {
@@ -251,11 +281,13 @@ async fn broadcast(
 }
 
 /// The application server's act: `c2dm serve` on a temporary SQLite file, `devices` phones
-/// registering over HTTP (one in fifty gone), one push to all, and every row checked against
-/// the emulator's inbox and every gone device's state. Returns what does not hold.
+/// registering over HTTP (one in three for FCM, one in fifty gone), one push to all through
+/// each device's provider, and every row checked against the emulator's record of that
+/// protocol and every gone device's state. Returns what does not hold.
 async fn server_act(
     emulator: &Emulator,
     sender: &Sender,
+    fcm: Sender<Fcm>,
     devices: u32,
 ) -> Result<Vec<String>, CliError> {
     use c2dm_server::api::{Key, Keys};
@@ -284,9 +316,13 @@ async fn server_act(
     };
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let senders = c2dm_server::jobs::Senders {
+        c2dm: Some(sender.clone()),
+        fcm: Some(fcm),
+    };
     let server = tokio::spawn(serve(
         options,
-        sender.clone(),
+        senders,
         move |address| {
             let _ = bound_tx.send(address);
         },
@@ -313,6 +349,14 @@ async fn server_act(
         .map_err(failed("the server"))?;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// How the server act names its FCM devices (after `gone-`, for the gone ones).
+const FCM_DEVICE: &str = "fcm-device-";
+
+/// Whether the server act registered `device` for FCM.
+fn is_fcm(device: &str) -> bool {
+    device.trim_start_matches("gone-").starts_with(FCM_DEVICE)
 }
 
 /// The demo server's keys: it listens on loopback only, for the length of the act.
@@ -362,15 +406,17 @@ async fn server_checks(
         .map_err(failed("HTTP client"))?;
     let ids: Vec<String> = (0..devices)
         .map(|i| {
-            if i % 50 == 7 {
-                format!("gone-server-{i:05}")
+            let gone = if i % 50 == 7 { "gone-" } else { "" };
+            let provider = if i % 3 == 1 {
+                FCM_DEVICE
             } else {
-                format!("server-device-{i:05}")
-            }
+                "c2dm-device-"
+            };
+            format!("{gone}{provider}{i:05}")
         })
         .collect();
     println!(
-        "{devices} devices register with it over HTTP (one in fifty gone), and it pushes to all"
+        "{devices} devices register with it over HTTP (one in three for FCM, one in fifty gone), and it pushes to all"
     );
     let bar = progress_bar(u64::from(devices));
     // Sixteen registrations at once, each its own task.
@@ -379,7 +425,10 @@ async fn server_checks(
         let (http, base, chunk, bar) = (http.clone(), base.to_owned(), chunk.to_vec(), bar.clone());
         registrations.spawn(async move {
             for id in chunk {
-                let body = serde_json::json!({"registration_id": id, "tags": ["demo"]});
+                let provider = if is_fcm(&id) { "fcm" } else { "c2dm" };
+                let body = serde_json::json!({
+                    "registration_id": id, "provider": provider, "tags": ["demo"]
+                });
                 let (status, answer) =
                     call(&http, &base, "POST", "/v1/devices", DEMO_DEVICE, Some(body)).await?;
                 if status != 201 {
@@ -406,11 +455,13 @@ async fn server_checks(
     let id = message["id"].as_str().unwrap_or_default().to_owned();
     let status_path = format!("/v1/pushes/{id}?wait=60");
     let (_, message) = call(&http, base, "GET", &status_path, DEMO_ADMIN, None).await?;
+    let rejected = |code: &str| message["counts"]["rejected"][code].as_u64().unwrap_or(0);
+    let (c2dm_gone, fcm_gone) = (rejected("NotRegistered"), rejected("UNREGISTERED"));
     println!(
-        "push {id}: {}, {} accepted, {} rejected (NotRegistered)",
+        "push {id}: {}, {} accepted, {} rejected (C2DM's NotRegistered {c2dm_gone}, FCM's UNREGISTERED {fcm_gone})",
         message["state"].as_str().unwrap_or("?"),
         message["counts"]["accepted"],
-        message["counts"]["rejected"]["NotRegistered"]
+        c2dm_gone + fcm_gone,
     );
     let mut problems = Vec::new();
     if message["state"] != "done" {
@@ -419,8 +470,11 @@ async fn server_checks(
             message["state"]
         ));
     }
-    // Every row, against the emulator's inbox and the device's state.
+    // Every row, against the emulator's inbox and the device's state, by its protocol: FCM
+    // names a message `projects/<project>/messages/<id>` and says UNREGISTERED of a gone
+    // device, C2DM gives the id alone and says NotRegistered.
     let mut rows = 0usize;
+    let mut fcm_accepted = 0u64;
     let mut after = String::new();
     loop {
         let path = format!("/v1/pushes/{id}/deliveries?limit=1000{after}");
@@ -429,11 +483,22 @@ async fn server_checks(
             rows += 1;
             let device = row["registration_id"].as_str().unwrap_or_default();
             let inbox = emulator.inbox(device);
+            let fcm = is_fcm(device);
             let holds = match row["outcome"].as_str() {
                 Some("accepted") => {
-                    inbox.len() == 1 && row["message_id"] == inbox[0].message_id.as_str()
+                    fcm_accepted += u64::from(fcm);
+                    inbox.len() == 1
+                        && row["message_id"].as_str()
+                            == Some(&*if fcm {
+                                format!("projects/{PROJECT_ID}/messages/{}", inbox[0].message_id)
+                            } else {
+                                inbox[0].message_id.clone()
+                            })
                 }
-                Some("rejected") => device.starts_with("gone-") && inbox.is_empty(),
+                Some("rejected") => {
+                    let code = if fcm { "UNREGISTERED" } else { "NotRegistered" };
+                    device.starts_with("gone-") && inbox.is_empty() && row["error"] == code
+                }
                 _ => false,
             };
             if !holds {
@@ -449,6 +514,13 @@ async fn server_checks(
     }
     if rows != ids.len() {
         problems.push(format!("{rows} server rows for {} devices", ids.len()));
+    }
+    let fcm_stats = emulator.stats().fcm;
+    if fcm_stats.accepted != fcm_accepted {
+        problems.push(format!(
+            "the emulator accepted {} FCM messages, the server's rows say {fcm_accepted}",
+            fcm_stats.accepted
+        ));
     }
     let gone_path = "/v1/devices?state=gone&limit=1000";
     let (_, gone) = call(&http, base, "GET", gone_path, DEMO_ADMIN, None).await?;

@@ -789,7 +789,9 @@ async fn demo_verifies_delivery() {
         "{text}"
     );
     assert!(
-        text.contains("push 1: done, 196 accepted, 4 rejected"),
+        text.contains(
+            "push 1: done, 196 accepted, 4 rejected (C2DM's NotRegistered 2, FCM's UNREGISTERED 2)"
+        ),
         "{text}"
     );
     let out = c2dm(

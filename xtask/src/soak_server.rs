@@ -385,10 +385,7 @@ impl<'a> Record<'a> {
                     .get(&(push.key.as_str(), id.as_str()))
                     .map_or(&[][..], Vec::as_slice);
                 if row.outcome == "accepted"
-                    && !row
-                        .message_id
-                        .as_deref()
-                        .is_some_and(|m| got.contains(&m))
+                    && !row.message_id.as_deref().is_some_and(|m| got.contains(&m))
                 {
                     out.problem(format!(
                         "push {} {id}: the row says accepted as {:?}; the emulator accepted {got:?}",
