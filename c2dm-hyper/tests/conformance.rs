@@ -1,5 +1,6 @@
 //! HyperTransport passes the transport conformance kit, and the kit catches a transport that
-//! lies about what it sent.
+//! lies about what it sent, one that cannot speak HTTP/2, and one that never pings its HTTP/2
+//! connections.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -7,7 +8,19 @@ use c2dm_core::{RequestSent, Transport, TransportError};
 use c2dm_hyper::HyperTransport;
 use c2dm_mock::conformance::{self, KitSettings};
 
+/// The transport as the kit asks: HTTP/2 offered by ALPN beside HTTP/1.1, with its pings.
 fn hyper_transport(settings: &KitSettings) -> HyperTransport {
+    builder(settings)
+        .http2(true)
+        .http2_keep_alive(Some((
+            settings.http2_keep_alive_interval,
+            settings.http2_keep_alive_timeout,
+        )))
+        .build()
+        .expect("a transport")
+}
+
+fn builder(settings: &KitSettings) -> c2dm_hyper::HyperTransportBuilder {
     HyperTransport::builder()
         .only_added_roots()
         .add_root_certificates_pem(settings.root_certificate_pem.as_bytes())
@@ -15,8 +28,32 @@ fn hyper_transport(settings: &KitSettings) -> HyperTransport {
         .request_timeout(settings.request_timeout)
         .connect_timeout(settings.connect_timeout)
         .max_response_bytes(settings.max_response_bytes)
-        .build()
-        .expect("a transport")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_without_http2_or_without_its_pings_fails_those_cases_by_name() {
+    let http1 = conformance::run(|settings: &KitSettings| builder(settings).build().unwrap()).await;
+    let failed: Vec<&str> = http1.failures().map(|c| c.name).collect();
+    assert_eq!(
+        failed,
+        [
+            "http2_streams_share_a_connection",
+            "http2_silent_connection_replaced"
+        ],
+        "{http1}"
+    );
+    let no_pings = conformance::run(|settings: &KitSettings| {
+        builder(settings)
+            .http2(true)
+            .http2_keep_alive(None)
+            .build()
+            .unwrap()
+    })
+    .await;
+    let failed: Vec<&str> = no_pings.failures().map(|c| c.name).collect();
+    assert_eq!(failed, ["http2_silent_connection_replaced"], "{no_pings}");
+    let why = no_pings.cases.last().unwrap().result.clone().unwrap_err();
+    assert!(why.contains("kept the dead connection"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

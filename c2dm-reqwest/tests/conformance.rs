@@ -13,17 +13,23 @@ fn reqwest_transport(settings: &KitSettings) -> ReqwestTransport {
     for cert in CertificateDer::pem_slice_iter(settings.root_certificate_pem.as_bytes()) {
         roots.add(cert.expect("PEM")).expect("a root");
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("TLS versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
+    // HTTP/2 by ALPN beside HTTP/1.1, as FCM wants: a configuration of one's own offers what
+    // it says.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let client = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .connect_timeout(settings.connect_timeout)
         .timeout(settings.request_timeout)
+        .http2_keep_alive_interval(settings.http2_keep_alive_interval)
+        .http2_keep_alive_timeout(settings.http2_keep_alive_timeout)
+        .http2_keep_alive_while_idle(true)
         .build()
         .expect("a client");
     ReqwestTransport::new(client).max_response_bytes(settings.max_response_bytes)

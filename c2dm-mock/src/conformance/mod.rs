@@ -3,10 +3,12 @@
 //! A transport is right when the [`Sender`](c2dm_core::Sender) can trust what it reports: an
 //! answer exactly as the server sent it, any HTTP status as an answer, "not sent" only when
 //! nothing can have reached the server (the sender resends those freely, and resends the others
-//! counting a possible duplicate), timeouts that hold, and certificates checked. [`run`] starts
-//! loopback servers of its own (plain HTTP/1.1 and TLS, with certificates it makes), builds the
-//! transport under test with the [`KitSettings`] it is given, and runs every case of [`CASES`]
-//! against it, reporting each by name.
+//! counting a possible duplicate), timeouts that hold, and certificates checked; and, for FCM
+//! HTTP v1, HTTP/2 negotiated by ALPN, its streams shared on one connection, and a connection
+//! that died silently found by the keep-alive ping and replaced. [`run`] starts loopback
+//! servers of its own (plain HTTP/1.1, TLS with HTTP/1.1, and TLS with HTTP/2 only, with
+//! certificates it makes), builds the transport under test with the [`KitSettings`] it is
+//! given, and runs every case of [`CASES`] against it, reporting each by name.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -19,9 +21,9 @@
 //! # }
 //! ```
 //!
-//! The kit waits for real time twice (a server that never answers, a TLS handshake that never
-//! ends), each for [`KitSettings::request_timeout`] (half a second); everything else is as
-//! fast as loopback.
+//! The kit waits for real time three times (a server that never answers, a TLS handshake that
+//! never ends, a send on a silent HTTP/2 connection), each for at most
+//! [`KitSettings::request_timeout`] (half a second); everything else is as fast as loopback.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,6 +35,8 @@ use c2dm_core::{RequestSent, Transport, TransportError, TransportErrorKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+
+mod http2;
 
 /// What the transport under test is built with.
 #[derive(Debug, Clone)]
@@ -50,6 +54,12 @@ pub struct KitSettings {
     /// The largest answer body the transport must accept; a larger one is an error of kind
     /// [`TransportErrorKind::BodyTooLarge`].
     pub max_response_bytes: usize,
+    /// How long an HTTP/2 connection may be quiet before the transport pings it (while
+    /// requests wait on it at least): a fifth of the request timeout.
+    pub http2_keep_alive_interval: Duration,
+    /// How long the transport waits for a ping's answer before it closes the connection
+    /// (and the next request opens another): a fifth of the request timeout.
+    pub http2_keep_alive_timeout: Duration,
 }
 
 /// The cases [`run`] runs, in order.
@@ -65,6 +75,8 @@ pub const CASES: &[&str] = &[
     "answer_over_size_cap",
     "chunked_answer",
     "headers_passed_through",
+    "http2_streams_share_a_connection",
+    "http2_silent_connection_replaced",
 ];
 
 /// How one case went.
@@ -148,6 +160,8 @@ where
         request_timeout: REQUEST_TIMEOUT,
         connect_timeout: REQUEST_TIMEOUT / 2,
         max_response_bytes: MAX_RESPONSE_BYTES,
+        http2_keep_alive_interval: REQUEST_TIMEOUT / 5,
+        http2_keep_alive_timeout: REQUEST_TIMEOUT / 5,
     };
     let mut cases = Vec::with_capacity(CASES.len());
     for &name in CASES {
@@ -164,6 +178,12 @@ where
             "answer_over_size_cap" => answer_over_size_cap(&transport, &trusted).await,
             "chunked_answer" => chunked_answer(&transport, &trusted).await,
             "headers_passed_through" => headers_passed_through(&transport, &trusted).await,
+            "http2_streams_share_a_connection" => {
+                http2::http2_streams_share_a_connection(&transport, &trusted).await
+            }
+            "http2_silent_connection_replaced" => {
+                http2::http2_silent_connection_replaced(&transport, &trusted).await
+            }
             _ => Err(format!("no such case: {name}")),
         };
         cases.push(CaseReport { name, result: case });
@@ -171,9 +191,11 @@ where
     Report { cases }
 }
 
-/// A certificate for `localhost` and `127.0.0.1`, self-signed, and the acceptor that serves it.
+/// A certificate for `localhost` and `127.0.0.1`, self-signed, and the acceptor that serves it
+/// with HTTP/1.1.
 struct Certificate {
     pem: String,
+    key: rcgen::CertifiedKey<rcgen::KeyPair>,
     acceptor: TlsAcceptor,
 }
 
@@ -184,23 +206,37 @@ impl Certificate {
             "127.0.0.1".to_owned(),
         ])
         .expect("a certificate for localhost");
-        let der = key.cert.der().clone();
-        let private =
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![der], private)
-        .expect("a server configuration");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(server_config(&key, &[b"http/1.1"]));
         Self {
             pem: key.cert.pem(),
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            key,
+            acceptor,
         }
     }
+
+    /// A server configuration with this certificate, offering `alpn` (in that order).
+    fn config_for(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        server_config(&self.key, alpn)
+    }
+}
+
+/// A server configuration with `key`'s certificate, offering `alpn` (in that order).
+fn server_config(
+    key: &rcgen::CertifiedKey<rcgen::KeyPair>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ServerConfig> {
+    let der = key.cert.der().clone();
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![der], private)
+    .expect("a server configuration");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
 }
 
 /// What a kit server does with each request.
