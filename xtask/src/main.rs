@@ -8,7 +8,8 @@
 //!   `--server`: the application server's pushes on SQLite and PostgreSQL, in rounds beside
 //!   `c2dm broadcast`, and registrations;
 //!   `--server --scaling`: 1, 2 and 3 worker processes on one PostgreSQL database.
-//! - `cargo xtask soak [--messages N]`: a long broadcast under every fault, checked afterwards.
+//! - `cargo xtask soak [--messages N] [--fcm]`: a long broadcast under every fault, checked
+//!   afterwards; through C2DM, or through FCM HTTP v1.
 //! - `cargo xtask soak --server [--sqlite [--minutes M]] [--runs N] [--devices N]`: the
 //!   application server under every fault, with processes killed, checked afterwards.
 //! - `cargo xtask release <major|minor|patch|X.Y.Z> [--dry-run]`: bump, changelog, package, tag.
@@ -99,6 +100,9 @@ pub(crate) struct SoakArgs {
     /// Messages of the broadcast soak.
     #[arg(long, default_value_t = 100_000, conflicts_with = "server")]
     pub(crate) messages: u64,
+    /// Through FCM HTTP v1 (HTTP/2, a service account's tokens) instead of C2DM.
+    #[arg(long, conflicts_with = "server")]
+    pub(crate) fcm: bool,
     /// The application server's processes on PostgreSQL, killed and restarted, instead.
     #[arg(long)]
     pub(crate) server: bool,
@@ -270,7 +274,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&root(), args),
         Task::Release(args) => release::run(&root(), &args.bump, args.dry_run),
         Task::Soak(args) if args.server => soak_server::run(&root(), args),
-        Task::Soak(args) => soak::run(&root(), args.messages),
+        Task::Soak(args) => soak::run(&root(), args.messages, args.fcm),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -311,6 +315,7 @@ mod tests {
             &["x", "bench", "--server", "--scaling", "--workers", "many"],
             &["x", "soak", "--server", "--messages", "5"],
             &["x", "soak", "--sqlite"],
+            &["x", "soak", "--server", "--fcm"],
             &["x", "release"],
             &["x", "bogus"],
         ] {

@@ -1,6 +1,7 @@
 //! `cargo xtask soak`: a long broadcast over TLS with every fault on at once, checked afterwards
-//! against the emulator's record; prints the figures. The small version runs in `cargo test`
-//! (c2dm-emulator/tests/soak.rs).
+//! against the emulator's record; prints the figures. Through C2DM by default, or through FCM
+//! HTTP v1 (`--fcm`: HTTP/2, a service account's tokens, renewed as they near their expiry).
+//! The small version of both runs in `cargo test` (c2dm-emulator/tests/soak.rs).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -23,7 +24,7 @@ pub(crate) fn id(i: u64) -> String {
 
 /// `cargo xtask soak`: the ids, the emulator, the broadcast, the emulator's record, the checks,
 /// the figures.
-pub fn run(root: &Path, n: u64) -> Result<(), String> {
+pub fn run(root: &Path, n: u64, fcm: bool) -> Result<(), String> {
     let bin = crate::build_dist(root, &["--bins"])?;
     let dir = std::env::temp_dir().join(format!("c2dm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -32,14 +33,20 @@ pub fn run(root: &Path, n: u64) -> Result<(), String> {
         stats: dir.join("stats.json"),
         ids: dir.join("ids"),
         journal: dir.join("journal.jsonl"),
+        fcm_key: fcm.then(|| dir.join("service-account.json")),
     };
-    write_ids(&files.ids, n)?;
+    write_ids(&files.ids, n, fcm)?;
     let (mut emulator, base) = start_emulator(&bin, &files)?;
-    eprintln!("soak: {n} messages over TLS against {base}");
+    let protocol = if fcm {
+        "FCM HTTP v1 over HTTP/2"
+    } else {
+        "C2DM"
+    };
+    eprintln!("soak: {n} messages through {protocol} over TLS against {base}");
     let run = broadcast(&bin, &files, &base)?;
     let stats = stop_emulator(&mut emulator, &files.stats)?;
-    let checked = check(&files.journal, &stats, n)?;
-    print_figures(n, &run, &stats, &checked);
+    let checked = check(&files.journal, &stats, n, fcm)?;
+    print_figures(n, &run, &stats, &checked, fcm);
     let _ = std::fs::remove_dir_all(&dir);
     verdict("soak: every check holds", &checked.problems)
 }
@@ -62,13 +69,23 @@ struct Files {
     stats: PathBuf,
     ids: PathBuf,
     journal: PathBuf,
+    /// With `--fcm`: the emulator's service-account key file, which the broadcast sends as.
+    fcm_key: Option<PathBuf>,
 }
 
-/// `n` generated ids, one per line.
-fn write_ids(path: &Path, n: u64) -> Result<(), String> {
+/// `n` generated ids, one per line. Through FCM, none is over its device quota: FCM's
+/// `QUOTA_EXCEEDED` asks for a wait of a minute at least, which the emulator's tests check
+/// apart (c2dm-emulator/tests/fcm.rs).
+fn write_ids(path: &Path, n: u64, fcm: bool) -> Result<(), String> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| e.to_string())?);
     for i in 0..n {
-        writeln!(out, "{}", id(i)).map_err(|e| e.to_string())?;
+        let id = id(i);
+        let id = if fcm {
+            id.replace("busy-", "device-")
+        } else {
+            id
+        };
+        writeln!(out, "{id}").map_err(|e| e.to_string())?;
     }
     out.flush().map_err(|e| e.to_string())
 }
@@ -96,7 +113,8 @@ pub(crate) const SERVICE_FAULTS: [&str; 6] = [
 
 /// The emulator over TLS with every fault on, writing its record on Ctrl-C; and its base URL.
 fn start_emulator(bin: &Path, files: &Files) -> Result<(Child, String), String> {
-    let mut emulator = Command::new(bin.join("c2dm-emulator"))
+    let mut emulator = Command::new(bin.join("c2dm-emulator"));
+    emulator
         .arg("--tls")
         .args(DEVICE_FAULTS)
         .args(SERVICE_FAULTS)
@@ -113,7 +131,15 @@ fn start_emulator(bin: &Path, files: &Files) -> Result<(Child, String), String> 
         ])
         .arg(&files.cert)
         .arg("--stats-out")
-        .arg(&files.stats)
+        .arg(&files.stats);
+    if let Some(key) = &files.fcm_key {
+        // Tokens of 8 s: each renewed a quarter of that before it expires, several times a run.
+        emulator
+            .arg("--fcm-key-out")
+            .arg(key)
+            .args(["--fcm-token-lifetime", "8"]);
+    }
+    let mut emulator = emulator
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("c2dm-emulator: {e}"))?;
@@ -139,7 +165,8 @@ struct Run {
 /// `c2dm broadcast` of the ids with a journal, sampling its memory as it goes.
 fn broadcast(bin: &Path, files: &Files, base: &str) -> Result<Run, String> {
     let start = Instant::now();
-    let mut sender = Command::new(bin.join("c2dm"))
+    let mut sender = Command::new(bin.join("c2dm"));
+    sender
         .args([
             "broadcast",
             "--json",
@@ -161,7 +188,11 @@ fn broadcast(bin: &Path, files: &Files, base: &str) -> Result<Run, String> {
             &format!("{base}/accounts/ClientLogin"),
         ])
         .env("C2DM_EMAIL", "sender@example.com")
-        .env("C2DM_PASSWORD", "emulator-password")
+        .env("C2DM_PASSWORD", "emulator-password");
+    if let Some(key) = &files.fcm_key {
+        sender.arg("--fcm").arg(key).args(["--fcm-url", base]);
+    }
+    let mut sender = sender
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("c2dm: {e}"))?;
@@ -211,8 +242,9 @@ struct Checked {
 }
 
 /// The journal against the emulator's record: one line per id, every accepted message in its
-/// inbox, no unreported duplicate, no send after a permanent rejection, one login per expiry.
-fn check(journal: &Path, stats: &Value, n: u64) -> Result<Checked, String> {
+/// inbox, no unreported duplicate, no send after a permanent rejection; one login per expiry
+/// (C2DM), or tokens issued and none refused (FCM).
+fn check(journal: &Path, stats: &Value, n: u64, fcm: bool) -> Result<Checked, String> {
     let mut problems = Vec::new();
     let journal = std::fs::read_to_string(journal).map_err(|e| e.to_string())?;
     let mut lines: HashMap<String, Value> = HashMap::new();
@@ -249,7 +281,14 @@ fn check(journal: &Path, stats: &Value, n: u64) -> Result<Checked, String> {
         match line["outcome"].as_str() {
             Some("accepted") => {
                 accepted += 1;
-                let mid = line["message_id"].as_str().unwrap_or_default();
+                let name = line["message_id"].as_str().unwrap_or_default();
+                // FCM names the message `projects/<project>/messages/<id>`.
+                let mid = name.rsplit('/').next().unwrap_or_default();
+                if (fcm && !name.starts_with("projects/")) || (!fcm && mid != name) {
+                    problems.push(format!(
+                        "{id}: accepted as {name:?}, not a name of its protocol"
+                    ));
+                }
                 if !messages.iter().any(|m| m["message_id"] == mid) {
                     problems.push(format!("{id}: accepted {mid} is not in its inbox"));
                 }
@@ -264,14 +303,35 @@ fn check(journal: &Path, stats: &Value, n: u64) -> Result<Checked, String> {
         }
     }
     let count = |key: &str| stats[key].as_u64().unwrap_or(0);
-    let gone_answers = ["NotRegistered", "InvalidRegistration"]
+    let (errors, gone_codes) = if fcm {
+        (
+            &stats["fcm"]["errors"],
+            ["UNREGISTERED", "INVALID_ARGUMENT"],
+        )
+    } else {
+        (&stats["errors"], ["NotRegistered", "InvalidRegistration"])
+    };
+    let gone_answers = gone_codes
         .iter()
-        .map(|c| stats["errors"][c].as_u64().unwrap_or(0))
+        .map(|c| errors[c].as_u64().unwrap_or(0))
         .sum::<u64>();
     if gone_answers != rejected {
-        problems.push(format!("{gone_answers} NotRegistered/InvalidRegistration answers for {rejected} rejected ids: a send after a permanent rejection"));
+        problems.push(format!("{gone_answers} {} answers for {rejected} rejected ids: a send after a permanent rejection", gone_codes.join("/")));
     }
-    if count("logins") != count("expiries") + 1 {
+    if fcm {
+        let tokens = stats["fcm"]["tokens"].as_u64().unwrap_or(0);
+        let refused = stats["fcm"]["token_refusals"].as_u64().unwrap_or(0);
+        if tokens == 0 || refused > 0 {
+            problems.push(format!("{tokens} FCM tokens issued, {refused} refused"));
+        }
+        let http2 = stats["fcm"]["http2"].as_u64().unwrap_or(0);
+        if http2 != count("sends") {
+            problems.push(format!(
+                "{http2} of {} FCM sends over HTTP/2",
+                count("sends")
+            ));
+        }
+    } else if count("logins") != count("expiries") + 1 {
         problems.push(format!(
             "{} logins for {} expiries",
             count("logins"),
@@ -289,7 +349,7 @@ fn check(journal: &Path, stats: &Value, n: u64) -> Result<Checked, String> {
 }
 
 /// The figures docs/RELIABILITY.md quotes.
-fn print_figures(n: u64, run: &Run, stats: &Value, checked: &Checked) {
+fn print_figures(n: u64, run: &Run, stats: &Value, checked: &Checked, fcm: bool) {
     let count = |key: &str| stats[key].as_u64().unwrap_or(0);
     let samples = &run.rss_samples;
     let (min_rss, max_rss) = (
@@ -311,16 +371,28 @@ fn print_figures(n: u64, run: &Run, stats: &Value, checked: &Checked) {
         "  journal: {} accepted, {} rejected (removed), {} lines",
         checked.accepted, checked.rejected, checked.lines
     );
-    println!(
-        "  faults survived: {} x 503 with Retry-After, {} x 500, {} dropped connections, {} rotations, {} expiries ({} logins), {} x DeviceQuotaExceeded",
-        count("unavailable"),
-        count("server_errors"),
-        count("dropped"),
-        count("rotations"),
-        count("expiries"),
-        count("logins"),
-        stats["errors"]["DeviceQuotaExceeded"].as_u64().unwrap_or(0)
-    );
+    if fcm {
+        println!(
+            "  faults survived: {} x 503 with Retry-After, {} x 500, {} dropped connections, {} x 401 ({} access tokens); {} sends over HTTP/2",
+            count("unavailable"),
+            count("server_errors"),
+            count("dropped"),
+            count("unauthorized"),
+            stats["fcm"]["tokens"].as_u64().unwrap_or(0),
+            stats["fcm"]["http2"].as_u64().unwrap_or(0),
+        );
+    } else {
+        println!(
+            "  faults survived: {} x 503 with Retry-After, {} x 500, {} dropped connections, {} rotations, {} expiries ({} logins), {} x DeviceQuotaExceeded",
+            count("unavailable"),
+            count("server_errors"),
+            count("dropped"),
+            count("rotations"),
+            count("expiries"),
+            count("logins"),
+            stats["errors"]["DeviceQuotaExceeded"].as_u64().unwrap_or(0)
+        );
+    }
     println!(
         "  sends seen by the emulator: {}; possible duplicates reported: {}; devices that got a message twice: {}",
         count("sends"),
