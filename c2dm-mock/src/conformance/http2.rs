@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use super::{Certificate, bounded, expect_answer};
+use super::server::Certificate;
+use super::{bounded, expect_answer};
 
 /// A connection that, once `frozen`, neither reads nor writes again, and never says so: the
 /// peer of a connection that died silently (a NAT that forgot it, a host that went away).

@@ -15,29 +15,13 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::account::{adopt_shared_pause, fcm_account};
+use super::budget::reserve;
 use super::pending::Pending;
-use super::plan::{Facts, Plan, over_budget, plan};
+use super::plan::{Facts, Plan, plan};
 use super::retry::{Step, Stopped, StoreRetry, retried};
-use super::{LOOK, Runner, WorkerOptions};
+use super::{LOOK, Runner};
 use crate::queue::BatchJob;
 use crate::store::{BatchRun, DeliveryRow, DeviceState, Positions, Push, Store};
-
-/// The budget period (periods of `period` since the epoch, at least a second long: with a
-/// day, the UTC day) that `now` falls in, and when the next one starts.
-pub(super) fn budget_day(now: SystemTime, period: Duration) -> (i64, SystemTime) {
-    let period = period.as_secs().max(1);
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let day = secs / period;
-    // Checked: a period past what the clock can tell (which `WorkerOptions::check` refuses)
-    // ends at the furthest time this code waits for, never in a panic.
-    let next = (day + 1)
-        .checked_mul(period)
-        .and_then(|at| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(at)))
-        .unwrap_or_else(|| now + WorkerOptions::MAX_BUDGET_PERIOD);
-    (i64::try_from(day).unwrap_or(i64::MAX), next)
-}
 
 /// How long devices left unsent because the service kept answering `QuotaExceeded` wait
 /// before their batch runs again.
@@ -329,58 +313,6 @@ async fn claim_and_plan(
         );
     }
     Ok(Some((run, plan)))
-}
-
-/// What a run reserved of the account's daily budget.
-struct Budget {
-    /// The budget's day, and when the next begins.
-    day: i64,
-    tomorrow: SystemTime,
-    /// Messages reserved, with a daily budget.
-    granted: Option<u64>,
-    /// The devices the budget does not cover, left for tomorrow.
-    deferred: Vec<(String, SystemTime)>,
-}
-
-/// Reserves `account`'s budget for `send`, which keeps the devices it covers.
-async fn reserve(
-    runner: &Runner,
-    push_id: i64,
-    account: &str,
-    send: &mut Vec<(u64, RegistrationId)>,
-    now: SystemTime,
-) -> Result<Budget, Step> {
-    let (day, tomorrow) = budget_day(now, runner.options.budget_period);
-    let granted = match runner.options.daily_budget {
-        Some(daily) if !send.is_empty() => {
-            let wanted = send.len() as u64;
-            let granted = runner
-                .store
-                .reserve_budget(account, day, daily, wanted)
-                .await?;
-            if granted < wanted {
-                tracing::info!(
-                    push_id,
-                    account,
-                    unsent = wanted - granted,
-                    "the account's daily budget is spent: the rest waits for tomorrow"
-                );
-                metrics::counter!("c2dm_budget_deferred_total").increment(wanted - granted);
-            }
-            Some(granted)
-        }
-        _ => None,
-    };
-    let deferred = over_budget(send, granted)
-        .into_iter()
-        .map(|id| (id.as_str().to_owned(), tomorrow))
-        .collect();
-    Ok(Budget {
-        day,
-        tomorrow,
-        granted,
-        deferred,
-    })
 }
 
 /// What a run's sends came to.
@@ -677,18 +609,6 @@ pub(super) fn template(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::options::BUDGET_DAY;
-
-    #[test]
-    fn a_budget_day_is_a_utc_day() {
-        let noon = std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 43_200);
-        let (day, next) = budget_day(noon, BUDGET_DAY);
-        assert_eq!(day, 20_000);
-        assert_eq!(
-            next,
-            std::time::UNIX_EPOCH + Duration::from_secs(20_001 * 86_400)
-        );
-    }
 
     #[test]
     fn devices_left_for_later_go_back_one_batch_per_time_with_what_may_have_been_sent() {
@@ -714,24 +634,5 @@ mod tests {
         // What goes back lies where its batch did.
         assert!(batches.iter().all(|(job, _)| job.positions == positions));
         assert!(later_batches(7, None, Vec::new(), &resent).is_empty());
-    }
-
-    #[test]
-    fn a_shorter_budget_period_counts_from_the_epoch_too() {
-        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_000_030);
-        let (period, next) = budget_day(at, Duration::from_secs(60));
-        assert_eq!(period, 16_667);
-        assert_eq!(
-            next,
-            std::time::UNIX_EPOCH + Duration::from_secs(16_668 * 60)
-        );
-        // Less than a second counts as a second, never as a division by zero.
-        assert_eq!(budget_day(at, Duration::ZERO).0, 1_000_030);
-        // A period past what the clock can tell ends far ahead, without a panic.
-        let (period, next) = budget_day(at, Duration::from_secs(u64::MAX));
-        assert_eq!(period, 0);
-        assert!(next > at);
-        let (_, next) = budget_day(at, Duration::MAX);
-        assert!(next > at);
     }
 }

@@ -24,6 +24,7 @@ use c2dm_fcm::Fcm;
 
 mod account;
 mod batch;
+mod budget;
 mod options;
 mod pending;
 mod plan;
