@@ -176,14 +176,23 @@ async fn echoed<T: Transport>(transport: &T, url: &str, i: usize) -> Result<(), 
     Ok(())
 }
 
+/// A server, its URL, and one exchange with it: the transport's connection is open.
+async fn warmed_up<T: Transport>(
+    transport: &T,
+    cert: &Certificate,
+) -> Result<(H2Server, String), String> {
+    let server = H2Server::start(cert).await?;
+    let url = server.url();
+    bounded(echoed(transport, &url, 0)).await??;
+    Ok((server, url))
+}
+
 /// One exchange, then 64 at once: all over HTTP/2, as streams of the one connection.
 pub(super) async fn http2_streams_share_a_connection<T: Transport>(
     transport: &T,
     cert: &Certificate,
 ) -> Result<(), String> {
-    let server = H2Server::start(cert).await?;
-    let url = server.url();
-    bounded(echoed(transport, &url, 0)).await??;
+    let (server, url) = warmed_up(transport, cert).await?;
     let exchanges = (1..=64).map(|i| echoed(transport, &url, i));
     for result in bounded(futures::future::join_all(exchanges)).await? {
         result?;
@@ -211,9 +220,7 @@ pub(super) async fn http2_silent_connection_replaced<T: Transport>(
     transport: &T,
     cert: &Certificate,
 ) -> Result<(), String> {
-    let server = H2Server::start(cert).await?;
-    let url = server.url();
-    bounded(echoed(transport, &url, 0)).await??;
+    let (server, url) = warmed_up(transport, cert).await?;
     server.freeze();
     // On the dead connection: no answer can come, whatever the transport says of it.
     if bounded(echoed(transport, &url, 1)).await?.is_ok() {

@@ -165,50 +165,53 @@ pub(super) async fn batch_run(
             pending.push(DeliveryRow::not_attempted(id.as_str(), why, now));
         }
     }
-    let mut later = Vec::new();
+    let mut run = Sending {
+        runner,
+        retry,
+        loaded: &loaded,
+        pending,
+        later: Vec::new(),
+    };
     let mut sent = Sends::default();
     match &runner.sender {
         Some(sender) => {
-            sent = budgeted_send(
-                runner,
-                retry,
-                &loaded,
-                sender,
-                &runner.options.account,
-                |first| Ok(template(push, first)?),
-                send,
-                &mut pending,
-                &mut later,
-                now,
-            )
-            .await?;
+            let account = &runner.options.account;
+            let c2dm_template = |first| Ok(template(push, first)?);
+            sent = budgeted_send(&mut run, sender, account, c2dm_template, send, now).await?;
         }
         None => {
             for (_, id) in &send {
-                pending.push(DeliveryRow::not_attempted(id.as_str(), NO_SENDER, now));
+                run.pending
+                    .push(DeliveryRow::not_attempted(id.as_str(), NO_SENDER, now));
             }
         }
     }
     if let Some(Ok((fcm, fcm_template))) = fcm {
-        let by_fcm = budgeted_send(
-            runner,
-            retry,
-            &loaded,
-            fcm,
-            &fcm_account(fcm),
-            // Made above: to whichever device, broadcast_to puts each device's token in.
-            |_| Ok(fcm_template),
-            fcm_send,
-            &mut pending,
-            &mut later,
-            now,
-        )
-        .await?;
+        let account = fcm_account(fcm);
+        // Made above: to whichever device, broadcast_to puts each device's token in.
+        let fcm_template = |_| Ok(fcm_template);
+        let by_fcm = budgeted_send(&mut run, fcm, &account, fcm_template, fcm_send, now).await?;
         sent.accepted += by_fcm.accepted;
         sent.unsent += by_fcm.unsent;
         sent.left += by_fcm.left;
     }
+    let Sending {
+        retry,
+        pending,
+        later,
+        ..
+    } = run;
     finish(runner, retry, &loaded.job, pending, later, &sent).await
+}
+
+/// What the sends of one run share: its runner and its store retry, the batch, the rows it
+/// holds, and the devices it leaves for later (with when).
+struct Sending<'r> {
+    runner: &'r Runner,
+    retry: &'r mut StoreRetry,
+    loaded: &'r Loaded,
+    pending: Pending,
+    later: Vec<(String, SystemTime)>,
 }
 
 /// Why a device gets no send: this process has no sender for its provider.
@@ -328,65 +331,45 @@ struct Sends {
 }
 
 /// Sends to `send` through `sender` as far as `account`'s daily budget allows (see
-/// [`send_all`]): the devices it does not cover go to `later` for the budget's next day, and
-/// what the sends did not use of the reservation goes back.
-#[allow(clippy::too_many_arguments)] // send_all's, with the budget's clock
+/// [`send_all`]): the devices it does not cover are left for the budget's next day, and what
+/// the sends did not use of the reservation goes back.
 async fn budgeted_send<P: Protocol>(
-    runner: &Runner,
-    retry: &mut StoreRetry,
-    loaded: &Loaded,
+    run: &mut Sending<'_>,
     sender: &Sender<P>,
     account: &str,
     template: impl FnOnce(RegistrationId) -> Result<P::Message, BoxDynError>,
     mut send: Vec<(u64, RegistrationId)>,
-    pending: &mut Pending,
-    later: &mut Vec<(String, SystemTime)>,
     now: SystemTime,
 ) -> Result<Sends, Step> {
-    let budget = reserve(runner, loaded.job.push_id, account, &mut send, now).await?;
-    later.extend(budget.deferred);
-    let sent = send_all(
-        runner,
-        retry,
-        loaded,
-        sender,
-        account,
-        template,
-        &send,
-        pending,
-        later,
-        budget.tomorrow,
-    )
-    .await?;
+    let runner = run.runner;
+    let budget = reserve(runner, run.loaded.job.push_id, account, &mut send, now).await?;
+    run.later.extend(budget.deferred);
+    let sent = send_all(run, sender, account, template, &send, budget.tomorrow).await?;
     if let Some(granted) = budget.granted {
         let unused = granted.saturating_sub(sent.accepted);
+        let store = &runner.store;
         retried!(
-            retry,
-            runner
-                .store
-                .release_budget(account, budget.day, unused)
-                .await
+            run.retry,
+            store.release_budget(account, budget.day, unused).await
         );
     }
     Ok(sent)
 }
 
 /// Sends to `send` in one broadcast, once the batch's turn comes: each chunk marked first,
-/// rows held in `pending` and written as they come, devices the budget or the quota kept back
-/// added to `later`.
-#[allow(clippy::too_many_arguments)] // the run's parts, each borrowed apart
+/// rows held in the run's `pending` and written as they come, devices the budget (until
+/// `tomorrow`) or the quota kept back added to its `later`.
 async fn send_all<P: Protocol>(
-    runner: &Runner,
-    retry: &mut StoreRetry,
-    loaded: &Loaded,
+    run: &mut Sending<'_>,
     sender: &Sender<P>,
     account: &str,
     template: impl FnOnce(RegistrationId) -> Result<P::Message, BoxDynError>,
     send: &[(u64, RegistrationId)],
-    pending: &mut Pending,
-    later: &mut Vec<(String, SystemTime)>,
     tomorrow: SystemTime,
 ) -> Result<Sends, Step> {
+    let (runner, loaded) = (run.runner, run.loaded);
+    let retry = &mut *run.retry;
+    let (pending, later) = (&mut run.pending, &mut run.later);
     let mut sends = Sends::default();
     let Some((_, first)) = send.first().cloned() else {
         return Ok(sends);
