@@ -95,6 +95,19 @@ pub struct Global {
     /// Only errors on stderr.
     #[arg(short, long, global = true, help_heading = "Output options")]
     pub quiet: bool,
+    /// How log lines on stderr are written: `text` for people, `json` (one object a line) for
+    /// log collectors. Which lines: `C2DM_LOG` or `RUST_LOG` (`info,sqlx=warn` say), else -v/-q.
+    #[arg(long, global = true, env = "C2DM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Output options")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON format).
+    Json,
 }
 
 /// Never shows `--token`: options may be logged.
@@ -126,6 +139,7 @@ impl std::fmt::Debug for Global {
             .field("json", &self.json)
             .field("verbose", &self.verbose)
             .field("quiet", &self.quiet)
+            .field("log_format", &self.log_format)
             .finish()
     }
 }

@@ -22,29 +22,92 @@ use clap::Parser;
 use args::{Cli, Command};
 use error::CliError;
 
-fn init_tracing(verbose: u8, quiet: bool) {
-    let default = match (quiet, verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => {
-            "warn,c2dm_core=debug,c2dm_auth=debug,c2dm_hyper=debug,c2dm_emulator=info,c2dm=debug"
-        }
-        (false, _) => "trace",
+/// The log filter: `C2DM_LOG`, else `RUST_LOG` (`target=level` directives, comma-separated,
+/// and a bare level for the rest: a `Targets` filter, since EnvFilter's span and field
+/// directives would bring a regex engine into the build), else what -v and -q say. `serve` is
+/// a long-running server: by default it says what it does (starts, pushes, pauses, logins,
+/// faults, its stop) at INFO; the other commands speak only of trouble.
+fn log_filter(verbose: u8, quiet: bool, serving: bool) -> tracing_subscriber::filter::Targets {
+    let ours = "c2dm_core,c2dm_auth,c2dm_fcm,c2dm_hyper,c2dm_server,c2dm_cli,c2dm";
+    let at = |level: &str| {
+        ours.split(',')
+            .map(|target| format!(",{target}={level}"))
+            .collect::<String>()
     };
+    let default = match (quiet, verbose) {
+        (true, _) => "error".to_owned(),
+        (false, 0) if serving => format!("warn{}", at("info")),
+        (false, 0) => "warn".to_owned(),
+        (false, 1) => format!("warn{},c2dm_emulator=info", at("debug")),
+        (false, _) => "trace".to_owned(),
+    };
+    ["C2DM_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()))
+        .and_then(|directives| directives.parse().ok())
+        .unwrap_or_else(|| default.parse().unwrap_or_default())
+}
+
+/// A text line's fields as tracing-subscriber writes them, less sqlx's `db.statement`: the
+/// whole SQL text of a slow statement over many lines. Its `summary` (the first words) and
+/// `elapsed` stay, so a slow statement is one line; the JSON format keeps the text, escaped.
+struct TextFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for TextFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut line = Line {
+            writer: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut line);
+        line.result
+    }
+}
+
+/// Writes fields `name=value`, space-separated, the message bare.
+struct Line<'a, 'w> {
+    writer: &'a mut tracing_subscriber::fmt::format::Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl tracing::field::Visit for Line<'_, '_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if self.result.is_err() || field.name() == "db.statement" {
+            return;
+        }
+        let space = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{space}{value:?}"),
+            name => write!(self.writer, "{space}{name}={value:?}"),
+        };
+    }
+}
+
+fn init_tracing(global: &args::Global, serving: bool) {
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    // `target=level` directives, comma-separated, and a bare level for the rest (a `Targets`
-    // filter: EnvFilter's span and field directives would bring a regex engine into the build).
-    let filter: tracing_subscriber::filter::Targets = std::env::var("C2DM_LOG")
-        .ok()
-        .and_then(|directives| directives.parse().ok())
-        .unwrap_or_else(|| default.parse().unwrap_or_default());
+    let filter = log_filter(global.verbose, global.quiet, serving);
+    let layer = match global.log_format {
+        args::LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(TextFields)
+            .boxed(),
+        args::LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
+        .with(layer)
         .with(filter)
         .init();
 }
@@ -53,7 +116,7 @@ fn init_tracing(verbose: u8, quiet: bool) {
 /// runtime, and answers its exit code (errors printed to stderr).
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.global.verbose, cli.global.quiet);
+    init_tracing(&cli.global, matches!(cli.command, Command::Serve(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -117,5 +180,49 @@ mod tests {
         let shown = format!("{cli:?} {cli:#?}");
         assert!(!shown.contains("s3cr3t-token"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    /// What a text line of sqlx's slow statement looks like: one line, its summary and time,
+    /// not its SQL.
+    #[test]
+    fn a_slow_statement_is_one_text_line() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .fmt_fields(crate::TextFields),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(
+                target: "sqlx::query",
+                summary = "UPDATE apalis.jobs SET status …",
+                db.statement = "\n\nUPDATE apalis.jobs\nSET status = 'Running'\nWHERE id IN (\n  SELECT id\n)\n",
+                rows_affected = 1,
+                elapsed_secs = 1.5,
+                "slow statement: execution time exceeded alert threshold"
+            );
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains("slow statement: execution time exceeded alert threshold summary=\"UPDATE apalis.jobs SET status …\" rows_affected=1 elapsed_secs=1.5"),
+            "{text}"
+        );
+        assert!(!text.contains("Running"), "{text}");
     }
 }

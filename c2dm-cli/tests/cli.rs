@@ -1103,8 +1103,8 @@ async fn push_to_all_and_wait(base: &str) -> serde_json::Value {
     done
 }
 
-/// Sends SIGTERM and waits: the process must stop cleanly, saying so.
-async fn terminate(child: std::process::Child) {
+/// Sends SIGTERM and waits: the process must stop cleanly, saying so. Returns its stderr.
+async fn terminate(child: std::process::Child) -> String {
     let signalled = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -1115,6 +1115,7 @@ async fn terminate(child: std::process::Child) {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+    stderr(&out)
 }
 
 /// Two worker processes and an API process on one PostgreSQL database (a throwaway cluster
@@ -1676,4 +1677,47 @@ async fn serve_with_an_fcm_key_alone_sends_to_fcm_s_devices() {
     assert_eq!(env.emulator.inbox("fcm-1").len(), 1);
     assert!(env.emulator.inbox("phone-1").is_empty());
     terminate(server).await;
+}
+
+/// `serve --log-format json` at the default level: one JSON object a line, saying what the
+/// server does (its start with its settings, each push made and finished, its stop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_logs_what_it_does_as_json_lines() {
+    let env = Env::new(Config::default()).await;
+    let database = format!("sqlite://{}", env.path("c2dm.db"));
+    let send_url = env.emulator.send_url();
+    let global = ["--token", "server-token", "--send-url", send_url.as_str()];
+    let args = ["--listen", "127.0.0.1:0", "--log-format", "json"];
+    let (server, base) = spawn_serve_with(&global, &[], &database, &args).await;
+    let base = base.unwrap();
+    let device = serde_json::json!({"registration_id": "phone-1"});
+    let key = "device-key-for-cli-tests";
+    let (status, _) = http(&base, "POST", "/v1/devices", key, Some(device)).await;
+    assert_eq!(status, 201);
+    let done = push_to_all_and_wait(&base).await;
+    let lines = terminate(server).await;
+    let events: Vec<serde_json::Value> = lines
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let event = |message: &str| {
+        events
+            .iter()
+            .find(|e| e["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {lines}"))
+    };
+    let starting = event("starting");
+    assert_eq!(starting["level"], "INFO");
+    assert_eq!(starting["fields"]["database"], database.as_str());
+    assert_eq!(starting["fields"]["workers"], 2, "{starting}");
+    assert_eq!(event("push made")["fields"]["audience"], "all");
+    let finished = &event("push finished")["fields"];
+    assert_eq!(finished["push_id"], 1);
+    assert_eq!(
+        finished["accepted"], done["counts"]["accepted"],
+        "{finished}"
+    );
+    assert_eq!(finished["state"], "done");
+    event("stopping: finishing the requests and jobs in hand");
 }

@@ -343,9 +343,28 @@ impl<P: Protocol> Sender<P> {
             } else {
                 0.0
             };
+            // What a pause of everyone is for, said when one begins.
+            let reason = match &reply {
+                Err(error) if error.pauses() == Some(crate::Disposition::RetryEveryone) => {
+                    Some(error.to_string())
+                }
+                _ => None,
+            };
             let step = machine.on_reply(reply, worked, Instant::now(), unit);
             match step.pause {
-                Some(Pause::Everyone { until }) => self.pause_all_until(until),
+                Some(Pause::Everyone { until }) => {
+                    if self.paused_until().is_none() {
+                        let seconds = until
+                            .saturating_duration_since(Instant::now())
+                            .as_secs_f64();
+                        tracing::info!(
+                            seconds,
+                            reason = reason.as_deref().unwrap_or_default(),
+                            "pausing every send"
+                        );
+                    }
+                    self.pause_all_until(until);
+                }
                 Some(Pause::Device { until }) => device_pause.extend(until),
                 None => {}
             }

@@ -230,7 +230,8 @@ impl Login for AssertionLogin {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .note(answer.token.clone(), renew_at);
-        tracing::debug!(
+        tracing::info!(
+            client_email = self.key.client_email(),
             expires_in_s = answer.expires_in.as_secs(),
             "FCM access token obtained"
         );

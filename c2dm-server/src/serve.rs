@@ -144,6 +144,30 @@ async fn unboxed(
     crate::api::install_metrics();
     let worker_options = options.workers.clone().unwrap_or_default();
     let (store, queues) = open_database(&options.database, &worker_options).await?;
+    let fcm_project = sender
+        .fcm
+        .as_ref()
+        .map(|fcm| fcm.protocol().project_id().to_owned());
+    match &options.workers {
+        Some(w) => tracing::info!(
+            database = redacted_url(&options.database),
+            api = options.api.is_some(),
+            workers = w.workers,
+            concurrency = w.concurrency,
+            batch_size = w.batch_size,
+            account = w.account,
+            daily_budget = w.daily_budget,
+            c2dm = sender.c2dm.is_some(),
+            fcm_project,
+            "starting"
+        ),
+        None => tracing::info!(
+            database = redacted_url(&options.database),
+            api = options.api.is_some(),
+            workers = 0,
+            "starting"
+        ),
+    }
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let stopped = |stop: &tokio::sync::broadcast::Sender<()>| {
         let mut rx = stop.subscribe();

@@ -332,6 +332,12 @@ pub(super) async fn push(
         return Ok((StatusCode::OK, Json(stored.into())));
     }
     metrics::counter!("c2dm_pushes_total").increment(1);
+    tracing::info!(
+        push_id = stored.id,
+        audience = %stored.audience,
+        collapse_key = stored.collapse_key,
+        "push made"
+    );
     Ok((StatusCode::ACCEPTED, Json(stored.into())))
 }
 

@@ -181,6 +181,7 @@ impl Store {
             BatchWrite::Written { finished } => {
                 if finished {
                     self.drop_batch_state(id).await?;
+                    self.log_finished(id).await;
                 }
                 self.changed(finished);
                 Ok(true)

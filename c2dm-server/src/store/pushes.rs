@@ -224,9 +224,39 @@ impl Store {
             .await?;
         if finished {
             self.drop_batch_state(id).await?;
+            self.log_finished(id).await;
         }
         self.changed(finished);
         Ok(())
+    }
+
+    /// Says in the log that push `id` has finished: its state, counts and duration (a push
+    /// finishes once, in the write that records its last device).
+    pub(super) async fn log_finished(&self, id: i64) {
+        let push = match self.push(id).await {
+            Ok(Some(push)) => push,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(push_id = id, %error, "push finished; its counts could not be read");
+                return;
+            }
+        };
+        let seconds = push
+            .finished_at
+            .and_then(|at| at.duration_since(push.created_at).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        let c = &push.counts;
+        tracing::info!(
+            push_id = id,
+            state = push.state.as_str(),
+            total = push.total.unwrap_or(0),
+            accepted = c.accepted,
+            rejected = c.rejected.values().sum::<u64>(),
+            failed = c.failed,
+            not_attempted = c.not_attempted.values().sum::<u64>(),
+            seconds,
+            "push finished"
+        );
     }
 
     /// A finished push has no use for its marks and its batches' lists: they go at once,

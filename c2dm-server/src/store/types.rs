@@ -173,6 +173,20 @@ pub enum Audience {
     All(Everyone),
 }
 
+/// As a log line says it: `all`, `user alice`, `tag beta`, `3 registration ids`.
+impl std::fmt::Display for Audience {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::RegistrationIds { registration_ids } => {
+                write!(f, "{} registration ids", registration_ids.len())
+            }
+            Self::User { user_id } => write!(f, "user {user_id}"),
+            Self::Tag { tag } => write!(f, "tag {tag}"),
+            Self::All(_) => f.write_str("all"),
+        }
+    }
+}
+
 /// The one word for "every active device": `"all"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
