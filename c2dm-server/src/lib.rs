@@ -43,3 +43,4 @@ pub mod listen;
 pub mod queue;
 pub mod serve;
 pub mod store;
+mod telemetry;

@@ -16,7 +16,9 @@ use c2dm_core::{RequestSent, TransportError, TransportErrorKind};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use c2dm_server::queue::BatchJob;
 use c2dm_server::serve::open_database;
-use c2dm_server::store::{Audience, DeliveryRow, DeviceState, OutcomeTally, Positions, PushState};
+use c2dm_server::store::{
+    Audience, DeliveryRow, DeviceState, OutcomeTally, Positions, PushState, Reservation,
+};
 use serde_json::{Value, json};
 
 use common::{Db, Server};
@@ -723,29 +725,97 @@ async fn budget_reservations_never_exceed_the_day_together(db: Db) {
     // 40 reservations of 7 at once against a budget of 100: 100 granted, not one more.
     let grants = futures::future::join_all((0..40).map(|_| {
         let store = store.clone();
-        async move { store.reserve_budget("acct", 20_000, 100, 7).await.unwrap() }
+        async move {
+            store
+                .reserve_budget("acct", 20_000, 100, 7)
+                .await
+                .unwrap()
+                .granted
+        }
     }))
     .await;
     assert_eq!(grants.iter().sum::<u64>(), 100, "{grants:?}");
     // What is given back can be reserved again, the same day only; a new day starts at 0.
     store.release_budget("acct", 20_000, 30).await.unwrap();
     assert_eq!(
-        store.reserve_budget("acct", 20_000, 100, 50).await.unwrap(),
+        store
+            .reserve_budget("acct", 20_000, 100, 50)
+            .await
+            .unwrap()
+            .granted,
         30
     );
     store.release_budget("acct", 19_999, 30).await.unwrap();
     assert_eq!(
-        store.reserve_budget("acct", 20_000, 100, 50).await.unwrap(),
+        store
+            .reserve_budget("acct", 20_000, 100, 50)
+            .await
+            .unwrap()
+            .granted,
         0
     );
     assert_eq!(
         store.reserve_budget("acct", 20_001, 100, 50).await.unwrap(),
-        50
+        Reservation {
+            granted: 50,
+            left: 50
+        }
     );
     // Another account has its own budget.
     assert_eq!(
         store.reserve_budget("other", 20_001, 100, 5).await.unwrap(),
-        5
+        Reservation {
+            granted: 5,
+            left: 95
+        }
+    );
+}
+
+async fn the_oldest_due_job_s_age_counts_only_jobs_due(db: Db) {
+    let server = Server::start(db).await;
+    let queues = &server.queues;
+    assert_eq!(
+        queues.oldest_due().await.unwrap(),
+        (Duration::ZERO, Duration::ZERO)
+    );
+    // A push's job, no worker to take it, made as if two minutes ago.
+    server.push(json!("all")).await;
+    let store = &server.store;
+    if let Some(pool) = store.sqlite_pool() {
+        sqlx::query("UPDATE Jobs SET run_at = run_at - 120")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    if let Some(pool) = store.postgres_pool() {
+        sqlx::query("UPDATE apalis.jobs SET run_at = run_at - interval '120 seconds'")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let (pushes, batches) = queues.oldest_due().await.unwrap();
+    assert!(
+        pushes >= Duration::from_secs(120) && pushes < Duration::from_secs(600),
+        "{pushes:?}"
+    );
+    assert_eq!(batches, Duration::ZERO);
+    // The same job due in an hour (as a batch left for the budget's next period is) waits,
+    // but is not late.
+    if let Some(pool) = store.sqlite_pool() {
+        sqlx::query("UPDATE Jobs SET run_at = run_at + 3720")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    if let Some(pool) = store.postgres_pool() {
+        sqlx::query("UPDATE apalis.jobs SET run_at = run_at + interval '3720 seconds'")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        queues.oldest_due().await.unwrap(),
+        (Duration::ZERO, Duration::ZERO)
     );
 }
 
@@ -788,4 +858,5 @@ on_each_database!(
     a_finished_batch_puts_back_once_and_is_not_run_again,
     budget_reservations_never_exceed_the_day_together,
     an_accounts_pause_is_extended_never_shortened,
+    the_oldest_due_job_s_age_counts_only_jobs_due,
 );

@@ -89,9 +89,11 @@ async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db
         ("c2dm_devices_gone_total", 8),
         ("c2dm_pushes_total", 2),
         ("c2dm_registrations_total{result=\"created\"}", 40),
+        ("c2dm_rejections_total{code=\"NotRegistered\"}", 8),
+        ("c2dm_push_duration_seconds_count", 2),
     ];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    let metrics = loop {
         let metrics = metrics_text(&server, ADMIN).await;
         let figure = |name: &str| -> u64 {
             metrics
@@ -102,14 +104,27 @@ async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db
                 .map_or(0, |v| v as u64)
         };
         if wanted.iter().all(|(name, least)| figure(name) >= *least) {
-            break;
+            break metrics;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "not all of {wanted:?} in:\n{metrics}"
         );
         tokio::task::yield_now().await;
+    };
+    // As Prometheus users expect: every family described, every known series there before
+    // its first event, the build and the process told, and promtool's lint clean.
+    for line in [
+        "# HELP c2dm_deliveries_total ",
+        "# HELP c2dm_push_duration_seconds ",
+        "c2dm_deliveries_total{outcome=\"failed\"} ",
+        "c2dm_rejections_total{code=\"UNREGISTERED\"} ",
+        "c2dm_build_info{version=\"",
+        "process_resident_memory_bytes ",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
     }
+    common::promtool_accepts(&metrics);
     let (status, _) = server.call("GET", "/metrics", DEVICE, None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }

@@ -27,14 +27,17 @@ pub(super) fn routes() -> Router<AppState> {
 pub(super) fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
         std::sync::OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
-        builder.install_recorder().unwrap_or_else(|err| {
+    HANDLE.get_or_init(|| match crate::telemetry::builder().install_recorder() {
+        Ok(handle) => {
+            crate::telemetry::describe();
+            handle
+        }
+        Err(err) => {
             tracing::warn!(%err, "another metrics recorder is installed: /metrics stays empty");
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .build_recorder()
                 .handle()
-        })
+        }
     })
 }
 
@@ -43,8 +46,9 @@ pub fn install_metrics() {
     prometheus();
 }
 
-/// Prometheus text: registrations, pushes, batches, deliveries by outcome, gone devices, queue
-/// depth, pauses, deferred devices, logins.
+/// Prometheus text, every family described and every known series from 0: registrations,
+/// pushes and their durations, deliveries by outcome, rejections by code, gone devices, queue
+/// depth and oldest due job, pauses, budget left, logins, the build and the process.
 #[utoipa::path(
     get, path = "/metrics", tag = "operations",
     security(("admin_token" = [])),
@@ -59,6 +63,7 @@ pub(super) async fn metrics_text(_: Admin) -> Response {
 }
 
 pub(super) fn rendered_metrics() -> Response {
+    crate::telemetry::process().collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         prometheus().render(),

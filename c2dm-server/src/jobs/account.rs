@@ -111,6 +111,15 @@ pub(super) async fn watch_account(runner: Arc<Runner>) {
                 }
                 Err(e) => tracing::debug!(error = %e, "could not count the queues"),
             }
+            match runner.queues.oldest_due().await {
+                Ok((pushes, batches)) => {
+                    metrics::gauge!("c2dm_queue_oldest_seconds", "queue" => PUSH_QUEUE)
+                        .set(pushes.as_secs_f64());
+                    metrics::gauge!("c2dm_queue_oldest_seconds", "queue" => BATCH_QUEUE)
+                        .set(batches.as_secs_f64());
+                }
+                Err(e) => tracing::debug!(error = %e, "could not read the queues' oldest jobs"),
+            }
         }
     }
 }

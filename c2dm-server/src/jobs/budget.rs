@@ -49,10 +49,13 @@ pub(super) async fn reserve(
     let granted = match runner.options.daily_budget {
         Some(daily) if !send.is_empty() => {
             let wanted = send.len() as u64;
-            let granted = runner
+            let reserved = runner
                 .store
                 .reserve_budget(account, day, daily, wanted)
                 .await?;
+            let granted = reserved.granted;
+            metrics::gauge!("c2dm_budget_remaining", "account" => account.to_owned())
+                .set(reserved.left as f64);
             if granted < wanted {
                 tracing::info!(
                     push_id,

@@ -62,7 +62,18 @@ impl Pending {
             // Counted by outcome, then told once per outcome: a labelled counter is looked up
             // each time it is named.
             let mut tally = OutcomeTally::default();
-            self.rows.iter().for_each(|row| tally.add(row.outcome));
+            let mut codes: Vec<&str> = Vec::new();
+            for row in &self.rows {
+                tally.add(row.outcome);
+                if row.outcome == OutcomeKind::Rejected {
+                    codes.push(row.error.as_deref().unwrap_or("unknown"));
+                }
+            }
+            codes.sort_unstable();
+            for run in codes.chunk_by(|a, b| a == b) {
+                metrics::counter!("c2dm_rejections_total", "code" => run[0].to_owned())
+                    .increment(run.len() as u64);
+            }
             for (outcome, n) in [
                 (OutcomeKind::Accepted, tally.accepted),
                 (OutcomeKind::Rejected, tally.rejected),

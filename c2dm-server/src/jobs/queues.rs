@@ -1,5 +1,7 @@
 //! The two queues (pushes, batches), in the store's database: apalis-sqlite or apalis-postgres.
 
+use std::time::{Duration, SystemTime};
+
 use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use sqlx::{PgPool, SqlitePool};
@@ -145,6 +147,47 @@ impl Queues {
             *slot = u64::try_from(counted.map_err(queue_error)?).unwrap_or(0);
         }
         Ok((depth[0], depth[1]))
+    }
+
+    /// How long the oldest job due and not yet taken has waited, in the push queue and in the
+    /// batch queue (zero when none waits; jobs due later, such as devices left for the
+    /// budget's next period, do not count).
+    pub async fn oldest_due(&self) -> Result<(Duration, Duration), JobError> {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let now_secs = i64::try_from(now).unwrap_or(i64::MAX);
+        let mut ages = [Duration::ZERO; 2];
+        for (slot, queue) in ages.iter_mut().zip([PUSH_QUEUE, BATCH_QUEUE]) {
+            // apalis-sqlite keeps `run_at` as Unix seconds, apalis-postgres as a timestamp.
+            let oldest: Result<Option<i64>, sqlx::Error> = match &self.backend {
+                QueueBackend::Sqlite { pushes, .. } => {
+                    sqlx::query_scalar(
+                        "SELECT MIN(run_at) FROM Jobs WHERE job_type = $1 \
+                         AND status IN ('Pending', 'Queued') AND run_at <= $2",
+                    )
+                    .bind(queue)
+                    .bind(now_secs)
+                    .fetch_one(pushes.pool())
+                    .await
+                }
+                QueueBackend::Postgres { pushes, .. } => {
+                    sqlx::query_scalar(
+                        "SELECT EXTRACT(EPOCH FROM MIN(run_at))::BIGINT FROM apalis.jobs \
+                         WHERE job_type = $1 AND status IN ('Pending', 'Queued') \
+                         AND run_at <= to_timestamp($2)",
+                    )
+                    .bind(queue)
+                    .bind(now_secs)
+                    .fetch_one(pushes.pool())
+                    .await
+                }
+            };
+            if let Some(oldest) = oldest.map_err(queue_error)? {
+                *slot = Duration::from_secs(u64::try_from(now_secs - oldest).unwrap_or(0));
+            }
+        }
+        Ok((ages[0], ages[1]))
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use super::rows::{big, count, millis, time_of};
-use super::{Conn, Store, StoreError, execute, grant, on_conn, on_pool};
+use super::{Conn, Reservation, Store, StoreError, execute, grant, on_conn, on_pool};
 
 impl Store {
     /// Until when every worker of `account` must not send (a 503 or `QuotaExceeded` one of
@@ -33,14 +33,14 @@ impl Store {
 
     /// Reserves up to `wanted` messages of `account`'s budget for `day` (days since the
     /// epoch, UTC), of which `daily` may be used in all; returns how many it got (0 once the
-    /// day's budget is spent). A new day starts from zero.
+    /// day's budget is spent) and how many are left. A new day starts from zero.
     pub async fn reserve_budget(
         &self,
         account: &str,
         day: i64,
         daily: u64,
         wanted: u64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Reservation, StoreError> {
         let account = account.to_owned();
         self.write(move |mut conn| {
             Box::pin(async move {
@@ -85,7 +85,10 @@ impl Store {
                 .execute(c)
                 .await
                 .map(drop))?;
-                Ok(granted)
+                Ok(Reservation {
+                    granted,
+                    left: daily.saturating_sub(used + granted),
+                })
             })
         })
         .await

@@ -30,7 +30,7 @@ pub use crate::queue::Positions;
 pub use types::{
     Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
     Everyone, NewDevice, NewPush, OutcomeTally, Page, Provider, Push, PushError, PushState,
-    StoreError, Upserted,
+    Reservation, StoreError, Upserted,
 };
 
 /// The server's storage, on whichever database it was opened on. Cheap to clone: clones

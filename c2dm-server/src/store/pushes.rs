@@ -246,6 +246,7 @@ impl Store {
             .and_then(|at| at.duration_since(push.created_at).ok())
             .map_or(0.0, |d| d.as_secs_f64());
         let c = &push.counts;
+        metrics::histogram!(crate::telemetry::PUSH_DURATION).record(seconds);
         tracing::info!(
             push_id = id,
             state = push.state.as_str(),

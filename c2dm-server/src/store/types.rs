@@ -424,3 +424,13 @@ pub struct BatchRun {
 #[derive(Debug, thiserror::Error)]
 #[error("database: {0}")]
 pub struct StoreError(#[from] pub sqlx::Error);
+
+/// What [`Store::reserve_budget`](super::Store::reserve_budget) reserved of an account's
+/// budget for a period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Messages granted to this reservation (fewer than asked once the budget runs low).
+    pub granted: u64,
+    /// Messages left of the period's budget after it.
+    pub left: u64,
+}

@@ -395,3 +395,29 @@ impl Workers {
         self.running.await.unwrap().unwrap();
     }
 }
+
+/// Fails unless Prometheus' `promtool check metrics` (Debian's `prometheus` package) finds
+/// `text` well formed and lint-clean.
+pub fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool (apt-get install -y prometheus) cannot be run: {e}"));
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
