@@ -127,15 +127,15 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
     {
         problems.push("the first message is not in device-demo's inbox".into());
     }
+    // The broadcast's figures now, before the server's act, so that neither is read for the
+    // other's; the JSON verdict carries them at the end.
+    let broadcast_stats = emulator.counters();
+    if !global.json {
+        print_broadcast(&report, &broadcast_stats);
+    }
     let fcm = fcm_sender(global, &emulator)?;
     problems.extend(server_act(&emulator, &sender, fcm, args.server_devices).await?);
-    print_verdict(
-        global,
-        args.devices,
-        &report,
-        &emulator.counters(),
-        &problems,
-    );
+    print_verdict(global, args.devices, &report, &broadcast_stats, &problems);
     emulator.shutdown().await;
     Ok(if problems.is_empty() {
         ExitCode::SUCCESS
@@ -534,7 +534,22 @@ async fn server_checks(
     Ok(problems)
 }
 
-/// Prints what happened and whether it was verified: text, or one JSON object with `--json`.
+/// Prints the broadcast act's figures and what the emulator saw of it, right after the act.
+fn print_broadcast(report: &DeliveryReport, stats: &c2dm_emulator::Stats) {
+    println!("{report}");
+    println!(
+        "emulator saw {} sends: {} accepted, {} answered 503, {} token rotations, {} expiries, {} logins",
+        stats.sends,
+        stats.accepted,
+        stats.unavailable,
+        stats.rotations,
+        stats.expiries,
+        stats.logins
+    );
+}
+
+/// Prints whether every act was verified: text, or one JSON object with `--json` (with the
+/// broadcast's figures, `stats` being the emulator's as the broadcast ended).
 fn print_verdict(
     global: &Global,
     devices: u32,
@@ -563,16 +578,6 @@ fn print_verdict(
         println!("{verdict}");
         return;
     }
-    println!("{report}");
-    println!(
-        "emulator saw {} sends: {} accepted, {} answered 503, {} token rotations, {} expiries, {} logins",
-        stats.sends,
-        stats.accepted,
-        stats.unavailable,
-        stats.rotations,
-        stats.expiries,
-        stats.logins
-    );
     if problems.is_empty() {
         println!(
             "verified: every accepted message is in its device's inbox exactly once, every removed id is gone, nothing is missing"
