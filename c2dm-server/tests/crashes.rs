@@ -779,6 +779,7 @@ async fn the_oldest_due_job_s_age_counts_only_jobs_due(db: Db) {
         (Duration::ZERO, Duration::ZERO)
     );
     // A push's job, no worker to take it, made as if two minutes ago.
+    server.register("phone-1", None, &[]).await;
     server.push(json!("all")).await;
     let store = &server.store;
     if let Some(pool) = store.sqlite_pool() {

@@ -159,7 +159,37 @@ async fn pushes_to_a_user_a_tag_and_a_list_of_ids(db: Db) {
     let listed = server
         .push(json!({"registration_ids": ["a-1", "b-2", "never-registered", "a-1"]}))
         .await;
-    let nobody = server.push(json!({"user_id": "carol"})).await;
+    // A push to no active device is refused, and nothing is stored.
+    for to in [json!({"user_id": "carol"}), json!({"tag": "none"})] {
+        let push = json!({"to": to, "collapse_key": "news"});
+        let (status, body) = server.call("POST", "/v1/pushes", ADMIN, Some(push)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"]["field"], "to", "{body}");
+    }
+    let (status, body) = server
+        .call(
+            "POST",
+            "/v1/pushes",
+            ADMIN,
+            Some(json!({"to": {"registration_ids": []}, "collapse_key": "news"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // One whose audience empties after it is made (stored here as the API would have).
+    let (_, nobody) = server
+        .store
+        .create_push(&c2dm_server::store::NewPush {
+            idempotency_key: None,
+            audience: c2dm_server::store::Audience::User {
+                user_id: "carol".into(),
+            },
+            collapse_key: "news".into(),
+            data: Vec::new(),
+            delay_while_idle: false,
+        })
+        .await
+        .unwrap();
+    let nobody = nobody.id.to_string();
 
     let ids = |rows: Vec<Value>| -> Vec<String> {
         rows.iter()
@@ -226,6 +256,17 @@ async fn a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one(d
     assert_eq!(answer["error"]["code"], "idempotency_key_reused");
     server.finished(first["id"].as_str().unwrap()).await;
     assert_eq!(server.emulator.inbox("phone").len(), 1, "sent once");
+    // Its audience empty now, the replay is still a replay, not a refusal.
+    server
+        .call("DELETE", "/v1/devices/phone", DEVICE, None)
+        .await;
+    let body = json!({"to": "all", "collapse_key": "k"});
+    let (status, third) = server
+        .call_with("POST", "/v1/pushes", ADMIN, Some(body.clone()), &key)
+        .await;
+    assert_eq!((status, &third["id"]), (StatusCode::OK, &first["id"]));
+    let (status, _) = server.call("POST", "/v1/pushes", ADMIN, Some(body)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
@@ -383,6 +424,7 @@ async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
         .call("POST", "/v1/pushes/999/cancel", ADMIN, None)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    server.register("phone-1", None, &[]).await;
     let id = server.push(json!("all")).await;
     let (status, answer) = server
         .call(

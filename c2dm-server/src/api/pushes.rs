@@ -12,7 +12,7 @@ use super::devices::registration_id_schema;
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{IdempotencyKey, JsonBody, PathParam, QueryParams};
 use super::{AppState, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
-use crate::store::{Audience, Counts, DeliveryRow, NewPush, Push, PushState};
+use crate::store::{Audience, Counts, DeliveryRow, DeviceFilter, NewPush, Push, PushState, Store};
 
 /// The push routes that answer at once (the admin token).
 pub(super) fn routes() -> Router<AppState> {
@@ -152,6 +152,9 @@ impl PushRequest {
         })?;
         match &self.to {
             Audience::RegistrationIds { registration_ids } => {
+                if registration_ids.is_empty() {
+                    return Err(ApiError::field("to", "at least one registration id"));
+                }
                 if registration_ids.len() > MAX_LISTED {
                     return Err(ApiError::field(
                         "to",
@@ -290,7 +293,8 @@ impl From<Push> for PushView {
     }
 }
 
-/// Sends a push: stored with its job before the answer; workers do the sending.
+/// Sends a push: stored with its job before the answer; workers do the sending. A push whose
+/// audience holds no active device is refused (422, field `to`).
 #[utoipa::path(
     post, path = "/v1/pushes", tag = "pushes",
     security(("admin_token" = [])),
@@ -316,6 +320,12 @@ pub(super) async fn push(
     JsonBody(push): JsonBody<PushRequest>,
 ) -> Result<(StatusCode, Json<PushView>), ApiError> {
     let message = push.check(key)?;
+    if reaches_no_device(&state.store, &message).await? {
+        return Err(ApiError::field(
+            "to",
+            "no active device is in this audience: the push would reach no one",
+        ));
+    }
     let (created, stored) = state.store.create_push(&message).await?;
     if !created {
         let same = stored.audience == message.audience
@@ -339,6 +349,31 @@ pub(super) async fn push(
         "push made"
     );
     Ok((StatusCode::ACCEPTED, Json(stored.into())))
+}
+
+/// Whether `push`'s audience holds no active device (a user, a tag or everyone; a list of ids
+/// is never empty: its ids not active get rows). A replay of a push made when its audience
+/// was not empty is still a replay, answered as one.
+async fn reaches_no_device(store: &Store, push: &NewPush) -> Result<bool, ApiError> {
+    let filter = match &push.audience {
+        Audience::RegistrationIds { .. } => return Ok(false),
+        Audience::User { user_id } => DeviceFilter {
+            user_id: Some(user_id.clone()),
+            ..DeviceFilter::default()
+        },
+        Audience::Tag { tag } => DeviceFilter {
+            tag: Some(tag.clone()),
+            ..DeviceFilter::default()
+        },
+        Audience::All(_) => DeviceFilter::default(),
+    };
+    if store.device_counts(&filter).await?.active > 0 {
+        return Ok(false);
+    }
+    Ok(match &push.idempotency_key {
+        Some(key) => store.push_by_idempotency_key(key).await?.is_none(),
+        None => true,
+    })
 }
 
 /// A page of pushes.

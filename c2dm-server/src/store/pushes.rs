@@ -105,6 +105,20 @@ impl Store {
         Ok((created, stored))
     }
 
+    /// The push stored under an idempotency key, if one is.
+    pub async fn push_by_idempotency_key(&self, key: &str) -> Result<Option<Push>, StoreError> {
+        let id: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT id FROM pushes WHERE idempotency_key = $1"
+        )
+        .bind(key)
+        .fetch_optional(pool)
+        .await)?;
+        match id {
+            Some(id) => self.push(id).await,
+            None => Ok(None),
+        }
+    }
+
     async fn push_record(&self, id: i64) -> Result<Option<PushRecord>, sqlx::Error> {
         on_pool!(self, |pool| sqlx::query_as(select_push!("WHERE id = $1"))
             .bind(id)
