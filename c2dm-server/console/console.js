@@ -188,6 +188,8 @@
   }
 
   async function cancelPush(id) {
+    // Asked first: a cancel cannot be taken back.
+    if (!window.confirm(`Cancel push ${id}? Its batches not started will not be sent.`)) return;
     try {
       await api('POST', `/v1/pushes/${encodeURIComponent(id)}/cancel`);
       notice(`Cancel asked for push ${id}: batches not started will not be sent.`);
@@ -419,26 +421,33 @@
     }[kind];
   }
 
-  /** The push the form describes, and how many devices it goes to. */
+  /** A push to everyone, or to more than this many devices, is confirmed by typing its size. */
+  const TYPED_CONFIRMATION_OVER = 1000;
+
+  /** The push the form describes, how many devices it goes to, and whether that must be typed. */
   async function review() {
     const kind = document.querySelector('input[name=audience]:checked').value;
     const target = $('send-target').value.trim();
     let to;
     let size;
+    let count;
     if (kind === 'all') {
       to = 'all';
-      size = `${fmt((await api('GET', '/v1/device-counts')).active)} active devices`;
+      count = (await api('GET', '/v1/device-counts')).active;
+      size = `${fmt(count)} active devices`;
     } else if (!target) {
       throw new Error('Say whom the push goes to.');
     } else if (kind === 'registration_ids') {
       const ids = [...new Set(target.split(/\s+/).filter(Boolean))];
       to = { registration_ids: ids };
-      size = `${fmt(ids.length)} registration ids (those not active get a “not attempted” row instead of a send)`;
+      count = ids.length;
+      size = `${fmt(count)} registration ids (those not active get a “not attempted” row instead of a send)`;
     } else {
       to = { [kind]: target };
-      const counts = await api('GET', `/v1/device-counts?${new URLSearchParams({ [kind]: target })}`);
-      size = `${fmt(counts.active)} active devices of ${kind === 'tag' ? 'tag' : 'user'} ${target}`;
+      count = (await api('GET', `/v1/device-counts?${new URLSearchParams({ [kind]: target })}`)).active;
+      size = `${fmt(count)} active devices of ${kind === 'tag' ? 'tag' : 'user'} ${target}`;
     }
+    if (count === 0) throw new Error('No active device is in this audience: the push would reach no one.');
     const data = {};
     for (const line of $('send-data').value.split('\n').map((l) => l.trim()).filter(Boolean)) {
       const at = line.indexOf('=');
@@ -451,7 +460,37 @@
       data,
       delay_while_idle: $('send-delay').checked,
     };
-    return { body, size, key: randomKey() };
+    const typed = kind === 'all' || count > TYPED_CONFIRMATION_OVER ? count : null;
+    return { body, size, typed, key: randomKey() };
+  }
+
+  /** The review of `push`: everything it sends, to whom, and the typed confirmation if due. */
+  function showReview(push) {
+    const data = Object.entries(push.body.data);
+    const facts = [
+      ['To', push.size],
+      ['Collapse key', push.body.collapse_key],
+      ['Data', data.length ? data.map(([k, v]) => `${k}=${v}`).join('\n') : '—'],
+      ['delay_while_idle', push.body.delay_while_idle ? 'yes: delivered when the device wakes' : 'no'],
+    ];
+    $('confirm-facts').replaceChildren(...facts.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v, 'data-fact': k.toLowerCase().replace(/ /g, '_') })]));
+    const typing = push.typed !== null;
+    $('confirm-typed').hidden = !typing;
+    $('confirm-count').value = '';
+    $('confirm-count-label').textContent = typing
+      ? `This push goes to ${fmt(push.typed)} devices. Type that number to send it:`
+      : '';
+    $('confirm-send').disabled = typing;
+    $('send-form').hidden = true;
+    $('send-confirm').hidden = false;
+    (typing ? $('confirm-count') : $('confirm-send')).focus();
+  }
+
+  /** Send stays disabled until the typed number is the audience's size. */
+  function typedChanged() {
+    if (!pending || pending.typed === null) return;
+    const typed = $('confirm-count').value.replace(/[\s,.\u202f]/g, '');
+    $('confirm-send').disabled = typed !== String(pending.typed);
   }
 
   function showSend() {
@@ -468,6 +507,9 @@
     try {
       const message = await api('POST', '/v1/pushes', pending.body, { 'Idempotency-Key': pending.key });
       pending = null;
+      // The next push starts from an empty form, not from this one's audience and payload.
+      $('send-form').reset();
+      audienceChanged();
       location.hash = `#/pushes/${message.id}`;
     } catch (e) {
       $('send-confirm').hidden = true;
@@ -477,6 +519,7 @@
       $('confirm-send').disabled = false;
     }
   }
+
 
   // ---- Logging in and out, and the routes ----
 
@@ -553,11 +596,9 @@
         sendError(e.message);
         return;
       }
-      $('confirm-text').textContent = `“${pending.body.collapse_key}” goes to ${pending.size}.`;
-      $('send-form').hidden = true;
-      $('send-confirm').hidden = false;
-      $('confirm-send').focus();
+      showReview(pending);
     });
+    $('confirm-count').addEventListener('input', typedChanged);
     $('confirm-send').addEventListener('click', confirmSend);
     $('confirm-back').addEventListener('click', () => {
       $('send-confirm').hidden = true;

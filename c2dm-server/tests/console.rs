@@ -393,12 +393,25 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     page.fill("#send-data", "text=hello beta\nlevel=3").await;
     page.click("#send-review").await;
     page.shown("#send-confirm").await;
-    let confirm = page.text("#confirm-text").await;
-    // Tagged: phone-00, 05, 10, 15 and 20, and gone-25, which is gone by now.
-    assert!(
-        confirm.contains("5 active devices of tag beta"),
-        "{confirm}"
-    );
+    let confirm = page.text("#confirm-facts").await;
+    // Tagged: phone-00, 05, 10, 15 and 20, and gone-25, which is gone by now. The review
+    // shows all it sends: audience, collapse key, payload, delay_while_idle.
+    for shown in [
+        "5 active devices of tag beta",
+        "promo",
+        "text=hello beta",
+        "level=3",
+        "delay_while_idle",
+    ] {
+        assert!(confirm.contains(shown), "{shown:?} in {confirm}");
+    }
+    // Under a thousand devices of a tag: no number to type.
+    let typed_hidden = page
+        .client
+        .execute("return document.querySelector('#confirm-typed').hidden;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(typed_hidden, json!(true));
     page.screenshot("send-confirm").await;
     page.click("#confirm-send").await;
     page.until(
@@ -431,6 +444,45 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         ]
     );
 
+    // The next push starts from an empty form: every active device, no payload.
+    page.click("#nav-send").await;
+    let form: Value = page
+        .client
+        .execute(
+            "return [document.querySelector('input[name=audience]:checked').value, \
+             document.querySelector('#send-target').value, \
+             document.querySelector('#send-collapse-key').value, \
+             document.querySelector('#send-data').value];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(form, json!(["all", "", "", ""]));
+    // A tag with no active device: refused before the review.
+    page.click("input[name=audience][value=tag]").await;
+    page.fill("#send-target", "nobody").await;
+    page.fill("#send-collapse-key", "void").await;
+    page.click("#send-review").await;
+    page.until("document.querySelector('#send-error')?.innerText.includes('reach no one')")
+        .await;
+    // Every device: Send waits for the audience's size, typed.
+    page.click("input[name=audience][value=all]").await;
+    page.click("#send-review").await;
+    page.shown("#confirm-count").await;
+    assert!(page.text("#confirm-typed").await.contains("24 devices"));
+    let send_enabled = "return !document.querySelector('#confirm-send').disabled;";
+    let enabled = |page: &Page| {
+        let client = page.client.clone();
+        async move { client.execute(send_enabled, vec![]).await.unwrap() }
+    };
+    assert_eq!(enabled(&page).await, json!(false));
+    page.fill("#confirm-count", "23").await;
+    assert_eq!(enabled(&page).await, json!(false));
+    page.fill("#confirm-count", "24").await;
+    assert_eq!(enabled(&page).await, json!(true));
+    page.screenshot("send-typed-confirmation").await;
+    page.click("#confirm-back").await;
+
     // A push cancelled from its card before any worker took it: every device still gets
     // its row, and none is sent to.
     running.stop().await;
@@ -439,6 +491,8 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     let doomed = server.push(json!("all")).await;
     let card = format!("[data-message='{doomed}']");
     page.click(&format!("{card} button[data-cancel]")).await;
+    // It asks first.
+    page.client.accept_alert().await.unwrap();
     page.until(&format!(
         "document.querySelector(\"{card} .state\")?.innerText.toLowerCase().includes('cancel asked for')"
     ))
