@@ -80,6 +80,7 @@
     if (to === 'all') return 'every active device';
     if (to.user_id !== undefined) return `the devices of user ${to.user_id}`;
     if (to.tag !== undefined) return `the devices tagged ${to.tag}`;
+    if (to.remaining_of !== undefined) return `the devices push ${to.remaining_of} did not reach`;
     const ids = to.registration_ids || [];
     return ids.length === 1 ? `1 registration id` : `${fmt(ids.length)} registration ids`;
   }
@@ -199,6 +200,16 @@
     route();
   }
 
+  async function finishPush(id, left) {
+    if (!window.confirm(`Send push ${id} to the ${fmt(left)} devices it did not reach?`)) return;
+    try {
+      const made = await api('POST', `/v1/pushes/${encodeURIComponent(id)}/finish`);
+      location.hash = `#/pushes/${made.id}`;
+    } catch (e) {
+      notice(`Could not finish push ${id}: ${e.message}`);
+    }
+  }
+
   // ---- One push ----
 
   let rowsFilter = { outcome: '', error: '' };
@@ -228,6 +239,12 @@
     const cancel = $('message-cancel');
     cancel.hidden = !(running(m) && !m.cancel_requested);
     cancel.onclick = () => cancelPush(m.id);
+    // A cancelled push with devices it did not reach can be finished: sent to them alone.
+    const left = m.state === 'cancelled' ? (m.counts.not_attempted.cancelled || 0) : 0;
+    const finish = $('message-finish');
+    finish.hidden = left === 0;
+    finish.textContent = `Finish: send to the ${fmt(left)} devices it did not reach`;
+    finish.onclick = () => finishPush(m.id, left);
     $('message-counts').tBodies[0].replaceChildren(...countRows(m).map(([outcome, code, n]) =>
       el('tr', { 'data-outcome': outcome, 'data-code': code },
         el('td', { text: outcomeName(outcome) }), el('td', { text: code || '—' }), el('td', { class: 'num', text: fmt(n) }))));

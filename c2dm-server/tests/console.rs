@@ -408,7 +408,10 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     // Under a thousand devices of a tag: no number to type.
     let typed_hidden = page
         .client
-        .execute("return document.querySelector('#confirm-typed').hidden;", vec![])
+        .execute(
+            "return document.querySelector('#confirm-typed').hidden;",
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(typed_hidden, json!(true));
@@ -516,6 +519,24 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         sent_before,
         "nothing sent"
     );
+    // Finished from its page: one action (asked first) sends it to the devices it did not
+    // reach, and only them.
+    page.click(&format!("{card} h3 a")).await;
+    page.shown("#message-finish").await;
+    assert!(page.text("#message-finish").await.contains("24 devices"));
+    page.click("#message-finish").await;
+    page.client.accept_alert().await.unwrap();
+    page.until(&format!(
+        "location.hash.startsWith('#/pushes/') && location.hash !== '#/pushes/{doomed}' \
+         && document.querySelector('#message-facts dd[data-fact=\"state\"]')?.innerText === 'done'"
+    ))
+    .await;
+    assert!(
+        page.text("#message-facts")
+            .await
+            .contains(&format!("the devices push {doomed} did not reach"))
+    );
+    assert_eq!(server.emulator.counters().sends, sent_before + 24);
 
     // A device of FCM's says so, in the search's results and on its page.
     let (status, body) = server

@@ -327,6 +327,78 @@ async fn a_cancelled_push_still_gives_every_device_a_row(db: Db) {
     );
 }
 
+async fn a_cancelled_push_is_finished_for_the_devices_it_did_not_reach_and_only_them(db: Db) {
+    let server = Server::start(db).await;
+    for i in 0..20 {
+        server.register(&format!("phone-{i:02}"), None, &[]).await;
+    }
+    let listed = json!({"registration_ids": ["phone-00", "phone-01", "never-registered"]});
+    let (cancelled, listed) = (server.push(json!("all")).await, server.push(listed).await);
+    for id in [&cancelled, &listed] {
+        let uri = format!("/v1/pushes/{id}/cancel");
+        let (status, _) = server.call("POST", &uri, ADMIN, None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let workers = server.stoppable_workers(
+        server.sender_over(c2dm_hyper::HyperTransport::new().unwrap()),
+        WorkerOptions::default(),
+    );
+    for id in [&cancelled, &listed] {
+        assert_eq!(server.finished(id).await["state"], "cancelled");
+    }
+    // Since the cancel: two devices unregistered, one new.
+    for gone in ["phone-18", "phone-19"] {
+        server
+            .call("DELETE", &format!("/v1/devices/{gone}"), DEVICE, None)
+            .await;
+    }
+    server.register("phone-new", None, &[]).await;
+    let finish = |id: &str| format!("/v1/pushes/{id}/finish");
+    let (status, made) = server.call("POST", &finish(&cancelled), ADMIN, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{made}");
+    assert_eq!(
+        made["to"],
+        json!({"remaining_of": cancelled.parse::<i64>().unwrap()})
+    );
+    assert_eq!(made["collapse_key"], "news");
+    let made_id = made["id"].as_str().unwrap().to_owned();
+    let done = server.finished(&made_id).await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["total"], 18, "{done}");
+    assert_eq!(done["counts"]["accepted"], 18, "{done}");
+    assert!(
+        server.emulator.inbox("phone-new").is_empty(),
+        "not in the cancelled push"
+    );
+    assert!(
+        server.emulator.inbox("phone-19").is_empty(),
+        "unregistered since"
+    );
+    assert_eq!(server.emulator.inbox("phone-00").len(), 1);
+    // Asked again: the same push, and nothing more sent.
+    let (status, again) = server.call("POST", &finish(&cancelled), ADMIN, None).await;
+    assert_eq!((status, &again["id"]), (StatusCode::OK, &made["id"]));
+    // Only a cancelled push is finished.
+    let (status, answer) = server.call("POST", &finish(&made_id), ADMIN, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["code"], "not_cancelled");
+    // A push to listed ids is finished to the ids it did not reach, registered or not.
+    let (status, made) = server.call("POST", &finish(&listed), ADMIN, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{made}");
+    assert_eq!(
+        made["to"],
+        json!({"registration_ids": ["never-registered", "phone-00", "phone-01"]})
+    );
+    let done = server.finished(made["id"].as_str().unwrap()).await;
+    assert_eq!(done["counts"]["accepted"], 3, "{done}");
+    assert_eq!(server.emulator.inbox("phone-00").len(), 2);
+    workers.stop().await;
+    let (status, _) = server
+        .call("POST", "/v1/pushes/999/finish", ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
 async fn bad_pushes_are_refused_before_anything_is_stored(db: Db) {
     let server = Server::start(db).await;
     let cases = [
@@ -732,6 +804,7 @@ on_each_database!(
     pushes_to_a_user_a_tag_and_a_list_of_ids,
     a_replayed_idempotency_key_gives_the_same_push_and_never_a_second_one,
     a_cancelled_push_still_gives_every_device_a_row,
+    a_cancelled_push_is_finished_for_the_devices_it_did_not_reach_and_only_them,
     bad_pushes_are_refused_before_anything_is_stored,
     a_push_goes_to_each_device_through_its_provider,
 );

@@ -12,6 +12,7 @@ mod auth;
 mod devices;
 mod error;
 mod extract;
+mod finish;
 mod openapi;
 mod ops;
 mod pushes;

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{devices, ops, pushes};
+use super::{devices, finish, ops, pushes};
 
 /// The API's contract, generated from the handlers and types above.
 #[derive(OpenApi)]
@@ -18,7 +18,7 @@ use super::{devices, ops, pushes};
     paths(
         devices::register, devices::unregister, devices::device, devices::list_devices,
         devices::device_counts, devices::device_history, pushes::push, pushes::list_pushes,
-        pushes::status, pushes::cancel, pushes::deliveries, ops::healthz,
+        pushes::status, pushes::cancel, finish::finish, pushes::deliveries, ops::healthz,
         ops::metrics_text,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

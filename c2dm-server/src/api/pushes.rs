@@ -20,6 +20,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/pushes", post(push).get(list_pushes))
         .route("/v1/pushes/{id}/deliveries", get(deliveries))
         .route("/v1/pushes/{id}/cancel", post(cancel))
+        .route("/v1/pushes/{id}/finish", post(super::finish::finish))
 }
 
 /// The push routes that may wait (a status with `wait`), up to [`MAX_WAIT`] seconds.
@@ -28,7 +29,7 @@ pub(super) fn waiting_routes() -> Router<AppState> {
 }
 
 // What the OpenAPI document says of an `Audience` (which the API reads and writes).
-/// Who a push goes to.
+/// Who a push goes to, as a push is asked for.
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 #[schema(as = Audience)]
@@ -42,6 +43,29 @@ pub(super) enum AudienceSchema {
     Tag(ToTag),
     /// Every active device: the word `"all"`.
     All(crate::store::Everyone),
+}
+
+/// Who a push goes to, as a push shows it: as asked for, or, for the push that finishes a
+/// cancelled one, the devices that push did not reach.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = PushAudience)]
+#[allow(dead_code)] // read only by the OpenAPI document
+pub(super) enum PushAudienceSchema {
+    /// As asked for.
+    Asked(AudienceSchema),
+    /// The devices a cancelled push did not reach.
+    Remaining(ToRemaining),
+}
+
+/// The devices a cancelled push did not reach, still active (`POST /v1/pushes/{id}/finish`).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only by the OpenAPI document
+pub(super) struct ToRemaining {
+    /// The cancelled push's id.
+    #[schema(minimum = 1)]
+    remaining_of: i64,
 }
 
 /// A push to these registration ids (registered or not; known ones that are not active get a
@@ -175,6 +199,12 @@ impl PushRequest {
                 text_field("to", Some(tag.clone()))?;
             }
             Audience::All(_) => {}
+            Audience::Remaining { .. } => {
+                return Err(ApiError::field(
+                    "to",
+                    "the devices a cancelled push did not reach are sent to by POST /v1/pushes/{id}/finish",
+                ));
+            }
         }
         Ok(NewPush {
             idempotency_key,
@@ -209,7 +239,7 @@ pub(super) struct PushSummary {
     /// Where it is.
     state: PushState,
     /// Who it goes to.
-    #[schema(value_type = AudienceSchema)]
+    #[schema(value_type = PushAudienceSchema)]
     to: Audience,
     /// Its collapse key.
     collapse_key: String,
@@ -356,7 +386,7 @@ pub(super) async fn push(
 /// was not empty is still a replay, answered as one.
 async fn reaches_no_device(store: &Store, push: &NewPush) -> Result<bool, ApiError> {
     let filter = match &push.audience {
-        Audience::RegistrationIds { .. } => return Ok(false),
+        Audience::RegistrationIds { .. } | Audience::Remaining { .. } => return Ok(false),
         Audience::User { user_id } => DeviceFilter {
             user_id: Some(user_id.clone()),
             ..DeviceFilter::default()

@@ -156,10 +156,11 @@ impl Store {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Page<(i64, String)>, StoreError> {
-        let (user, tag) = match audience {
-            Audience::User { user_id } => (Some(user_id.as_str()), None),
-            Audience::Tag { tag } => (None, Some(tag.as_str())),
-            Audience::All(_) => (None, None),
+        let (user, tag, remaining_of) = match audience {
+            Audience::User { user_id } => (Some(user_id.as_str()), None, None),
+            Audience::Tag { tag } => (None, Some(tag.as_str()), None),
+            Audience::All(_) => (None, None, None),
+            Audience::Remaining { remaining_of } => (None, None, Some(*remaining_of)),
             Audience::RegistrationIds { .. } => {
                 return Ok(Page {
                     items: Vec::new(),
@@ -167,8 +168,8 @@ impl Store {
                 });
             }
         };
-        // The active devices after `$1` (of user `$2`, with tag `$3`, where given), `$4` at
-        // most, in position order.
+        // The active devices after `$1` (of user `$2`, with tag `$3`, that push `$4` did not
+        // reach because it was cancelled, where given), `$5` at most, in position order.
         macro_rules! active_after {
             () => {
                 "SELECT d.id, d.registration_id FROM devices d \
@@ -176,7 +177,10 @@ impl Store {
                  AND ($2 IS NULL OR d.user_id = $2) \
                  AND ($3 IS NULL OR EXISTS \
                  (SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = $3)) \
-                 ORDER BY d.id LIMIT $4"
+                 AND ($4 IS NULL OR EXISTS (SELECT 1 FROM deliveries r \
+                 WHERE r.push_id = $4 AND r.registration_id = d.registration_id \
+                 AND r.outcome = 'not_attempted' AND r.error = 'cancelled')) \
+                 ORDER BY d.id LIMIT $5"
             };
         }
         let (after, limit_rows) = (after.unwrap_or(0), i64::from(limit));
@@ -190,6 +194,7 @@ impl Store {
                 .bind(after)
                 .bind(user)
                 .bind(tag)
+                .bind(remaining_of)
                 .bind(limit_rows)
                 .fetch_one(&db.pool)
                 .await?,
@@ -199,6 +204,7 @@ impl Store {
                     .bind(after)
                     .bind(user)
                     .bind(tag)
+                    .bind(remaining_of)
                     .bind(limit_rows)
                     .fetch_all(pool)
                     .await?

@@ -105,6 +105,18 @@ impl Store {
         Ok((created, stored))
     }
 
+    /// The registration ids push `id` did not reach because it was cancelled (its
+    /// `not_attempted: cancelled` rows), in id order.
+    pub async fn cancelled_ids(&self, id: i64) -> Result<Vec<String>, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT registration_id FROM deliveries WHERE push_id = $1 \
+             AND outcome = 'not_attempted' AND error = 'cancelled' ORDER BY registration_id"
+        )
+        .bind(id)
+        .fetch_all(pool)
+        .await)?)
+    }
+
     /// The push stored under an idempotency key, if one is.
     pub async fn push_by_idempotency_key(&self, key: &str) -> Result<Option<Push>, StoreError> {
         let id: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(

@@ -171,6 +171,13 @@ pub enum Audience {
     },
     /// Every active device.
     All(Everyone),
+    /// The devices a cancelled push did not reach (its `not_attempted: cancelled` rows) that
+    /// are still active: the audience of the push that finishes it
+    /// (`POST /v1/pushes/{id}/finish`).
+    Remaining {
+        /// The cancelled push.
+        remaining_of: i64,
+    },
 }
 
 /// As a log line says it: `all`, `user alice`, `tag beta`, `3 registration ids`.
@@ -183,6 +190,9 @@ impl std::fmt::Display for Audience {
             Self::User { user_id } => write!(f, "user {user_id}"),
             Self::Tag { tag } => write!(f, "tag {tag}"),
             Self::All(_) => f.write_str("all"),
+            Self::Remaining { remaining_of } => {
+                write!(f, "the devices push {remaining_of} did not reach")
+            }
         }
     }
 }
