@@ -348,6 +348,10 @@ pub struct DemoArgs {
     /// How many devices register with the application server in its act.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub server_devices: u32,
+    /// After the verdict, leave the emulator, the server and its console running, and print
+    /// the console's address and its admin token, until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {

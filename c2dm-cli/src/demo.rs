@@ -134,8 +134,26 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, CliError> 
         print_broadcast(&report, &broadcast_stats);
     }
     let fcm = fcm_sender(global, &emulator)?;
-    problems.extend(server_act(&emulator, &sender, fcm, args.server_devices).await?);
+    let (server_problems, server) =
+        server_act(&emulator, &sender, fcm, args.server_devices).await?;
+    problems.extend(server_problems);
     print_verdict(global, args.devices, &report, &broadcast_stats, &problems);
+    if args.keep {
+        let lines = format!(
+            "kept running until Ctrl-C:\n  console: {}/  (admin token: {})\n  emulator: {}",
+            server.base,
+            server.admin.expose(),
+            emulator.base_url()
+        );
+        // With --json, standard output holds the verdict alone.
+        if global.json {
+            eprintln!("{lines}");
+        } else {
+            println!("{lines}");
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    server.stop().await?;
     emulator.shutdown().await;
     Ok(if problems.is_empty() {
         ExitCode::SUCCESS
@@ -289,7 +307,7 @@ async fn server_act(
     sender: &Sender,
     fcm: Sender<Fcm>,
     devices: u32,
-) -> Result<Vec<String>, CliError> {
+) -> Result<(Vec<String>, DemoServer), CliError> {
     use c2dm_server::api::{Key, Keys};
     use c2dm_server::serve::{ServeOptions, serve};
 
@@ -301,8 +319,12 @@ async fn server_act(
             .map_or(0, |d| d.as_nanos())
     ));
     std::fs::create_dir_all(&dir).map_err(failed("a folder for the server"))?;
+    // A fresh admin token each run: `--keep` leaves the server up for anyone on this machine.
+    let secret: u128 =
+        rand::Rng::random(&mut <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng());
+    let admin = AdminToken(format!("demo-{secret:032x}"));
     let keys = Keys::new(
-        Key::new(DEMO_ADMIN).map_err(failed("key"))?,
+        Key::new(admin.expose()).map_err(failed("key"))?,
         Key::new(DEMO_DEVICE).map_err(failed("key"))?,
     )
     .map_err(failed("keys"))?;
@@ -341,14 +363,57 @@ async fn server_act(
         }
     };
     println!("application server: {base} (SQLite in {})", dir.display());
-    let result = server_checks(emulator, &base, devices).await;
-    let _ = stop_tx.send(());
-    server
-        .await
-        .map_err(failed("the server"))?
-        .map_err(failed("the server"))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let running = DemoServer {
+        stop: stop_tx,
+        task: server,
+        dir,
+        base,
+        admin,
+    };
+    match server_checks(emulator, &running.base, running.admin.expose(), devices).await {
+        Ok(problems) => Ok((problems, running)),
+        Err(err) => {
+            running.stop().await?;
+            Err(err)
+        }
+    }
+}
+
+/// The demo's admin token: never in `Debug`.
+struct AdminToken(String);
+
+impl AdminToken {
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// The server act's server, running until [`DemoServer::stop`].
+struct DemoServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), c2dm_server::serve::ServeError>>,
+    dir: std::path::PathBuf,
+    base: String,
+    admin: AdminToken,
+}
+
+impl DemoServer {
+    /// Stops the server, waits for it, and removes its files.
+    async fn stop(self) -> Result<(), CliError> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(failed("the server"))?
+            .map_err(failed("the server"))?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
 }
 
 /// How the server act names its FCM devices (after `gone-`, for the gone ones).
@@ -360,7 +425,6 @@ fn is_fcm(device: &str) -> bool {
 }
 
 /// The demo server's keys: it listens on loopback only, for the length of the act.
-const DEMO_ADMIN: &str = "demo-admin-token";
 const DEMO_DEVICE: &str = "demo-device-key-0";
 
 /// One exchange with the demo's server.
@@ -397,6 +461,7 @@ async fn call(
 async fn server_checks(
     emulator: &Emulator,
     base: &str,
+    admin: &str,
     devices: u32,
 ) -> Result<Vec<String>, CliError> {
     // A page of a thousand rows is over the 64 KiB a C2DM answer may be.
@@ -448,13 +513,13 @@ async fn server_checks(
     let push = serde_json::json!({
         "to": "all", "collapse_key": "demo", "data": {"message": "from the server"}
     });
-    let (status, message) = call(&http, base, "POST", "/v1/pushes", DEMO_ADMIN, Some(push)).await?;
+    let (status, message) = call(&http, base, "POST", "/v1/pushes", admin, Some(push)).await?;
     if status != 202 {
         return Err(CliError::Failure(format!("the push: {status} {message}")));
     }
     let id = message["id"].as_str().unwrap_or_default().to_owned();
     let status_path = format!("/v1/pushes/{id}?wait=60");
-    let (_, message) = call(&http, base, "GET", &status_path, DEMO_ADMIN, None).await?;
+    let (_, message) = call(&http, base, "GET", &status_path, admin, None).await?;
     let rejected = |code: &str| message["counts"]["rejected"][code].as_u64().unwrap_or(0);
     let (c2dm_gone, fcm_gone) = (rejected("NotRegistered"), rejected("UNREGISTERED"));
     println!(
@@ -478,7 +543,7 @@ async fn server_checks(
     let mut after = String::new();
     loop {
         let path = format!("/v1/pushes/{id}/deliveries?limit=1000{after}");
-        let (_, page) = call(&http, base, "GET", &path, DEMO_ADMIN, None).await?;
+        let (_, page) = call(&http, base, "GET", &path, admin, None).await?;
         for row in page["deliveries"].as_array().cloned().unwrap_or_default() {
             rows += 1;
             let device = row["registration_id"].as_str().unwrap_or_default();
@@ -523,7 +588,7 @@ async fn server_checks(
         ));
     }
     let gone_path = "/v1/devices?state=gone&limit=1000";
-    let (_, gone) = call(&http, base, "GET", gone_path, DEMO_ADMIN, None).await?;
+    let (_, gone) = call(&http, base, "GET", gone_path, admin, None).await?;
     let disabled = gone["devices"].as_array().map_or(0, Vec::len);
     let expected = ids.iter().filter(|id| id.starts_with("gone-")).count();
     if disabled != expected {

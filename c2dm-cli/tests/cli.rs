@@ -1721,3 +1721,68 @@ async fn serve_logs_what_it_does_as_json_lines() {
     assert_eq!(finished["state"], "done");
     event("stopping: finishing the requests and jobs in hand");
 }
+
+/// `demo --keep`: after its verdict the server stays up, its console's address and admin token
+/// printed, until Ctrl-C, which stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_keep_leaves_the_server_up_until_ctrl_c() {
+    use std::io::BufRead;
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("c2dm"))
+        .args([
+            "demo",
+            "--keep",
+            "--devices",
+            "50",
+            "--server-devices",
+            "20",
+            "--retry-after-secs",
+            "0",
+            "--initial-backoff",
+            "0.005",
+        ])
+        .env_remove("C2DM_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Read (not wait) until the line that names the console; the rest is drained meanwhile.
+    let console = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.trim_start().starts_with("console:") {
+                std::thread::spawn(move || lines.for_each(drop));
+                return (line, seen);
+            }
+            seen.push(line);
+        }
+        panic!("no console line in {seen:?}");
+    })
+    .await
+    .unwrap();
+    let (line, seen) = console;
+    assert!(seen.iter().any(|l| l.starts_with("verified:")), "{seen:?}");
+    // "  console: http://127.0.0.1:PORT/  (admin token: demo-…)"
+    let base = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('/');
+    let token = line.rsplit(' ').next().unwrap().trim_end_matches(')');
+    assert!(token.starts_with("demo-") && token.len() == 37, "{line}");
+    let (status, pushes) = http(base, "GET", "/v1/pushes", token, None).await;
+    assert_eq!(status, 200, "{pushes}");
+    assert_eq!(pushes["pushes"].as_array().unwrap().len(), 1, "{pushes}");
+    let signalled = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
