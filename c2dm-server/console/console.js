@@ -120,7 +120,22 @@
     return el('div', { class: 'progress', 'data-state': m.state }, bar, el('p', { class: 'legend', text: label }));
   }
 
+  /** Each view's page title (a push's and a device's name their own once read). */
+  const TITLES = {
+    'login-view': 'Log in',
+    'messages-view': 'Pushes',
+    'message-view': 'Push',
+    'devices-view': 'Devices',
+    'device-view': 'Device',
+    'send-view': 'Send a push',
+  };
+
+  function title(text) {
+    document.title = `${text} · c2dm console`;
+  }
+
   function show(view) {
+    title(TITLES[view] || 'c2dm console');
     for (const id of VIEWS) $(id).hidden = id !== view;
     $('nav').hidden = view === 'login-view';
     for (const link of document.querySelectorAll('#nav a')) {
@@ -224,8 +239,34 @@
     return rows;
   }
 
+  /** How long seconds read: `42 s`, `3 min 5 s`, `1 h 2 min`. */
+  function duration(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  }
+
+  /** A running push's pace: elapsed time, rate so far, and the time left at that rate. */
+  function pace(m) {
+    if (!running(m)) return [];
+    const elapsed = (Date.now() - Date.parse(m.created_at)) / 1000;
+    const t = m.tally;
+    const done = t.accepted + t.rejected + t.failed + t.not_attempted;
+    const rate = elapsed > 0 ? done / elapsed : 0;
+    let left = 'not yet known';
+    if (t.pending === 0) left = '0 s';
+    else if (t.pending !== null && rate > 0) left = `about ${duration(t.pending / rate)}`;
+    return [
+      ['Elapsed', duration(elapsed)],
+      ['Rate', `${fmt(Math.round(rate))} devices a second`],
+      ['Time left', left],
+    ];
+  }
+
   function renderMessage(m) {
     $('message-title').textContent = `Push ${m.id}`;
+    title(`Push ${m.id}`);
     const facts = [
       ['State', stateText(m)],
       ['To', audienceText(m.to)],
@@ -233,6 +274,7 @@
       ['Collapse key', m.collapse_key],
       ['Made', when(m.created_at)],
       ['Finished', when(m.finished_at)],
+      ...pace(m),
     ];
     $('message-facts').replaceChildren(...facts.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v, 'data-fact': k.toLowerCase() })]));
     $('message-progress').replaceChildren(progress(m));
@@ -376,6 +418,7 @@
     const d = await api('GET', `/v1/devices/${encodeURIComponent(id)}`);
     if (mine !== generation) return;
     $('device-title').textContent = `Device ${d.registration_id}`;
+    title(`Device ${d.registration_id}`);
     const facts = [
       ['State', d.reason ? `${d.state} (${d.reason})` : d.state],
       ['Provider', providerText(d.provider)],

@@ -14,6 +14,7 @@ use axum::routing::get;
 const INDEX: &str = include_str!("../console/index.html");
 const SCRIPT: &str = include_str!("../console/console.js");
 const STYLE: &str = include_str!("../console/console.css");
+const ICON: &str = include_str!("../console/favicon.svg");
 
 /// What every console answer says about itself: no framing, nothing from elsewhere, no
 /// sniffing, no caching of a page that the next version replaces.
@@ -34,7 +35,7 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
-/// `GET /`, `/console.js` and `/console.css`.
+/// `GET /`, `/console.js`, `/console.css` and `/favicon.svg`.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route(
@@ -48,5 +49,9 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(
             "/console.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
+        .route(
+            "/favicon.svg",
+            get(|| async { asset("image/svg+xml", ICON) }),
         )
 }

@@ -493,6 +493,23 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
     page.click("#nav-messages").await;
     let doomed = server.push(json!("all")).await;
     let card = format!("[data-message='{doomed}']");
+    // A running push's page says how long it has run, at what rate, and what is left; each
+    // view has a title of its own.
+    page.click(&format!("{card} h3 a")).await;
+    page.shown("#message-facts dd[data-fact='time left']").await;
+    for fact in ["elapsed", "rate", "time left"] {
+        let text = page
+            .text(&format!("#message-facts dd[data-fact='{fact}']"))
+            .await;
+        assert!(!text.is_empty(), "{fact}");
+    }
+    page.until(&format!(
+        "document.title === 'Push {doomed} · c2dm console'"
+    ))
+    .await;
+    page.click("#nav-messages").await;
+    page.until("document.title === 'Pushes · c2dm console'")
+        .await;
     page.click(&format!("{card} button[data-cancel]")).await;
     // It asks first.
     page.client.accept_alert().await.unwrap();
@@ -576,4 +593,18 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         .unwrap();
     assert_eq!(kept, Value::Null);
     page.client.close().await.unwrap();
+}
+
+/// The console's icon is served, as an SVG, under the console's policy.
+#[tokio::test]
+async fn the_console_has_an_icon() {
+    use tower::ServiceExt;
+    let server = Server::start(Db::Sqlite).await;
+    let request = http::Request::get("/favicon.svg")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = server.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/svg+xml");
+    assert!(response.headers().contains_key("content-security-policy"));
 }
