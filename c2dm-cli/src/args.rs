@@ -305,6 +305,15 @@ pub struct ServeArgs {
     /// An API process only: no workers.
     #[arg(long)]
     pub no_workers: bool,
+    /// Settings from this TOML file: one key per option (its long name, `workers = 4`,
+    /// `admin-token-file = "/etc/c2dm/admin-token"`); options and environment variables
+    /// override it. Secrets are given as file paths.
+    #[arg(long, env = "C2DM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the settings in effect (options over environment over --config file over
+    /// defaults, secrets redacted) as TOML, with where each came from, and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -333,6 +342,8 @@ impl std::fmt::Debug for ServeArgs {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("no_api", &self.no_api)
             .field("no_workers", &self.no_workers)
+            .field("config", &self.config)
+            .field("print_config", &self.print_config)
             .finish()
     }
 }

@@ -8,6 +8,7 @@
 mod args;
 mod broadcast;
 mod client;
+mod config;
 mod demo;
 mod error;
 mod journal;
@@ -17,9 +18,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use args::{Cli, Command};
+use args::Command;
 use error::CliError;
 
 /// The log filter: `C2DM_LOG`, else `RUST_LOG` (`target=level` directives, comma-separated,
@@ -115,7 +114,15 @@ fn init_tracing(global: &args::Global, serving: bool) {
 /// The `c2dm` command: parses the command line, runs the command on a multi-threaded tokio
 /// runtime, and answers its exit code (errors printed to stderr).
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config::parse(std::env::args_os().collect()) {
+        Ok(Some(cli)) => cli,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(config::ConfigError::Cli(err)) => err.exit(),
+        Err(config::ConfigError::File(message)) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     init_tracing(&cli.global, matches!(cli.command, Command::Serve(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -161,12 +168,12 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
-        super::Cli::command().debug_assert();
+        crate::args::Cli::command().debug_assert();
     }
 
     #[test]
     fn the_options_never_show_the_token() {
-        let cli = super::Cli::try_parse_from([
+        let cli = crate::args::Cli::try_parse_from([
             "c2dm",
             "--token",
             "s3cr3t-token",

@@ -1786,3 +1786,83 @@ async fn demo_keep_leaves_the_server_up_until_ctrl_c() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `serve --config FILE`: the file's settings under the environment and the options, checked as
+/// the options are; `--print-config` says what is in effect and where it came from, secrets
+/// redacted; and a server runs from the file, with the keys the files it names hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_from_a_config_file_under_the_environment_and_the_options() {
+    let env = Env::new(Config::default()).await;
+    let (admin, device) = (env.path("admin-token"), env.path("device-key"));
+    std::fs::write(&admin, "admin-key-from-the-file\n").unwrap();
+    std::fs::write(&device, "device-key-from-the-file\n").unwrap();
+    let file = env.path("c2dm.toml");
+    let database = format!("sqlite://{}", env.path("c2dm.db"));
+    std::fs::write(
+        &file,
+        format!(
+            "database = \"postgres://c2dm:hunter2@db/c2dm\"\nworkers = 3\nconcurrency = 5\n\
+             daily-budget = 5000\nadmin-token-file = \"{admin}\"\ndevice-key-file = \"{device}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = env
+        .run_with(
+            &[
+                "serve",
+                "--config",
+                &file,
+                "--concurrency",
+                "9",
+                "--print-config",
+            ],
+            &[("C2DM_DATABASE_URL", "postgres://u:s3cret@elsewhere/c2dm")],
+        )
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
+    for line in [
+        "database = \"postgres://u:<redacted>@elsewhere/c2dm\"  # environment",
+        "workers = 3  # --config file",
+        "concurrency = 9  # option",
+        "daily-budget = 5000  # --config file",
+        "batch-size = 1000  # default",
+    ] {
+        assert!(printed.contains(line), "{line:?} in\n{printed}");
+    }
+    assert!(
+        !printed.contains("s3cret") && !printed.contains("hunter2"),
+        "{printed}"
+    );
+
+    // A key that is no option, and a value its option refuses: exit 2, saying which.
+    let bad = env.path("bad.toml");
+    for (text, says) in [
+        ("bogus = 1\n", "`bogus` is not a setting"),
+        ("workers = 0\n", "--workers"),
+        ("no-api = 3\n", "`no-api` is true or false"),
+        ("token = \"x\"\n", "`token` is not a setting"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = env.run_with(&["serve", "--config", &bad], &NO_ENV).await;
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(stderr(&out).contains(says), "{text}: {}", stderr(&out));
+    }
+
+    // A server from the file (its database given on the command line): the file's keys.
+    std::fs::write(
+        &file,
+        format!("workers = 1\nadmin-token-file = \"{admin}\"\ndevice-key-file = \"{device}\"\n"),
+    )
+    .unwrap();
+    let send_url = env.emulator.send_url();
+    let global = ["--token", "server-token", "--send-url", send_url.as_str()];
+    let args = ["--listen", "127.0.0.1:0", "--config", file.as_str()];
+    let (server, base) = spawn_serve_with(&global, &[], &database, &args).await;
+    let base = base.unwrap();
+    let (status, _) = http(&base, "GET", "/v1/pushes", "admin-key-from-the-file", None).await;
+    assert_eq!(status, 200);
+    let (status, _) = http(&base, "GET", "/v1/pushes", "admin-key-for-cli-tests", None).await;
+    assert_eq!(status, 401, "the environment's key is not the file's");
+    terminate(server).await;
+}
