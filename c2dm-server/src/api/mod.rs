@@ -227,6 +227,7 @@ mod tests {
             "GET /v1/pushes/{id}",
             "GET /v1/pushes/{id}/deliveries",
             "POST /v1/pushes/{id}/cancel",
+            "POST /v1/pushes/{id}/finish",
             "GET /healthz",
             "GET /metrics",
         ];
