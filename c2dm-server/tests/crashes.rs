@@ -771,6 +771,25 @@ async fn budget_reservations_never_exceed_the_day_together(db: Db) {
     );
 }
 
+/// Moves every queued job's due time by `seconds` (earlier when negative), in whichever
+/// database the store is on.
+async fn shift_jobs(store: &c2dm_server::store::Store, seconds: i64) {
+    if let Some(pool) = store.sqlite_pool() {
+        sqlx::query("UPDATE Jobs SET run_at = run_at + $1")
+            .bind(seconds)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    if let Some(pool) = store.postgres_pool() {
+        sqlx::query("UPDATE apalis.jobs SET run_at = run_at + make_interval(secs => $1)")
+            .bind(seconds as f64)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
 async fn the_oldest_due_job_s_age_counts_only_jobs_due(db: Db) {
     let server = Server::start(db).await;
     let queues = &server.queues;
@@ -781,19 +800,7 @@ async fn the_oldest_due_job_s_age_counts_only_jobs_due(db: Db) {
     // A push's job, no worker to take it, made as if two minutes ago.
     server.register("phone-1", None, &[]).await;
     server.push(json!("all")).await;
-    let store = &server.store;
-    if let Some(pool) = store.sqlite_pool() {
-        sqlx::query("UPDATE Jobs SET run_at = run_at - 120")
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-    if let Some(pool) = store.postgres_pool() {
-        sqlx::query("UPDATE apalis.jobs SET run_at = run_at - interval '120 seconds'")
-            .execute(pool)
-            .await
-            .unwrap();
-    }
+    shift_jobs(&server.store, -120).await;
     let (pushes, batches) = queues.oldest_due().await.unwrap();
     assert!(
         pushes >= Duration::from_secs(120) && pushes < Duration::from_secs(600),
@@ -802,18 +809,7 @@ async fn the_oldest_due_job_s_age_counts_only_jobs_due(db: Db) {
     assert_eq!(batches, Duration::ZERO);
     // The same job due in an hour (as a batch left for the budget's next period is) waits,
     // but is not late.
-    if let Some(pool) = store.sqlite_pool() {
-        sqlx::query("UPDATE Jobs SET run_at = run_at + 3720")
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-    if let Some(pool) = store.postgres_pool() {
-        sqlx::query("UPDATE apalis.jobs SET run_at = run_at + interval '3720 seconds'")
-            .execute(pool)
-            .await
-            .unwrap();
-    }
+    shift_jobs(&server.store, 3720).await;
     assert_eq!(
         queues.oldest_due().await.unwrap(),
         (Duration::ZERO, Duration::ZERO)
