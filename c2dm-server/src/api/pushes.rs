@@ -12,7 +12,7 @@ use super::devices::registration_id_schema;
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{IdempotencyKey, JsonBody, PathParam, QueryParams};
 use super::{AppState, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
-use crate::store::{Audience, Counts, DeliveryRow, DeviceFilter, NewPush, Push, PushState, Store};
+use crate::store::{Audience, Counts, DeliveryRow, NewPush, Push, PushState, Store};
 
 /// The push routes that answer at once (the admin token).
 pub(super) fn routes() -> Router<AppState> {
@@ -382,22 +382,19 @@ pub(super) async fn push(
 }
 
 /// Whether `push`'s audience holds no active device (a user, a tag or everyone; a list of ids
-/// is never empty: its ids not active get rows). A replay of a push made when its audience
-/// was not empty is still a replay, answered as one.
+/// is never empty: its ids not active get rows), read as the walk's first page of one device,
+/// which stops at the first. A replay of a push made when its audience was not empty is still
+/// a replay, answered as one.
 async fn reaches_no_device(store: &Store, push: &NewPush) -> Result<bool, ApiError> {
-    let filter = match &push.audience {
-        Audience::RegistrationIds { .. } | Audience::Remaining { .. } => return Ok(false),
-        Audience::User { user_id } => DeviceFilter {
-            user_id: Some(user_id.clone()),
-            ..DeviceFilter::default()
-        },
-        Audience::Tag { tag } => DeviceFilter {
-            tag: Some(tag.clone()),
-            ..DeviceFilter::default()
-        },
-        Audience::All(_) => DeviceFilter::default(),
-    };
-    if store.device_counts(&filter).await?.active > 0 {
+    if matches!(
+        push.audience,
+        Audience::RegistrationIds { .. } | Audience::Remaining { .. }
+    ) || !store
+        .audience_page(&push.audience, None, 1)
+        .await?
+        .items
+        .is_empty()
+    {
         return Ok(false);
     }
     Ok(match &push.idempotency_key {
