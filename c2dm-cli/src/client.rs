@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use c2dm_auth::{ClientLogin, Credentials};
-use c2dm_core::{AuthToken, Message, RetryPolicy, Sender, StaticToken, TokenProvider};
+use c2dm_core::{AuthToken, Message, RetryPolicy, Sender, StaticToken, TokenProvider, Transport};
 use c2dm_fcm::{Fcm, FcmMessage, ServiceAccountKey, ServiceAccountTokens};
 use c2dm_hyper::{HyperTransport, Proxy};
 
@@ -198,10 +198,23 @@ pub fn sender(
     default_deadline: Option<Duration>,
     sends_at_once: usize,
 ) -> Result<Sender, CliError> {
+    sender_over(global, default_deadline, sends_at_once, |transport| {
+        transport
+    })
+}
+
+/// [`sender`], its sends (not its logins) through `wrap` of the transport: `serve` times
+/// them for its metrics.
+pub fn sender_over<T: Transport + 'static>(
+    global: &Global,
+    default_deadline: Option<Duration>,
+    sends_at_once: usize,
+    wrap: impl FnOnce(HyperTransport) -> T,
+) -> Result<Sender, CliError> {
     let endpoint = parse_url("--send-url", &global.send_url)?;
     let transport = transport(global, sends_at_once)?;
     let tokens = token_provider(global, &transport)?;
-    Ok(Sender::builder(transport, tokens)
+    Ok(Sender::builder(wrap(transport), tokens)
         .endpoint(endpoint)
         .retry_policy(retry_policy(global, default_deadline))
         .build())
@@ -213,6 +226,18 @@ pub fn fcm_sender(
     global: &Global,
     default_deadline: Option<Duration>,
     sends_at_once: usize,
+) -> Result<Option<Sender<Fcm>>, CliError> {
+    fcm_sender_over(global, default_deadline, sends_at_once, |transport| {
+        transport
+    })
+}
+
+/// [`fcm_sender`], its sends (not its token requests) through `wrap` of the transport.
+pub fn fcm_sender_over<T: Transport + 'static>(
+    global: &Global,
+    default_deadline: Option<Duration>,
+    sends_at_once: usize,
+    wrap: impl FnOnce(HyperTransport) -> T,
 ) -> Result<Option<Sender<Fcm>>, CliError> {
     let Some(path) = &global.fcm else {
         return Ok(None);
@@ -227,7 +252,7 @@ pub fn fcm_sender(
     let transport = transport(global, sends_at_once)?;
     let tokens = ServiceAccountTokens::new(key, transport.clone());
     Ok(Some(
-        Sender::with_protocol(fcm, transport, tokens)
+        Sender::with_protocol(fcm, wrap(transport), tokens)
             .endpoint(endpoint)
             .retry_policy(retry_policy(global, default_deadline))
             .build(),

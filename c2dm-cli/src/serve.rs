@@ -8,6 +8,7 @@ use c2dm_server::api::{Key, Keys};
 use c2dm_server::jobs::WorkerOptions;
 use c2dm_server::listen::HttpLimits;
 use c2dm_server::serve::{ServeError, ServeOptions, serve};
+use c2dm_server::telemetry::MeteredTransport;
 
 use crate::args::{Global, ServeArgs};
 use crate::client;
@@ -73,11 +74,19 @@ pub async fn run(global: &Global, args: ServeArgs) -> Result<ExitCode, CliError>
     let sends_at_once = (args.workers as usize).saturating_mul(args.concurrency as usize);
     // With --fcm, the devices registered for FCM are sent to through it; C2DM's credentials
     // may then be left out, for a server of FCM's devices only.
-    let fcm = client::fcm_sender(global, None, sends_at_once)?;
+    // Each exchange with a provider is timed for `c2dm_send_duration_seconds`.
+    let fcm = client::fcm_sender_over(global, None, sends_at_once, |transport| {
+        MeteredTransport::new(transport, "fcm")
+    })?;
     let c2dm = if fcm.is_some() && !client::has_c2dm_credentials(global)? {
         None
     } else {
-        Some(client::sender(global, None, sends_at_once)?)
+        Some(client::sender_over(
+            global,
+            None,
+            sends_at_once,
+            |transport| MeteredTransport::new(transport, "c2dm"),
+        )?)
     };
     let sender = c2dm_server::jobs::Senders { c2dm, fcm };
     let shutdown_timeout = Duration::from_secs_f64(args.shutdown_timeout);

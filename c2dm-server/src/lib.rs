@@ -8,6 +8,8 @@
 //! - [`jobs`]: the push and batch jobs on apalis, and [`run_workers`](jobs::run_workers).
 //! - [`health`]: whether this process's workers can work, as `/healthz` tells it.
 //! - [`listen`]: the HTTP listener, with bounds on slow, idle and too many connections.
+//! - [`telemetry`]: [`MeteredTransport`](telemetry::MeteredTransport), which times a sender's
+//!   exchanges for the server's metrics.
 //! - [`serve`]: one process, the API, the workers or both, until told to stop (`c2dm serve`).
 //!
 //! ```
@@ -43,4 +45,4 @@ pub mod listen;
 pub mod queue;
 pub mod serve;
 pub mod store;
-mod telemetry;
+pub mod telemetry;

@@ -91,6 +91,7 @@ async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db
         ("c2dm_registrations_total{result=\"created\"}", 40),
         ("c2dm_rejections_total{code=\"NotRegistered\"}", 8),
         ("c2dm_push_duration_seconds_count", 2),
+        ("c2dm_send_duration_seconds_count{provider=\"c2dm\"}", 70),
     ];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let metrics = loop {
@@ -117,6 +118,8 @@ async fn a_push_to_all_reaches_every_active_device_once_and_disables_the_gone(db
     for line in [
         "# HELP c2dm_deliveries_total ",
         "# HELP c2dm_push_duration_seconds ",
+        "# HELP c2dm_send_duration_seconds ",
+        "c2dm_send_duration_seconds_bucket{provider=\"fcm\",le=\"0.005\"} ",
         "c2dm_deliveries_total{outcome=\"failed\"} ",
         "c2dm_rejections_total{code=\"UNREGISTERED\"} ",
         "c2dm_build_info{version=\"",

@@ -219,9 +219,13 @@ impl Server {
         .build()
     }
 
-    /// Runs this process's workers until the returned sender is dropped or fired.
+    /// Runs this process's workers until the returned sender is dropped or fired; their
+    /// sends are timed, as `c2dm serve` times them.
     pub fn workers(&self, options: WorkerOptions) -> tokio::sync::oneshot::Sender<()> {
-        let sender = self.sender_over(c2dm_hyper::HyperTransport::new().unwrap());
+        let sender = self.sender_over(c2dm_server::telemetry::MeteredTransport::new(
+            c2dm_hyper::HyperTransport::new().unwrap(),
+            "c2dm",
+        ));
         self.workers_with(sender, options)
     }
 
