@@ -89,6 +89,8 @@ struct Inner<P> {
     rng: Mutex<StdRng>,
     wall_clock: WallClock,
     global_pause: Mutex<Option<Instant>>,
+    /// What the answer that last began or extended the global pause said.
+    pause_reason: Mutex<Option<String>>,
     device_pauses: Mutex<HashMap<RegistrationId, Instant>>,
     /// When `QuotaExceeded` started being answered with no acceptance since.
     quota_exceeded_since: Mutex<Option<Instant>>,
@@ -174,6 +176,7 @@ impl<P: Protocol> SenderBuilder<P> {
                 rng: Mutex::new(rng),
                 wall_clock: self.wall_clock,
                 global_pause: Mutex::new(None),
+                pause_reason: Mutex::new(None),
                 device_pauses: Mutex::new(HashMap::new()),
                 quota_exceeded_since: Mutex::new(None),
                 global_paused: AtomicBool::new(false),
@@ -253,6 +256,13 @@ impl<P: Protocol> Sender<P> {
             return None;
         }
         lock(&self.inner.global_pause).filter(|until| *until > Instant::now())
+    }
+
+    /// Why the global pause in force was taken: the error of the answer that began or last
+    /// extended it (`None` without a pause, or for one only set by [`Sender::pause_all_until`]).
+    pub fn pause_reason(&self) -> Option<String> {
+        self.paused_until()?;
+        lock(&self.inner.pause_reason).clone()
     }
 
     /// Since when the service has answered `QuotaExceeded` with no message accepted since.
@@ -362,6 +372,9 @@ impl<P: Protocol> Sender<P> {
                             reason = reason.as_deref().unwrap_or_default(),
                             "pausing every send"
                         );
+                    }
+                    if let Some(reason) = reason {
+                        *lock(&inner.pause_reason) = Some(reason);
                     }
                     self.pause_all_until(until);
                 }

@@ -143,6 +143,9 @@ async fn a_503_holds_every_concurrent_send() {
     // Let the first send meet its 503, then start others a second later.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(sender.paused_until().is_some());
+    // The pause says why it was taken: the answer's error.
+    let reason = sender.pause_reason().expect("a reason while paused");
+    assert!(reason.contains("503"), "{reason}");
     let others: Vec<_> = (2..=5)
         .map(|i| {
             let sender = sender.clone();
@@ -159,6 +162,7 @@ async fn a_503_holds_every_concurrent_send() {
     assert_eq!(first.tally.attempts, 2);
     // Nothing was sent during the pause: one 503, then six accepted at t = 30 s.
     assert_eq!(fake.send_count(), 6);
+    assert_eq!(sender.pause_reason(), None, "no pause, no reason");
 }
 
 #[tokio::test(start_paused = true)]

@@ -824,20 +824,49 @@ async fn an_accounts_pause_is_extended_never_shortened(db: Db) {
     assert_eq!(store.shared_pause("acct").await.unwrap(), None);
     let now = std::time::SystemTime::now();
     let later = now + Duration::from_secs(120);
-    store.pause_account("acct", later).await.unwrap();
     store
-        .pause_account("acct", now + Duration::from_secs(60))
+        .pause_account("acct", later, Some("503 Service Unavailable"))
+        .await
+        .unwrap();
+    // A shorter pause changes neither the end nor the reason.
+    store
+        .pause_account("acct", now + Duration::from_secs(60), Some("shorter"))
         .await
         .unwrap();
     let until = store.shared_pause("acct").await.unwrap().unwrap();
     let off = until.duration_since(later).unwrap_or_else(|e| e.duration());
     assert!(off < Duration::from_millis(2), "{until:?} vs {later:?}");
     assert_eq!(store.shared_pause("other").await.unwrap(), None);
-    // A pause that has ended is no pause.
+    // A pause that has ended is no pause, and has no reason.
     store
-        .pause_account("past", now - Duration::from_secs(1))
+        .pause_account("past", now - Duration::from_secs(1), Some("gone by"))
         .await
         .unwrap();
+    let accounts = store.accounts().await.unwrap();
+    let names: Vec<_> = accounts.iter().map(|a| a.account.as_str()).collect();
+    assert_eq!(names, ["acct", "past"]);
+    assert_eq!(
+        accounts[0].pause_reason.as_deref(),
+        Some("503 Service Unavailable")
+    );
+    assert!(accounts[0].paused_until.is_some());
+    assert_eq!(
+        (
+            accounts[1].paused_until,
+            accounts[1].pause_reason.as_deref()
+        ),
+        (None, None)
+    );
+    // A longer pause without a reason of its own keeps the one it extends.
+    store
+        .pause_account("acct", later + Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    let accounts = store.accounts().await.unwrap();
+    assert_eq!(
+        accounts[0].pause_reason.as_deref(),
+        Some("503 Service Unavailable")
+    );
     assert_eq!(store.shared_pause("past").await.unwrap(), None);
 }
 

@@ -581,6 +581,92 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
             .is_empty()
     );
 
+    // Pushes by state, and by the start of their collapse key.
+    let (status, order) = server
+        .call(
+            "POST",
+            "/v1/pushes",
+            ADMIN,
+            Some(json!({"to": {"registration_ids": ["phone-01"]}, "collapse_key": "order-17"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{order}");
+    let order = order["id"].as_str().unwrap().to_owned();
+    server.finished(&order).await;
+    let listed = |query: &'static str| {
+        let server = &server;
+        async move {
+            let (status, page) = server
+                .call("GET", &format!("/v1/pushes?{query}"), ADMIN, None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {page}");
+            page["pushes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("collapse_key=order").await, [order]);
+    assert_eq!(
+        listed("collapse_key=news").await,
+        [second.clone(), first.clone()]
+    );
+    assert_eq!(
+        listed("collapse_key=new&limit=1&state=done").await,
+        std::slice::from_ref(&second)
+    );
+    assert_eq!(listed("state=done").await.len(), 3);
+    assert!(listed("state=sending").await.is_empty());
+    assert!(
+        listed("collapse_key=NEWS").await.is_empty(),
+        "a prefix, as written"
+    );
+
+    // Devices by state and by the start of their registration id, paged.
+    let devices = |query: &'static str| {
+        let server = &server;
+        async move {
+            let (status, page) = server
+                .call("GET", &format!("/v1/devices?{query}"), ADMIN, None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {page}");
+            let ids = page["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["registration_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>();
+            (ids, page["next"].as_str().map(str::to_owned))
+        }
+    };
+    let (gone, _) = devices("registration_id_prefix=gone-").await;
+    assert_eq!(gone, ["gone-00", "gone-04", "gone-08"]);
+    let (page, next) = devices("registration_id_prefix=phone-0&state=active&limit=4").await;
+    assert_eq!(page, ["phone-01", "phone-02", "phone-03", "phone-05"]);
+    let next = next.expect("a second page");
+    let (status, rest) = server
+        .call(
+            "GET",
+            &format!("/v1/devices?registration_id_prefix=phone-0&state=active&after={next}"),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rest}");
+    assert_eq!(
+        rest["devices"].as_array().unwrap().len(),
+        3,
+        "phone-06, 07 and 09: {rest}"
+    );
+    assert!(
+        devices("registration_id_prefix=phone-1&state=gone")
+            .await
+            .0
+            .is_empty()
+    );
+
     // Devices by state, for everyone and for a user.
     let (status, counts) = server.call("GET", "/v1/device-counts", ADMIN, None).await;
     assert_eq!(status, StatusCode::OK, "{counts}");
@@ -634,6 +720,9 @@ async fn pushes_and_devices_read_as_the_console_reads_them(db: Db) {
     for uri in [
         "/v1/pushes?after=x",
         "/v1/pushes?limit=0",
+        "/v1/pushes?state=paused",
+        "/v1/pushes?collapse_key=",
+        "/v1/devices?registration_id_prefix=",
         "/v1/devices/gone-04/deliveries?after=-1",
     ] {
         let (status, body) = server.call("GET", uri, ADMIN, None).await;
@@ -801,7 +890,51 @@ async fn a_push_goes_to_each_device_through_its_provider(db: Db) {
     workers.stop().await;
 }
 
+async fn a_paused_account_says_until_when_and_why(db: Db) {
+    let server = Server::start_with(
+        db,
+        |config| {
+            config.unavailable = c2dm_emulator::FaultRate::Every(2);
+            config.retry_after = std::time::Duration::from_secs(3);
+        },
+        &WorkerOptions::default(),
+    )
+    .await;
+    let (status, before) = server.call("GET", "/v1/accounts", ADMIN, None).await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert_eq!(before, json!({"accounts": []}));
+    for id in ["phone-1", "phone-2"] {
+        server.register(id, None, &[]).await;
+    }
+    let _workers = server.workers(WorkerOptions::default());
+    let id = server.push(json!("all")).await;
+    // The second send meets a 503 with Retry-After: 3; the pause reaches the database at
+    // once, and the accounts say so until it ends. Each look yields to the workers; none
+    // sleeps, for ten seconds at most.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let account = loop {
+        let (_, accounts) = server.call("GET", "/v1/accounts", ADMIN, None).await;
+        let account = accounts["accounts"][0].clone();
+        if !account["paused_until"].is_null() {
+            break account;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pause in {accounts}"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(account["account"], "default", "{account}");
+    let reason = account["pause_reason"].as_str().expect("a reason");
+    assert!(reason.contains("503"), "{reason}");
+    let message = server.finished(&id).await;
+    assert_eq!(message["counts"]["accepted"], 2, "{message}");
+    let (status, body) = server.call("GET", "/v1/accounts", DEVICE, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
 on_each_database!(
+    a_paused_account_says_until_when_and_why,
     pushes_and_devices_read_as_the_console_reads_them,
     a_push_to_all_reaches_every_active_device_once_and_disables_the_gone,
     pushes_to_a_user_a_tag_and_a_list_of_ids,

@@ -87,6 +87,8 @@ CREATE TABLE sender_accounts (
     account TEXT PRIMARY KEY,
     -- no worker sends before this time: a 503 or QuotaExceeded seen by one
     paused_until BIGINT,
+    -- why: the answer that began or last extended the pause
+    pause_reason TEXT,
     -- the day (days since the epoch, UTC) budget_used counts
     budget_day BIGINT NOT NULL DEFAULT 0,
     -- messages reserved that day by the batches of every worker

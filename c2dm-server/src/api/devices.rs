@@ -11,7 +11,9 @@ use super::auth::{Admin, AnyKey};
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{JsonBody, PathParam, QueryParams};
 use super::pushes::DeliveryView;
-use super::{AppState, MAX_TAGS, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
+use super::{
+    AppState, MAX_TAGS, NewestFirstQuery, cursor, page_limit, query_text, rfc3339, text_field,
+};
 use crate::store::{
     Device, DeviceCounts, DeviceFilter, DeviceState, NewDevice, Provider, Upserted,
 };
@@ -277,6 +279,9 @@ pub(super) struct ListQuery {
     user_id: Option<String>,
     /// Only devices with this tag.
     tag: Option<String>,
+    /// Only devices whose registration id starts with this.
+    #[param(min_length = 1, max_length = 256)]
+    registration_id_prefix: Option<String>,
     /// Where this page starts: an earlier page's `next`.
     #[param(pattern = "^[1-9][0-9]{0,17}$")]
     after: Option<String>,
@@ -323,6 +328,7 @@ pub(super) async fn list_devices(
             .transpose()?,
         user_id: query.user_id,
         tag: query.tag,
+        registration_id_prefix: query_text("registration_id_prefix", query.registration_id_prefix)?,
     };
     let after = cursor(query.after.as_deref())?;
     let limit = page_limit(query.limit)?;
@@ -363,9 +369,9 @@ pub(super) async fn device_counts(
     QueryParams(query): QueryParams<CountsQuery>,
 ) -> Result<Json<DeviceCounts>, ApiError> {
     let filter = DeviceFilter {
-        state: None,
         user_id: query.user_id,
         tag: query.tag,
+        ..DeviceFilter::default()
     };
     Ok(Json(state.store.device_counts(&filter).await?))
 }

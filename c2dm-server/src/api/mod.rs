@@ -2,12 +2,14 @@
 //! `{"error": {"code", "message", "field"}}`, never a 500 for bad input.
 //!
 //! One module per resource, each owning its routes' handlers and types: `devices`
-//! (`/v1/devices`, `/v1/device-counts`), `pushes` (`/v1/pushes`), `ops`
+//! (`/v1/devices`, `/v1/device-counts`), `pushes` (`/v1/pushes`), `accounts`
+//! (`/v1/accounts`: pauses and budgets), `ops`
 //! (`/healthz`, `/metrics`) and `openapi` (the contract); beside them `auth` (the keys, and
 //! the permission extractors), `error` (the one error type) and `extract` (the extractors
 //! whose rejections are errors). The API's table lives in one place, the OpenAPI document
 //! ([`openapi`](openapi::openapi)).
 
+mod accounts;
 mod auth;
 mod devices;
 mod error;
@@ -63,6 +65,7 @@ pub fn router(store: Store, keys: Keys) -> Router {
     install_metrics();
     let quick = devices::routes()
         .merge(pushes::routes())
+        .merge(accounts::routes())
         .merge(ops::routes())
         .route("/openapi.json", get(openapi::openapi_json));
     with_timeout(quick, REQUEST_TIMEOUT)
@@ -106,17 +109,30 @@ const MAX_TEXT: usize = 256;
 const MAX_TAGS: usize = 32;
 
 fn text_field(field: &'static str, value: Option<String>) -> Result<Option<String>, ApiError> {
-    match value {
-        Some(v) if v.is_empty() => Err(ApiError::field(field, format!("{field} is empty"))),
-        Some(v) if v.chars().count() > MAX_TEXT => Err(ApiError::field(
-            field,
-            format!("{field} is over {MAX_TEXT} characters"),
-        )),
-        Some(v) if v.chars().any(char::is_control) => Err(ApiError::field(
-            field,
-            format!("{field} has control characters"),
-        )),
-        other => Ok(other),
+    match value.as_deref().and_then(|v| text_problem(field, v)) {
+        Some(problem) => Err(ApiError::field(field, problem)),
+        None => Ok(value),
+    }
+}
+
+/// A text query parameter, checked as [`text_field`] checks a body's (400 when wrong).
+fn query_text(param: &'static str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value.as_deref().and_then(|v| text_problem(param, v)) {
+        Some(problem) => Err(ApiError::query(param, problem)),
+        None => Ok(value),
+    }
+}
+
+/// What is wrong with a text field's value, if anything: empty, too long, control characters.
+fn text_problem(field: &str, value: &str) -> Option<String> {
+    if value.is_empty() {
+        Some(format!("{field} is empty"))
+    } else if value.chars().count() > MAX_TEXT {
+        Some(format!("{field} is over {MAX_TEXT} characters"))
+    } else if value.chars().any(char::is_control) {
+        Some(format!("{field} has control characters"))
+    } else {
+        None
     }
 }
 
@@ -228,6 +244,7 @@ mod tests {
             "GET /v1/pushes/{id}/deliveries",
             "POST /v1/pushes/{id}/cancel",
             "POST /v1/pushes/{id}/finish",
+            "GET /v1/accounts",
             "GET /healthz",
             "GET /metrics",
         ];

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{devices, finish, ops, pushes};
+use super::{accounts, devices, finish, ops, pushes};
 
 /// The API's contract, generated from the handlers and types above.
 #[derive(OpenApi)]
@@ -18,15 +18,15 @@ use super::{devices, finish, ops, pushes};
     paths(
         devices::register, devices::unregister, devices::device, devices::list_devices,
         devices::device_counts, devices::device_history, pushes::push, pushes::list_pushes,
-        pushes::status, pushes::cancel, finish::finish, pushes::deliveries, ops::healthz,
-        ops::metrics_text,
+        pushes::status, pushes::cancel, finish::finish, pushes::deliveries, accounts::accounts,
+        ops::healthz, ops::metrics_text,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerKeys),
     tags(
         (name = "devices", description = "Phones register their ids; operators look them up."),
         (name = "pushes", description = "Pushes, their progress, and a row per device."),
-        (name = "operations", description = "Health and figures."),
+        (name = "operations", description = "Health, figures and the sender accounts' pauses."),
     )
 )]
 pub(super) struct ApiDoc;

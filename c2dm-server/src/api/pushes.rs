@@ -11,8 +11,8 @@ use super::auth::Admin;
 use super::devices::registration_id_schema;
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{IdempotencyKey, JsonBody, PathParam, QueryParams};
-use super::{AppState, NewestFirstQuery, cursor, page_limit, rfc3339, text_field};
-use crate::store::{Audience, Counts, DeliveryRow, NewPush, Push, PushState, Store};
+use super::{AppState, cursor, page_limit, query_text, rfc3339, text_field};
+use crate::store::{Audience, Counts, DeliveryRow, NewPush, Push, PushFilter, PushState, Store};
 
 /// The push routes that answer at once (the admin token).
 pub(super) fn routes() -> Router<AppState> {
@@ -412,11 +412,31 @@ pub(super) struct PushPage {
     next: Option<String>,
 }
 
-/// The pushes, newest first, each with its tally by outcome.
+/// `GET /v1/pushes` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct PushListQuery {
+    /// Only pushes in this state.
+    #[param(value_type = Option<PushState>)]
+    state: Option<String>,
+    /// Only pushes whose collapse key starts with this.
+    #[param(min_length = 1, max_length = 256)]
+    collapse_key: Option<String>,
+    /// Where this page starts: an earlier page's `next`.
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    after: Option<String>,
+    /// How many at most (1 to 1000, 100 if not given).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+/// The pushes, newest first, each with its tally by outcome; by state, and by the start of
+/// their collapse key.
 #[utoipa::path(
     get, path = "/v1/pushes", tag = "pushes",
     security(("admin_token" = [])),
-    params(NewestFirstQuery),
+    params(PushListQuery),
     responses(
         (status = 200, description = "a page of pushes", body = PushPage),
         ParamErrors,
@@ -427,11 +447,23 @@ pub(super) struct PushPage {
 pub(super) async fn list_pushes(
     State(state): State<AppState>,
     _: Admin,
-    QueryParams(query): QueryParams<NewestFirstQuery>,
+    QueryParams(query): QueryParams<PushListQuery>,
 ) -> Result<Json<PushPage>, ApiError> {
+    let filter = PushFilter {
+        state: query
+            .state
+            .as_deref()
+            .map(|s| {
+                PushState::parse(s).ok_or_else(|| {
+                    ApiError::query("state", "state is one of queued, sending, done, cancelled")
+                })
+            })
+            .transpose()?,
+        collapse_key_prefix: query_text("collapse_key", query.collapse_key)?,
+    };
     let before = cursor(query.after.as_deref())?;
     let limit = page_limit(query.limit)?;
-    let page = state.store.pushes(before, limit).await?;
+    let page = state.store.pushes(&filter, before, limit).await?;
     Ok(Json(PushPage {
         pushes: page.items.into_iter().map(PushSummary::from).collect(),
         next: page.next.map(|n| n.to_string()),

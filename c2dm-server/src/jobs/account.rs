@@ -168,10 +168,16 @@ pub(super) async fn share_pause_of<P: Protocol>(
     if let Some(mine) = mine
         && shared.is_none_or(|s| mine > s + ROUNDING)
     {
-        match store.pause_account(account, mine).await {
+        let reason = sender.pause_reason();
+        match store.pause_account(account, mine, reason.as_deref()).await {
             Ok(()) => {
                 metrics::counter!("c2dm_pauses_total").increment(1);
-                tracing::info!(account, until = ?mine, "pausing every worker of the account");
+                tracing::info!(
+                    account,
+                    until = ?mine,
+                    reason = reason.as_deref().unwrap_or_default(),
+                    "pausing every worker of the account"
+                );
             }
             Err(e) => runner.account_unread(&e),
         }

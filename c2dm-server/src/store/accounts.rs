@@ -4,7 +4,10 @@
 use std::time::SystemTime;
 
 use super::rows::{big, count, millis, time_of};
-use super::{Conn, Reservation, Store, StoreError, execute, grant, on_conn, on_pool};
+use super::{AccountState, Conn, Reservation, Store, StoreError, execute, grant, on_conn, on_pool};
+
+/// A `sender_accounts` row: account, paused until, why, budget day, budget used.
+type AccountRow = (String, Option<i64>, Option<String>, i64, i64);
 
 impl Store {
     /// Until when every worker of `account` must not send (a 503 or `QuotaExceeded` one of
@@ -20,15 +23,52 @@ impl Store {
         Ok(until.flatten().map(time_of).filter(|until| *until > now))
     }
 
-    /// Every worker of `account` pauses until `until` (extends, never shortens, a pause).
-    pub async fn pause_account(&self, account: &str, until: SystemTime) -> Result<(), StoreError> {
-        const SQL: &str = "INSERT INTO sender_accounts (account, paused_until) VALUES ($1, $2) \
-             ON CONFLICT (account) DO UPDATE SET paused_until = \
-             CASE WHEN sender_accounts.paused_until > excluded.paused_until \
+    /// Every worker of `account` pauses until `until` (extends, never shortens, a pause),
+    /// because of `reason` (kept with the pause it extends; a pause given without one keeps
+    /// the reason it had).
+    pub async fn pause_account(
+        &self,
+        account: &str,
+        until: SystemTime,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO sender_accounts (account, paused_until, pause_reason) \
+             VALUES ($1, $2, $3) \
+             ON CONFLICT (account) DO UPDATE SET \
+             pause_reason = CASE WHEN sender_accounts.paused_until > excluded.paused_until \
+             THEN sender_accounts.pause_reason \
+             ELSE COALESCE(excluded.pause_reason, sender_accounts.pause_reason) END, \
+             paused_until = CASE WHEN sender_accounts.paused_until > excluded.paused_until \
              THEN sender_accounts.paused_until ELSE excluded.paused_until END";
         let (account, until) = (account.to_owned(), millis(until));
-        execute!(self, SQL, account, until).await?;
+        let reason = reason.map(str::to_owned);
+        execute!(self, SQL, account, until, reason).await?;
         Ok(())
+    }
+
+    /// Every sender account the workers have shared a pause or a budget for, by name: its
+    /// pause (if still to come, with why) and its budget's use.
+    pub async fn accounts(&self) -> Result<Vec<AccountState>, StoreError> {
+        let rows: Vec<AccountRow> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT account, paused_until, pause_reason, budget_day, budget_used \
+                 FROM sender_accounts ORDER BY account"
+        )
+        .fetch_all(pool)
+        .await)?;
+        let now = SystemTime::now();
+        Ok(rows
+            .into_iter()
+            .map(|(account, until, reason, budget_day, used)| {
+                let paused_until = until.map(time_of).filter(|until| *until > now);
+                AccountState {
+                    account,
+                    pause_reason: reason.filter(|_| paused_until.is_some()),
+                    paused_until,
+                    budget_day,
+                    budget_used: count(used),
+                }
+            })
+            .collect())
     }
 
     /// Reserves up to `wanted` messages of `account`'s budget for `day` (days since the

@@ -135,6 +135,7 @@ impl Store {
             "AND ($3 IS NULL OR d.user_id = $3) "
             "AND ($4 IS NULL OR EXISTS "
             "(SELECT 1 FROM device_tags t WHERE t.device = d.id AND t.tag = $4)) "
+            "AND ($6 IS NULL OR substr(d.registration_id, 1, length($6)) = $6) "
             "ORDER BY d.id LIMIT $5"
         ))
         .bind(after.unwrap_or(0))
@@ -142,6 +143,7 @@ impl Store {
         .bind(&filter.user_id)
         .bind(&filter.tag)
         .bind(i64::from(limit) + 1)
+        .bind(&filter.registration_id_prefix)
         .fetch_all(pool)
         .await)?;
         Ok(page_of(rows, limit, Device::try_from, |d| d.position)?)

@@ -28,9 +28,9 @@ use tokio::sync::watch;
 
 pub use crate::queue::Positions;
 pub use types::{
-    Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter, DeviceState,
-    Everyone, NewDevice, NewPush, OutcomeTally, Page, Provider, Push, PushError, PushState,
-    Reservation, StoreError, Upserted,
+    AccountState, Audience, BatchRun, Counts, DeliveryRow, Device, DeviceCounts, DeviceFilter,
+    DeviceState, Everyone, NewDevice, NewPush, OutcomeTally, Page, Provider, Push, PushError,
+    PushFilter, PushState, Reservation, StoreError, Upserted,
 };
 
 /// The server's storage, on whichever database it was opened on. Cheap to clone: clones

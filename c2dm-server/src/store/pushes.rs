@@ -11,8 +11,8 @@ use super::rows::{
 };
 use super::shared::{enqueue_batches, finish_if_complete, push_tasks};
 use super::{
-    Counts, Db, DeliveryRow, NewPush, Page, Positions, Push, Store, StoreError, execute, on_conn,
-    on_pool,
+    Counts, Db, DeliveryRow, NewPush, Page, Positions, Push, PushFilter, Store, StoreError,
+    execute, on_conn, on_pool,
 };
 use crate::queue::{self, BatchJob, PushJob};
 
@@ -161,14 +161,24 @@ impl Store {
         Ok(record.map(|r| r.with(Counts::default())).transpose()?)
     }
 
-    /// Up to `limit` pushes older than `before` (a push id), newest first, with their tallies
-    /// but not their counts (left at zero).
-    pub async fn pushes(&self, before: Option<i64>, limit: u32) -> Result<Page<Push>, StoreError> {
+    /// Up to `limit` pushes that `filter` leaves older than `before` (a push id), newest
+    /// first, with their tallies but not their counts (left at zero).
+    pub async fn pushes(
+        &self,
+        filter: &PushFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<Push>, StoreError> {
         let rows: Vec<PushRecord> = on_pool!(self, |pool| sqlx::query_as(select_push!(
-            "WHERE id < $1 ORDER BY id DESC LIMIT $2"
+            "WHERE id < $1 "
+            "AND ($3 IS NULL OR state = $3) "
+            "AND ($4 IS NULL OR substr(collapse_key, 1, length($4)) = $4) "
+            "ORDER BY id DESC LIMIT $2"
         ))
         .bind(before.unwrap_or(i64::MAX))
         .bind(i64::from(limit) + 1)
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(&filter.collapse_key_prefix)
         .fetch_all(pool)
         .await)?;
         Ok(page_of(

@@ -137,6 +137,18 @@ pub struct DeviceFilter {
     pub user_id: Option<String>,
     /// Only devices with this tag.
     pub tag: Option<String>,
+    /// Only devices whose registration id starts with this (a scan of the devices the other
+    /// fields leave, paged as usual; not for counts).
+    pub registration_id_prefix: Option<String>,
+}
+
+/// Which pushes a listing wants; every field narrows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushFilter {
+    /// Only pushes in this state.
+    pub state: Option<PushState>,
+    /// Only pushes whose collapse key starts with this.
+    pub collapse_key_prefix: Option<String>,
 }
 
 /// One page of a keyset-paged listing.
@@ -443,4 +455,20 @@ pub struct Reservation {
     pub granted: u64,
     /// Messages left of the period's budget after it.
     pub left: u64,
+}
+
+/// A sender account as every worker shares it ([`Store::accounts`](super::Store::accounts)):
+/// C2DM's account by its name, an FCM project as `fcm:<project id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    /// The account's name.
+    pub account: String,
+    /// Until when no worker sends for it, if that is still to come.
+    pub paused_until: Option<SystemTime>,
+    /// Why, while it is paused: the answer that began or last extended the pause.
+    pub pause_reason: Option<String>,
+    /// The budget period (days since the epoch, UTC) that `budget_used` counts.
+    pub budget_day: i64,
+    /// Messages reserved in that period by every worker.
+    pub budget_used: u64,
 }
