@@ -8,11 +8,14 @@
   const PAGE = 50;
   const POLL_MS = 1000;
   const IDLE_POLL_MS = 3000;
+  /** How often the accounts' pauses are read, for the banner. */
+  const ACCOUNTS_POLL_MS = 5000;
   const VIEWS = ['login-view', 'messages-view', 'message-view', 'devices-view', 'device-view', 'send-view'];
 
   const $ = (id) => document.getElementById(id);
   let token = sessionStorage.getItem(TOKEN_KEY);
   let poll = null;
+  let accountsPoll = null;
   // Bumped on each navigation: an answer for an earlier view is dropped.
   let generation = 0;
 
@@ -70,6 +73,19 @@
       node.append(typeof child === 'string' || typeof child === 'number' ? String(child) : child);
     }
     return node;
+  }
+
+  /** Labels `row`'s cells with their columns' short names (`data-short` of the header of
+   *  table `tableId`), which the stacked cards of a narrow screen show; a cell that says
+   *  nothing (`—`, or marked `data-empty`) is left out of the card. */
+  function labelled(tableId, row) {
+    const heads = $(tableId).tHead.rows[0].cells;
+    [...row.cells].forEach((cell, i) => {
+      const head = heads[i];
+      if (head) cell.dataset.label = head.dataset.short ?? head.textContent;
+      if (cell.textContent === '—') cell.dataset.empty = '';
+    });
+    return row;
   }
 
   const fmt = (n) => (n === null || n === undefined ? '—' : Number(n).toLocaleString('en'));
@@ -170,6 +186,7 @@
   // ---- Pushes ----
 
   let messagesShown = PAGE;
+  let pushesFilter = { state: '', key: '' };
 
   function messageCard(m) {
     const cancel = running(m) && !m.cancel_requested
@@ -180,7 +197,7 @@
       el('p', { class: 'meta' },
         el('span', { class: 'state', text: stateText(m) }),
         ` · to ${audienceText(m.to)}`,
-        m.total !== null ? ` (${fmt(m.total)} devices)` : '',
+        m.total !== null ? ` (${fmt(m.total)} ${m.total === 1 ? 'device' : 'devices'})` : '',
         ` · ${when(m.created_at)}`),
       progress(m),
       cancel);
@@ -188,11 +205,17 @@
 
   async function showMessages(mine) {
     show('messages-view');
-    const page = await api('GET', `/v1/pushes?limit=${Math.min(messagesShown, 1000)}`);
+    const query = new URLSearchParams({ limit: String(Math.min(messagesShown, 1000)) });
+    if (pushesFilter.state) query.set('state', pushesFilter.state);
+    if (pushesFilter.key) query.set('collapse_key', pushesFilter.key);
+    const page = await api('GET', `/v1/pushes?${query}`);
     if (mine !== generation) return;
     const list = $('message-list');
     list.replaceChildren(...page.pushes.map(messageCard));
-    if (page.pushes.length === 0) list.append(el('li', { class: 'hint', text: 'No push yet: send one.' }));
+    if (page.pushes.length === 0) {
+      const filtered = pushesFilter.state || pushesFilter.key;
+      list.append(el('li', { class: 'hint', text: filtered ? 'No push matches.' : 'No push yet: send one.' }));
+    }
     const more = $('messages-more');
     more.hidden = page.next === null;
     more.onclick = () => {
@@ -299,14 +322,14 @@
   }
 
   function deliveryRow(d) {
-    return el('tr', { 'data-outcome': d.outcome },
+    return labelled('deliveries', el('tr', { 'data-outcome': d.outcome },
       el('td', {}, el('a', { href: `#/devices/${encodeURIComponent(d.registration_id)}`, text: d.registration_id })),
       el('td', { text: outcomeName(d.outcome) }),
       el('td', { text: d.error || '—' }),
       el('td', { text: d.message_id || '—' }),
       el('td', { class: 'num', text: fmt(d.attempts) }),
-      el('td', { class: 'num', text: fmt(d.possible_duplicates) }),
-      el('td', { text: when(d.at) }));
+      el('td', { class: 'num', text: fmt(d.possible_duplicates), 'data-empty': d.possible_duplicates === 0 }),
+      el('td', { text: when(d.at) })));
   }
 
   async function loadDeliveries(mine, id, after) {
@@ -363,6 +386,8 @@
     if (mine !== generation) return;
     $('device-counts').replaceChildren(...[['Active', counts.active], ['Unregistered', counts.unregistered], ['Gone', counts.gone]]
       .flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: fmt(v), 'data-count': k.toLowerCase() })]));
+    // The first page of what the form says (every device, at first), to browse.
+    await searchDevices(mine);
   }
 
   function providerText(provider) {
@@ -370,42 +395,44 @@
   }
 
   function deviceRow(d) {
-    return el('tr', { 'data-state': d.state },
+    return labelled('device-results', el('tr', { 'data-state': d.state },
       el('td', {}, el('a', { href: `#/devices/${encodeURIComponent(d.registration_id)}`, text: d.registration_id })),
       el('td', { text: providerText(d.provider) }),
       el('td', { text: d.user_id || '—' }),
       el('td', { text: d.tags.join(', ') || '—' }),
       el('td', { text: d.reason ? `${d.state} (${d.reason})` : d.state }),
-      el('td', { text: when(d.state_changed_at) }));
+      el('td', { text: when(d.state_changed_at) })));
   }
 
-  async function searchDevices(after) {
+  /** A page of the devices the search form names (every device when its text is empty), in
+   *  the order they registered; `after` continues an earlier page. */
+  async function searchDevices(mine, after) {
     const by = $('search-by').value;
     const text = $('search-text').value.trim();
+    const state = $('search-state').value;
     const table = $('device-results');
     const body = table.tBodies[0];
     $('search-error').hidden = true;
     const more = $('devices-more');
     more.hidden = true;
+    const query = new URLSearchParams({ limit: String(PAGE) });
+    if (text) query.set(by, text);
+    if (state) query.set('state', state);
+    if (after) query.set('after', after);
     try {
-      if (by === 'registration_id') {
-        const device = await api('GET', `/v1/devices/${encodeURIComponent(text)}`);
-        body.replaceChildren(deviceRow(device));
-      } else {
-        const query = new URLSearchParams({ [by]: text, limit: String(PAGE) });
-        if (after) query.set('after', after);
-        const page = await api('GET', `/v1/devices?${query}`);
-        const rows = page.devices.map(deviceRow);
-        if (after) body.append(...rows);
-        else body.replaceChildren(...rows);
-        if (body.rows.length === 0) throw new ApiError(404, { error: { message: `no device has this ${by === 'tag' ? 'tag' : 'user'}` } });
-        more.hidden = page.next === null;
-        more.onclick = () => searchDevices(page.next);
-      }
-      table.hidden = false;
+      const page = await api('GET', `/v1/devices?${query}`);
+      if (mine !== generation) return;
+      const rows = page.devices.map(deviceRow);
+      if (after) body.append(...rows);
+      else body.replaceChildren(...rows);
+      table.hidden = body.rows.length === 0;
+      $('devices-empty').hidden = body.rows.length > 0;
+      more.hidden = page.next === null;
+      more.onclick = () => searchDevices(mine, page.next);
     } catch (e) {
       table.hidden = true;
-      $('search-error').textContent = e.status === 404 ? `Not found: ${e.message}.` : e.message;
+      $('devices-empty').hidden = true;
+      $('search-error').textContent = e.field ? `${e.field}: ${e.message}` : e.message;
       $('search-error').hidden = false;
     }
   }
@@ -440,12 +467,12 @@
     const page = await api('GET', `/v1/devices/${encodeURIComponent(id)}/deliveries?${query}`);
     if (mine !== generation) return;
     const body = $('device-history').tBodies[0];
-    const rows = page.deliveries.map((d) => el('tr', { 'data-outcome': d.outcome },
+    const rows = page.deliveries.map((d) => labelled('device-history', el('tr', { 'data-outcome': d.outcome },
       el('td', {}, el('a', { href: `#/pushes/${d.push_id}`, text: `Push ${d.push_id}` })),
       el('td', { text: outcomeName(d.outcome) }),
       el('td', { text: d.error || '—' }),
       el('td', { class: 'num', text: fmt(d.attempts) }),
-      el('td', { text: when(d.at) })));
+      el('td', { text: when(d.at) }))));
     if (after) body.append(...rows);
     else body.replaceChildren(...rows);
     $('history-empty').hidden = body.rows.length > 0;
@@ -581,12 +608,46 @@
   }
 
 
+  // ---- The accounts' pauses ----
+
+  function accountName(name) {
+    return name.startsWith('fcm:') ? `FCM project ${name.slice(4)}` : `C2DM account ${name}`;
+  }
+
+  /** The banner: each paused account, until when and why; hidden when none is paused. */
+  async function showPauses() {
+    if (token === null) return;
+    let accounts;
+    try {
+      accounts = (await api('GET', '/v1/accounts')).accounts;
+    } catch (e) {
+      return;
+    }
+    const paused = accounts.filter((a) => a.paused_until !== null);
+    const lines = paused.map((a) => {
+      const left = (Date.parse(a.paused_until) - Date.now()) / 1000;
+      return `Sending is paused for ${accountName(a.account)} until ${when(a.paused_until)} `
+        + `(${duration(left)} from now): ${a.pause_reason || 'no reason was given'}.`;
+    });
+    $('paused').textContent = lines.join('\n');
+    $('paused').hidden = lines.length === 0;
+  }
+
+  function watchPauses() {
+    if (accountsPoll !== null) clearInterval(accountsPoll);
+    accountsPoll = setInterval(showPauses, ACCOUNTS_POLL_MS);
+    showPauses();
+  }
+
   // ---- Logging in and out, and the routes ----
 
   function logOut(why) {
     sessionStorage.removeItem(TOKEN_KEY);
     token = null;
     stopPolling();
+    if (accountsPoll !== null) clearInterval(accountsPoll);
+    accountsPoll = null;
+    $('paused').hidden = true;
     generation += 1;
     show('login-view');
     $('token').value = '';
@@ -627,6 +688,8 @@
       return;
     }
     notice('');
+    if (accountsPoll === null) watchPauses();
+    else showPauses();
     const [, section, id] = location.hash.split('/');
     const failed = (e) => {
       if (mine === generation && e.status !== 401) notice(e.status === 404 ? `Not found: ${e.message}.` : e.message);
@@ -644,7 +707,13 @@
     $('logout').addEventListener('click', () => logOut('Logged out.'));
     $('device-search').addEventListener('submit', (event) => {
       event.preventDefault();
-      searchDevices();
+      searchDevices(generation);
+    });
+    $('pushes-filter').addEventListener('submit', (event) => {
+      event.preventDefault();
+      pushesFilter = { state: $('pushes-state').value, key: $('pushes-key').value.trim() };
+      messagesShown = PAGE;
+      route();
     });
     for (const radio of document.querySelectorAll('input[name=audience]')) radio.addEventListener('change', audienceChanged);
     $('send-form').addEventListener('submit', async (event) => {
