@@ -58,7 +58,7 @@ fn check(root: &Path, bin: &Path, dir: &Path) -> Result<(), String> {
         return Err(format!("GET /openapi.json answered {status}"));
     }
     let file = dir.join("openapi.json");
-    std::fs::write(&file, document).map_err(|e| e.to_string())?;
+    std::fs::write(&file, &document).map_err(|e| e.to_string())?;
     crate::run(
         "OpenAPI document",
         "openapi-spec-validator",
@@ -68,6 +68,7 @@ fn check(root: &Path, bin: &Path, dir: &Path) -> Result<(), String> {
 
     let config = root.join("xtask/contract/schemathesis.toml");
     let url = format!("http://127.0.0.1:{port}/openapi.json");
+    examples_cover_every_operation(root, &config, &url, &document)?;
     for (name, key) in [("admin token", ADMIN), ("device key", DEVICE)] {
         let report = crate::target_dir(root)
             .join("contract")
@@ -99,6 +100,102 @@ fn check(root: &Path, bin: &Path, dir: &Path) -> Result<(), String> {
     drop(emulator);
     eprintln!("== contract: the document validates, and schemathesis found nothing");
     Ok(())
+}
+
+/// Runs schemathesis' examples phase alone, with the admin token: every answer to the
+/// document's examples must pass every check, and no operation that takes an input (a
+/// parameter or a body) may be skipped for want of examples. An operation without inputs has
+/// nothing an example could give: schemathesis skips it here, and the other phases call it.
+fn examples_cover_every_operation(
+    root: &Path,
+    config: &Path,
+    url: &str,
+    document: &str,
+) -> Result<(), String> {
+    let report = crate::target_dir(root).join("contract").join("examples");
+    let _ = std::fs::remove_dir_all(&report);
+    crate::run(
+        "schemathesis' examples phase",
+        "st",
+        &[
+            "--config-file",
+            &config.display().to_string(),
+            "run",
+            url,
+            "--header",
+            &format!("Authorization: Bearer {ADMIN}"),
+            "--phases",
+            "examples",
+            "--no-color",
+            "--report",
+            "ndjson",
+            "--report-dir",
+            &report.display().to_string(),
+        ],
+        &[],
+    )?;
+    let events = std::fs::read_dir(&report)
+        .map_err(|e| format!("{}: {e}", report.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "ndjson"))
+        .ok_or("schemathesis wrote no ndjson report")?;
+    let events = std::fs::read_to_string(&events).map_err(|e| e.to_string())?;
+    let document: serde_json::Value = serde_json::from_str(document).map_err(|e| e.to_string())?;
+    let skipped = skipped_with_inputs(&events, &document)?;
+    if skipped.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the examples phase skipped operations that take inputs (give them examples): {}",
+            skipped.join(", ")
+        ))
+    }
+}
+
+/// The operations the examples phase (its ndjson `events`) skipped although `document` gives
+/// them a parameter or a body; an error if it ran none, or missed one of the document's.
+fn skipped_with_inputs(events: &str, document: &serde_json::Value) -> Result<Vec<String>, String> {
+    let mut seen = Vec::new();
+    let mut skipped = Vec::new();
+    for line in events.lines().filter(|l| !l.trim().is_empty()) {
+        let event: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        let Some(finished) = event.get("ScenarioFinished") else {
+            continue;
+        };
+        if finished["phase"] != "examples" {
+            continue;
+        }
+        let label = finished["recorder"]["label"]
+            .as_str()
+            .ok_or("a scenario without its operation")?
+            .to_owned();
+        if finished["status"] == "skip" {
+            let (method, path) = label.split_once(' ').ok_or("a label without a method")?;
+            let operation = &document["paths"][path][method.to_lowercase()];
+            let has_inputs = operation["parameters"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+                || operation.get("requestBody").is_some();
+            if has_inputs {
+                skipped.push(label.clone());
+            }
+        }
+        seen.push(label);
+    }
+    let documented = document["paths"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(_, item)| item.as_object().map_or(0, |ops| ops.len()))
+        .sum::<usize>();
+    if seen.len() != documented {
+        return Err(format!(
+            "the examples phase went through {} operations of the document's {documented}",
+            seen.len()
+        ));
+    }
+    Ok(skipped)
 }
 
 /// Devices and a finished push for the fuzzer's requests to find.
@@ -138,4 +235,40 @@ fn seed(port: u16) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skipped_with_inputs;
+
+    fn finished(label: &str, status: &str) -> String {
+        serde_json::json!({"ScenarioFinished": {
+            "phase": "examples", "status": status, "recorder": {"label": label}
+        }})
+        .to_string()
+    }
+
+    #[test]
+    fn an_operation_with_inputs_may_not_be_skipped_one_without_may() {
+        let document = serde_json::json!({"paths": {
+            "/healthz": {"get": {"responses": {}}},
+            "/v1/pushes": {"post": {"requestBody": {}, "responses": {}}},
+            "/v1/pushes/{id}": {"get": {"parameters": [{"name": "id"}], "responses": {}}},
+        }});
+        let events = [
+            finished("GET /healthz", "skip"),
+            finished("POST /v1/pushes", "success"),
+            finished("GET /v1/pushes/{id}", "skip"),
+        ]
+        .join("\n");
+        assert_eq!(
+            skipped_with_inputs(&events, &document).unwrap(),
+            ["GET /v1/pushes/{id}"]
+        );
+        let events = [finished("GET /healthz", "skip")].join("\n");
+        assert!(
+            skipped_with_inputs(&events, &document).is_err(),
+            "two not gone through"
+        );
+    }
 }

@@ -19,13 +19,7 @@ pub(super) fn routes() -> Router<AppState> {
 
 /// A sender account as the workers share it.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({
-    "account": "sender@example.com",
-    "paused_until": "2026-12-08T10:15:30.000Z",
-    "pause_reason": "the service is unavailable (503), retry after 30 s",
-    "budget_day": 20430,
-    "budget_used": 12000
-}))]
+#[schema(example = super::examples::account)]
 pub(super) struct AccountView {
     /// C2DM's account by its name; an FCM project as `fcm:<project id>`.
     account: String,
@@ -54,6 +48,7 @@ impl From<AccountState> for AccountView {
 
 /// The sender accounts.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::accounts)]
 pub(super) struct AccountList {
     /// By name; an account appears once a worker has reserved budget or paused for it.
     accounts: Vec<AccountView>,

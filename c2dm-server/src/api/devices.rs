@@ -38,6 +38,7 @@ pub(super) fn routes() -> Router<AppState> {
 /// stored (a new device has none); `null` (or `[]` for `tags`) clears it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = super::examples::registration)]
 pub(super) struct Registration {
     /// The id C2DM gave the app: at most 4,096 bytes, no white space, control or format
     /// characters.
@@ -138,6 +139,7 @@ impl Registration {
 
 /// A device as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::device)]
 pub(super) struct DeviceView {
     /// Its registration id.
     registration_id: String,
@@ -224,7 +226,7 @@ pub(super) fn no_such_device() -> ApiError {
 #[utoipa::path(
     delete, path = "/v1/devices/{registration_id}", tag = "devices",
     security(("device_key" = []), ("admin_token" = [])),
-    params(("registration_id" = String, Path, description = "the device's registration id")),
+    params(("registration_id" = String, Path, description = "the device's registration id", example = super::examples::registration_id)),
     responses(
         (status = 200, description = "the device, now unregistered", body = DeviceView),
         (status = 404, description = "no device has this id", body = ErrorBody),
@@ -247,7 +249,7 @@ pub(super) async fn unregister(
 #[utoipa::path(
     get, path = "/v1/devices/{registration_id}", tag = "devices",
     security(("admin_token" = [])),
-    params(("registration_id" = String, Path, description = "the device's registration id")),
+    params(("registration_id" = String, Path, description = "the device's registration id", example = super::examples::registration_id)),
     responses(
         (status = 200, description = "the device", body = DeviceView),
         (status = 404, description = "no device has this id", body = ErrorBody),
@@ -273,25 +275,33 @@ pub(super) async fn device(
 #[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
     /// Only devices in this state.
-    #[param(value_type = Option<DeviceState>)]
+    #[param(value_type = Option<DeviceState>, example = "active")]
     state: Option<String>,
     /// Only this user's devices.
+    #[param(example = "alice")]
     user_id: Option<String>,
     /// Only devices with this tag.
+    #[param(example = "beta")]
     tag: Option<String>,
     /// Only devices whose registration id starts with this.
-    #[param(min_length = 1, max_length = 256)]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        example = "APA91b",
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     registration_id_prefix: Option<String>,
     /// Where this page starts: an earlier page's `next`.
-    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    #[param(pattern = "^[1-9][0-9]{0,17}$", example = "1")]
     after: Option<String>,
     /// How many devices at most (1 to 1000, 100 if not given).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 50)]
     limit: Option<u32>,
 }
 
 /// A page of devices.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::device_page)]
 pub(super) struct DevicePage {
     /// The devices, in the order they first registered.
     devices: Vec<DeviceView>,
@@ -345,8 +355,10 @@ pub(super) async fn list_devices(
 #[into_params(parameter_in = Query)]
 pub(super) struct CountsQuery {
     /// Only this user's devices.
+    #[param(example = "alice")]
     user_id: Option<String>,
     /// Only devices with this tag.
+    #[param(example = "beta")]
     tag: Option<String>,
 }
 
@@ -388,6 +400,7 @@ pub(super) struct DeviceDelivery {
 
 /// A page of a device's history.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::device_history)]
 pub(super) struct DeviceHistory {
     /// Its row of each push that went to it, newest push first.
     deliveries: Vec<DeviceDelivery>,
@@ -400,7 +413,7 @@ pub(super) struct DeviceHistory {
     get, path = "/v1/devices/{registration_id}/deliveries", tag = "devices",
     security(("admin_token" = [])),
     params(
-        ("registration_id" = String, Path, description = "the device's registration id"),
+        ("registration_id" = String, Path, description = "the device's registration id", example = super::examples::registration_id),
         NewestFirstQuery,
     ),
     responses(

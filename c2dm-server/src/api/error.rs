@@ -56,6 +56,7 @@ impl ApiError {
 
 /// An error's answer: `{"error": {"code", "message", "field"?}}`.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::error)]
 pub(super) struct ErrorBody {
     error: ErrorDetail,
 }

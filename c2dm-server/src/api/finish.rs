@@ -36,7 +36,7 @@ fn remaining_audience(cancelled: &Push, rows: Option<Vec<String>>) -> Audience {
 #[utoipa::path(
     post, path = "/v1/pushes/{id}/finish", tag = "pushes",
     security(("admin_token" = [])),
-    params(("id" = String, Path, description = "the cancelled push's id")),
+    params(("id" = String, Path, description = "the cancelled push's id", example = "1")),
     responses(
         (status = 202, description = "the push that finishes it, stored and queued", body = PushView),
         (status = 200, description = "asked again: the push that finishes it, made the first time", body = PushView),

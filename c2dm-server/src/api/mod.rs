@@ -13,6 +13,7 @@ mod accounts;
 mod auth;
 mod devices;
 mod error;
+pub(crate) mod examples;
 mod extract;
 mod finish;
 mod openapi;
@@ -170,10 +171,10 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 #[into_params(parameter_in = Query)]
 struct NewestFirstQuery {
     /// Where this page starts: an earlier page's `next`.
-    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    #[param(pattern = "^[1-9][0-9]{0,17}$", example = "1")]
     after: Option<String>,
     /// How many at most (1 to 1000, 100 if not given).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 50)]
     limit: Option<u32>,
 }
 

@@ -62,7 +62,190 @@ impl utoipa::Modify for BearerKeys {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    add_links(&mut doc);
     doc
+}
+
+/// A link of the document: from an operation's answers (`method`, `path`, `statuses`), by
+/// `name`, to operation `to`, its path parameter `parameter` filled from the answer's body at
+/// `pointer`.
+struct LinkRule {
+    method: &'static str,
+    path: &'static str,
+    statuses: &'static [&'static str],
+    name: &'static str,
+    to: &'static str,
+    parameter: &'static str,
+    pointer: &'static str,
+}
+
+/// What a client (or schemathesis' stateful phase) can do next with an answer.
+const LINKS: &[LinkRule] = &[
+    LinkRule {
+        method: "post",
+        path: "/v1/devices",
+        statuses: &["200", "201"],
+        name: "device",
+        to: "device",
+        parameter: "registration_id",
+        pointer: "/registration_id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/devices",
+        statuses: &["200", "201"],
+        name: "history",
+        to: "device_history",
+        parameter: "registration_id",
+        pointer: "/registration_id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/devices",
+        statuses: &["200", "201"],
+        name: "unregister",
+        to: "unregister",
+        parameter: "registration_id",
+        pointer: "/registration_id",
+    },
+    LinkRule {
+        method: "get",
+        path: "/v1/devices/{registration_id}",
+        statuses: &["200"],
+        name: "history",
+        to: "device_history",
+        parameter: "registration_id",
+        pointer: "/registration_id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes",
+        statuses: &["200", "202"],
+        name: "status",
+        to: "status",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes",
+        statuses: &["200", "202"],
+        name: "deliveries",
+        to: "deliveries",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes",
+        statuses: &["200", "202"],
+        name: "cancel",
+        to: "cancel",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "get",
+        path: "/v1/pushes/{id}",
+        statuses: &["200"],
+        name: "deliveries",
+        to: "deliveries",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "get",
+        path: "/v1/pushes/{id}",
+        statuses: &["200"],
+        name: "cancel",
+        to: "cancel",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "get",
+        path: "/v1/pushes/{id}",
+        statuses: &["200"],
+        name: "finish",
+        to: "finish",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes/{id}/cancel",
+        statuses: &["200"],
+        name: "status",
+        to: "status",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes/{id}/cancel",
+        statuses: &["200"],
+        name: "finish",
+        to: "finish",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes/{id}/finish",
+        statuses: &["200", "202"],
+        name: "status",
+        to: "status",
+        parameter: "id",
+        pointer: "/id",
+    },
+    LinkRule {
+        method: "post",
+        path: "/v1/pushes/{id}/finish",
+        statuses: &["200", "202"],
+        name: "deliveries",
+        to: "deliveries",
+        parameter: "id",
+        pointer: "/id",
+    },
+];
+
+/// Adds [`LINKS`] to the document's answers.
+fn add_links(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::link::Link;
+
+    for LinkRule {
+        method,
+        path,
+        statuses,
+        name,
+        to,
+        parameter,
+        pointer,
+    } in LINKS
+    {
+        let item = doc.paths.paths.get_mut(*path).expect("a documented path");
+        let operation = match *method {
+            "get" => item.get.as_mut(),
+            "post" => item.post.as_mut(),
+            _ => item.delete.as_mut(),
+        }
+        .expect("a documented operation");
+        for status in *statuses {
+            let Some(RefOr::T(response)) = operation.responses.responses.get_mut(*status) else {
+                panic!("{method} {path} documents no {status}");
+            };
+            response.links.insert(
+                (*name).to_owned(),
+                RefOr::T(
+                    Link::builder()
+                        .operation_id(*to)
+                        .parameter(*parameter, format!("$response.body#{pointer}"))
+                        .build(),
+                ),
+            );
+        }
+    }
 }
 
 /// The contract is public: it holds no secret, and clients (and fuzzers) read it first.
@@ -121,6 +304,57 @@ mod tests {
             }
         }
         rows.join("\n")
+    }
+
+    /// Every link leads to a documented operation, filling a path parameter it has from a
+    /// property the answer's schema has.
+    #[test]
+    fn every_link_leads_somewhere() {
+        let doc = serde_json::to_value(openapi()).expect("a document");
+        let mut operations = std::collections::HashMap::new();
+        for item in doc["paths"].as_object().expect("paths").values() {
+            for op in item.as_object().expect("a path item").values() {
+                operations.insert(op["operationId"].as_str().expect("an id").to_owned(), op);
+            }
+        }
+        let mut links = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("a path item") {
+                for (status, response) in op["responses"].as_object().expect("responses") {
+                    for (name, link) in response["links"].as_object().into_iter().flatten() {
+                        links += 1;
+                        let target = link["operationId"].as_str().expect("an operationId");
+                        let target = operations.get(target).unwrap_or_else(|| {
+                            panic!("{method} {path} {status} {name}: no {target}")
+                        });
+                        for (parameter, expression) in
+                            link["parameters"].as_object().expect("parameters")
+                        {
+                            assert!(
+                                target["parameters"].as_array().is_some_and(|ps| ps
+                                    .iter()
+                                    .any(|p| p["name"] == *parameter && p["in"] == "path")),
+                                "{method} {path} {status} {name}: {parameter} is no path parameter"
+                            );
+                            let pointer = expression
+                                .as_str()
+                                .and_then(|e| e.strip_prefix("$response.body#/"))
+                                .expect("a body pointer");
+                            let schema = response["content"]["application/json"]["schema"]["$ref"]
+                                .as_str()
+                                .expect("a schema")
+                                .trim_start_matches("#/components/schemas/");
+                            let example = &doc["components"]["schemas"][schema]["example"];
+                            assert!(
+                                example.get(pointer).is_some(),
+                                "{method} {path} {status} {name}: {schema} has no {pointer}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(links, 22);
     }
 
     /// docs/SERVER.md's table of the API is this document's: written from it (with

@@ -53,7 +53,8 @@ pub fn install_metrics() {
     get, path = "/metrics", tag = "operations",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "the figures", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 200, description = "the figures", body = String, content_type = "text/plain; version=0.0.4",
+            example = "# HELP c2dm_pushes_total Pushes made through the API.\n# TYPE c2dm_pushes_total counter\nc2dm_pushes_total 1\n"),
         AdminErrors,
         KeyErrors,
     )
@@ -92,6 +93,7 @@ pub fn ops_router(store: Store) -> Router {
 
 /// The answer to `GET /healthz`.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::health)]
 pub(super) struct Health {
     /// `ok`, or what is wrong: `database unavailable`, or `workers unavailable: …` with why.
     status: String,

@@ -119,6 +119,7 @@ pub(super) struct ToTag {
 /// `POST /v1/pushes`: a push.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = super::examples::push_request)]
 pub(super) struct PushRequest {
     /// Who it goes to.
     #[schema(value_type = AudienceSchema)]
@@ -275,6 +276,7 @@ pub(super) struct PushErrorView {
 
 /// A push with its counts by outcome and code.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::push)]
 pub(super) struct PushView {
     #[serde(flatten)]
     summary: PushSummary,
@@ -331,6 +333,7 @@ impl From<Push> for PushView {
     params((
         "Idempotency-Key" = Option<String>, Header,
         description = "the same key gives the same push, never a second one (visible text, at most 256 characters)",
+        example = "b6f0c1d2-5a1e-4c8e-9f1a-3d2b7c6e8a90",
         max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$"
     )),
     request_body = PushRequest,
@@ -405,6 +408,7 @@ async fn reaches_no_device(store: &Store, push: &NewPush) -> Result<bool, ApiErr
 
 /// A page of pushes.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::push_page)]
 pub(super) struct PushPage {
     /// The pushes, newest first.
     pushes: Vec<PushSummary>,
@@ -418,16 +422,21 @@ pub(super) struct PushPage {
 #[into_params(parameter_in = Query)]
 pub(super) struct PushListQuery {
     /// Only pushes in this state.
-    #[param(value_type = Option<PushState>)]
+    #[param(value_type = Option<PushState>, example = "done")]
     state: Option<String>,
     /// Only pushes whose collapse key starts with this.
-    #[param(min_length = 1, max_length = 256)]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        example = "order-",
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     collapse_key: Option<String>,
     /// Where this page starts: an earlier page's `next`.
-    #[param(pattern = "^[1-9][0-9]{0,17}$")]
+    #[param(pattern = "^[1-9][0-9]{0,17}$", example = "9")]
     after: Option<String>,
     /// How many at most (1 to 1000, 100 if not given).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 50)]
     limit: Option<u32>,
 }
 
@@ -495,7 +504,7 @@ pub(super) async fn find(state: &AppState, id: &str) -> Result<Push, ApiError> {
 #[into_params(parameter_in = Query)]
 pub(super) struct StatusQuery {
     /// Hold the answer until the push is finished, for at most this many seconds (up to 60).
-    #[param(minimum = 0, maximum = 60)]
+    #[param(minimum = 0, maximum = 60, example = 10)]
     wait: Option<u64>,
 }
 
@@ -506,7 +515,7 @@ pub(super) const MAX_WAIT: u64 = 60;
 #[utoipa::path(
     get, path = "/v1/pushes/{id}", tag = "pushes",
     security(("admin_token" = [])),
-    params(("id" = String, Path, description = "the push's id"), StatusQuery),
+    params(("id" = String, Path, description = "the push's id", example = "1"), StatusQuery),
     responses(
         (status = 200, description = "the push", body = PushView),
         (status = 404, description = "no such push", body = ErrorBody),
@@ -559,7 +568,7 @@ pub(super) async fn status(
 #[utoipa::path(
     post, path = "/v1/pushes/{id}/cancel", tag = "pushes",
     security(("admin_token" = [])),
-    params(("id" = String, Path, description = "the push's id")),
+    params(("id" = String, Path, description = "the push's id", example = "1")),
     responses(
         (status = 200, description = "the push, its cancel asked for", body = PushView),
         (status = 404, description = "no such push", body = ErrorBody),
@@ -615,14 +624,16 @@ pub(super) enum OutcomeName {
 #[into_params(parameter_in = Query)]
 pub(super) struct DeliveriesQuery {
     /// Only rows with this outcome.
-    #[param(value_type = Option<OutcomeName>)]
+    #[param(value_type = Option<OutcomeName>, example = "rejected")]
     outcome: Option<String>,
     /// Only rows with this error: a C2DM code (`NotRegistered`), or why not attempted.
+    #[param(example = "NotRegistered")]
     error: Option<String>,
     /// Where this page starts: an earlier page's `next`.
+    #[param(example = "1")]
     after: Option<String>,
     /// How many rows at most (1 to 1000, 100 if not given).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 50)]
     limit: Option<u32>,
 }
 
@@ -665,6 +676,7 @@ impl From<DeliveryRow> for DeliveryView {
 
 /// A page of rows.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = super::examples::delivery_page)]
 pub(super) struct DeliveryPage {
     /// The rows, in registration id order.
     deliveries: Vec<DeliveryView>,
@@ -676,7 +688,7 @@ pub(super) struct DeliveryPage {
 #[utoipa::path(
     get, path = "/v1/pushes/{id}/deliveries", tag = "pushes",
     security(("admin_token" = [])),
-    params(("id" = String, Path, description = "the push's id"), DeliveriesQuery),
+    params(("id" = String, Path, description = "the push's id", example = "1"), DeliveriesQuery),
     responses(
         (status = 200, description = "a page of rows", body = DeliveryPage),
         (status = 404, description = "no such push", body = ErrorBody),

@@ -318,6 +318,7 @@ impl OutcomeTally {
 
 /// How many devices are in each state (of those a filter picks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(example = crate::api::examples::device_counts)]
 pub struct DeviceCounts {
     /// Pushes go to them.
     pub active: u64,
