@@ -19,6 +19,7 @@ mod bench;
 mod bench_scaling;
 mod bench_server;
 mod contract;
+mod deb;
 mod release;
 mod soak;
 mod soak_server;
@@ -54,6 +55,18 @@ enum Task {
     Soak(SoakArgs),
     /// Bump every crate's version, move the changelog's Unreleased entries, package, tag.
     Release(ReleaseArgs),
+    /// The Debian package (target/debian); with --check, installed, served from and purged
+    /// on this machine (root or sudo; in CI).
+    Deb(DebArgs),
+}
+
+/// `cargo xtask deb`'s options.
+#[derive(clap::Args)]
+pub(crate) struct DebArgs {
+    /// Install the package with dpkg, verify its unit, run its ExecStart as its user against
+    /// the emulator until a push is done, then purge it and check nothing is left.
+    #[arg(long)]
+    pub(crate) check: bool,
 }
 
 /// `cargo xtask bench`'s options.
@@ -259,6 +272,7 @@ fn main() -> ExitCode {
     let result = match &cli.task {
         Task::Ci => ci(),
         Task::Contract => contract::run(&root()),
+        Task::Deb(args) => deb::run(&root(), args.check),
         Task::Tidy => {
             let mut problems = tidy::check(&root());
             problems.extend(tidy::check_build(&root()));
@@ -293,7 +307,7 @@ mod tests {
     #[test]
     fn every_task_has_help_and_its_flags_are_typed() {
         Cli::command().debug_assert();
-        for task in ["ci", "tidy", "contract", "bench", "soak", "release"] {
+        for task in ["ci", "tidy", "contract", "bench", "soak", "release", "deb"] {
             let help = Cli::try_parse_from(["cargo xtask", task, "--help"]).err();
             assert_eq!(
                 help.map(|e| e.kind()),

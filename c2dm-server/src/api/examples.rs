@@ -50,11 +50,6 @@ pub(crate) fn device_page() -> Value {
     json!({"devices": [device()], "next": "2"})
 }
 
-/// The devices by state.
-pub(crate) fn device_counts() -> Value {
-    json!({"active": 48494, "unregistered": 311, "gone": 1207})
-}
-
 /// A device's history.
 pub(crate) fn device_history() -> Value {
     json!({

@@ -13,7 +13,7 @@ mod accounts;
 mod auth;
 mod devices;
 mod error;
-pub(crate) mod examples;
+mod examples;
 mod extract;
 mod finish;
 mod openapi;

@@ -318,7 +318,7 @@ impl OutcomeTally {
 
 /// How many devices are in each state (of those a filter picks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[schema(example = crate::api::examples::device_counts)]
+#[schema(example = json!({"active": 48494, "unregistered": 311, "gone": 1207}))]
 pub struct DeviceCounts {
     /// Pushes go to them.
     pub active: u64,
