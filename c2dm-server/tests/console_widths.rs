@@ -1,6 +1,7 @@
 //! The console at a desk's width (1366 px) and a phone's (390 px), in Debian's headless
 //! Chromium: every view has its title and fits the screen (below 600 px, tables become stacked
-//! cards, no row taller than 120 px, nothing to scroll sideways); pushes filter by state and
+//! cards, no row taller than 120 px, nothing to scroll sideways); a running push shows its pace;
+//! pushes filter by state and
 //! collapse key; devices browse by state, page, and search by the start of their id; a banner
 //! says when sends are paused, until when and why; the icon is there.
 //!
@@ -137,12 +138,18 @@ async fn the_console_at_a_desk_and_on_a_phone() {
             None,
         )
         .await;
-    let _workers = server.workers(WorkerOptions::default());
+    let workers = server.stoppable_workers(
+        server.sender_over(c2dm_hyper::HyperTransport::new().unwrap()),
+        WorkerOptions::default(),
+    );
     server.finished(&cancelled).await;
     let news = push(json!("all"), "news").await;
     server.finished(&news).await;
     let order = push(json!({"registration_ids": ["phone-01"]}), "order-17").await;
     server.finished(&order).await;
+    // And one waiting, with no worker to take it: a running push's page.
+    workers.stop().await;
+    let waiting = push(json!("all"), "later").await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = server.app.clone();
@@ -212,10 +219,15 @@ async fn the_console_at_a_desk_and_on_a_phone() {
         ] {
             assert!(banner.contains(said), "{said:?} in {banner}");
         }
-        filter_pushes(&page, "", "", 3).await;
+        filter_pushes(&page, "", "", 4).await;
         assert_eq!(
             cards(&page).await,
-            [order.as_str(), news.as_str(), cancelled.as_str()]
+            [
+                waiting.as_str(),
+                order.as_str(),
+                news.as_str(),
+                cancelled.as_str()
+            ]
         );
         // Push cards are cards at every width: only nothing to scroll sideways.
         page.until("document.documentElement.scrollWidth <= window.innerWidth")
@@ -227,9 +239,25 @@ async fn the_console_at_a_desk_and_on_a_phone() {
         assert_eq!(cards(&page).await, [order.as_str(), cancelled.as_str()]);
         filter_pushes(&page, "done", "order-", 1).await;
         assert_eq!(cards(&page).await, [order.as_str()]);
+        filter_pushes(&page, "queued", "", 1).await;
+        assert_eq!(cards(&page).await, [waiting.as_str()]);
         filter_pushes(&page, "sending", "", 0).await;
         assert!(page.text("#message-list").await.contains("No push matches"));
-        filter_pushes(&page, "", "", 3).await;
+        filter_pushes(&page, "", "", 4).await;
+
+        // A running push: how long it has run, its rate, and the time left.
+        page.click(&format!("[data-message='{waiting}'] h3 a"))
+            .await;
+        page.shown("#message-facts dd[data-fact='time left']").await;
+        for fact in ["elapsed", "rate", "time left"] {
+            let text = page
+                .text(&format!("#message-facts dd[data-fact='{fact}']"))
+                .await;
+            assert!(!text.is_empty(), "{fact} at {width} px");
+        }
+        page.until("document.documentElement.scrollWidth <= window.innerWidth")
+            .await;
+        page.click("#nav-messages").await;
 
         // One push: its deliveries as a table at a desk, as cards on a phone.
         page.click(&format!("[data-message='{news}'] h3 a")).await;
