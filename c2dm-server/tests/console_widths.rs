@@ -1,9 +1,9 @@
 //! The console at a desk's width (1366 px) and a phone's (390 px), in Debian's headless
 //! Chromium: every view has its title and fits the screen (below 600 px, tables become stacked
 //! cards, no row taller than 120 px, nothing to scroll sideways); a running push shows its pace;
-//! pushes filter by state and
-//! collapse key; devices browse by state, page, and search by the start of their id; a banner
-//! says when sends are paused, until when and why; the icon is there.
+//! pushes filter by state and collapse key; devices browse by state, page, and search by the
+//! start of their id; a banner says when sends are paused, until when and why; the icon is
+//! there.
 //!
 //! With `C2DM_WRITE_DOCS=1`, the screenshots at both widths are written to `docs/console/`.
 
