@@ -362,25 +362,33 @@ async fn a_walk_that_died_goes_on_where_it_was_and_enqueues_no_page_twice(db: Db
     };
     let server = Server::start_with(db, |_| {}, &options).await;
     let ids: Vec<String> = (0..10).map(|i| format!("phone-{i:03}")).collect();
-    let id = server.push(json!({ "registration_ids": ids })).await;
+    for id in &ids {
+        server.register(id, None, &["walked"]).await;
+    }
+    let id = server.push(json!({ "tag": "walked" })).await;
     let push_id: i64 = id.parse().unwrap();
-    // A walker enqueued the first page, then died: the walk is at 3.
+    // A walker enqueued the first page, then died: the walk is past its third device.
     let store = &server.store;
+    let audience = Audience::Tag {
+        tag: "walked".into(),
+    };
+    let page = store.audience_page(&audience, None, 3).await.unwrap();
+    let (to, first) = (page.next.unwrap(), &ids[..3]);
     assert!(
         store
-            .walk_page(push_id, None, 3, &ids[..3], None)
+            .walk_page(push_id, None, to, first, None)
             .await
             .unwrap()
     );
     // A second walker that read the walk before that cannot enqueue the page again.
     assert!(
         !store
-            .walk_page(push_id, None, 3, &ids[..3], None)
+            .walk_page(push_id, None, to, first, None)
             .await
             .unwrap()
     );
     let record = store.push(push_id).await.unwrap().unwrap();
-    assert_eq!((record.walk_after, record.walked), (Some(3), 3));
+    assert_eq!((record.walk_after, record.walked), (Some(to), 3));
 
     // The push's own job (stored with the push) goes on from there.
     let _workers = server.workers(options);
@@ -633,7 +641,7 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
     let push_id = push_to(&server, &["phone-000", "phone-001"]).await;
     let store = &server.store;
     let batches = || async { server.queues.depth().await.unwrap().1 };
-    assert_eq!(batches().await, 0, "no worker has walked the push");
+    assert_eq!(batches().await, 1, "the push's one batch, enqueued with it");
     let now = std::time::SystemTime::now();
     let row = DeliveryRow::not_attempted("phone-000", "cancelled", now);
     let later = [(
@@ -654,14 +662,18 @@ async fn a_finished_batch_puts_back_once_and_is_not_run_again(db: Db) {
             .await
             .unwrap()
     );
-    assert_eq!(batches().await, 0, "a stale run puts nothing back");
+    assert_eq!(batches().await, 1, "a stale run puts nothing back");
     assert!(
         store
             .finish_batch(push_id, &latest, std::slice::from_ref(&row), &[], &later)
             .await
             .unwrap()
     );
-    assert_eq!(batches().await, 1);
+    assert_eq!(
+        batches().await,
+        2,
+        "the run's devices left for later, put back once"
+    );
     assert_eq!(
         store
             .recorded(push_id, &["phone-000".into(), "phone-001".into()])
@@ -868,6 +880,41 @@ async fn an_accounts_pause_is_extended_never_shortened(db: Db) {
         Some("503 Service Unavailable")
     );
     assert_eq!(store.shared_pause("past").await.unwrap(), None);
+}
+
+/// On PostgreSQL a process learns at once of a cancel (or an end) that another process wrote:
+/// the database tells every store listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_s_cancel_reaches_this_one_s_watchers_on_postgres() {
+    let database = Db::Postgres.fresh().await;
+    let options = WorkerOptions::default();
+    let (here, _) = open_database(&database.url, &options).await.unwrap();
+    let (there, _) = open_database(&database.url, &options).await.unwrap();
+    let made = there
+        .create_push(&c2dm_server::store::NewPush {
+            idempotency_key: None,
+            audience: c2dm_server::store::Audience::All(c2dm_server::store::Everyone::All),
+            collapse_key: "k".into(),
+            data: Vec::new(),
+            delay_while_idle: false,
+        })
+        .await
+        .unwrap()
+        .1;
+    let (mut finishes, mut cancels) = (here.finishes(), here.cancels());
+    finishes.borrow_and_update();
+    cancels.borrow_and_update();
+    there.request_cancel(made.id).await.unwrap();
+    // Bounded, never slept: the news comes within a moment.
+    let told = tokio::time::timeout(Duration::from_secs(10), async {
+        finishes.changed().await.unwrap();
+        cancels.changed().await.unwrap();
+    })
+    .await;
+    assert!(
+        told.is_ok(),
+        "this process never heard of the other's cancel"
+    );
 }
 
 on_each_database!(

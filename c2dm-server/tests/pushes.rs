@@ -933,7 +933,48 @@ async fn a_paused_account_says_until_when_and_why(db: Db) {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
 
+async fn a_push_to_a_short_list_is_enqueued_as_its_one_batch(db: Db) {
+    let server = Server::start(db).await;
+    for id in ["phone-1", "phone-2", "gone-3"] {
+        server.register(id, None, &[]).await;
+    }
+    // Made while no worker runs: its size is known at once (no walk), each id once.
+    let id = server
+        .push(json!({"registration_ids": ["phone-1", "phone-2", "gone-3", "phone-1"]}))
+        .await;
+    let (_, made) = server
+        .call("GET", &format!("/v1/pushes/{id}"), ADMIN, None)
+        .await;
+    assert_eq!(
+        (made["state"].as_str(), made["total"].as_u64()),
+        (Some("queued"), Some(3))
+    );
+    let (pushes, batches) = server.queues.depth().await.unwrap();
+    assert_eq!((pushes, batches), (0, 1), "one batch job, no push job");
+    // A longer list is walked by its push job, as any audience.
+    let long: Vec<String> = (0..1001).map(|i| format!("listed-{i:04}")).collect();
+    let walked = server.push(json!({"registration_ids": long})).await;
+    let (_, made) = server
+        .call("GET", &format!("/v1/pushes/{walked}"), ADMIN, None)
+        .await;
+    assert_eq!(made["total"], Value::Null, "{made}");
+    assert_eq!(server.queues.depth().await.unwrap(), (1, 1));
+
+    let _workers = server.workers(WorkerOptions::default());
+    let message = server.finished(&id).await;
+    assert_eq!(message["state"], "done", "{message}");
+    assert_eq!(message["counts"]["accepted"], 2, "{message}");
+    assert_eq!(
+        message["counts"]["rejected"]["NotRegistered"], 1,
+        "{message}"
+    );
+    assert_eq!(server.emulator.inbox("phone-1").len(), 1, "sent once");
+    let message = server.finished(&walked).await;
+    assert_eq!(message["total"], 1001, "{message}");
+}
+
 on_each_database!(
+    a_push_to_a_short_list_is_enqueued_as_its_one_batch,
     a_paused_account_says_until_when_and_why,
     pushes_and_devices_read_as_the_console_reads_them,
     a_push_to_all_reaches_every_active_device_once_and_disables_the_gone,

@@ -60,14 +60,32 @@ impl Server {
         database: &str,
         send_url: &str,
     ) -> Result<Self, String> {
-        let port_file = dir.join("server-port");
+        Self::start_with(bin, dir, database, send_url, &[])
+    }
+
+    /// [`Server::start`] with `extra` options (`--no-workers`; `--no-api` with
+    /// `--metrics-listen`, whose port then goes to the port file).
+    pub(crate) fn start_with(
+        bin: &Path,
+        dir: &Path,
+        database: &str,
+        send_url: &str,
+        extra: &[&str],
+    ) -> Result<Self, String> {
+        let port_file = dir.join(format!("server-port-{}", extra.join("")));
         let _ = std::fs::remove_file(&port_file);
         let child = Command::new(bin.join("c2dm"))
             .args(["--token", "BENCH", "--send-url", send_url, "serve"])
-            .args(["--database", database, "--listen", "127.0.0.1:0"])
+            .args(["--database", database])
+            .args(if extra.contains(&"--no-api") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
             .arg("--port-file")
             .arg(&port_file)
             .arg("--no-daily-budget")
+            .args(extra)
             .args(
                 std::env::var("BENCH_EXTRA")
                     .unwrap_or_else(|_| "--workers 4 --concurrency 64".into())
@@ -259,6 +277,90 @@ fn push(
     })
 }
 
+/// Pushes to one device, one after another, each timed from its POST to its status saying
+/// done (`GET ?wait=`, which answers as soon as it is): `count` of them, after three not
+/// counted. Returns (median, p99) in milliseconds.
+fn one_device(api: u16, count: usize) -> Result<(f64, f64), String> {
+    let body = r#"{"to": {"registration_ids": ["device-00000000"]}, "collapse_key": "chat", "data": {"message": "hi"}}"#;
+    let mut took = Vec::with_capacity(count);
+    for i in 0..count + 3 {
+        let started = Instant::now();
+        let (status, answer, _) = http(api, "POST", "/v1/pushes", ADMIN, Some(body))?;
+        if status != 202 {
+            return Err(format!("POST /v1/pushes: {status} {answer}"));
+        }
+        let id = crate::bench::json_string(&answer, "/id").ok_or("no id")?;
+        let (_, status, _) = http(api, "GET", &format!("/v1/pushes/{id}?wait=10"), ADMIN, None)?;
+        if crate::bench::json_string(&status, "/state").as_deref() != Some("done") {
+            return Err(format!("a push to one device not done in 10 s: {status}"));
+        }
+        if i >= 3 {
+            took.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    took.sort_by(f64::total_cmp);
+    let p99 = took[(took.len() * 99).div_ceil(100).saturating_sub(1)];
+    Ok((crate::bench::median(took.iter().copied()), p99))
+}
+
+/// The latency table: a push to one device, POST to done, on SQLite and PostgreSQL with the
+/// API and the workers in one process, and on PostgreSQL in two.
+fn latency_rows(
+    bin: &Path,
+    dir: &Path,
+    cluster: &c2dm_testkit::PostgresCluster,
+    send_url: &str,
+    count: usize,
+) -> Result<Vec<String>, String> {
+    let mut rows = vec![
+        format!("| a push to one device, POST to done ({count} in a row) | median | p99 |"),
+        "|---|---:|---:|".to_owned(),
+    ];
+    let sqlite = Database::Sqlite(dir.join("latency.db"));
+    let postgres = || -> Result<Database, String> {
+        Ok(Database::Postgres(
+            cluster
+                .create_database_blocking("latency")
+                .map_err(|e| e.to_string())?,
+            cluster.program("psql"),
+        ))
+    };
+    for (database, split) in [(sqlite, false), (postgres()?, false), (postgres()?, true)] {
+        let url = database.url();
+        let (api, workers) = if split {
+            let api = Server::start_with(bin, dir, &url, send_url, &["--no-workers"])?;
+            let workers = Server::start_with(
+                bin,
+                dir,
+                &url,
+                send_url,
+                &["--no-api", "--metrics-listen", "127.0.0.1:0"],
+            )?;
+            (api, Some(workers))
+        } else {
+            (Server::start(bin, dir, &url, send_url)?, None)
+        };
+        database.insert_devices(1)?;
+        let (median, p99) = one_device(api.port(), count)?;
+        let how = if split {
+            "API and workers in two processes"
+        } else {
+            "API and workers in one process"
+        };
+        eprintln!(
+            "   {}, {how}: median {median:.1} ms, p99 {p99:.1} ms",
+            database.name()
+        );
+        rows.push(format!(
+            "| {}, {how} | {median:.1} ms | {p99:.1} ms |",
+            database.name()
+        ));
+        drop(workers);
+        drop(api);
+    }
+    Ok(rows)
+}
+
 const REGISTER_SCRIPT: &str = r#"wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer bench-device-key"
@@ -324,6 +426,20 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let emulator = crate::bench::Emulator::start(&bin, &dir, false, true)?;
     let send_url = emulator.send_url();
+    if args.latency {
+        let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
+        let rows = latency_rows(
+            &bin,
+            &dir,
+            &cluster,
+            &send_url,
+            if quick { 30 } else { 100 },
+        )?;
+        println!("{}", rows.join("\n"));
+        drop(emulator);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     // Registrations first: after the pushes, PostgreSQL's autovacuum works through their
     // million rows for a while, and the registrations' p99 went from 7 ms to 100.
     let registered = if crate::bench::have("wrk") {
@@ -338,6 +454,13 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
         None
     };
     let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
+    let latency = latency_rows(
+        &bin,
+        &dir,
+        &cluster,
+        &send_url,
+        if quick { 30 } else { 100 },
+    )?;
 
     let rounds = args.rounds();
     let mut rows = vec![
@@ -430,6 +553,8 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
         if rounds == 1 { "" } else { "s" },
     );
     report.push_str(&rows.join("\n"));
+    report.push_str("\n\n");
+    report.push_str(&latency.join("\n"));
     if let Some((rate, p99)) = registered {
         report.push_str(&format!(
             "\n\n| registrations over HTTP, SQLite, `wrk -t1 -c16` | value |\n|---|---:|\n\

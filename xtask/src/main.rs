@@ -88,6 +88,9 @@ pub(crate) struct BenchArgs {
     /// Write the tables into docs/PERFORMANCE.md.
     #[arg(long)]
     pub(crate) write: bool,
+    /// With --server: only the latency of pushes to one device, POST to done.
+    #[arg(long, requires = "server", conflicts_with = "scaling")]
+    pub(crate) latency: bool,
     /// Fewer and smaller rounds.
     #[arg(long)]
     pub(crate) quick: bool,

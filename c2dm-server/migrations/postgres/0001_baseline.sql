@@ -118,3 +118,18 @@ CREATE TABLE batch_lists (
     job TEXT NOT NULL
 );
 CREATE INDEX batch_lists_by_push ON batch_lists (push_id);
+
+-- Every process learns at once that a push finished or was asked to cancel, whichever process
+-- wrote it: its status requests waiting (`?wait=`) and its batches under way listen.
+CREATE FUNCTION c2dm_push_news() RETURNS TRIGGER AS $$
+BEGIN
+    PERFORM pg_notify('c2dm_push_news', NEW.id::text);
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER pushes_news AFTER UPDATE OF state, cancel_requested ON pushes
+    FOR EACH ROW
+    WHEN (NEW.state IS DISTINCT FROM OLD.state AND NEW.state IN ('done', 'cancelled')
+          OR NEW.cancel_requested AND NOT OLD.cancel_requested)
+    EXECUTE FUNCTION c2dm_push_news();

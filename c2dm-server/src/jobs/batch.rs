@@ -266,6 +266,13 @@ async fn load(job: BatchJob, store: &Store) -> Result<Option<Loaded>, Step> {
     // Cancels asked for in this process from here on (its push read next) stop the sends.
     let cancels = store.cancels();
     let push = store.push_to_send(job.push_id).await?;
+    // A push whose one batch was enqueued with it (no walk) starts sending with that batch.
+    if push
+        .as_ref()
+        .is_some_and(|push| push.state == crate::store::PushState::Queued)
+    {
+        store.start_sending(job.push_id).await?;
+    }
     Ok(push.map(|push| Loaded { job, push, cancels }))
 }
 

@@ -97,6 +97,79 @@ impl PollStrategy for Every {
     }
 }
 
+/// Wakes a worker as soon as a job it may take is enqueued, and every [`POLL`] besides: when
+/// this process's store enqueues one due now ([`Store::enqueued`]), and on PostgreSQL when the
+/// database says any process did (apalis-postgres' `NOTIFY` on insert, for the worker's queue).
+/// The poll stays for what neither tells: jobs coming due later, and other processes' jobs on
+/// SQLite.
+struct Wakes {
+    every: Every,
+    enqueued: futures::stream::BoxStream<'static, ()>,
+    /// PostgreSQL's notices of inserts into this worker's queue, with the pool and queue to
+    /// listen again with when the connection is lost.
+    news: Option<apalis_postgres::Pubsub>,
+}
+
+impl Wakes {
+    fn new(store: &Store, queue: &str) -> Self {
+        Self::with_poll(store, queue, POLL)
+    }
+
+    /// Looking at the queue every `poll`.
+    fn with_poll(store: &Store, queue: &str, poll: Duration) -> Self {
+        let enqueued = futures::stream::unfold(store.enqueued(), |mut rx| async move {
+            rx.changed().await.ok().map(|()| ((), rx))
+        });
+        Self {
+            every: Every::new(poll),
+            enqueued: Box::pin(enqueued),
+            news: store
+                .postgres_pool()
+                .map(|pool| apalis_postgres::Pubsub::new(pool.clone(), queue.to_owned())),
+        }
+    }
+}
+
+impl PollStrategy for Wakes {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        snapshot: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        use futures::StreamExt;
+        use std::task::Poll;
+        // Every source polled until pending, so that each has its next wake armed.
+        let mut woken = false;
+        while let Poll::Ready(Some(())) = self.enqueued.poll_next_unpin(cx) {
+            woken = true;
+        }
+        if let Some(news) = &mut self.news {
+            loop {
+                match news.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(_))) => woken = true,
+                    // Its connection failed: it says so, then ends.
+                    Poll::Ready(Some(Err(_))) => {}
+                    Poll::Ready(None) => {
+                        // Listen again (a clone starts afresh) at the next look; the poll
+                        // covers the meantime.
+                        *news = news.clone();
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+        if self.every.poll_drive(cx, snapshot).is_ready() {
+            woken = true;
+        }
+        if woken {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 /// How often the workers compare their pause with the account's in the database, and how
 /// often a batch looks whether its push was cancelled.
 const LOOK: Duration = Duration::from_millis(200);
@@ -252,7 +325,7 @@ pub async fn run_workers_reporting(
     let pushes = supervised(PUSH_QUEUE, &runner, &health, |runner, signal| {
         on_queues!(runner.queues, |pushes, _batches| {
             let worker = WorkerBuilder::new(worker_name(PUSH_QUEUE))
-                .backend(pushes.poll_with_strategy(Every::new(POLL)))
+                .backend(pushes.poll_with_strategy(Wakes::new(&runner.store, PUSH_QUEUE)))
                 .data(Arc::clone(runner))
                 .concurrency(1)
                 .build(|job, runner| on_own_task(run_push(job, runner)))
@@ -263,7 +336,7 @@ pub async fn run_workers_reporting(
     let batches = supervised(BATCH_QUEUE, &runner, &health, |runner, signal| {
         on_queues!(runner.queues, |_pushes, batches| {
             let worker = WorkerBuilder::new(worker_name(BATCH_QUEUE))
-                .backend(batches.poll_with_strategy(Every::new(POLL)))
+                .backend(batches.poll_with_strategy(Wakes::new(&runner.store, BATCH_QUEUE)))
                 .data(Arc::clone(runner))
                 .concurrency(runner.options.workers.max(1) + READY_AHEAD)
                 .build(|job, task, runner| on_own_task(run_batch(job, task, runner)))
@@ -350,6 +423,34 @@ mod tests {
             c2dm_core::StaticToken::new(token),
         )
         .build()
+    }
+
+    /// A job this process's store enqueues wakes its workers at once, not at their next poll
+    /// (an hour away here).
+    #[tokio::test]
+    async fn a_push_made_wakes_the_workers_before_their_poll() {
+        use std::task::{Context, Waker};
+        let store = Store::open_sqlite("sqlite::memory:").await.unwrap();
+        Queues::open_beside(&store, &WorkerOptions::default())
+            .await
+            .unwrap();
+        let mut wakes = Wakes::with_poll(&store, PUSH_QUEUE, Duration::from_secs(3600));
+        let mut cx = Context::from_waker(Waker::noop());
+        let snapshot = PollSnapshot::default();
+        // The first look comes at once (on the timer's next millisecond); then nothing, until
+        // the poll or a job.
+        std::future::poll_fn(|cx| wakes.poll_drive(cx, &snapshot)).await;
+        assert!(wakes.poll_drive(&mut cx, &snapshot).is_pending());
+        let push = crate::store::NewPush {
+            idempotency_key: None,
+            audience: crate::store::Audience::All(crate::store::Everyone::All),
+            collapse_key: "k".into(),
+            data: Vec::new(),
+            delay_while_idle: false,
+        };
+        store.create_push(&push).await.unwrap();
+        assert!(wakes.poll_drive(&mut cx, &snapshot).is_ready());
+        assert!(wakes.poll_drive(&mut cx, &snapshot).is_pending());
     }
 
     #[tokio::test(start_paused = true)]

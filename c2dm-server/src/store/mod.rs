@@ -58,6 +58,11 @@ struct Signals {
     finishes: watch::Sender<u64>,
     /// Each cancel asked for.
     cancels: watch::Sender<u64>,
+    /// Each job enqueued due now (a push's, or a batch of its walk): the workers of this
+    /// process fetch at once rather than at their next poll.
+    enqueued: watch::Sender<u64>,
+    /// Never sent: its receivers learn that the store is gone (its listener stops).
+    dropped: watch::Sender<()>,
 }
 
 /// A connection of either database, inside one of [`Store::write`]'s transactions.
@@ -153,9 +158,16 @@ impl Store {
     /// `max_connections` connections, and brings its tables up to date. Many processes may
     /// open one database at once: the migrations take a lock.
     pub async fn open_postgres(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        Ok(Self::on(Db::Postgres(
-            postgres::open(url, max_connections).await?,
-        )))
+        let store = Self::on(Db::Postgres(postgres::open(url, max_connections).await?));
+        if let Db::Postgres(pool) = &store.db {
+            // What other processes finish or cancel, told by the database at once.
+            tokio::spawn(postgres::listen_for_news(
+                pool.clone(),
+                Arc::downgrade(&store.signals),
+                store.signals.dropped.subscribe(),
+            ));
+        }
+        Ok(store)
     }
 
     fn on(db: Db) -> Self {
@@ -166,6 +178,8 @@ impl Store {
                 changes: signal(),
                 finishes: signal(),
                 cancels: signal(),
+                enqueued: signal(),
+                dropped: watch::channel(()).0,
             }),
         }
     }
@@ -223,6 +237,17 @@ impl Store {
     /// batch under way watches, without looking at its push at every write of the others.
     pub fn cancels(&self) -> watch::Receiver<u64> {
         self.signals.cancels.subscribe()
+    }
+
+    /// Changes each time this process's store enqueues a job due now (a push made, a page of a
+    /// walk): what this process's workers watch, to fetch it at once.
+    pub fn enqueued(&self) -> watch::Receiver<u64> {
+        self.signals.enqueued.subscribe()
+    }
+
+    /// Tells this process's workers that a job due now was enqueued (after its commit).
+    fn enqueued_now(&self) {
+        self.signals.enqueued.send_modify(|n| *n += 1);
     }
 
     /// Tells the watchers of [`Store::changes`] of a write recorded, and those of

@@ -286,3 +286,43 @@ pub(super) async fn recorded(
     .fetch_all(pool)
     .await?)
 }
+
+/// Listens, until the store is dropped, for the database's news of pushes (the trigger
+/// `pushes_news`: one finished, or asked to cancel, by whichever process) and tells this
+/// process's watchers of [`Store::finishes`](super::Store::finishes) and
+/// [`Store::cancels`](super::Store::cancels). A lost connection is made again after a second;
+/// meanwhile the watchers' own periodic looks cover for it.
+pub(super) async fn listen_for_news(
+    pool: PgPool,
+    signals: std::sync::Weak<super::Signals>,
+    mut dropped: tokio::sync::watch::Receiver<()>,
+) {
+    loop {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen("c2dm_push_news").await?;
+            loop {
+                listener.recv().await?;
+                let Some(signals) = signals.upgrade() else {
+                    return Ok::<(), sqlx::Error>(());
+                };
+                signals.finishes.send_modify(|n| *n += 1);
+                signals.cancels.send_modify(|n| *n += 1);
+            }
+        };
+        tokio::select! {
+            result = listening => match result {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "listening for pushes' news: connecting again in a second");
+                }
+            },
+            // The store is gone: nobody listens any more.
+            _ = dropped.changed() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = dropped.changed() => return,
+        }
+    }
+}

@@ -11,8 +11,8 @@ use super::rows::{
 };
 use super::shared::{enqueue_batches, finish_if_complete, push_tasks};
 use super::{
-    Counts, Db, DeliveryRow, NewPush, Page, Positions, Push, PushFilter, Store, StoreError,
-    execute, on_conn, on_pool,
+    Audience, Counts, Db, DeliveryRow, NewPush, Page, Positions, Push, PushFilter, Store,
+    StoreError, execute, on_conn, on_pool,
 };
 use crate::queue::{self, BatchJob, PushJob};
 
@@ -65,6 +65,7 @@ impl Store {
         let data = serde_json::to_string(&push.data).map_err(json_error)?;
         let (key, collapse_key) = (push.idempotency_key.clone(), push.collapse_key.clone());
         let delay_while_idle = push.delay_while_idle;
+        let direct = direct_batch(&push.audience);
         let (created, id) = self
             .write(move |mut conn| {
                 Box::pin(async move {
@@ -83,9 +84,34 @@ impl Store {
                     .fetch_optional(c)
                     .await)?;
                     if let Some(id) = inserted {
-                        let job =
-                            queue::task(&PushJob { push_id: id }, None).map_err(json_error)?;
-                        push_tasks(conn, queue::PUSH_QUEUE, vec![job]).await?;
+                        match direct {
+                            // Its one batch, with it: no walk to wait for.
+                            Some(ids) => {
+                                let total = big(ids.len() as u64);
+                                on_conn!(conn.reborrow(), |c| sqlx::query(
+                                    "UPDATE pushes SET walk_after = $1, walked = $1, \
+                                     total = $1 WHERE id = $2"
+                                )
+                                .bind(total)
+                                .bind(id)
+                                .execute(c)
+                                .await
+                                .map(drop))?;
+                                let batch = BatchJob {
+                                    push_id: id,
+                                    registration_ids: ids,
+                                    possibly_sent: Vec::new(),
+                                    positions: None,
+                                    list: None,
+                                };
+                                enqueue_batches(conn, &[(batch, None)]).await?;
+                            }
+                            None => {
+                                let job = queue::task(&PushJob { push_id: id }, None)
+                                    .map_err(json_error)?;
+                                push_tasks(conn, queue::PUSH_QUEUE, vec![job]).await?;
+                            }
+                        }
                         return Ok((true, id));
                     }
                     let known: i64 = on_conn!(conn, |c| sqlx::query_scalar(
@@ -98,6 +124,9 @@ impl Store {
                 })
             })
             .await?;
+        if created {
+            self.enqueued_now();
+        }
         let stored = self
             .push(id)
             .await?
@@ -237,6 +266,11 @@ impl Store {
             })
         })
         .await
+        .inspect(|moved| {
+            if *moved {
+                self.enqueued_now();
+            }
+        })
     }
 
     /// The push's audience has been walked: `total` devices. When every one has its row
@@ -390,4 +424,23 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(trim_page(items, limit, |d| d.registration_id.clone()))
     }
+}
+
+/// The most listed devices a push may have for its one batch to be enqueued with it, without a
+/// walk (the workers' default batch size).
+pub(crate) const DIRECT_BATCH: usize = 1000;
+
+/// The one batch of a push to at most [`DIRECT_BATCH`] listed devices, each once, in the order
+/// listed, as its walk would make it; `None` for any other audience, walked by its push job.
+fn direct_batch(audience: &Audience) -> Option<Vec<String>> {
+    let Audience::RegistrationIds { registration_ids } = audience else {
+        return None;
+    };
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<String> = registration_ids
+        .iter()
+        .filter(|id| seen.insert(id.as_str()))
+        .cloned()
+        .collect();
+    (!ids.is_empty() && ids.len() <= DIRECT_BATCH).then_some(ids)
 }
