@@ -10,9 +10,7 @@
 mod common;
 mod browser;
 
-use std::path::PathBuf;
-
-use browser::{Driver, Page};
+use browser::{Page, Session};
 use c2dm_server::jobs::{WorkerOptions, run_workers};
 use serde_json::{Value, json};
 
@@ -66,19 +64,8 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         let tags: &[&str] = if i % 5 == 0 { &["beta"] } else { &[] };
         server.register(&id, Some(user), tags).await;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = server.app.clone();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let driver = Driver::start();
-    let profile = tempfile::tempdir().unwrap();
-    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let page = Page {
-        client: driver.browser(profile.path()).await,
-        shots,
-    };
+    let session = Session::open(server.app.clone()).await;
+    let (page, base) = (&session.page, session.base.as_str());
 
     // A wrong token, then the device key: each told apart, nothing shown.
     page.client.goto(&format!("{base}/")).await.unwrap();
@@ -282,11 +269,11 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         let client = page.client.clone();
         async move { client.execute(send_enabled, vec![]).await.unwrap() }
     };
-    assert_eq!(enabled(&page).await, json!(false));
+    assert_eq!(enabled(page).await, json!(false));
     page.fill("#confirm-count", "23").await;
-    assert_eq!(enabled(&page).await, json!(false));
+    assert_eq!(enabled(page).await, json!(false));
     page.fill("#confirm-count", "24").await;
-    assert_eq!(enabled(&page).await, json!(true));
+    assert_eq!(enabled(page).await, json!(true));
     page.screenshot("send-typed-confirmation").await;
     page.click("#confirm-back").await;
 
@@ -396,7 +383,7 @@ async fn an_operator_watches_filters_sends_and_cancels_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(kept, Value::Null);
-    page.client.close().await.unwrap();
+    page.client.clone().close().await.unwrap();
 }
 
 /// The console's icon is served, as an SVG, under the console's policy.

@@ -14,7 +14,7 @@ mod browser;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use browser::{Driver, Page};
+use browser::{Page, Session};
 use c2dm_server::jobs::WorkerOptions;
 use serde_json::{Value, json};
 
@@ -150,18 +150,8 @@ async fn the_console_at_a_desk_and_on_a_phone() {
     // And one waiting, with no worker to take it: a running push's page.
     workers.stop().await;
     let waiting = push(json!("all"), "later").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = server.app.clone();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let driver = Driver::start();
-    let profile = tempfile::tempdir().unwrap();
-    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let page = Page {
-        client: driver.browser(profile.path()).await,
-        shots,
-    };
+    let session = Session::open(server.app.clone()).await;
+    let (page, base) = (&session.page, session.base.as_str());
     let docs = std::env::var_os("C2DM_WRITE_DOCS")
         .map(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/console"));
     let keep = |name: String| {
@@ -219,9 +209,9 @@ async fn the_console_at_a_desk_and_on_a_phone() {
         ] {
             assert!(banner.contains(said), "{said:?} in {banner}");
         }
-        filter_pushes(&page, "", "", 4).await;
+        filter_pushes(page, "", "", 4).await;
         assert_eq!(
-            cards(&page).await,
+            cards(page).await,
             [
                 waiting.as_str(),
                 order.as_str(),
@@ -233,17 +223,17 @@ async fn the_console_at_a_desk_and_on_a_phone() {
         page.until("document.documentElement.scrollWidth <= window.innerWidth")
             .await;
         keep(format!("{name}-pushes")).await;
-        filter_pushes(&page, "cancelled", "", 1).await;
-        assert_eq!(cards(&page).await, [cancelled.as_str()]);
-        filter_pushes(&page, "", "order-", 2).await;
-        assert_eq!(cards(&page).await, [order.as_str(), cancelled.as_str()]);
-        filter_pushes(&page, "done", "order-", 1).await;
-        assert_eq!(cards(&page).await, [order.as_str()]);
-        filter_pushes(&page, "queued", "", 1).await;
-        assert_eq!(cards(&page).await, [waiting.as_str()]);
-        filter_pushes(&page, "sending", "", 0).await;
+        filter_pushes(page, "cancelled", "", 1).await;
+        assert_eq!(cards(page).await, [cancelled.as_str()]);
+        filter_pushes(page, "", "order-", 2).await;
+        assert_eq!(cards(page).await, [order.as_str(), cancelled.as_str()]);
+        filter_pushes(page, "done", "order-", 1).await;
+        assert_eq!(cards(page).await, [order.as_str()]);
+        filter_pushes(page, "queued", "", 1).await;
+        assert_eq!(cards(page).await, [waiting.as_str()]);
+        filter_pushes(page, "sending", "", 0).await;
         assert!(page.text("#message-list").await.contains("No push matches"));
-        filter_pushes(&page, "", "", 4).await;
+        filter_pushes(page, "", "", 4).await;
 
         // A running push: how long it has run, its rate, and the time left.
         page.click(&format!("[data-message='{waiting}'] h3 a"))
@@ -265,7 +255,7 @@ async fn the_console_at_a_desk_and_on_a_phone() {
             .await;
         page.until("document.querySelectorAll('#deliveries tbody tr').length === 50")
             .await;
-        fits(&page, "#deliveries tbody tr", width).await;
+        fits(page, "#deliveries tbody tr", width).await;
         page.client
             .execute(
                 "document.querySelector('#deliveries-filter').scrollIntoView();",
@@ -291,21 +281,21 @@ async fn the_console_at_a_desk_and_on_a_phone() {
             .await;
         page.until("document.querySelector('#devices-more').hidden")
             .await;
-        browse_devices(&page, "registration_id_prefix", "", "gone", 5).await;
+        browse_devices(page, "registration_id_prefix", "", "gone", 5).await;
         let gone = page.rows("#device-results tbody tr").await;
         assert!(
             gone.iter()
                 .all(|r| r[0].starts_with("gone-") && r[4].starts_with("gone (NotRegistered)")),
             "{gone:?}"
         );
-        browse_devices(&page, "registration_id_prefix", "", "unregistered", 5).await;
-        browse_devices(&page, "registration_id_prefix", "phone-0", "active", 10).await;
+        browse_devices(page, "registration_id_prefix", "", "unregistered", 5).await;
+        browse_devices(page, "registration_id_prefix", "phone-0", "active", 10).await;
         let found = page.rows("#device-results tbody tr").await;
         let ids: Vec<&str> = found.iter().map(|r| r[0].as_str()).collect();
         assert_eq!(ids[0], "phone-00");
         assert!(ids.iter().all(|id| id.starts_with("phone-0")), "{ids:?}");
-        browse_devices(&page, "user_id", "bob", "gone", 2).await;
-        fits(&page, "#device-results tbody tr", width).await;
+        browse_devices(page, "user_id", "bob", "gone", 2).await;
+        fits(page, "#device-results tbody tr", width).await;
         keep(format!("{name}-devices")).await;
         page.fill("#search-text", "nobody-").await;
         page.select("#search-by", "registration_id_prefix").await;
@@ -314,20 +304,20 @@ async fn the_console_at_a_desk_and_on_a_phone() {
         page.shown("#devices-empty").await;
 
         // One device, its history as cards on a phone.
-        browse_devices(&page, "registration_id_prefix", "phone-01", "", 1).await;
+        browse_devices(page, "registration_id_prefix", "phone-01", "", 1).await;
         page.click("#device-results tbody tr a").await;
         page.until("document.title === 'Device phone-01 · c2dm console'")
             .await;
         page.until("document.querySelectorAll('#device-history tbody tr').length === 3")
             .await;
-        fits(&page, "#device-history tbody tr", width).await;
+        fits(page, "#device-history tbody tr", width).await;
 
         // The send form has its title too; the banner is on every view.
         page.click("#nav-send").await;
         page.until("document.title === 'Send a push · c2dm console'")
             .await;
         page.shown("#paused").await;
-        browse_reset(&page).await;
+        browse_reset(page).await;
     }
 
     // The icon the page names is served.
@@ -343,7 +333,7 @@ async fn the_console_at_a_desk_and_on_a_phone() {
         .unwrap();
     assert_eq!(icon, json!([200, "image/svg+xml"]));
 
-    page.client.close().await.unwrap();
+    page.client.clone().close().await.unwrap();
 }
 
 /// Leaves the devices' search form as a first visit finds it, for the next width.

@@ -426,22 +426,22 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let emulator = crate::bench::Emulator::start(&bin, &dir, false, true)?;
     let send_url = emulator.send_url();
+    let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
+    let latency = latency_rows(
+        &bin,
+        &dir,
+        &cluster,
+        &send_url,
+        if quick { 30 } else { 100 },
+    )?;
     if args.latency {
-        let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
-        let rows = latency_rows(
-            &bin,
-            &dir,
-            &cluster,
-            &send_url,
-            if quick { 30 } else { 100 },
-        )?;
-        println!("{}", rows.join("\n"));
+        println!("{}", latency.join("\n"));
         drop(emulator);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
-    // Registrations first: after the pushes, PostgreSQL's autovacuum works through their
-    // million rows for a while, and the registrations' p99 went from 7 ms to 100.
+    // Registrations before the big pushes: after them, PostgreSQL's autovacuum works through
+    // their million rows for a while, and the registrations' p99 went from 7 ms to 100.
     let registered = if crate::bench::have("wrk") {
         Some(registrations(
             &bin,
@@ -453,14 +453,6 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
         eprintln!("note: wrk is not installed (apt-get install -y wrk): no registration figures");
         None
     };
-    let cluster = c2dm_testkit::PostgresCluster::start().map_err(|e| e.to_string())?;
-    let latency = latency_rows(
-        &bin,
-        &dir,
-        &cluster,
-        &send_url,
-        if quick { 30 } else { 100 },
-    )?;
 
     let rounds = args.rounds();
     let mut rows = vec![

@@ -50,21 +50,24 @@ pub(crate) fn device_page() -> Value {
     json!({"devices": [device()], "next": "2"})
 }
 
+/// What became of push 1 on a device: accepted, or C2DM's `NotRegistered`.
+fn delivery(registration_id: &str, accepted: bool) -> Value {
+    json!({
+        "registration_id": registration_id,
+        "outcome": if accepted { "accepted" } else { "rejected" },
+        "message_id": accepted.then_some("0:1765188930250%921c249a00000031"),
+        "error": (!accepted).then_some("NotRegistered"),
+        "attempts": 1,
+        "possible_duplicates": 0,
+        "at": AT
+    })
+}
+
 /// A device's history.
 pub(crate) fn device_history() -> Value {
-    json!({
-        "deliveries": [{
-            "push_id": "1",
-            "registration_id": REGISTRATION_ID,
-            "outcome": "accepted",
-            "message_id": "0:1765188930250%921c249a00000031",
-            "error": null,
-            "attempts": 1,
-            "possible_duplicates": 0,
-            "at": AT
-        }],
-        "next": null
-    })
+    let mut row = delivery(REGISTRATION_ID, true);
+    row["push_id"] = json!("1");
+    json!({"deliveries": [row], "next": null})
 }
 
 /// `POST /v1/pushes`'s body.
@@ -115,24 +118,8 @@ pub(crate) fn push_page() -> Value {
 pub(crate) fn delivery_page() -> Value {
     json!({
         "deliveries": [
-            {
-                "registration_id": REGISTRATION_ID,
-                "outcome": "accepted",
-                "message_id": "0:1765188930250%921c249a00000031",
-                "error": null,
-                "attempts": 1,
-                "possible_duplicates": 0,
-                "at": AT
-            },
-            {
-                "registration_id": "APA91bFoi3lMMre9G3XzR1LrF4ZT82_15MsMdEICogXSLB8-MrdkRuRQFwNI5u8Dh0cI90ABD3BOKnxkEla8cGdisbDHl5cVIkZah5QUhSAxzx4Roa7b4xy9tvx9iNSYw-eXBYYd8k1XKf8Q_Qq1X9-x-U-Y79vdPq",
-                "outcome": "rejected",
-                "message_id": null,
-                "error": "NotRegistered",
-                "attempts": 1,
-                "possible_duplicates": 0,
-                "at": AT
-            }
+            delivery(REGISTRATION_ID, true),
+            delivery("APA91bFoi3lMMre9G3XzR1LrF4ZT82_15MsMdEICogXSLB8-MrdkRuRQFwNI5u8Dh0cI90ABD3BOKnxkEla8cGdisbDHl5cVIkZah5QUhSAxzx4Roa7b4xy9tvx9iNSYw", false)
         ],
         "next": null
     })

@@ -67,8 +67,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// A link of the document: from an operation's answers (`method`, `path`, `statuses`), by
-/// `name`, to operation `to`, its path parameter `parameter` filled from the answer's body at
-/// `pointer`.
+/// `name`, to operation `to`, its path parameter `parameter` filled from the answer's body's
+/// property of the same name.
 struct LinkRule {
     method: &'static str,
     path: &'static str,
@@ -76,137 +76,125 @@ struct LinkRule {
     name: &'static str,
     to: &'static str,
     parameter: &'static str,
-    pointer: &'static str,
+}
+
+const fn link(
+    (method, path): (&'static str, &'static str),
+    statuses: &'static [&'static str],
+    name: &'static str,
+    to: &'static str,
+    parameter: &'static str,
+) -> LinkRule {
+    LinkRule {
+        method,
+        path,
+        statuses,
+        name,
+        to,
+        parameter,
+    }
 }
 
 /// What a client (or schemathesis' stateful phase) can do next with an answer.
 const LINKS: &[LinkRule] = &[
-    LinkRule {
-        method: "post",
-        path: "/v1/devices",
-        statuses: &["200", "201"],
-        name: "device",
-        to: "device",
-        parameter: "registration_id",
-        pointer: "/registration_id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/devices",
-        statuses: &["200", "201"],
-        name: "history",
-        to: "device_history",
-        parameter: "registration_id",
-        pointer: "/registration_id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/devices",
-        statuses: &["200", "201"],
-        name: "unregister",
-        to: "unregister",
-        parameter: "registration_id",
-        pointer: "/registration_id",
-    },
-    LinkRule {
-        method: "get",
-        path: "/v1/devices/{registration_id}",
-        statuses: &["200"],
-        name: "history",
-        to: "device_history",
-        parameter: "registration_id",
-        pointer: "/registration_id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes",
-        statuses: &["200", "202"],
-        name: "status",
-        to: "status",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes",
-        statuses: &["200", "202"],
-        name: "deliveries",
-        to: "deliveries",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes",
-        statuses: &["200", "202"],
-        name: "cancel",
-        to: "cancel",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "get",
-        path: "/v1/pushes/{id}",
-        statuses: &["200"],
-        name: "deliveries",
-        to: "deliveries",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "get",
-        path: "/v1/pushes/{id}",
-        statuses: &["200"],
-        name: "cancel",
-        to: "cancel",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "get",
-        path: "/v1/pushes/{id}",
-        statuses: &["200"],
-        name: "finish",
-        to: "finish",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes/{id}/cancel",
-        statuses: &["200"],
-        name: "status",
-        to: "status",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes/{id}/cancel",
-        statuses: &["200"],
-        name: "finish",
-        to: "finish",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes/{id}/finish",
-        statuses: &["200", "202"],
-        name: "status",
-        to: "status",
-        parameter: "id",
-        pointer: "/id",
-    },
-    LinkRule {
-        method: "post",
-        path: "/v1/pushes/{id}/finish",
-        statuses: &["200", "202"],
-        name: "deliveries",
-        to: "deliveries",
-        parameter: "id",
-        pointer: "/id",
-    },
+    link(
+        ("post", "/v1/devices"),
+        &["200", "201"],
+        "device",
+        "device",
+        "registration_id",
+    ),
+    link(
+        ("post", "/v1/devices"),
+        &["200", "201"],
+        "history",
+        "device_history",
+        "registration_id",
+    ),
+    link(
+        ("post", "/v1/devices"),
+        &["200", "201"],
+        "unregister",
+        "unregister",
+        "registration_id",
+    ),
+    link(
+        ("get", "/v1/devices/{registration_id}"),
+        &["200"],
+        "history",
+        "device_history",
+        "registration_id",
+    ),
+    link(
+        ("post", "/v1/pushes"),
+        &["200", "202"],
+        "status",
+        "status",
+        "id",
+    ),
+    link(
+        ("post", "/v1/pushes"),
+        &["200", "202"],
+        "deliveries",
+        "deliveries",
+        "id",
+    ),
+    link(
+        ("post", "/v1/pushes"),
+        &["200", "202"],
+        "cancel",
+        "cancel",
+        "id",
+    ),
+    link(
+        ("get", "/v1/pushes/{id}"),
+        &["200"],
+        "deliveries",
+        "deliveries",
+        "id",
+    ),
+    link(
+        ("get", "/v1/pushes/{id}"),
+        &["200"],
+        "cancel",
+        "cancel",
+        "id",
+    ),
+    link(
+        ("get", "/v1/pushes/{id}"),
+        &["200"],
+        "finish",
+        "finish",
+        "id",
+    ),
+    link(
+        ("post", "/v1/pushes/{id}/cancel"),
+        &["200"],
+        "status",
+        "status",
+        "id",
+    ),
+    link(
+        ("post", "/v1/pushes/{id}/cancel"),
+        &["200"],
+        "finish",
+        "finish",
+        "id",
+    ),
+    link(
+        ("post", "/v1/pushes/{id}/finish"),
+        &["200", "202"],
+        "status",
+        "status",
+        "id",
+    ),
+    link(
+        ("post", "/v1/pushes/{id}/finish"),
+        &["200", "202"],
+        "deliveries",
+        "deliveries",
+        "id",
+    ),
 ];
 
 /// Adds [`LINKS`] to the document's answers.
@@ -221,7 +209,6 @@ fn add_links(doc: &mut utoipa::openapi::OpenApi) {
         name,
         to,
         parameter,
-        pointer,
     } in LINKS
     {
         let item = doc.paths.paths.get_mut(*path).expect("a documented path");
@@ -240,7 +227,7 @@ fn add_links(doc: &mut utoipa::openapi::OpenApi) {
                 RefOr::T(
                     Link::builder()
                         .operation_id(*to)
-                        .parameter(*parameter, format!("$response.body#{pointer}"))
+                        .parameter(*parameter, format!("$response.body#/{parameter}"))
                         .build(),
                 ),
             );

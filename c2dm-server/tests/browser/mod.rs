@@ -205,3 +205,37 @@ impl Page {
         serde_json::from_value(value).expect("rows of text")
     }
 }
+
+/// A browser on a page of `app`, served on a free loopback port: what each console test
+/// starts from. The driver and the browser's profile live as long as it.
+pub struct Session {
+    pub page: Page,
+    /// The console's address, `http://127.0.0.1:PORT`.
+    pub base: String,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+impl Session {
+    /// Serves `app`, starts chromedriver and a headless Chromium; screenshots go to
+    /// `target/console-screenshots/`.
+    pub async fn open(app: axum::Router) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let driver = Driver::start();
+        let profile = tempfile::tempdir().unwrap();
+        let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        let page = Page {
+            client: driver.browser(profile.path()).await,
+            shots,
+        };
+        Self {
+            page,
+            base,
+            _driver: driver,
+            _profile: profile,
+        }
+    }
+}
