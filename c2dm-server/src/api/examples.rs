@@ -28,21 +28,19 @@ pub(crate) fn registration() -> Value {
     })
 }
 
-/// A device as the API shows it.
+/// A device as the API shows it: what it registered, and what the server keeps of it.
 pub(crate) fn device() -> Value {
-    json!({
-        "registration_id": REGISTRATION_ID,
-        "device_id": "pixel-7",
-        "user_id": "alice",
-        "tags": ["beta"],
-        "app_version": "2.4.1",
-        "provider": "c2dm",
-        "state": "active",
-        "reason": null,
-        "created_at": AT,
-        "updated_at": AT,
-        "state_changed_at": AT
-    })
+    let mut device = registration();
+    for (key, value) in [
+        ("state", json!("active")),
+        ("reason", Value::Null),
+        ("created_at", json!(AT)),
+        ("updated_at", json!(AT)),
+        ("state_changed_at", json!(AT)),
+    ] {
+        device[key] = value;
+    }
+    device
 }
 
 /// A page of devices.
