@@ -434,8 +434,20 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
         &send_url,
         if quick { 30 } else { 100 },
     )?;
+    let latency = format!(
+        "Measured by `cargo xtask bench --server{}` on {}: pushes to one device one after \
+         another, each from its POST to the status request (`?wait=10`) answering done, against \
+         the emulator; three more before them not counted; the programs were built with the \
+         `dist` profile.\n\n{}\n",
+        if args.latency { " --latency" } else { "" },
+        crate::bench::machine(),
+        latency.join("\n")
+    );
+    println!("{latency}");
+    if args.write {
+        crate::bench::write_between(root, "latency", &latency)?;
+    }
     if args.latency {
-        println!("{}", latency.join("\n"));
         drop(emulator);
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
@@ -545,8 +557,6 @@ pub fn run(root: &Path, args: &crate::BenchArgs) -> Result<(), String> {
         if rounds == 1 { "" } else { "s" },
     );
     report.push_str(&rows.join("\n"));
-    report.push_str("\n\n");
-    report.push_str(&latency.join("\n"));
     if let Some((rate, p99)) = registered {
         report.push_str(&format!(
             "\n\n| registrations over HTTP, SQLite, `wrk -t1 -c16` | value |\n|---|---:|\n\
