@@ -158,6 +158,30 @@ pub enum Command {
     Emulator(Box<c2dm_emulator::cli::EmulatorArgs>),
     /// Run everything locally: emulator, login, a send, a broadcast, and verify delivery.
     Demo(DemoArgs),
+    /// Web Push's VAPID key pair: make one, or print a key file's public key.
+    #[command(subcommand)]
+    Vapid(VapidCommand),
+}
+
+/// `c2dm vapid`'s commands.
+#[derive(Debug, Subcommand)]
+pub enum VapidCommand {
+    /// Make a new key pair: the private key to FILE (PKCS#8 PEM, readable by its owner only),
+    /// the public key (an app's applicationServerKey) printed.
+    New {
+        /// Where the private key goes; an existing file is kept unless --force.
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a private key file (PEM, or base64url of its 32 bytes).
+    PublicKey {
+        /// The private key's file.
+        #[arg(long, value_name = "FILE")]
+        key: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ mod journal;
 mod login;
 mod send;
 mod serve;
+mod vapid;
 
 use std::process::ExitCode;
 
@@ -147,6 +148,7 @@ pub fn run() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(|e| CliError::Failure(e.to_string())),
             Command::Demo(args) => demo::run(&cli.global, args).await,
+            Command::Vapid(command) => vapid::run(command),
         }
     });
     let result = runtime
