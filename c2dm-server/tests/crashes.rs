@@ -933,3 +933,18 @@ on_each_database!(
     an_accounts_pause_is_extended_never_shortened,
     the_oldest_due_job_s_age_counts_only_jobs_due,
 );
+
+/// Processes started at once on a fresh SQLite file all open it: one of them creates the
+/// tables (the store's and the queues'), the others find them made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_started_at_once_on_a_fresh_sqlite_file_all_open_it() {
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c2dm.db").display());
+        let options = WorkerOptions::default();
+        let opened = futures::future::join_all((0..4).map(|_| open_database(&url, &options))).await;
+        for result in opened {
+            assert!(result.is_ok(), "round {round}: {:?}", result.err());
+        }
+    }
+}

@@ -71,8 +71,7 @@ impl Queues {
         // Only the queue's migrations: `SqliteStorage::setup` would also turn off `synchronous`
         // on whichever connection of the shared pool it ran on, and the store's writes on that
         // connection could then be lost to a power cut.
-        SqliteStorage::<()>::migrations()
-            .run(pool)
+        crate::store::run_migrations(&SqliteStorage::<()>::migrations(), pool)
             .await
             .map_err(queue_error)?;
         let config = |queue: &str| {

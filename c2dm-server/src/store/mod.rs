@@ -126,16 +126,44 @@ use execute;
 
 /// Applies the migrations in `$dir` to `$pool`, recorded in a table of our own: the job
 /// queue (apalis) keeps its own in sqlx's default table, and each migrator refuses versions it
-/// does not know.
+/// does not know. See [`run_migrations`] for processes that start at once.
 macro_rules! migrate {
     ($dir:literal, $pool:expr) => {{
         let mut migrator = sqlx::migrate!($dir);
         migrator.dangerous_set_table_name("c2dm_migrations");
-        migrator
-            .run($pool)
+        $crate::store::run_migrations(&migrator, $pool)
             .await
             .map_err(|e| $crate::store::StoreError(e.into()))
     }};
+}
+
+/// How many times a migration that failed to execute is run again: each failure means another
+/// process applied one, so this bounds the migrations times the processes racing.
+const MIGRATION_TRIES: u32 = 50;
+
+/// Runs `migrator` on `pool`, again if a migration fails to execute: on SQLite, which has no
+/// lock for migrations, processes started at once on a fresh file each begin the first
+/// migration, and all but the one that commits first fail ("table … already exists", or the
+/// migration's record already there); run again, they find it applied. A migration that fails
+/// for any other reason fails each time, and so in the end.
+pub(crate) async fn run_migrations<'a, A>(
+    migrator: &sqlx::migrate::Migrator,
+    pool: A,
+) -> Result<(), sqlx::migrate::MigrateError>
+where
+    A: sqlx::Acquire<'a> + Copy,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    let mut tries = 0;
+    loop {
+        match migrator.run(pool).await {
+            Err(
+                sqlx::migrate::MigrateError::ExecuteMigration(..)
+                | sqlx::migrate::MigrateError::Execute(_),
+            ) if tries < MIGRATION_TRIES => tries += 1,
+            result => return result,
+        }
+    }
 }
 use migrate;
 

@@ -41,6 +41,10 @@ pub(super) const PAGE_CACHE_KIB: u32 = 512;
 /// of another connection drops, so fewer do more (docs/PERFORMANCE.md's decisions).
 const CONNECTIONS: u32 = 4;
 
+/// How many times opening a file another process is turning to WAL is tried again (every
+/// 20 ms: a second in all).
+const OPEN_TRIES: u32 = 50;
+
 /// The most delivery rows one `INSERT` takes (eight parameters each, within SQLite's 32,766).
 const ROWS_PER_STATEMENT: usize = 500;
 
@@ -61,17 +65,32 @@ impl Sqlite {
             .pragma("cache_size", format!("-{PAGE_CACHE_KIB}"));
         // An in-memory database lives as long as its one connection.
         let memory = url.contains(":memory:");
-        let pool = SqlitePoolOptions::new()
-            // A connection to a file in this process does not go stale: no ping (a round trip
-            // to the connection's thread) before each use.
-            .test_before_acquire(false)
-            .after_connect(|conn, _| Box::pin(super::busy::install(conn)))
-            .max_connections(if memory { 1 } else { CONNECTIONS })
-            .min_connections(u32::from(memory))
-            .idle_timeout((!memory).then_some(Duration::from_secs(600)))
-            .max_lifetime((!memory).then_some(Duration::from_secs(3600)))
-            .connect_with(options)
-            .await?;
+        let connect = || {
+            SqlitePoolOptions::new()
+                // A connection to a file in this process does not go stale: no ping (a round trip
+                // to the connection's thread) before each use.
+                .test_before_acquire(false)
+                .after_connect(|conn, _| Box::pin(super::busy::install(conn)))
+                .max_connections(if memory { 1 } else { CONNECTIONS })
+                .min_connections(u32::from(memory))
+                .idle_timeout((!memory).then_some(Duration::from_secs(600)))
+                .max_lifetime((!memory).then_some(Duration::from_secs(3600)))
+                .connect_with(options.clone())
+        };
+        // Turning a fresh file to WAL takes its lock at once, without waiting: processes that
+        // start together on one file may be refused ("database is locked") and try again.
+        let mut tries = 0;
+        let pool = loop {
+            match connect().await {
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("5") && tries < OPEN_TRIES =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                result => break result?,
+            }
+        };
         super::migrate!("./migrations/sqlite", &pool)?;
         let writer = Writer::start(pool.clone());
         Ok(Self { pool, writer })
