@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
     } else {
         http::StatusCode::FORBIDDEN
     };
-    match c2dm_auth::codec::decode_login_response(status, body, &c2dm_auth::codec::default_login_uri()) {
+    match c2dm_auth::codec::decode_login_response(
+        status,
+        body,
+        &c2dm_auth::codec::default_login_uri(),
+    ) {
         Ok(token) => assert!(!token.expose_secret().is_empty()),
         Err(err) => {
             let _ = (err.to_string(), err.is_retryable(), err.captcha());
