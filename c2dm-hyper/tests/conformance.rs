@@ -10,7 +10,15 @@ use c2dm_mock::conformance::{self, KitSettings};
 
 /// The transport as the kit asks: HTTP/2 offered by ALPN beside HTTP/1.1, with its pings.
 fn hyper_transport(settings: &KitSettings) -> HyperTransport {
-    builder(settings)
+    hyper_transport_with(settings, |builder| builder)
+}
+
+/// [`hyper_transport`], its builder changed by `change` first.
+fn hyper_transport_with(
+    settings: &KitSettings,
+    change: impl FnOnce(c2dm_hyper::HyperTransportBuilder) -> c2dm_hyper::HyperTransportBuilder,
+) -> HyperTransport {
+    change(builder(settings))
         .http2(true)
         .http2_keep_alive(Some((
             settings.http2_keep_alive_interval,
@@ -54,6 +62,25 @@ async fn a_transport_without_http2_or_without_its_pings_fails_those_cases_by_nam
     assert_eq!(failed, ["http2_silent_connection_replaced"], "{no_pings}");
     let why = no_pings.cases.last().unwrap().result.clone().unwrap_err();
     assert!(why.contains("kept the dead connection"), "{why}");
+}
+
+/// A transport that keeps no connection alive fails the reuse case, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_without_keep_alive_fails_the_reuse_case_by_name() {
+    let report = conformance::run(|settings: &KitSettings| {
+        hyper_transport_with(settings, |b| b.pool_max_idle_per_host(0))
+    })
+    .await;
+    let failed: Vec<&str> = report.failures().map(|c| c.name).collect();
+    assert_eq!(failed, ["keep_alive_reuse"], "{report}");
+    let why = report
+        .failures()
+        .next()
+        .unwrap()
+        .result
+        .clone()
+        .unwrap_err();
+    assert!(why.contains("opened 10 connections"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

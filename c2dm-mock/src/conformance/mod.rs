@@ -317,15 +317,22 @@ async fn ordinary_exchange<T: Transport>(transport: &T, cert: &Certificate) -> R
     }
 }
 
+/// Exchanges one after another that keep-alive must carry on connections already open.
+const REUSE_EXCHANGES: usize = 10;
+
+/// Connections kept alive are used again. Not always exactly one: a pool may open a second
+/// connection for a request that comes while the last answer's connection is on its way back
+/// (hyper-util's legacy client races the two, hyperium/hyper#4134), more often on a loaded
+/// machine. A transport without keep-alive opens one per exchange; one with it reuses most.
 async fn keep_alive_reuse<T: Transport>(transport: &T, cert: &Certificate) -> Result<(), String> {
     let server = Server::start(Some(cert), Answer::Echo).await?;
-    for _ in 0..5 {
+    for _ in 0..REUSE_EXCHANGES {
         expect_answer(bounded(transport.execute(form_post(&server.url()))).await?)?;
     }
     match server.connections.load(Ordering::SeqCst) {
-        1 => Ok(()),
+        n if n <= REUSE_EXCHANGES / 2 => Ok(()),
         n => Err(format!(
-            "5 exchanges one after another opened {n} connections instead of 1"
+            "{REUSE_EXCHANGES} exchanges one after another opened {n} connections: fewer than half reused one"
         )),
     }
 }
