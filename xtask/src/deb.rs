@@ -1,6 +1,7 @@
 //! `cargo xtask deb`: the Debian package of the c2dm command and its service, built with
 //! cargo-deb from `c2dm-cli`'s `[package.metadata.deb]` (the `dist` profile, as deployments
-//! run it) into `target/debian/`.
+//! run it; `--profile dev` packages the tests' build instead, for CI's check) into
+//! `target/debian/`.
 //!
 //! With `--check` (in CI, as root or through sudo), the package is then tried on this machine
 //! as an operator would: installed with dpkg; its unit accepted by `systemd-analyze verify`;
@@ -27,13 +28,13 @@ const INSTALLED: [&str; 5] = [
     "/etc/c2dm/device-key",
 ];
 
-pub fn run(root: &Path, check: bool) -> Result<(), String> {
+pub fn run(root: &Path, check: bool, profile: &str) -> Result<(), String> {
     if !crate::bench::have("cargo-deb") {
         return Err(
             "cargo-deb is not installed: cargo install cargo-deb --locked (.ci/run does)".into(),
         );
     }
-    let deb = build(root)?;
+    let deb = build(root, profile)?;
     eprintln!("== deb: {}", deb.display());
     if !check {
         return Ok(());
@@ -52,8 +53,8 @@ pub fn run(root: &Path, check: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds the package; returns its path.
-fn build(root: &Path) -> Result<PathBuf, String> {
+/// Builds the package with the program built in `profile`; returns its path.
+fn build(root: &Path, profile: &str) -> Result<PathBuf, String> {
     let out = crate::target_dir(root).join("debian");
     let _ = std::fs::remove_dir_all(&out);
     crate::run(
@@ -64,7 +65,7 @@ fn build(root: &Path) -> Result<PathBuf, String> {
             "-p",
             "c2dm-cli",
             "--profile",
-            "dist",
+            profile,
             "--output",
             &out.display().to_string(),
         ],

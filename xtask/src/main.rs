@@ -67,6 +67,10 @@ pub(crate) struct DebArgs {
     /// the emulator until a push is done, then purge it and check nothing is left.
     #[arg(long)]
     pub(crate) check: bool,
+    /// The profile the package's program is built with: `dist` (what a deployment runs), or
+    /// `dev` for a check that reuses the tests' build (CI).
+    #[arg(long, default_value = "dist", value_parser = ["dist", "release", "dev"])]
+    pub(crate) profile: String,
 }
 
 /// `cargo xtask bench`'s options.
@@ -275,7 +279,7 @@ fn main() -> ExitCode {
     let result = match &cli.task {
         Task::Ci => ci(),
         Task::Contract => contract::run(&root()),
-        Task::Deb(args) => deb::run(&root(), args.check),
+        Task::Deb(args) => deb::run(&root(), args.check, &args.profile),
         Task::Tidy => {
             let mut problems = tidy::check(&root());
             problems.extend(tidy::check_build(&root()));
