@@ -212,6 +212,8 @@
     if (mine !== generation) return;
     const list = $('message-list');
     list.replaceChildren(...page.pushes.map(messageCard));
+    // What the list shows, for whoever waits for a filter's answer (the browser test).
+    list.dataset.shown = JSON.stringify([pushesFilter.state, pushesFilter.key]);
     if (page.pushes.length === 0) {
       const filtered = pushesFilter.state || pushesFilter.key;
       list.append(el('li', { class: 'hint', text: filtered ? 'No push matches.' : 'No push yet: send one.' }));
@@ -426,6 +428,8 @@
       if (after) body.append(...rows);
       else body.replaceChildren(...rows);
       table.hidden = body.rows.length === 0;
+      // What the table shows, for whoever waits for a search's answer (the browser test).
+      table.dataset.shown = JSON.stringify([by, text, state]);
       $('devices-empty').hidden = body.rows.length > 0;
       more.hidden = page.next === null;
       more.onclick = () => searchDevices(mine, page.next);

@@ -77,25 +77,31 @@ async fn cards(page: &Page) -> Vec<String> {
     serde_json::from_value(ids).expect("ids")
 }
 
-/// Shows the pushes the filter form asks for, once the list says so.
+/// Shows the pushes the filter form asks for, once the list says it shows them (not the
+/// last filter's answer).
 async fn filter_pushes(page: &Page, state: &str, key: &str, shown: usize) {
     page.select("#pushes-state", state).await;
     page.fill("#pushes-key", key).await;
     page.click("#pushes-apply").await;
+    let filter = serde_json::json!([state, key]).to_string();
     page.until(&format!(
-        "document.querySelectorAll('#message-list [data-message]').length === {shown}"
+        "document.querySelector('#message-list').dataset.shown === {filter:?} \
+         && document.querySelectorAll('#message-list [data-message]').length === {shown}"
     ))
     .await;
 }
 
-/// Shows the devices the search form asks for, once `rows` of them are listed.
+/// Shows the devices the search form asks for, once the table says it shows them (not the
+/// last search's answer) and `rows` of them are listed.
 async fn browse_devices(page: &Page, by: &str, text: &str, state: &str, rows: usize) {
     page.select("#search-by", by).await;
     page.fill("#search-text", text).await;
     page.select("#search-state", state).await;
     page.click("#search-button").await;
+    let search = serde_json::json!([by, text, state]).to_string();
     page.until(&format!(
-        "document.querySelectorAll('#device-results tbody tr').length === {rows}"
+        "document.querySelector('#device-results').dataset.shown === {search:?} \
+         && document.querySelectorAll('#device-results tbody tr').length === {rows}"
     ))
     .await;
 }
