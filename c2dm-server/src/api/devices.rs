@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, AnyKey};
+use super::deliveries::DeliveryView;
 use super::error::{AdminErrors, ApiError, BodyErrors, ErrorBody, KeyErrors, ParamErrors};
 use super::extract::{JsonBody, PathParam, QueryParams};
-use super::pushes::DeliveryView;
 use super::{
     AppState, MAX_TAGS, NewestFirstQuery, cursor, page_limit, query_text, rfc3339, text_field,
 };

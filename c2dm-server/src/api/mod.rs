@@ -2,7 +2,8 @@
 //! `{"error": {"code", "message", "field"}}`, never a 500 for bad input.
 //!
 //! One module per resource, each owning its routes' handlers and types: `devices`
-//! (`/v1/devices`, `/v1/device-counts`), `pushes` (`/v1/pushes`), `accounts`
+//! (`/v1/devices`, `/v1/device-counts`), `pushes` (`/v1/pushes`), `deliveries` (a push's
+//! rows), `accounts`
 //! (`/v1/accounts`: pauses and budgets), `ops`
 //! (`/healthz`, `/metrics`) and `openapi` (the contract); beside them `auth` (the keys, and
 //! the permission extractors), `error` (the one error type) and `extract` (the extractors
@@ -11,6 +12,7 @@
 
 mod accounts;
 mod auth;
+mod deliveries;
 mod devices;
 mod error;
 mod examples;

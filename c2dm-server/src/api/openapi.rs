@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{accounts, devices, finish, ops, pushes};
+use super::{accounts, deliveries, devices, finish, ops, pushes};
 
 /// The API's contract, generated from the handlers and types above.
 #[derive(OpenApi)]
@@ -18,7 +18,7 @@ use super::{accounts, devices, finish, ops, pushes};
     paths(
         devices::register, devices::unregister, devices::device, devices::list_devices,
         devices::device_counts, devices::device_history, pushes::push, pushes::list_pushes,
-        pushes::status, pushes::cancel, finish::finish, pushes::deliveries, accounts::accounts,
+        pushes::status, pushes::cancel, finish::finish, deliveries::deliveries, accounts::accounts,
         ops::healthz, ops::metrics_text,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
